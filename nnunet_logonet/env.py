@@ -1,0 +1,57 @@
+"""``logonet_env``: print the ``export`` lines that prepare a shell for nnU-Net with LoGoNet.
+
+Usage: ``eval "$(logonet_env)"``. nnU-Net finds plugin trainers through its own
+``nnUNet_extTrainer`` variable (nnU-Net >= 2.8); this points it at the installed
+``trainers/`` folder. The three nnU-Net data folders are kept if already set, else put under
+``--base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from pathlib import Path
+
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def trainers_folder() -> Path:
+    """The folder holding the thin trainer modules, wherever the package is installed."""
+    from nnunet_logonet import trainers
+
+    return Path(trainers.__file__).resolve().parent
+
+
+def environment(base: str | os.PathLike = "nnUNet_data", environ: dict | None = None) -> dict[str, str]:
+    """The variables nnU-Net needs, with values already set in ``environ`` kept."""
+    environ = os.environ if environ is None else environ
+    base_path = Path(base).expanduser().resolve()
+    variables: dict[str, str] = {}
+    for name in NNUNET_FOLDERS:
+        variables[name] = environ.get(name) or str(base_path / name)
+    folder = str(trainers_folder())
+    existing = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    variables["nnUNet_extTrainer"] = os.pathsep.join([folder] + [p for p in existing if p != folder])
+    return variables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="logonet_env",
+        description='Print export lines for nnU-Net + LoGoNet. Use: eval "$(logonet_env)"',
+    )
+    parser.add_argument("--base", default="nnUNet_data",
+                        help="folder under which nnUNet_raw/_preprocessed/_results are put when "
+                             "not already set (default: ./nnUNet_data)")
+    parser.add_argument("--mkdir", action="store_true", help="also create the data folders")
+    args = parser.parse_args(argv)
+    variables = environment(args.base)
+    for name, value in variables.items():
+        if args.mkdir and name in NNUNET_FOLDERS:
+            Path(value).mkdir(parents=True, exist_ok=True)
+        print(f"export {name}={shlex.quote(value)}")
+
+
+if __name__ == "__main__":
+    main()

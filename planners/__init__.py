@@ -1,0 +1,1 @@
+"""Thin re-exports of the LoGoNet experiment planners (real code: :mod:`nnunet_logonet.planning`)."""
