@@ -1,0 +1,220 @@
+"""nnU-Net experiment planners that configure LoGoNet instead of nnU-Net's U-Net.
+
+They reuse everything of nnU-Net's ``ExperimentPlanner`` that is not about the network (target
+spacing, transpose, normalisation, resampling, 3d_lowres/cascade decision, plans file layout) and
+replace ``get_plans_for_configuration`` for 3D: the patch starts from nnU-Net's spacing-aware
+initial patch, strides follow the anisotropy (:mod:`.topology`), and the patch is shrunk (the axis
+largest relative to the median image first, as nnU-Net does) until the estimated training memory
+fits ``gpu_memory_target_in_gb``. LoGoNet is 3D only: the 2D configuration is dropped.
+
+The 3d_fullres data identifier is nnU-Net's own (``nnUNetPlans_3d_fullres``) so the preprocessed
+data is shared with the default plans, as nnU-Net's ResEnc planners do.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import List, Tuple, Union
+
+import numpy as np
+import torch
+
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from nnunet_logonet.network import LoGoNet, ULKANet, required_patch_multiple
+from nnunet_logonet.network.presets import arch_kwargs_for_preset
+from nnunet_logonet.planning.topology import consistent_topology
+
+DEFAULT_DATA_IDENTIFIER_PLANS = "nnUNetPlans"
+
+
+class PlanningError(RuntimeError):
+    """Planning cannot produce a LoGoNet configuration; the message says what to do instead."""
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def estimate_training_memory_gb(network_class: type, arch_kwargs: dict, patch_size, input_channels: int,
+                                num_classes: int, batch_size: int, bytes_per_feature_element: float) -> float:
+    """Training memory estimate: activations (feature-map elements x calibrated bytes) for the batch
+    plus fp32 weights, gradients and two AdamW moments. The network is built on the meta device,
+    so even the L preset costs no memory here."""
+    with torch.device("meta"):
+        net = network_class(input_channels=input_channels, num_classes=num_classes, deep_supervision=True,
+                            **arch_kwargs)
+    feature_elements = net.compute_conv_feature_map_size(tuple(int(p) for p in patch_size))
+    n_params = sum(p.numel() for p in net.parameters())
+    return (feature_elements * batch_size * bytes_per_feature_element + n_params * 16) / 1024 ** 3
+
+
+class LoGoNetPlanner(ExperimentPlanner):
+    """Plans LoGoNet-S (paper Table 9) for 3d_fullres and, where nnU-Net would, 3d_lowres/cascade."""
+
+    preset: str = "S"
+    network_class: type = LoGoNet
+    default_plans_name: str = "LoGoNetPlans"
+    default_gpu_memory_target_in_gb: float = 8.0
+    #: Activation bytes per element counted by ``compute_conv_feature_map_size`` under mixed
+    #: precision, calibrated in docs/planning.md (measured with saved-tensor hooks).
+    bytes_per_feature_element: float = 6.0
+    #: Upper bound on patch voxels (None = memory decides alone). The tiny planner sets one so CPU
+    #: iterations stay short.
+    max_patch_voxels: int | None = None
+    #: The paper trains with batch 2 per GPU; nnU-Net's minimum is also 2.
+    min_batch_size: int = 2
+    max_batch_size: int = 2
+
+    def __init__(self, dataset_name_or_id: Union[str, int],
+                 gpu_memory_target_in_gb: float | None = None,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
+                 overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
+                 suppress_transpose: bool = False):
+        gpu_memory_target_in_gb = (self.default_gpu_memory_target_in_gb if gpu_memory_target_in_gb is None
+                                   else gpu_memory_target_in_gb)
+        if gpu_memory_target_in_gb <= 0:
+            raise PlanningError(f"-gpu_memory_target must be positive, got {gpu_memory_target_in_gb}")
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or self.default_plans_name, overwrite_target_spacing, suppress_transpose)
+        self.memory_estimates: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------- ids
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        """Share nnU-Net's 3d_fullres data unless the target spacing was overridden."""
+        if configuration_name == "3d_fullres" and self.overwrite_target_spacing is None:
+            return f"{DEFAULT_DATA_IDENTIFIER_PLANS}_{configuration_name}"
+        return f"{self.plans_identifier}_{configuration_name}"
+
+    # ---------------------------------------------------------------------------- planning
+    def plan_experiment(self):
+        shapes = np.asarray(self.dataset_fingerprint["shapes_after_crop"])
+        if shapes.ndim != 2 or shapes.shape[1] != 3 or np.any(np.median(shapes, 0) <= 1):
+            raise PlanningError(
+                f"{self.dataset_name} is not a 3D dataset (median shape {np.median(shapes, 0).tolist()}); "
+                f"LoGoNet is 3D only. Plan it with nnU-Net's default planner instead: "
+                f"nnUNetv2_plan_and_preprocess -d {self.dataset_name} -c 2d")
+        return super().plan_experiment()
+
+    def save_plans(self, plans):
+        if "2d" in plans["configurations"]:
+            del plans["configurations"]["2d"]
+            print("LoGoNet is a 3D network: the 2d configuration is skipped (use nnUNetPlans for 2d).")
+        super().save_plans(plans)
+
+    def network_arch_kwargs(self, strides, local_grid) -> dict:
+        model = "LoGoNet" if self.network_class is LoGoNet else "ULKANet"
+        overrides = {"local_grid": local_grid} if model == "LoGoNet" else {}
+        return arch_kwargs_for_preset(self.preset, strides, model=model, **overrides)
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
+                                    approximate_n_voxels_dataset: float, _cache: dict) -> dict:
+        if len(spacing) == 2:
+            # nnU-Net computes the 2D plan unconditionally; we let it and drop it in save_plans.
+            return super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                       approximate_n_voxels_dataset, _cache)
+        spacing = np.asarray(spacing, dtype=float)
+        median_shape = np.asarray(median_shape, dtype=float)[:3]
+        num_input_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+        num_classes = len(self.dataset_json["labels"])
+        use_local = self.network_class is LoGoNet
+
+        # nnU-Net's initial patch: aspect ratio from the spacing, volume of 256^3, clipped to the median shape
+        tmp = 1 / spacing
+        initial = tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)
+        initial = np.minimum(initial, median_shape)
+        if self.max_patch_voxels is not None and np.prod(initial) > self.max_patch_voxels:
+            initial = initial * (self.max_patch_voxels / np.prod(initial)) ** (1 / 3)
+        patch, strides, grid = consistent_topology(spacing, np.round(initial).astype(int), upper=median_shape,
+                                                   use_local=use_local)
+
+        def estimate(p, s, g, batch):
+            key = f"{p}_{s}_{g}_{batch}"
+            if key not in _cache:
+                _cache[key] = estimate_training_memory_gb(self.network_class, self.network_arch_kwargs(s, g), p,
+                                                          num_input_channels, num_classes, batch,
+                                                          self.bytes_per_feature_element)
+            return _cache[key]
+
+        target = self.UNet_vram_target_GB
+        while (estimate(patch, strides, grid, self.min_batch_size) > target
+               or (self.max_patch_voxels is not None and np.prod(patch) > self.max_patch_voxels)):
+            multiple = required_patch_multiple(strides, grid, 2)
+            shrinkable = [a for a in range(3) if patch[a] - multiple[a] >= multiple[a]]
+            if not shrinkable:
+                smallest = estimate(patch, strides, grid, self.min_batch_size)
+                raise PlanningError(
+                    f"-gpu_memory_target {target:g} GB is too small for LoGoNet-{self.preset}: even the smallest "
+                    f"valid patch {patch} needs about {smallest:.2f} GB at batch size {self.min_batch_size}. "
+                    f"Use -gpu_memory_target {np.ceil(smallest * 10) / 10:g} or more, or a smaller preset "
+                    f"(-pl LoGoNetTinyPlanner).")
+            axis = max(shrinkable, key=lambda a: patch[a] / median_shape[a])
+            reduced = list(patch)
+            reduced[axis] -= multiple[axis]
+            patch, strides, grid = consistent_topology(spacing, reduced, upper=median_shape, use_local=use_local)
+
+        # batch size: as large as memory allows, within the planner's bounds and nnU-Net's 5% rule
+        batch_size = self.min_batch_size
+        while (batch_size < self.max_batch_size
+               and estimate(patch, strides, grid, batch_size + 1) <= target):
+            batch_size += 1
+        five_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch, dtype=np.float64))
+        batch_size = int(max(min(batch_size, five_percent), self.min_batch_size))
+        memory = estimate(patch, strides, grid, batch_size)
+        self.memory_estimates[data_identifier] = memory
+
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
+        resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
+        normalization_schemes, mask_is_used_for_norm = \
+            self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        print(f"LoGoNet-{self.preset}: patch {patch}, strides {strides[1:]}, local grid {grid}, batch {batch_size}, "
+              f"estimated training memory {memory:.2f} GB of {target:g} GB")
+        return {
+            "data_identifier": data_identifier,
+            "preprocessor_name": self.preprocessor_name,
+            "batch_size": batch_size,
+            "patch_size": [int(p) for p in patch],
+            "median_image_size_in_voxels": median_shape,
+            "spacing": spacing,
+            "normalization_schemes": normalization_schemes,
+            "use_mask_for_norm": mask_is_used_for_norm,
+            "resampling_fn_data": resampling_data.__name__,
+            "resampling_fn_seg": resampling_seg.__name__,
+            "resampling_fn_data_kwargs": resampling_data_kwargs,
+            "resampling_fn_seg_kwargs": resampling_seg_kwargs,
+            "resampling_fn_probabilities": resampling_softmax.__name__,
+            "resampling_fn_probabilities_kwargs": resampling_softmax_kwargs,
+            "architecture": {
+                "network_class_name": class_path(self.network_class),
+                "arch_kwargs": deepcopy(self.network_arch_kwargs(strides, grid)),
+                "_kw_requires_import": [],
+            },
+            "logonet": {"preset": self.preset, "estimated_memory_gb": round(float(memory), 3),
+                        "gpu_memory_target_gb": float(target)},
+        }
+
+
+class LoGoNetLPlanner(LoGoNetPlanner):
+    """LoGoNet-L (paper Table 9)."""
+
+    preset = "L"
+    default_plans_name = "LoGoNetLPlans"
+    default_gpu_memory_target_in_gb = 24.0
+
+
+class LoGoNetTinyPlanner(LoGoNetPlanner):
+    """LoGoNet-tiny for CPU runs: small widths and at most 64^3 voxels per patch."""
+
+    preset = "tiny"
+    default_plans_name = "LoGoNetTinyPlans"
+    max_patch_voxels = 64 ** 3
+
+
+class ULKANetPlanner(LoGoNetPlanner):
+    """ULKANet-S alone (the paper's single-path ablation), for ``ULKANetTrainer``."""
+
+    network_class = ULKANet
+    default_plans_name = "ULKANetPlans"
+
+
+PLANNERS = {cls.__name__: cls for cls in (LoGoNetPlanner, LoGoNetLPlanner, LoGoNetTinyPlanner, ULKANetPlanner)}

@@ -1,0 +1,72 @@
+"""Training recipes: nnU-Net's (SGD + poly, deep supervision) and the paper's (AdamW 1e-4,
+linear warm-up then cosine). Both use nnU-Net's Dice + CE loss (1:1, as the paper's best).
+Which one ``LoGoNetTrainer`` uses is decided in docs/training_recipe.md by an equal-budget run."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+RECIPES = ("nnunet", "paper")
+
+
+class WarmupCosineLRScheduler(_LRScheduler):
+    """Linear warm-up over ``warmup_steps`` then cosine decay to 0 at ``max_steps``. Stepped with
+    the epoch index, like nnU-Net's PolyLRScheduler, so ``--c`` resumes at the right rate."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, current_step: int = None):
+        self.initial_lr = initial_lr
+        self.max_steps = max(1, max_steps)
+        self.warmup_steps = max(0, min(warmup_steps, self.max_steps - 1))
+        self.ctr = 0
+        super().__init__(optimizer, current_step if current_step is not None else -1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.initial_lr * (step + 1) / (self.warmup_steps + 1)
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        return 0.5 * self.initial_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        new_lr = self.lr_at(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = new_lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return self._last_lr
+
+
+def configure_recipe(trainer, recipe: str) -> None:
+    """Set the recipe's trainer attributes (read later by nnU-Net's initialize)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "paper":
+        trainer.initial_lr = 1e-4
+        trainer.weight_decay = 1e-5
+        trainer.enable_deep_supervision = False
+    else:
+        trainer.initial_lr = 1e-2
+        trainer.weight_decay = 3e-5
+        trainer.enable_deep_supervision = True
+
+
+def build_optimizer_and_scheduler(trainer):
+    params = trainer.network.parameters()
+    if trainer.recipe == "paper":
+        optimizer = torch.optim.AdamW(params, lr=trainer.initial_lr, betas=(0.9, 0.999),
+                                      weight_decay=trainer.weight_decay)
+        warmup = max(1, round(0.05 * trainer.num_epochs)) if trainer.num_epochs > 1 else 0
+        scheduler = WarmupCosineLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs, warmup)
+    else:
+        optimizer = torch.optim.SGD(params, trainer.initial_lr, weight_decay=trainer.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        scheduler = PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
+    return optimizer, scheduler

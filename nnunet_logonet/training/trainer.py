@@ -1,0 +1,136 @@
+"""nnU-Net trainers for LoGoNet and ULKANet.
+
+The network comes from the plans (``architecture.network_class_name`` = our class), so the
+trainers only add what LoGoNet needs on top of ``nnUNetTrainer``: a check that the plans really
+describe our network (else a message naming the planning command), the training recipe, a
+torch.compile policy, channels-last memory layout and atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.training.recipes import configure_recipe
+
+PLANNER_FOR = {"LoGoNet": "LoGoNetPlanner (or LoGoNetTinyPlanner on CPU, LoGoNetLPlanner for L)",
+               "ULKANet": "ULKANetPlanner"}
+
+
+class PlansMismatchError(RuntimeError):
+    """The plans do not describe the network this trainer trains."""
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def check_plans_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                        expected: type, configuration: str = "") -> None:
+    """Stop early, with the command to run, when plans were made for another network."""
+    found = configuration_manager.network_arch_class_name
+    if found == _class_path(expected):
+        return
+    dataset = plans_manager.dataset_name
+    raise PlansMismatchError(
+        f"Plans '{plans_manager.plans_name}' ({configuration}) of {dataset} describe {found}, not "
+        f"{expected.__name__}. Plan for {expected.__name__} first:\n"
+        f"    logonet_plan_and_preprocess -d {dataset} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
+        f"then train with the plans it prints (e.g. -p LoGoNetPlans; planners: {PLANNER_FOR[expected.__name__]}).")
+
+
+class LoGoNetTrainer(nnUNetTrainer):
+    """Trains LoGoNet in nnU-Net's pipeline (augmentation, folds, validation, export unchanged)."""
+
+    network_class: type = LoGoNet
+    #: ``'nnunet'`` (SGD, poly, deep supervision) or ``'paper'`` (AdamW 1e-4, warm-up + cosine).
+    #: Chosen by the comparison in docs/training_recipe.md.
+    recipe: str = "nnunet"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        plans_manager = PlansManager({k: v for k, v in plans.items() if k != "continue_training"})
+        check_plans_network(plans_manager, plans_manager.get_configuration(configuration), self.network_class,
+                            configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        configure_recipe(self, self.recipe)
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager,
+                                   configuration_manager: ConfigurationManager,
+                                   num_input_channels: int,
+                                   num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        if configuration_manager.network_arch_class_name not in (_class_path(LoGoNet), _class_path(ULKANet)):
+            check_plans_network(plans_manager, configuration_manager, LoGoNet)
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision)
+        return network.to(memory_format=torch.channels_last_3d)
+
+    def configure_optimizers(self):
+        from nnunet_logonet.training.recipes import build_optimizer_and_scheduler
+
+        return build_optimizer_and_scheduler(self)
+
+    def _do_i_compile(self) -> bool:
+        """torch.compile is nnU-Net's default on CUDA. LoGoNet's compiled graph has not been verified
+        on every CUDA/torch combination we support, so it is on only when asked for explicitly."""
+        wanted = os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+        if self.device.type != "cuda":
+            return False
+        if not wanted and not getattr(self, "_compile_reason_logged", False):
+            self._compile_reason_logged = True
+            self.print_to_log_file("INFO: torch.compile is off for LoGoNet by default (dynamic local-path "
+                                   "stitching; not verified on this torch build). Set nnUNet_compile=t to use it.")
+        return wanted
+
+    def save_checkpoint(self, filename: str) -> None:
+        """Write to a temporary name and rename, so an interrupted save never leaves a broken file."""
+        tmp = f"{filename}.tmp{os.getpid()}"
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
+
+
+class ULKANetTrainer(LoGoNetTrainer):
+    """ULKANet alone: the paper's single-path ablation (plans from ULKANetPlanner)."""
+
+    network_class = ULKANet
+
+
+def _with_budget(base: type, name: str, epochs: int, iterations: int | None = None,
+                 val_iterations: int | None = None) -> type:
+    """A subclass of ``base`` that differs only in its training length (nnU-Net's _Xepochs pattern)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+        if val_iterations is not None:
+            self.num_val_iterations_per_epoch = val_iterations
+
+    doc = f"{base.__name__} for {epochs} epochs" + (f" of {iterations} iterations" if iterations else "")
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+LoGoNetTrainer_1epoch = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_1epoch", 1)
+LoGoNetTrainer_5epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_5epochs", 5)
+LoGoNetTrainer_10epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_10epochs", 10)
+LoGoNetTrainer_50epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_50epochs", 50)
+LoGoNetTrainer_100epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_100epochs", 100)
+ULKANetTrainer_10epochs = _with_budget(ULKANetTrainer, "ULKANetTrainer_10epochs", 10)
+ULKANetTrainer_100epochs = _with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs", 100)

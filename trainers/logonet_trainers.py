@@ -1,0 +1,14 @@
+"""Thin re-export for nnU-Net's ``nnUNet_extTrainer`` lookup; the classes live in
+:mod:`nnunet_logonet.training.trainer`."""
+
+from nnunet_logonet.training.trainer import (  # noqa: F401
+    LoGoNetTrainer,
+    LoGoNetTrainer_1epoch,
+    LoGoNetTrainer_5epochs,
+    LoGoNetTrainer_10epochs,
+    LoGoNetTrainer_50epochs,
+    LoGoNetTrainer_100epochs,
+    ULKANetTrainer,
+    ULKANetTrainer_10epochs,
+    ULKANetTrainer_100epochs,
+)
