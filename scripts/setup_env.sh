@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv and install nnunet-logonet with its test extra. Sourced by
+# scripts/demo.sh and scripts/test.sh, so each README command does its own set-up.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${LOGONET_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+stamp="$venv/.logonet-install-stamp"
+want="$(cat "$repo/setup.cfg" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "$python" -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "import nnunet_logonet, nnunetv2" 2>/dev/null; then
+  echo "[setup] installing nnunet-logonet and its dependencies (first time: a few minutes)"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+  echo "$want" > "$stamp"
+else
+  echo "[setup] reusing $venv"
+fi
+export PATH="$venv/bin:$PATH"
+# Settings for nnU-Net on small CPU machines (nnU-Net's own variables).
+export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"
+export nnUNet_compile="${nnUNet_compile:-f}"
