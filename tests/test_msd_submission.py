@@ -1,0 +1,347 @@
+"""logonet_msd_submission: validation failures, archive layout and naming, on a tiny fake MSD task.
+
+The tasks are written here with SimpleITK (a few voxels per axis), predictions are random valid
+label maps on the test image's grid, then broken one way per test.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_logonet.msd import IncompleteSubmissionError, validate_task, write_submission
+from nnunet_logonet.msd.submission import main
+from nnunet_logonet.msd.task import read_geometry
+from nnunet_logonet.msd.validation import check_prediction
+
+SPLEEN_LABELS = {"0": "background", "1": "spleen"}
+HEART_LABELS = {"0": "background", "1": "left atrium"}
+
+
+def _image(array: np.ndarray, spacing, origin, direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def make_msd_task(root: Path, name: str, prefix: str, labels: dict, n_test: int = 3,
+                  seed: int = 0, channels: int = 1, list_test: bool = True) -> Path:
+    """An MSD task folder: each test image with its own size, spacing, origin and direction."""
+    rng = np.random.default_rng(seed)
+    task = root / name
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / sub).mkdir(parents=True)
+    train_image = _image(rng.normal(size=(5, 8, 8)).astype(np.float32), (1.0, 1.0, 2.0), (0, 0, 0))
+    sitk.WriteImage(train_image, str(task / "imagesTr" / f"{prefix}_2.nii.gz"))
+    sitk.WriteImage(_image(np.zeros((5, 8, 8), np.uint8), (1.0, 1.0, 2.0), (0, 0, 0)),
+                    str(task / "labelsTr" / f"{prefix}_2.nii.gz"))
+    test = []
+    for i in range(n_test):
+        shape = (4 + i, 7 + i, 6)  # z, y, x
+        spacing = (0.7 + 0.1 * i, 0.8, 2.5 + i)
+        origin = (-10.5 * i, 3.25, 100.0 + i)
+        direction = (1, 0, 0, 0, -1, 0, 0, 0, 1) if i % 2 else (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        array = rng.normal(size=shape).astype(np.float32)
+        if channels == 1:
+            image = _image(array, spacing, origin, direction)
+        else:  # 4D multi-modal test image, as in Task01_BrainTumour / Task05_Prostate
+            image = sitk.JoinSeries([_image(array, spacing, origin, direction)] * channels)
+            image.SetDirection((*direction[0:3], 0, *direction[3:6], 0, *direction[6:9], 0,
+                                0, 0, 0, 1))
+        file_name = f"{prefix}_{2 * i + 1}.nii.gz"
+        sitk.WriteImage(image, str(task / "imagesTs" / file_name))
+        test.append(f"./imagesTs/{file_name}")
+    meta = {"name": name.split("_")[1], "tensorImageSize": "3D" if channels == 1 else "4D",
+            "modality": {"0": "CT"}, "labels": labels, "numTraining": 1, "numTest": n_test,
+            "training": [{"image": f"./imagesTr/{prefix}_2.nii.gz",
+                          "label": f"./labelsTr/{prefix}_2.nii.gz"}],
+            "test": test if list_test else []}
+    (task / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return task
+
+
+def test_cases(task: Path) -> list[Path]:
+    return sorted((task / "imagesTs").glob("*.nii.gz"))
+
+
+test_cases.__test__ = False  # a helper, not a test
+
+
+def predict_like(test_image: Path, target: Path, labels=(0, 1), seed: int = 0,
+                 dtype=np.uint8) -> np.ndarray:
+    """A random valid label map on the test image's grid (what a correct model writes)."""
+    geometry = read_geometry(test_image)
+    array = np.random.default_rng(seed).choice(np.asarray(labels), size=geometry.size[::-1])
+    array = array.astype(dtype)
+    sitk.WriteImage(_image(array, geometry.spacing, geometry.origin, geometry.direction),
+                    str(target))
+    return array
+
+
+def predict_all(task: Path, folder: Path, rename=lambda name: name) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {image.name: predict_like(image, folder / rename(image.name), seed=i)
+            for i, image in enumerate(test_cases(task))}
+
+
+@pytest.fixture
+def spleen(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    predictions = predict_all(task, tmp_path / "pred")
+    out = tmp_path / "out"
+    out.mkdir()
+    return task, tmp_path / "pred", predictions, out
+
+
+def read_zip_member(archive: zipfile.ZipFile, name: str, scratch: Path) -> sitk.Image:
+    target = scratch / name.replace("/", "__")
+    target.write_bytes(archive.read(name))
+    return sitk.ReadImage(str(target))
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert list(out.iterdir()) == [], "a refused submission must leave no file, not even a temp"
+
+
+def test_happy_path_archive_has_msd_names_geometry_and_labels(spleen, tmp_path, capsys):
+    task, pred, predictions, out = spleen
+    archive_path = out / "submission.zip"
+    assert main(["--task", str(task), str(pred), "-o", str(archive_path)]) == 0
+    assert "3 valid, 0 invalid, 0 missing" in capsys.readouterr().out
+    with zipfile.ZipFile(archive_path) as archive:
+        files = sorted(n for n in archive.namelist() if not n.endswith("/"))
+        assert files == sorted(f"Task09_Spleen/{name}" for name in predictions)
+        for name, expected in predictions.items():
+            image = read_zip_member(archive, f"Task09_Spleen/{name}", tmp_path)
+            reference = read_geometry(task / "imagesTs" / name)
+            assert image.GetSize() == reference.size
+            np.testing.assert_allclose(image.GetSpacing(), reference.spacing, rtol=1e-6)
+            np.testing.assert_allclose(image.GetOrigin(), reference.origin, atol=1e-5)
+            np.testing.assert_allclose(image.GetDirection(), reference.direction, atol=1e-6)
+            assert image.GetPixelID() == sitk.sitkUInt8
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert [p.name for p in out.iterdir()] == ["submission.zip"]
+
+
+def test_missing_case_is_named_and_nothing_written(spleen, capsys):
+    task, pred, predictions, out = spleen
+    (pred / "spleen_3.nii.gz").unlink()
+    report = validate_task(task, pred, progress=False)
+    assert report.missing == ["spleen_3.nii.gz"] and not report.complete
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 1
+    assert "MISSING spleen_3.nii.gz" in capsys.readouterr().out
+    assert_nothing_written(out)
+    with pytest.raises(IncompleteSubmissionError):
+        write_submission([(task, pred)], out / "s.zip", progress=False)
+    assert_nothing_written(out)
+
+
+def _wrong_spacing(image_path: Path, pred_path: Path) -> None:
+    g = read_geometry(image_path)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_path)))
+    spacing = (g.spacing[0], g.spacing[1], g.spacing[2] * 1.5)
+    sitk.WriteImage(_image(array, spacing, g.origin, g.direction), str(pred_path))
+
+
+def _unknown_label(image_path: Path, pred_path: Path) -> None:
+    predict_like(image_path, pred_path, labels=(0, 1, 2))
+
+
+def _four_d(image_path: Path, pred_path: Path) -> None:
+    g = read_geometry(image_path)
+    volume = _image(np.zeros(g.size[::-1], np.uint8), g.spacing, g.origin, g.direction)
+    sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(pred_path))
+
+
+def _float_nan(image_path: Path, pred_path: Path) -> None:
+    array = predict_like(image_path, pred_path).astype(np.float32)
+    array.flat[3] = np.nan
+    g = read_geometry(image_path)
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+
+
+def _probabilities(image_path: Path, pred_path: Path) -> None:
+    g = read_geometry(image_path)
+    array = np.random.default_rng(0).random(g.size[::-1]).astype(np.float32)
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+
+
+def _wrong_direction(image_path: Path, pred_path: Path) -> None:
+    g = read_geometry(image_path)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_path)))
+    flipped = tuple(-d if i == 0 else d for i, d in enumerate(g.direction))
+    sitk.WriteImage(_image(array, g.spacing, g.origin, flipped), str(pred_path))
+
+
+def _not_an_image(image_path: Path, pred_path: Path) -> None:
+    pred_path.write_bytes(b"this is not a NIfTI file")
+
+
+@pytest.mark.parametrize("breaker, phrase", [
+    (_wrong_spacing, "spacing expected"),
+    (_unknown_label, "label values [2] are not in dataset.json labels"),
+    (_four_d, "has 4 dimensions"),
+    (_float_nan, "1 NaN"),
+    (_probabilities, "not integers"),
+    (_wrong_direction, "direction expected"),
+    (_not_an_image, "cannot be read"),
+], ids=["spacing", "label", "4d", "nan", "probabilities", "direction", "unreadable"])
+def test_invalid_case_is_named_with_reason_and_nothing_written(spleen, capsys, breaker, phrase):
+    task, pred, predictions, out = spleen
+    breaker(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
+    report = validate_task(task, pred, progress=False)
+    assert [r.case for r in report.invalid] == ["spleen_3.nii.gz"]
+    assert any(phrase in reason for reason in report.invalid[0].reasons), report.invalid[0].reasons
+    assert sorted(r.case for r in report.found) == ["spleen_1.nii.gz", "spleen_5.nii.gz"]
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.tar.gz")]) == 1
+    printed = capsys.readouterr().out
+    assert "INVALID spleen_3.nii.gz" in printed and phrase in printed
+    assert_nothing_written(out)
+
+
+def test_spacing_reason_states_expected_and_got(spleen):
+    task, pred, _, _ = spleen
+    _wrong_spacing(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
+    reference = read_geometry(task / "imagesTs" / "spleen_3.nii.gz")
+    (reason,) = validate_task(task, pred, progress=False).invalid[0].reasons
+    assert f"{reference.spacing[2]:.6g}" in reason and f"{reference.spacing[2] * 1.5:.6g}" in reason
+
+
+def test_geometry_within_tolerance_is_accepted(spleen):
+    task, pred, _, _ = spleen
+    g = read_geometry(task / "imagesTs" / "spleen_1.nii.gz")
+    image = _image(np.zeros(g.size[::-1], np.uint8), tuple(s * (1 + 1e-6) for s in g.spacing),
+                   tuple(o + 1e-6 for o in g.origin), g.direction)
+    assert check_prediction(image, g, {0, 1}) == ([], [])
+    shifted = _image(np.zeros(g.size[::-1], np.uint8), g.spacing,
+                     tuple(o + 0.01 for o in g.origin), g.direction)
+    assert any("origin expected" in r for r in check_prediction(shifted, g, {0, 1})[0])
+
+
+def test_allow_incomplete_writes_valid_subset_and_says_what_is_missing(spleen, capsys):
+    task, pred, predictions, out = spleen
+    (pred / "spleen_3.nii.gz").unlink()
+    _unknown_label(task / "imagesTs" / "spleen_5.nii.gz", pred / "spleen_5.nii.gz")
+    archive_path = out / "s.zip"
+    assert main(["--task", str(task), str(pred), "-o", str(archive_path),
+                 "--allow-incomplete"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 3 cases" in printed
+    assert "Task09_Spleen/spleen_3.nii.gz: missing" in printed
+    assert "Task09_Spleen/spleen_5.nii.gz: invalid" in printed
+    with zipfile.ZipFile(archive_path) as archive:
+        assert [n for n in archive.namelist() if not n.endswith("/")] == \
+            ["Task09_Spleen/spleen_1.nii.gz"]
+
+
+def test_existing_archive_not_overwritten_without_flag(spleen, capsys):
+    task, pred, _, out = spleen
+    archive_path = out / "s.zip"
+    archive_path.write_bytes(b"previous submission")
+    assert main(["--task", str(task), str(pred), "-o", str(archive_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert archive_path.read_bytes() == b"previous submission"
+    with pytest.raises(FileExistsError):
+        write_submission([(task, pred)], archive_path, progress=False)
+    assert main(["--task", str(task), str(pred), "-o", str(archive_path), "--overwrite"]) == 0
+    assert zipfile.is_zipfile(archive_path)
+    assert sorted(p.name for p in out.iterdir()) == ["s.zip"]
+
+
+def test_two_tasks_in_one_tar_gz(spleen, tmp_path):
+    task, pred, _, out = spleen
+    heart = make_msd_task(tmp_path / "msd", "Task02_Heart", "la", HEART_LABELS, n_test=2, seed=1)
+    heart_predictions = predict_all(heart, tmp_path / "pred_heart")
+    path = write_submission([(task, pred), (heart, tmp_path / "pred_heart")], out / "all.tar.gz",
+                            progress=False)
+    with tarfile.open(path) as archive:
+        files = sorted(m.name for m in archive.getmembers() if m.isfile())
+        folders = sorted(m.name for m in archive.getmembers() if m.isdir())
+    assert folders == ["Task02_Heart", "Task09_Spleen"]
+    assert files == sorted([f"Task02_Heart/{n}" for n in heart_predictions]
+                           + [f"Task09_Spleen/spleen_{i}.nii.gz" for i in (1, 3, 5)])
+
+
+def test_same_task_twice_is_refused(spleen):
+    task, pred, _, out = spleen
+    with pytest.raises(ValueError, match="more than once"):
+        write_submission([(task, pred), (task, pred)], out / "s.zip", progress=False)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("rename, convention", [
+    (lambda name: name, "MSD file name"),
+    (lambda name: name.replace(".nii.gz", "_0000.nii.gz"), "channel suffix _0000"),
+    (lambda name: name.replace("spleen_", "spleen_00"), "zero padding"),
+], ids=["nnunet_predict", "channel_suffix", "renumbered"])
+def test_converted_names_are_mapped_back_to_msd_names(tmp_path, rename, convention):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    predictions = predict_all(task, tmp_path / "pred", rename=rename)
+    report = validate_task(task, tmp_path / "pred", progress=False)
+    assert report.complete and convention in report.convention
+    path = write_submission([report], tmp_path / "s.zip", progress=False)
+    with zipfile.ZipFile(path) as archive:
+        for name, expected in predictions.items():
+            image = read_zip_member(archive, f"Task09_Spleen/{name}", tmp_path)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+
+def test_two_files_for_one_case_are_ambiguous(spleen):
+    task, pred, _, _ = spleen
+    predict_like(task / "imagesTs" / "spleen_1.nii.gz", pred / "spleen_1_0000.nii.gz")
+    report = validate_task(task, pred, progress=False)
+    assert [r.case for r in report.invalid] == ["spleen_1.nii.gz"]
+    assert "spleen_1_0000.nii.gz" in report.invalid[0].reasons[0]
+
+
+def test_integral_float_and_int32_predictions_are_written_as_uint8(spleen, tmp_path):
+    task, pred, predictions, out = spleen
+    for name, dtype in (("spleen_1.nii.gz", np.float32), ("spleen_3.nii.gz", np.int32)):
+        predictions[name] = predict_like(task / "imagesTs" / name, pred / name, dtype=dtype)
+    report = validate_task(task, pred, progress=False)
+    assert report.complete
+    assert any("written as uint8" in n for r in report.found for n in r.notes)
+    with zipfile.ZipFile(write_submission([report], out / "s.zip", progress=False)) as archive:
+        for name, expected in predictions.items():
+            image = read_zip_member(archive, f"Task09_Spleen/{name}", tmp_path)
+            assert image.GetPixelID() == sitk.sitkUInt8
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+
+def test_test_list_falls_back_to_imagesTs_and_skips_macos_files(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS,
+                         list_test=False)
+    predict_all(task, tmp_path / "pred")
+    (task / "imagesTs" / "._spleen_1.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    report = validate_task(task, tmp_path / "pred", progress=False)
+    assert report.test_list_source == "imagesTs/"
+    assert report.expected == ["spleen_1.nii.gz", "spleen_3.nii.gz", "spleen_5.nii.gz"]
+    assert report.complete
+
+
+def test_four_d_multimodal_test_images_expect_3d_predictions(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task05_Prostate", "prostate",
+                         {"0": "background", "1": "PZ", "2": "TZ"}, n_test=2, channels=2)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for i, image in enumerate(test_cases(task)):
+        predict_like(image, pred / image.name, labels=(0, 1, 2), seed=i)
+    assert validate_task(task, pred, progress=False).complete
+
+
+def test_bad_task_folder_and_archive_name_are_clear_errors(spleen, tmp_path, capsys):
+    task, pred, _, out = spleen
+    assert main(["--task", str(tmp_path / "nope"), str(pred), "-o", str(out / "s.zip")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.rar")]) == 2
+    assert ".zip" in capsys.readouterr().err
+    assert_nothing_written(out)
