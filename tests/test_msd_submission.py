@@ -187,7 +187,7 @@ def _not_an_image(image_path: Path, pred_path: Path) -> None:
 
 
 @pytest.mark.parametrize("breaker, phrase", [
-    (_wrong_spacing, "spacing expected"),
+    (_wrong_spacing, "spacing (x, y, z) expected"),
     (_unknown_label, "label values [2] are not in dataset.json labels"),
     (_four_d, "has 4 dimensions"),
     (_float_nan, "1 NaN"),
@@ -224,7 +224,7 @@ def test_geometry_within_tolerance_is_accepted(spleen):
     assert check_prediction(image, g, {0, 1}) == ([], [])
     shifted = _image(np.zeros(g.size[::-1], np.uint8), g.spacing,
                      tuple(o + 0.01 for o in g.origin), g.direction)
-    assert any("origin expected" in r for r in check_prediction(shifted, g, {0, 1})[0])
+    assert any("origin (x, y, z) expected" in r for r in check_prediction(shifted, g, {0, 1})[0])
 
 
 def test_allow_incomplete_writes_valid_subset_and_says_what_is_missing(spleen, capsys):
@@ -345,3 +345,45 @@ def test_bad_task_folder_and_archive_name_are_clear_errors(spleen, tmp_path, cap
     assert main(["--task", str(task), str(pred), "-o", str(out / "s.rar")]) == 2
     assert ".zip" in capsys.readouterr().err
     assert_nothing_written(out)
+
+
+def test_predictions_named_as_after_nnunet_conversion_are_accepted(tmp_path):
+    """The real ``nnUNetv2_convert_MSD_dataset``, then outputs named and written exactly as
+    ``nnUNetv2_predict`` does (case id = image name minus ``_0000.nii.gz``; nnU-Net's
+    ``SimpleITKIO.write_seg`` with the properties read from the converted images)."""
+    import os
+    import subprocess
+    import sys
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    spleen = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    prostate = make_msd_task(tmp_path / "msd", "Task05_Prostate", "prostate",
+                             {"0": "background", "1": "PZ", "2": "TZ"}, n_test=2, channels=2)
+    env = {**os.environ, **{name: str(tmp_path / name) for name in
+                            ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    command = Path(sys.executable).parent / "nnUNetv2_convert_MSD_dataset"
+    pairs = []
+    for task, dataset, n_labels in ((spleen, "Dataset009_Spleen", 2),
+                                    (prostate, "Dataset005_Prostate", 3)):
+        subprocess.run([str(command), "-i", str(task), "-np", "1"], env=env, check=True,
+                       capture_output=True)
+        images_ts = tmp_path / "nnUNet_raw" / dataset / "imagesTs"
+        output = tmp_path / f"pred_{dataset}"
+        output.mkdir()
+        io = SimpleITKIO()
+        for i, files in enumerate(create_lists_from_splitted_dataset_folder(str(images_ts),
+                                                                          ".nii.gz")):
+            case_id = os.path.basename(files[0])[: -len("_0000.nii.gz")]
+            data, properties = io.read_images(files)
+            seg = np.random.default_rng(i).integers(0, n_labels, size=data.shape[1:])
+            io.write_seg(seg, str(output / f"{case_id}.nii.gz"), properties)
+        pairs.append(validate_task(task, output, progress=False))
+    assert all(report.complete for report in pairs), [report.format() for report in pairs]
+    assert all("MSD file name" in report.convention for report in pairs)
+    path = write_submission(pairs, tmp_path / "submission.zip", progress=False)
+    with zipfile.ZipFile(path) as archive:
+        names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+    assert names == sorted([f"Task09_Spleen/{p.name}" for p in test_cases(spleen)]
+                           + [f"Task05_Prostate/{p.name}" for p in test_cases(prostate)])

@@ -89,7 +89,8 @@ class TaskReport:
         for name in self.missing:
             lines.append(f"  MISSING {name}: no prediction file for this test case")
         for result in self.invalid:
-            where = f" ({result.file.name})" if result.file is not None else ""
+            where = (f" (file {result.file.name})"
+                     if result.file is not None and result.file.name != result.case else "")
             for reason in result.reasons:
                 lines.append(f"  INVALID {result.case}{where}: {reason}")
         notes = [(r.case, n) for r in self.found for n in r.notes]
@@ -113,8 +114,8 @@ def _geometry_reasons(image: sitk.Image, reference: Geometry) -> list[str]:
     reasons = []
     if tuple(image.GetSize()) != tuple(reference.size):
         reasons.append(f"size (x, y, z) expected {tuple(reference.size)}, got {image.GetSize()}")
-    for name, expected, got in (("spacing", reference.spacing, image.GetSpacing()),
-                                ("origin", reference.origin, image.GetOrigin()),
+    for name, expected, got in (("spacing (x, y, z)", reference.spacing, image.GetSpacing()),
+                                ("origin (x, y, z)", reference.origin, image.GetOrigin()),
                                 ("direction", reference.direction, image.GetDirection())):
         if not np.allclose(got, expected, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
             reasons.append(f"{name} expected {_fmt(expected)}, got {_fmt(got)}")
