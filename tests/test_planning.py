@@ -1,0 +1,136 @@
+"""LoGoNet planners: strides follow anisotropy, patches are always valid, memory target is honoured."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_logonet.network import check_patch_size, required_patch_multiple
+from nnunet_logonet.planning.topology import consistent_topology, plan_strides
+
+
+@pytest.mark.parametrize("spacing, patch, first_steps", [
+    ((1.0, 1.0, 1.0), (96, 96, 96), [[2, 2, 2], [2, 2, 2]]),
+    ((3.0, 0.8, 0.8), (48, 160, 160), [[1, 2, 2], [2, 2, 2]]),
+    ((5.0, 0.7, 0.7), (24, 192, 192), [[1, 2, 2], [1, 2, 2]]),
+])
+def test_anisotropic_spacing_gives_anisotropic_strides(spacing, patch, first_steps):
+    strides = plan_strides(spacing, patch)
+    assert strides[0] == [1, 1, 1]
+    assert len(strides) == 6
+    assert strides[1:3] == first_steps
+
+
+def test_strides_never_shrink_an_axis_below_min_edge():
+    strides = plan_strides((1.0, 1.0, 1.0), (8, 96, 96), min_edge=2)
+    total = np.prod(np.asarray(strides), axis=0)
+    assert total[0] <= 4 and total[1] == 32
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8), (4.0, 0.6, 0.9), (0.7, 0.7, 3.0)])
+@pytest.mark.parametrize("patch", [(37, 101, 77), (96, 96, 96), (20, 250, 250), (64, 64, 64)])
+def test_consistent_topology_is_valid_for_the_network(spacing, patch):
+    new_patch, strides, grid = consistent_topology(spacing, patch)
+    check_patch_size(new_patch, strides, grid, 2)  # raises if invalid
+    multiple = required_patch_multiple(strides, grid, 2)
+    assert all(p % m == 0 for p, m in zip(new_patch, multiple))
+    assert all(g in (1, 2) for g in grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planner on a controlled fingerprint (no preprocessing needed)
+
+def _fake_dataset(root, dataset_id: int, spacing_zyx, shape_zyx, n_cases: int = 4):
+    raw = root / "raw" / f"Dataset{dataset_id:03d}_Fake"
+    pre = root / "preprocessed" / raw.name
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir(parents=True)
+    pre.mkdir(parents=True)
+    for i in range(n_cases):
+        img = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
+        img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+        sitk.WriteImage(img, str(raw / "imagesTr" / f"case{i}_0000.nii.gz"))
+        sitk.WriteImage(sitk.Cast(img, sitk.sitkUInt8), str(raw / "labelsTr" / f"case{i}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
+        "numTraining": n_cases, "file_ending": ".nii.gz"}))
+    fingerprint = {
+        "spacings": [list(spacing_zyx) for _ in range(n_cases)],
+        "shapes_after_crop": [list(shape_zyx) for _ in range(n_cases)],
+        "median_relative_size_after_cropping": 1.0,
+        "foreground_intensity_properties_per_channel": {"0": {
+            "max": 300.0, "mean": 50.0, "median": 50.0, "min": -100.0, "percentile_00_5": -90.0,
+            "percentile_99_5": 250.0, "std": 40.0}},
+    }
+    (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    return raw, pre
+
+
+@pytest.fixture()
+def nnunet_dirs(tmp_path, monkeypatch):
+    """nnU-Net >= 2.8 reads its folders from the environment at use time."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    return tmp_path
+
+
+def _plan(planner_cls, dataset_id, target=None):
+    planner = planner_cls(dataset_id, gpu_memory_target_in_gb=target)
+    return planner.plan_experiment()
+
+
+def test_planner_writes_logonet_3d_configuration(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetPlanner
+
+    _fake_dataset(nnunet_dirs, 801, (3.0, 0.8, 0.8), (80, 256, 256))
+    plans = _plan(LoGoNetPlanner, 801)
+    assert "2d" not in plans["configurations"]
+    full = plans["configurations"]["3d_fullres"]
+    assert full["architecture"]["network_class_name"] == "nnunet_logonet.network.logonet.LoGoNet"
+    assert full["data_identifier"] == "nnUNetPlans_3d_fullres"  # shared with nnU-Net's default plans
+    kwargs = full["architecture"]["arch_kwargs"]
+    check_patch_size(full["patch_size"], kwargs["strides"], kwargs["local_grid"], kwargs.get("local_stages", 2))
+    # thick slices: the slice axis (first after nnU-Net's transpose) is not halved at the first step
+    assert kwargs["strides"][1][0] == 1 and kwargs["strides"][1][1] == 2
+    assert full["logonet"]["estimated_memory_gb"] <= 8.0
+    saved = json.loads((nnunet_dirs / "preprocessed" / "Dataset801_Fake" / "LoGoNetPlans.json").read_text())
+    assert "2d" not in saved["configurations"]
+
+
+def test_larger_memory_target_never_gives_smaller_patch(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetPlanner
+
+    _fake_dataset(nnunet_dirs, 802, (1.0, 1.0, 1.0), (200, 200, 200))
+    previous = None
+    for target in (2.0, 4.0, 8.0, 16.0, 40.0):
+        patch = _plan(LoGoNetPlanner, 802, target)["configurations"]["3d_fullres"]["patch_size"]
+        if previous is not None:
+            assert all(p >= q for p, q in zip(patch, previous)), (target, patch, previous)
+        previous = patch
+
+
+def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetLPlanner, PlanningError
+
+    _fake_dataset(nnunet_dirs, 803, (1.0, 1.0, 1.0), (200, 200, 200))
+    with pytest.raises(PlanningError, match=r"-gpu_memory_target .* too small"):
+        _plan(LoGoNetLPlanner, 803, 0.05)
+
+
+def test_tiny_planner_caps_patch_for_cpu(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _fake_dataset(nnunet_dirs, 804, (1.0, 1.0, 1.0), (300, 300, 300))
+    full = _plan(LoGoNetTinyPlanner, 804)["configurations"]["3d_fullres"]
+    assert np.prod(full["patch_size"]) <= 64 ** 3
+    assert full["architecture"]["arch_kwargs"]["dims"][0] < 64
+
+
+def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
+
+    _fake_dataset(nnunet_dirs, 805, (999.0, 0.8, 0.8), (1, 256, 256))
+    with pytest.raises(PlanningError, match="3D only.*nnUNetv2_plan_and_preprocess"):
+        _plan(LoGoNetPlanner, 805)
