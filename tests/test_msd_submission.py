@@ -387,3 +387,12 @@ def test_predictions_named_as_after_nnunet_conversion_are_accepted(tmp_path):
         names = sorted(n for n in archive.namelist() if not n.endswith("/"))
     assert names == sorted([f"Task09_Spleen/{p.name}" for p in test_cases(spleen)]
                            + [f"Task05_Prostate/{p.name}" for p in test_cases(prostate)])
+
+
+def test_unusual_task_folder_name_is_warned_but_used(tmp_path, capsys):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen_v2", "spleen", SPLEEN_LABELS, n_test=1)
+    predict_all(task, tmp_path / "pred")
+    assert main(["--task", str(task), str(tmp_path / "pred"), "-o", str(tmp_path / "s.zip")]) == 0
+    assert "does not look like an MSD task" in capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "s.zip") as archive:
+        assert "Task09_Spleen_v2/spleen_1.nii.gz" in archive.namelist()

@@ -15,6 +15,7 @@ reported as a note. Float maps with NaN/inf or fractional values (probabilities)
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ WIDE_INTEGER_TYPES = {sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sit
 FLOAT_TYPES = {sitk.sitkFloat32, sitk.sitkFloat64}
 GEOMETRY_RTOL = 1e-4
 GEOMETRY_ATOL = 1e-4
+MSD_TASK_NAME = re.compile(r"Task\d{2}_[A-Za-z]+")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class TaskReport:
     unexpected: list[Path] = field(default_factory=list)
     convention: str = ""
     test_list_source: str = "dataset.json"
+    warnings: list[str] = field(default_factory=list)
+    """Task-level findings that do not block writing (e.g. an unusual task folder name)."""
 
     @property
     def complete(self) -> bool:
@@ -86,6 +90,7 @@ class TaskReport:
             f"  predictions: {self.prediction_folder}",
             f"  naming found: {self.convention}",
         ]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
         for name in self.missing:
             lines.append(f"  MISSING {name}: no prediction file for this test case")
         for result in self.invalid:
@@ -243,6 +248,10 @@ def validate_task(task_folder: str | os.PathLike, prediction_folder: str | os.Pa
                         expected=list(task.test_images), unexpected=matched.unexpected,
                         convention=matched.convention_summary(),
                         test_list_source=task.test_list_source)
+    if not MSD_TASK_NAME.fullmatch(task.name):
+        report.warnings.append(f"folder name {task.name!r} does not look like an MSD task "
+                               f"(TaskNN_Name, e.g. Task09_Spleen); the archive folder gets this "
+                               f"name")
     for case in tqdm(task.test_images, desc=f"checking {task.name}", unit="case",
                      disable=None if progress else True):
         if case in matched.ambiguous:
