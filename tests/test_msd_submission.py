@@ -129,7 +129,18 @@ def test_happy_path_archive_has_msd_names_geometry_and_labels(spleen, tmp_path, 
             np.testing.assert_allclose(image.GetDirection(), reference.direction, atol=1e-6)
             assert image.GetPixelID() == sitk.sitkUInt8
             np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+            # uint8 .nii.gz, as nnUNetv2_predict writes it, goes in untouched
+            assert archive.read(f"Task09_Spleen/{name}") == (pred / name).read_bytes()
     assert [p.name for p in out.iterdir()] == ["submission.zip"]
+
+
+def test_failure_while_writing_leaves_no_partial_archive(spleen):
+    task, pred, _, out = spleen
+    report = validate_task(task, pred, progress=False)
+    (pred / "spleen_5.nii.gz").unlink()  # vanishes between validation and packing
+    with pytest.raises(ValueError, match="spleen_5.nii.gz.*nothing written"):
+        write_submission([report], out / "s.zip", progress=False)
+    assert_nothing_written(out)
 
 
 def test_missing_case_is_named_and_nothing_written(spleen, capsys):

@@ -164,8 +164,12 @@ def write_submission(pairs: Sequence[Pair], archive_path: str | os.PathLike, *,
                 pixel_type = output_pixel_type(report.labels)
                 for result in tqdm(report.found, desc=f"packing {report.task_name}", unit="case",
                                    disable=None if progress else True):
-                    add(_file_for_archive(result.file, pixel_type, Path(scratch)),
-                        f"{report.task_name}/{result.case}")
+                    try:
+                        source = _file_for_archive(result.file, pixel_type, Path(scratch))
+                        add(source, f"{report.task_name}/{result.case}")
+                    except (RuntimeError, OSError) as error:
+                        raise ValueError(f"Cannot pack {result.file} (changed or removed since "
+                                         f"validation?): {error}; nothing written.") from error
         os.replace(temp, archive)
     except BaseException:
         temp.unlink(missing_ok=True)

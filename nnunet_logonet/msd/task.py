@@ -61,7 +61,8 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise ValueError(f"Cannot read image header of {path}: {error}") from error
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise ValueError(f"Cannot read image header of test image {path}: {message}") from error
     dimension = reader.GetDimension()
     if dimension not in (3, 4):
         raise ValueError(f"Test image {path} has {dimension} dimensions; expected 3 (or 4 for "

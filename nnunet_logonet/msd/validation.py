@@ -6,10 +6,10 @@ integral voxel values that are labels of the task's ``dataset.json``. The per-ca
 (:func:`check_prediction`) is a pure function of an image, the reference geometry and the label
 set, returning findings rather than raising, so one run reports every problem at once.
 
-dtype: uint8/int8/uint16/int16 label maps are taken as they are. Wider integer or float maps
-whose values are all finite, integral and valid labels are accepted too (the values are
-unambiguous) and are cast to uint8 when written (uint16 if a label exceeds 255); the cast is
-reported as a note. Float maps with NaN/inf or fractional values (probabilities) are invalid.
+dtype: uint8/int8/uint16/int16 label maps are expected. Wider integer or float maps whose values
+are all finite, integral and valid labels are accepted too (the values are unambiguous). Every
+map is written to the archive as uint8 (uint16 if a label exceeds 255), the values unchanged;
+a cast is reported as a note. Float maps with NaN/inf or fractional values are invalid.
 """
 
 from __future__ import annotations
@@ -205,14 +205,19 @@ def count_nonfinite_on_disk(path: str | os.PathLike) -> tuple[int, int]:
     return int(np.isnan(data).sum()), int(np.isinf(data).sum())
 
 
+def _itk_message(error: RuntimeError) -> str:
+    """The useful last line of a SimpleITK exception (the first is a source location)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("sitk::ERROR: ") if lines else "unknown error"
+
+
 def check_prediction_file(path: str | os.PathLike, reference: Geometry,
                           labels: dict[int, str] | set[int]) -> tuple[list[str], list[str]]:
     """:func:`check_prediction` on a file; an unreadable file is a finding, not an exception."""
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
-        return [f"cannot be read as an image: {first_line}"], []
+        return [f"cannot be read as an image: {_itk_message(error)}"], []
     nonfinite = (0, 0)
     if image.GetPixelID() in FLOAT_TYPES and str(path).endswith((".nii", ".nii.gz")):
         nonfinite = count_nonfinite_on_disk(path)
