@@ -1,0 +1,186 @@
+"""Slice clusterer bank: seeding, k reduction, labelling vs scikit-learn, cache integrity, provenance."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score, pairwise_distances_argmin
+
+from nnunet_logonet.ssl.clusterers import (
+    CorruptClusterCacheError,
+    SliceClusterBank,
+    StaleClusterCacheError,
+    slice_features,
+)
+from nnunet_logonet.ssl.masking import SliceSequenceMasker
+
+SMALL = {"num_clusterers": 4, "k_range": (3, 9), "sample_fraction": 0.5, "max_iter": 20}
+
+
+def blobs(n=300, features=24, centers=5, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 10, size=(centers, features))
+    truth = rng.integers(centers, size=n)
+    return (means[truth] + rng.normal(size=(n, features))).astype(np.float32), truth
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    data, _ = blobs()
+    return SliceClusterBank(**SMALL, seed=3).fit(data), data
+
+
+def test_ks_are_drawn_in_range_per_clusterer():
+    bank = SliceClusterBank(num_clusterers=80, k_range=(80, 500), seed=0)
+    assert len(bank.ks) == 80 and all(80 <= k <= 500 for k in bank.ks)
+    assert len(set(bank.ks)) > 20, "k is not drawn per clusterer"
+    assert bank.offsets[-1] == sum(bank.ks) and len(bank.offsets) == 81
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_same_seed_same_bank_other_seed_other_bank(backend):
+    data, _ = blobs()
+    a, b = (SliceClusterBank(**SMALL, seed=11, backend=backend).fit(data) for _ in range(2))
+    assert a.ks == b.ks
+    assert torch.equal(a.centroids, b.centroids)
+    c = SliceClusterBank(**SMALL, seed=12, backend=backend).fit(data)
+    assert c.ks != a.ks or not torch.equal(c.centroids, a.centroids)
+
+
+def test_labels_equal_sklearn_nearest_centroid_per_clusterer(fitted):
+    bank, data = fitted
+    labels = bank.predict(torch.from_numpy(data))
+    assert labels.shape == (len(data), bank.num_clusterers) and labels.dtype == torch.long
+    for i, (start, stop) in enumerate(zip(bank.offsets[:-1], bank.offsets[1:])):
+        expected = pairwise_distances_argmin(data, bank.centroids[start:stop].numpy())
+        np.testing.assert_array_equal(labels[:, i].numpy(), expected)
+    # numpy input and small chunks give the same labels
+    assert torch.equal(bank.predict(data, chunk_size=7), labels)
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_backends_recover_separated_clusters(backend):
+    data, truth = blobs(centers=5)
+    bank = SliceClusterBank(num_clusterers=2, k_range=(5, 5), sample_fraction=0.5, seed=0, backend=backend,
+                            max_iter=50).fit(data)
+    for i in range(2):
+        assert adjusted_rand_score(truth, bank.predict(data)[:, i].numpy()) > 0.95
+
+
+def test_fewer_slices_than_k_reduces_k_with_a_warning():
+    data, _ = blobs(n=10)
+    bank = SliceClusterBank(num_clusterers=3, k_range=(12, 20), seed=0)
+    with pytest.warns(UserWarning, match="reduced to 10"):
+        bank.fit(data)
+    assert bank.ks == (10, 10, 10)
+    assert bank.predict(data).max() < 10
+
+
+def test_subset_is_never_smaller_than_k():
+    data, _ = blobs(n=100)
+    bank = SliceClusterBank(num_clusterers=2, k_range=(30, 30), sample_fraction=0.05, seed=0).fit(data)
+    assert bank.ks == (30, 30)  # 5% of 100 = 5 slices would be fewer than k = 30
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    bank, data = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    loaded = SliceClusterBank.load(path, expected_config=bank.config, expected_feature_dim=data.shape[1])
+    assert loaded.ks == bank.ks and loaded.config == bank.config
+    assert torch.equal(loaded.centroids, bank.centroids)
+    assert torch.equal(loaded.predict(data), bank.predict(data))
+    assert [p.name for p in tmp_path.iterdir()] == ["clusters.npz"], "temporary file left behind"
+
+
+@pytest.mark.parametrize("damage", ["flip_start", "flip_middle", "flip_end", "truncate", "empty", "garbage"])
+def test_corrupt_cache_is_detected(fitted, tmp_path, damage):
+    bank, _ = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    raw = bytearray(path.read_bytes())
+    if damage.startswith("flip"):
+        at = {"flip_start": 70, "flip_middle": len(raw) // 2, "flip_end": len(raw) - 300}[damage]
+        for i in range(at, at + 8):
+            raw[i] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[: len(raw) * 2 // 3]
+    else:
+        raw = bytearray() if damage == "empty" else bytearray(b"not a cache" * 50)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptClusterCacheError, match=str(path.name)):
+        SliceClusterBank.load(path)
+
+
+def test_cache_with_tampered_centroids_fails_the_checksum(fitted, tmp_path):
+    bank, _ = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    with np.load(path) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    fields["centroids"] = fields["centroids"] + 1  # a valid archive, but not what was saved
+    with open(path, "wb") as f:
+        np.savez(f, **fields)
+    with pytest.raises(CorruptClusterCacheError, match="checksum"):
+        SliceClusterBank.load(path)
+
+
+def test_stale_cache_is_reported(fitted, tmp_path):
+    bank, data = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    with pytest.raises(StaleClusterCacheError, match="num_clusterers"):
+        SliceClusterBank.load(path, expected_config={**bank.config, "num_clusterers": 80})
+    with pytest.raises(StaleClusterCacheError, match="feature_dim"):
+        SliceClusterBank.load(path, expected_feature_dim=data.shape[1] + 1)
+    with pytest.raises(FileNotFoundError):
+        SliceClusterBank.load(tmp_path / "missing.npz")
+
+
+def test_labels_come_from_the_unmasked_input():
+    """The bank is fitted on unmasked slices; labels follow the input, so the trainer must pass unmasked patches."""
+    rng = torch.Generator().manual_seed(0)
+    patches = 10 + torch.randn(6, 1, 16, 8, 8, generator=rng)  # every slice far from the zero slice
+    bank = SliceClusterBank(**SMALL, seed=0)
+    features = bank.slice_features(patches)
+    bank.fit(features.reshape(-1, features.shape[-1]))
+    # fitted on unmasked slices only: no centroid sits at a zeroed slice
+    nearest_to_zero = bank.centroids.norm(dim=1).min()
+    assert nearest_to_zero > 5 * torch.cdist(features.reshape(-1, 64), bank.centroids).min(1).values.mean()
+
+    masked, mask = SliceSequenceMasker(phi1=0.3, patch_sizes=("full",), phi2=1.0)(patches, generator=rng)
+    clean, corrupted = bank.label_patches(patches), bank.label_patches(masked)
+    assert clean.shape == (6, 16, bank.num_clusterers)
+    assert torch.equal(clean[~mask.slices], corrupted[~mask.slices])
+    assert not torch.equal(clean[mask.slices], corrupted[mask.slices])
+    # all zeroed slices look alike to the bank: their labels carry no information about the slice
+    assert (corrupted[mask.slices] == corrupted[mask.slices][0]).all()
+
+
+@pytest.mark.parametrize("slice_axis, pool, expected", [(2, 1, (2, 5, 3 * 6 * 7)), (3, 1, (2, 6, 3 * 5 * 7)),
+                                                        (4, 2, (2, 7, 3 * 3 * 3)), (2, 4, (2, 5, 3 * 2 * 2))])
+def test_slice_features_shape_and_content(slice_axis, pool, expected):
+    x = torch.randn(2, 3, 5, 6, 7)
+    features = slice_features(x, slice_axis=slice_axis, pool=pool)
+    assert features.shape == expected
+    if pool == 1:
+        plane = torch.movedim(x, slice_axis, 1)[1, 2]
+        assert torch.equal(features[1, 2], plane.flatten())
+
+
+def test_predict_checks_feature_size_and_fitting(fitted):
+    bank, data = fitted
+    with pytest.raises(ValueError, match="refit"):
+        bank.predict(data[:, :-1])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SliceClusterBank(**SMALL).predict(data)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_clusterers": 0}, {"k_range": (5, 2)}, {"k_range": (0, 5)}, {"k_range": (5,)}, {"sample_fraction": 0},
+     {"sample_fraction": 1.5}, {"backend": "faiss"}, {"seed": -1}, {"pool": 0}, {"slice_axis": 0},
+     {"max_iter": 0}],
+)
+def test_invalid_parameters_are_rejected(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs)).split("_")[0]):
+        SliceClusterBank(**kwargs)
