@@ -1,0 +1,210 @@
+"""logonet_prepare_unlabeled: an image-only nnU-Net raw dataset from NIfTI folders, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_logonet.ssl.unlabeled import UnlabeledDataError, body_mask, find_cases, main, prepare_unlabeled
+
+SHAPE = (12, 20, 24)  # numpy order (z, y, x)
+
+
+def ct_volume(seed=0):
+    """Air (-1000) with a body cylinder (40 HU) holding an enclosed air pocket, and a separate small object."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(SHAPE)
+    volume = np.full(SHAPE, -1000.0, dtype=np.float32)
+    volume[(y - 10) ** 2 + (x - 10) ** 2 <= 49] = 40.0
+    volume[3:9, 8:12, 8:12] = -950.0  # enclosed pocket: inside the body
+    volume[4:8, 1:3, 20:23] = 200.0  # separate object (table): not the body
+    return volume + rng.normal(0, 5, SHAPE).astype(np.float32)
+
+
+def write(path, array, spacing=(0.8, 0.8, 2.0), origin=(10.0, -5.0, 3.0)):
+    image = sitk.GetImageFromArray(array, isVector=False)
+    image.SetSpacing(spacing[: image.GetDimension()] + (1.0,) * (image.GetDimension() - len(spacing)))
+    image.SetOrigin(origin[: image.GetDimension()] + (0.0,) * (image.GetDimension() - len(origin)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch):
+    root = tmp_path / "nnUNet_raw"
+    monkeypatch.setenv("nnUNet_raw", str(root))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    return root
+
+
+def leftovers(root):
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_happy_path_writes_an_nnunet_dataset(tmp_path, raw, capsys):
+    write(tmp_path / "a" / "case1.nii.gz", ct_volume(1))
+    write(tmp_path / "b" / "case2_0000.nii.gz", ct_volume(2))
+    write(tmp_path / "b" / "case3.nii", ct_volume(3))  # uncompressed input is rewritten as .nii.gz
+
+    main(["-i", str(tmp_path / "a"), "-i", str(tmp_path / "b"), "-d", "501"])
+
+    dataset = raw / "Dataset501_Unlabeled"
+    assert leftovers(raw) == ["Dataset501_Unlabeled"], "temporary folder left behind"
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == [
+        "case1_0000.nii.gz", "case2_0000.nii.gz", "case3_0000.nii.gz"]
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["case1.nii.gz", "case2.nii.gz", "case3.nii.gz"]
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["labels"] == {"background": 0, "body": 1}
+    assert meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
+    assert meta["logonet_image_only"] is True
+    assert "Dataset501_Unlabeled" in capsys.readouterr().out
+
+    for case, seed in (("case1", 1), ("case3", 3)):
+        image = sitk.ReadImage(str(dataset / "imagesTr" / f"{case}_0000.nii.gz"))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct_volume(seed))
+        label = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+        assert label.GetSpacing() == image.GetSpacing() and label.GetOrigin() == image.GetOrigin()
+        mask = sitk.GetArrayFromImage(label)
+        assert set(np.unique(mask)) == {0, 1}
+        assert mask[5, 10, 10] == 1, "enclosed air pocket should be filled into the body"
+        assert mask[5, 2, 21] == 0, "separate object should not be part of the body"
+        assert mask[5, 0, 0] == 0 and mask[5, 10, 4] == 1
+
+
+def test_nnunet_accepts_the_dataset(tmp_path, raw):
+    """nnU-Net's own integrity check and fingerprint run on the result (the point of the placeholder labels)."""
+    for i in range(2):
+        write(tmp_path / "scans" / f"scan{i}.nii.gz", ct_volume(i))
+    prepare_unlabeled([tmp_path / "scans"], 502, progress=False)
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res")}
+    code = ("from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints;"
+            "extract_fingerprints([502], num_processes=1, check_dataset_integrity=True)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=120)
+    fingerprint = json.loads((tmp_path / "pre" / "Dataset502_Unlabeled" / "dataset_fingerprint.json").read_text())
+    stats = fingerprint["foreground_intensity_properties_per_channel"]["0"]
+    assert 0 < stats["median"] < 100  # body intensities (40 HU), not air
+
+
+def test_multichannel_cases_and_channel_names(tmp_path, raw):
+    for case in ("a", "b"):
+        for channel in range(2):
+            write(tmp_path / "in" / f"{case}_{channel:04d}.nii.gz", ct_volume(channel))
+    dataset = prepare_unlabeled([tmp_path / "in"], 503, channel_names=["CT", "PET"], progress=False)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT", "1": "PET"} and meta["numTraining"] == 2
+    assert len(list((dataset / "imagesTr").iterdir())) == 4
+    with pytest.raises(UnlabeledDataError, match="one --channel-name per channel"):
+        prepare_unlabeled([tmp_path / "in"], 504, progress=False)
+
+
+def test_case_names_with_digit_suffix_that_are_not_channels(tmp_path):
+    write(tmp_path / "in" / "scan_2019.nii.gz", ct_volume())
+    write(tmp_path / "in" / "other.nii.gz", ct_volume())
+    assert list(find_cases([tmp_path / "in"])) == ["other", "scan_2019"]
+
+
+def vector_image(path):
+    image = sitk.Compose([sitk.GetImageFromArray(ct_volume())] * 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def truncated(path):
+    write(path, ct_volume())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_INPUTS = {
+    "4D": (lambda d: write(d / "x" / "four_d.nii.gz", np.zeros((2, *SHAPE), np.float32)), "four_d.nii.gz", "3D"),
+    "2D": (lambda d: write(d / "x" / "flat.nii.gz", np.zeros(SHAPE[1:], np.float32)), "flat.nii.gz", "3D"),
+    "single slice": (lambda d: write(d / "x" / "slice.nii.gz", np.zeros((1, *SHAPE[1:]), np.float32)), "slice.nii.gz",
+                     "3D"),
+    "vector voxels": (lambda d: vector_image(d / "x" / "rgb.nii.gz"), "rgb.nii.gz", "values per voxel"),
+    "not NIfTI": (lambda d: (d / "x" / "notes.txt").write_text("hello"), "notes.txt", "not a NIfTI"),
+    "garbage NIfTI": (lambda d: (d / "x" / "junk.nii.gz").write_bytes(b"junk" * 100), "junk.nii.gz", "cannot be read"),
+    "truncated NIfTI": (lambda d: truncated(d / "x" / "cut.nii.gz"), "cut.nii.gz", "cannot be read"),
+    "subfolder": (lambda d: (d / "x" / "nested").mkdir(parents=True), "nested", "a folder"),
+    "empty folder": (lambda d: (d / "x").mkdir(), "x", "no \\*.nii.gz"),
+    "duplicate same folder": (lambda d: (write(d / "x" / "dup.nii.gz", ct_volume()),
+                                         write(d / "x" / "dup_0000.nii.gz", ct_volume())), "dup", "Duplicate"),
+    "duplicate across folders": (lambda d: write(d / "y" / "good.nii.gz", ct_volume()), "good", "Duplicate"),
+    "mixed channels": (lambda d: (write(d / "x" / "two_0000.nii.gz", ct_volume()),
+                                  write(d / "x" / "two_0001.nii.gz", ct_volume())), "good", "Mixed channel counts"),
+    "channel gap": (lambda d: (write(d / "x" / "gap_0000.nii.gz", ct_volume()),
+                               write(d / "x" / "gap_0002.nii.gz", ct_volume())), "gap_0001", "without gaps"),
+    "channel grid": (lambda d: (write(d / "x" / "two_0000.nii.gz", ct_volume()),
+                                write(d / "x" / "two_0001.nii.gz", ct_volume()[:, :-1]),
+                                write(d / "y" / "one_0000.nii.gz", ct_volume()),
+                                write(d / "y" / "one_0001.nii.gz", ct_volume())), "two_0001", "one grid"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_names_the_file_and_writes_nothing(tmp_path, raw, kind):
+    make, named, reason = BAD_INPUTS[kind]
+    if kind != "channel grid":
+        write(tmp_path / "x" / "good.nii.gz", ct_volume()) if kind not in ("empty folder",) else None
+    make(tmp_path)
+    folders = [tmp_path / "x"] + ([tmp_path / "y"] if (tmp_path / "y").exists() else [])
+    with pytest.raises(UnlabeledDataError, match=reason) as error:
+        prepare_unlabeled(folders, 510, progress=False)
+    assert named in str(error.value)
+    assert leftovers(raw) == [], f"left behind: {leftovers(raw)}"
+
+
+def test_existing_dataset_needs_overwrite_and_ids_must_be_unique(tmp_path, raw):
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    prepare_unlabeled([tmp_path / "in"], 520, progress=False)
+    write(tmp_path / "in" / "two.nii.gz", ct_volume())
+    with pytest.raises(UnlabeledDataError, match="--overwrite"):
+        prepare_unlabeled([tmp_path / "in"], 520, progress=False)
+    dataset = prepare_unlabeled([tmp_path / "in"], 520, overwrite=True, progress=False)
+    assert len(list((dataset / "imagesTr").iterdir())) == 2
+    assert leftovers(raw) == ["Dataset520_Unlabeled"]
+    with pytest.raises(UnlabeledDataError, match="already used by"):
+        prepare_unlabeled([tmp_path / "in"], 520, name="Other", overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, reason", [({"dataset_id": 0}, "1..999"), ({"dataset_id": 1000}, "1..999"),
+                                            ({"name": "bad name"}, "--name"), ({"name": "a__b"}, "--name"),
+                                            ({"channel_names": ["CT", "MR"]}, "channel-name")])
+def test_invalid_arguments(tmp_path, raw, kwargs, reason):
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    with pytest.raises(UnlabeledDataError, match=reason):
+        prepare_unlabeled([tmp_path / "in"], **{"dataset_id": 530, "progress": False, **kwargs})
+
+
+def test_missing_nnunet_raw_and_cli_error_exit(tmp_path, monkeypatch, capsys):
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(UnlabeledDataError, match="nnUNet_raw is not set"):
+        prepare_unlabeled([tmp_path / "in"], 540, progress=False)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    (tmp_path / "in" / "readme.md").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-i", str(tmp_path / "in"), "-d", "540"])
+    assert exit_info.value.code == 1
+    assert "readme.md" in capsys.readouterr().err
+
+
+def test_body_mask_falls_back_to_the_whole_image_without_foreground():
+    image = sitk.GetImageFromArray(np.full(SHAPE, -1000.0, dtype=np.float32))
+    with pytest.warns(UserWarning, match="whole image"):
+        mask = body_mask(image)
+    assert sitk.GetArrayFromImage(mask).all()
+
+
+def test_body_mask_on_unsigned_images_does_not_wrap_the_threshold():
+    array = np.zeros(SHAPE, dtype=np.uint8)
+    array[4:8, 5:15, 5:15] = 100
+    mask = sitk.GetArrayFromImage(body_mask(sitk.GetImageFromArray(array), threshold=50))
+    np.testing.assert_array_equal(mask, (array > 50).astype(np.uint8))
