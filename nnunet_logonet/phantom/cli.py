@@ -1,0 +1,78 @@
+"""``logonet_phantom``: write the built-in synthetic abdominal CT dataset.
+
+Examples::
+
+    logonet_phantom -d 900                      # $nnUNet_raw/Dataset900_Phantom
+    logonet_phantom -d 9 --format msd -o tasks  # tasks/Task09_Phantom (for nnUNetv2_convert_MSD_dataset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nnunet_logonet.phantom.anatomy import MAX_SIZE, MIN_SIZE
+from nnunet_logonet.phantom.writer import FORMATS, PhantomArgumentError, write_dataset
+
+# write_dataset's parameter -> the flag that sets it
+_FLAGS = {"dataset_id": "-d/--dataset-id", "name": "--name", "num_train": "--num-train",
+          "num_test": "--num-test", "num_unlabeled": "--num-unlabeled", "seed": "--seed",
+          "size": "--size", "fmt": "--format"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logonet_phantom",
+        description="Write a synthetic contrast-enhanced abdominal CT dataset (spleen, kidneys, "
+                    "gallbladder, liver, aorta) in nnU-Net raw format or as an MSD task.")
+    parser.add_argument("-d", "--dataset-id", type=int, required=True,
+                        help="dataset id: 1-999 (nnunet -> DatasetXXX_<name>) or 1-99 (msd -> TaskXX_<name>)")
+    parser.add_argument("--name", default="Phantom", help="dataset name (letters, digits, '-'; default Phantom)")
+    parser.add_argument("--num-train", type=int, default=20, help="labelled training cases (>= 1, default 20)")
+    parser.add_argument("--num-test", type=int, default=5,
+                        help="held-out test cases, images + reference labels (>= 0, default 5)")
+    parser.add_argument("--num-unlabeled", type=int, default=10,
+                        help="image-only cases for self-supervised pretraining, written to "
+                             "imagesUnlabeled/ (>= 0, default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0); same seed, same bytes")
+    parser.add_argument("--size", type=int, default=64,
+                        help=f"in-plane voxels per axis ({MIN_SIZE}-{MAX_SIZE}, default 64); slices "
+                             f"follow from the scan length and slice spacing (about 0.3-0.6 x size)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="nnunet",
+                        help="nnunet (default) or msd (Medical Segmentation Decathlon task folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("-o", "--output", default=None,
+                        help="folder to write into (default: $nnUNet_raw)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output = args.output or os.environ.get("nnUNet_raw")
+    if not output:
+        parser.error("no output folder: set nnUNet_raw (eval \"$(logonet_env)\") or pass -o/--output")
+    if Path(output).exists() and not Path(output).is_dir():
+        parser.error(f"argument -o/--output: {output} is not a folder")
+    try:
+        folder = write_dataset(output, args.dataset_id, name=args.name, num_train=args.num_train,
+                               num_test=args.num_test, num_unlabeled=args.num_unlabeled,
+                               seed=args.seed, size=args.size, fmt=args.fmt,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    except PhantomArgumentError as err:
+        parser.error(f"argument {_FLAGS.get(err.param, err.param)}: {err}")
+    except FileExistsError as err:
+        parser.error(f"{err}".replace("overwrite=True (--overwrite)", "--overwrite"))
+    print(folder)
+    if args.fmt == "nnunet":
+        hint = f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity"
+    else:
+        hint = f"nnUNetv2_convert_MSD_dataset -i {folder}"
+    print(f"next: {hint}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
