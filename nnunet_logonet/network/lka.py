@@ -1,0 +1,108 @@
+"""3D Large Kernel Attention (LKA) and the LKA block of ULKANet's encoder.
+
+LKA (Guo et al., "Visual Attention Network", 2022) approximates a ~21^3 kernel by a depthwise
+5^3 conv, a depthwise 7^3 conv with dilation 3 and a 1x1x1 conv; its output gates the input.
+The block follows Algorithm 2 of Masked LoGoNet (Karimi Monsefi et al., KDD 2024):
+``x = x + ls1 * attn(norm1(x)); x = x + ls2 * mlp(norm2(x))``. The authors' research code adds
+the branch to itself instead of to ``x`` (``x + drop_path(x)``); that is not reproduced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import DropPath, LayerScale3d, make_norm
+
+__all__ = ["LiveTapConv3d", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
+
+
+class LiveTapConv3d(nn.Conv3d):
+    """Stride-1 'same' depthwise convolution that skips taps which can only ever see padding.
+
+    On a map smaller than the (dilated) kernel, e.g. the 19^3 footprint of LKA's 7^3 dilation-3
+    convolution on a 3^3 bottleneck, the outer taps multiply zeros for every output voxel. They
+    are sliced off the weight before the call: the output and all gradients are exactly those
+    of the full convolution (the dropped taps' true gradient is zero), the state-dict is
+    unchanged, and CPU kernels avoid their pathological huge-padding paths.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        radius = [
+            min(k // 2, (size - 1) // d) for k, size, d in zip(self.kernel_size, x.shape[2:], self.dilation)
+        ]
+        if all(r == k // 2 for r, k in zip(radius, self.kernel_size)):
+            return super().forward(x)
+        taps = tuple(slice(k // 2 - r, k // 2 + r + 1) for r, k in zip(radius, self.kernel_size))
+        weight = self.weight[(slice(None), slice(None), *taps)]
+        padding = tuple(r * d for r, d in zip(radius, self.dilation))
+        return F.conv3d(x, weight, self.bias, 1, padding, self.dilation, self.groups)
+
+
+class LKA3d(nn.Module):
+    """depthwise 5^3 -> depthwise 7^3 (dilation 3) -> 1x1x1; the result multiplies the input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv0 = LiveTapConv3d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.conv_spatial = LiveTapConv3d(dim, dim, kernel_size=7, padding=9, dilation=3, groups=dim)
+        self.conv1 = nn.Conv3d(dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+class LKAAttention(nn.Module):
+    """Attention branch: 1x1 -> GELU -> LKA3d -> 1x1, with its own inner shortcut."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj_1 = nn.Conv3d(dim, dim, kernel_size=1)
+        self.act = nn.GELU()
+        self.lka = LKA3d(dim)
+        self.proj_2 = nn.Conv3d(dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj_2(self.lka(self.act(self.proj_1(x))))
+
+
+class LKAMlp(nn.Module):
+    """MLP branch: 1x1 expand -> depthwise 3^3 -> GELU -> 1x1 back."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv3d(dim, hidden_dim, kernel_size=1)
+        self.dwconv = nn.Conv3d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(hidden_dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class LKABlock(nn.Module):
+    """Transformer-like block with LKA instead of self-attention (paper Algorithm 2)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mlp_ratio: float = 4.0,
+        norm: str = "batch",
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = LKAAttention(dim)
+        self.ls1 = LayerScale3d(dim, layer_scale_init)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = LKAMlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale3d(dim, layer_scale_init)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x

@@ -1,0 +1,179 @@
+"""LoGoNet: a global ULKANet plus one local ULKANet per sub-crop (Masked LoGoNet, KDD 2024).
+
+Karimi Monsefi et al., "Masked LoGoNet: Fast and Accurate 3D Image Analysis for Medical
+Domain", KDD 2024, arXiv:2402.06190. The global path sees the whole patch; the patch is also cut
+into ``local_grid`` sub-crops, each seen only by its own shallow ULKANet (``local_stages``
+encoder stages, separate weights). The stitched local features are added to the global ones and
+a head (Conv3d 3^3 -> norm -> GELU -> 1x1x1 classifier) predicts the segmentation.
+
+nnU-Net additions: deep-supervision classifiers on the global decoder at /2 .. /2^S (they always
+exist; ``decoder.deep_supervision`` only chooses the output), every classifier under
+``head.seg_layers`` so ``-pretrained_weights`` transfers everything else, per-axis strides and
+grids for anisotropic patches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .layers import init_weights, make_norm
+from .memory import conv_feature_map_size
+from .partition import split_subcrops, stitch_subcrops
+from .presets import arch_kwargs_for_preset
+from .shapes import as_triple, check_patch_size, required_patch_multiple
+from .ulkanet import ULKAPath, check_input_tensor, validate_arch
+
+__all__ = ["LoGoHead", "LoGoNet"]
+
+
+class LoGoHead(nn.Module):
+    """Fused-feature head and all classifiers; owns the ``deep_supervision`` runtime flag.
+
+    ``seg_layers[0]`` is the paper's classifier after Conv3d 3^3 -> norm -> GELU on the fused
+    full-resolution features; ``seg_layers[r]`` (r >= 1) classify the global decoder features at
+    resolution r for deep supervision.
+    """
+
+    def __init__(
+        self, channels: Sequence[int], num_classes: int, *, norm: str = "batch", deep_supervision: bool = False
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels[0], channels[0], kernel_size=3, padding=1)
+        self.norm = make_norm(norm, channels[0])
+        self.act = nn.GELU()
+        self.seg_layers = nn.ModuleList([nn.Conv3d(c, num_classes, kernel_size=1) for c in channels])
+        self.deep_supervision = bool(deep_supervision)
+
+    def forward(self, fused: torch.Tensor, global_features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        out = self.seg_layers[0](self.act(self.norm(self.conv(fused))))
+        if not self.deep_supervision:
+            return out
+        return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]
+
+
+class LoGoNet(nn.Module):
+    """Global + local ULKANets with a shared head, buildable by nnU-Net from plans.
+
+    Args:
+        input_channels: image channels.
+        num_classes: output channels (background included).
+        deep_supervision: return outputs at /1 .. /2^S (highest first) instead of one tensor;
+            switchable later through ``decoder.deep_supervision`` (``decoder`` is the head).
+        strides: nnU-Net per-resolution strides, ``len(dims) + 2`` entries, first ``[1, 1, 1]``.
+        dims, depths, mlp_ratios: per-stage LKA width, block count and MLP ratio (Table 9).
+        local_grid: sub-crops per axis (paper: 2, 2, 2); 1 leaves an axis unsplit.
+        local_stages: encoder stages of every local path (paper: 2).
+        decoder_channels: decoder width per resolution (full res first), ``len(dims) + 2``;
+            local paths use the first ``local_stages + 2``.
+        stem_channels: full-resolution stem widths (input -> 32 -> 64 in the paper).
+        norm: 'batch' (paper) or 'instance'.
+        drop_path_rate: stochastic depth of the last block of each path (linear from 0).
+        layer_scale_init: initial layer scale of every LKA branch.
+
+    Each input spatial size must be a multiple of
+    ``required_patch_multiple(strides, local_grid, local_stages)``.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        deep_supervision: bool = False,
+        *,
+        strides: Sequence[Sequence[int]],
+        dims: Sequence[int],
+        depths: Sequence[int],
+        mlp_ratios: Sequence[float],
+        local_grid: Sequence[int] = (2, 2, 2),
+        local_stages: int = 2,
+        decoder_channels: Sequence[int] | None = None,
+        stem_channels: Sequence[int] = (32, 64),
+        norm: str = "batch",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        cfg = validate_arch(
+            strides=strides,
+            dims=dims,
+            depths=depths,
+            mlp_ratios=mlp_ratios,
+            decoder_channels=decoder_channels,
+            stem_channels=stem_channels,
+            norm=norm,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+        )
+        num_stages = len(cfg["dims"])
+        if not isinstance(local_stages, int) or not 1 <= local_stages <= num_stages:
+            raise ValueError(f"local_stages must be an int in [1, {num_stages}], got {local_stages!r}")
+        self.local_grid = as_triple(local_grid, "local_grid")
+        self.local_stages = local_stages
+        self.input_channels = input_channels
+        self.num_classes = num_classes
+        self.strides = cfg["strides"]
+        self.patch_multiple = required_patch_multiple(self.strides, self.local_grid, local_stages)
+
+        self.global_path = ULKAPath(input_channels, **cfg)
+        n, k = math.prod(self.local_grid), local_stages
+        local_cfg = dict(
+            cfg,
+            strides=cfg["strides"][: k + 2],
+            dims=cfg["dims"][:k],
+            depths=cfg["depths"][:k],
+            mlp_ratios=cfg["mlp_ratios"][:k],
+            decoder_channels=cfg["decoder_channels"][: k + 2],
+        )
+        self.local_paths = nn.ModuleList([ULKAPath(input_channels, **local_cfg) for _ in range(n)])
+        self.head = LoGoHead(
+            cfg["decoder_channels"][: num_stages + 1], num_classes, norm=cfg["norm"], deep_supervision=deep_supervision
+        )
+        self.apply(init_weights)
+
+    initialize = staticmethod(init_weights)
+
+    @property
+    def decoder(self) -> LoGoHead:
+        """What nnU-Net's ``set_deep_supervision_enabled`` sets ``deep_supervision`` on."""
+        return self.head
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-resolution local features: every sub-crop through its own path, stitched back.
+
+        Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
+        sub-crop (tested). Tiles are stacked so the loop can become one batched call.
+        """
+        tiles = split_subcrops(x, self.local_grid)
+        outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
+        return stitch_subcrops(torch.stack(outs), self.local_grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_input_tensor(x, self.input_channels, self.patch_multiple)
+        global_features = self.global_path(x)
+        fused = global_features[0] + self.forward_local(x)
+        return self.head(fused, global_features)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Voxels x channels of all conv/norm/upsampling outputs for one sample (nnU-Net planner)."""
+        return conv_feature_map_size(self, self.input_channels, input_size)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        input_channels: int,
+        num_classes: int,
+        patch_size: Sequence[int],
+        deep_supervision: bool = False,
+        **overrides: Any,
+    ) -> "LoGoNet":
+        """Build preset ``name`` ('tiny', 'S', 'L'), checking that ``patch_size`` fits it."""
+        strides = overrides.pop("strides", None)
+        kwargs = arch_kwargs_for_preset(name, strides, model="LoGoNet", **overrides)
+        check_patch_size(patch_size, kwargs["strides"], kwargs["local_grid"], kwargs["local_stages"])
+        return cls(input_channels, num_classes, deep_supervision, **kwargs)

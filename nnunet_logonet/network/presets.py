@@ -1,0 +1,101 @@
+"""Model sizes: the paper's S and L (Table 9) and a CPU-sized ``tiny``, as plans-ready kwargs.
+
+Encoder values are the paper's. The paper does not give decoder widths; ours are chosen so that
+with 1 input channel and 14 classes the parameter counts land within 3 % of the paper's
+(see docs/architecture.md for the arithmetic).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+from .shapes import isotropic_strides, normalize_strides
+
+__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "dims": [8, 16, 32, 64],
+        "depths": [1, 1, 1, 1],
+        "mlp_ratios": [4, 4, 4, 4],
+        "decoder_channels": [4, 4, 4, 8, 24, 32],
+        "stem_channels": [4, 8],
+    },
+    "S": {
+        "dims": [64, 128, 256, 512],
+        "depths": [3, 4, 6, 3],
+        "mlp_ratios": [8, 8, 4, 4],
+        "decoder_channels": [32, 32, 32, 64, 192, 256],
+        "stem_channels": [32, 64],
+    },
+    "L": {
+        "dims": [96, 192, 384, 768],
+        "depths": [3, 3, 24, 3],
+        "mlp_ratios": [8, 8, 4, 4],
+        "decoder_channels": [48, 48, 48, 96, 288, 384],
+        "stem_channels": [32, 64],
+    },
+}
+
+#: keywords shared by both models, with their defaults when a preset does not set them
+COMMON_DEFAULTS: dict[str, Any] = {"norm": "batch", "drop_path_rate": 0.0, "layer_scale_init": 1e-2}
+#: keywords only LoGoNet takes
+LOCAL_DEFAULTS: dict[str, Any] = {"local_grid": [2, 2, 2], "local_stages": 2}
+MODELS = ("LoGoNet", "ULKANet")
+
+
+def default_decoder_channels(dims: Sequence[int]) -> list[int]:
+    """Decoder widths when none are given, the rule behind the S and L presets.
+
+    Half the stage width at every resolution (stage-1 half width also at /1 and /2), except 3/4
+    at the second-deepest stage: the widths that put S and L within 1 % of the paper's counts.
+    """
+    d = [int(v) for v in dims]
+    widths = [max(1, v // 2) for v in d]
+    if len(d) >= 2:
+        widths[-2] = max(1, 3 * d[-2] // 4)
+    return [widths[0], widths[0], *widths]
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of preset ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def arch_kwargs_for_preset(
+    name: str,
+    strides: Sequence[Sequence[int]] | None = None,
+    model: str = "LoGoNet",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """JSON-serialisable ``arch_kwargs`` for plans: everything but input_channels, num_classes
+    and deep_supervision.
+
+    Args:
+        name: 'tiny', 'S' or 'L'.
+        strides: nnU-Net per-resolution strides; ``None`` gives the isotropic default.
+        model: 'LoGoNet' (adds ``local_grid`` and ``local_stages``) or 'ULKANet'.
+        overrides: any constructor keyword of ``model`` replacing the preset's value.
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
+    kwargs: dict[str, Any] = {**preset(name), **COMMON_DEFAULTS}
+    if model == "LoGoNet":
+        kwargs.update(copy.deepcopy(LOCAL_DEFAULTS))
+    unknown = sorted(set(overrides) - set(kwargs))
+    if unknown:
+        raise ValueError(f"unknown {model} keyword(s) {unknown}; valid: {sorted(set(kwargs) | {'strides'})}")
+    kwargs.update(overrides)
+    if strides is None:
+        strides = isotropic_strides(len(kwargs["dims"]))
+    kwargs["strides"] = [list(s) for s in normalize_strides(strides, len(kwargs["dims"]))]
+    return {k: _jsonable(v) for k, v in kwargs.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, recursively, so the dict round-trips through plans.json unchanged."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

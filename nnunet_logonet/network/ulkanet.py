@@ -1,0 +1,245 @@
+"""ULKANet: U-shaped network with a 3D LKA encoder and a conv decoder (Masked LoGoNet, KDD 2024).
+
+ULKANet is the paper's single-path model (its ablation baseline) and the building block of
+LoGoNet's global and local paths. The constructor takes only JSON-serialisable keywords so
+nnU-Net can build it from ``plans.json`` (``cls(input_channels=..., num_classes=...,
+deep_supervision=..., **arch_kwargs)``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .decoder import ULKADecoder
+from .encoder import ULKAEncoder
+from .layers import check_norm, init_weights
+from .memory import conv_feature_map_size
+from .presets import arch_kwargs_for_preset, default_decoder_channels
+from .shapes import (
+    Triple,
+    check_patch_size,
+    embedding_strides,
+    normalize_strides,
+    required_patch_multiple,
+)
+
+__all__ = ["ULKAPath", "ULKANet", "check_input_tensor", "validate_arch"]
+
+
+def _positive_ints(values: Sequence[Any], name: str, length: int | None = None) -> tuple[int, ...]:
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+        raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
+    if length is not None and len(items) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(items)}: {values!r}")
+    return items
+
+
+def validate_arch(
+    *,
+    strides: Sequence[Sequence[int]],
+    dims: Sequence[int],
+    depths: Sequence[int],
+    mlp_ratios: Sequence[float],
+    decoder_channels: Sequence[int] | None,
+    stem_channels: Sequence[int],
+    norm: str,
+    drop_path_rate: float,
+    layer_scale_init: float,
+) -> dict[str, Any]:
+    """Check the architecture keywords and return them normalised (tuples, ints)."""
+    dims = _positive_ints(dims, "dims")
+    num_stages = len(dims)
+    depths = tuple(int(d) for d in _positive_ints(depths, "depths", num_stages))
+    try:
+        ratios = tuple(float(r) for r in mlp_ratios)
+    except (TypeError, ValueError):
+        raise ValueError(f"mlp_ratios must be a list of numbers, got {mlp_ratios!r}") from None
+    if len(ratios) != num_stages or min(ratios) <= 0:
+        raise ValueError(f"mlp_ratios must have {num_stages} positive entries (one per stage), got {mlp_ratios!r}")
+    stem = _positive_ints(stem_channels, "stem_channels")
+    if decoder_channels is None:
+        decoder_channels = default_decoder_channels(dims)
+    dec = _positive_ints(decoder_channels, "decoder_channels", num_stages + 2)
+    if not 0.0 <= float(drop_path_rate) < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    return dict(
+        strides=normalize_strides(strides, num_stages),
+        dims=dims,
+        depths=depths,
+        mlp_ratios=ratios,
+        decoder_channels=dec,
+        stem_channels=stem,
+        norm=check_norm(norm),
+        drop_path_rate=float(drop_path_rate),
+        layer_scale_init=float(layer_scale_init),
+    )
+
+
+def check_input_tensor(x: torch.Tensor, input_channels: int, multiple: Triple) -> None:
+    """Raise ``ValueError`` unless ``x`` is (B, input_channels, D, H, W) with sizes divisible by ``multiple``."""
+    if x.ndim != 5:
+        raise ValueError(f"expected a 5-D input (batch, channels, z, y, x), got shape {tuple(x.shape)}")
+    if x.shape[1] != input_channels:
+        raise ValueError(f"expected {input_channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    spatial = tuple(x.shape[2:])
+    if any(s % m for s, m in zip(spatial, multiple)):
+        raise ValueError(
+            f"expected spatial size divisible by {list(multiple)} per axis, got {list(spatial)}; "
+            f"pad or crop the input (e.g. to {[-(-s // m) * m for s, m in zip(spatial, multiple)]})"
+        )
+
+
+class ULKAPath(nn.Module):
+    """Encoder + decoder returning decoder features (LoGoNet's global and local paths).
+
+    With ``num_classes`` the decoder also carries ``seg_layers`` (that is ``ULKANet``).
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        *,
+        strides: Sequence[Sequence[int]],
+        dims: Sequence[int],
+        depths: Sequence[int],
+        mlp_ratios: Sequence[float],
+        decoder_channels: Sequence[int] | None = None,
+        stem_channels: Sequence[int] = (32, 64),
+        norm: str = "batch",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-2,
+        num_classes: int | None = None,
+        deep_supervision: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(input_channels, int) or input_channels < 1:
+            raise ValueError(f"input_channels must be a positive int, got {input_channels!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        cfg = validate_arch(
+            strides=strides,
+            dims=dims,
+            depths=depths,
+            mlp_ratios=mlp_ratios,
+            decoder_channels=decoder_channels,
+            stem_channels=stem_channels,
+            norm=norm,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+        )
+        self.input_channels = input_channels
+        self.strides = cfg["strides"]
+        self.encoder = ULKAEncoder(
+            input_channels,
+            embed_strides=embedding_strides(cfg["strides"]),
+            dims=cfg["dims"],
+            depths=cfg["depths"],
+            mlp_ratios=cfg["mlp_ratios"],
+            stem_channels=cfg["stem_channels"],
+            norm=cfg["norm"],
+            drop_path_rate=cfg["drop_path_rate"],
+            layer_scale_init=cfg["layer_scale_init"],
+        )
+        self.decoder = ULKADecoder(
+            encoder_channels=cfg["dims"],
+            stem_channels=cfg["stem_channels"][-1],
+            strides=cfg["strides"],
+            decoder_channels=cfg["decoder_channels"],
+            norm=cfg["norm"],
+            num_classes=num_classes,
+            deep_supervision=deep_supervision,
+        )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Decoder features at resolutions 0 .. S, highest first (no input check: hot path)."""
+        stem, features = self.encoder(x)
+        return self.decoder.forward_features(stem, features)
+
+    forward = forward_features
+
+
+class ULKANet(ULKAPath):
+    """Single-path ULKANet for segmentation, buildable by nnU-Net from plans.
+
+    Args:
+        input_channels: image channels.
+        num_classes: output channels (nnU-Net's ``num_classes``, background included).
+        deep_supervision: return one output per decoder resolution /1 .. /2^S (highest first)
+            instead of one tensor; switchable later through ``decoder.deep_supervision``.
+        strides: nnU-Net per-resolution strides, ``len(dims) + 2`` entries, first ``[1, 1, 1]``.
+        dims, depths, mlp_ratios: per-stage LKA width, block count and MLP ratio (Table 9).
+        decoder_channels: decoder width per resolution (full res first), ``len(dims) + 2``.
+        stem_channels: full-resolution stem widths (input -> 32 -> 64 in the paper).
+        norm: 'batch' (paper) or 'instance' (nnU-Net's choice at batch size 2).
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        layer_scale_init: initial layer scale of every LKA branch.
+
+    Each input spatial size must be a multiple of ``required_patch_multiple(strides)``.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        deep_supervision: bool = False,
+        *,
+        strides: Sequence[Sequence[int]],
+        dims: Sequence[int],
+        depths: Sequence[int],
+        mlp_ratios: Sequence[float],
+        decoder_channels: Sequence[int] | None = None,
+        stem_channels: Sequence[int] = (32, 64),
+        norm: str = "batch",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-2,
+    ) -> None:
+        super().__init__(
+            input_channels,
+            strides=strides,
+            dims=dims,
+            depths=depths,
+            mlp_ratios=mlp_ratios,
+            decoder_channels=decoder_channels,
+            stem_channels=stem_channels,
+            norm=norm,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+            num_classes=num_classes,
+            deep_supervision=deep_supervision,
+        )
+        self.num_classes = num_classes
+        self.patch_multiple = required_patch_multiple(self.strides)
+        self.apply(init_weights)
+
+    initialize = staticmethod(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_input_tensor(x, self.input_channels, self.patch_multiple)
+        stem, features = self.encoder(x)
+        return self.decoder(stem, features)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Voxels x channels of all conv/norm/upsampling outputs for one sample (nnU-Net planner)."""
+        return conv_feature_map_size(self, self.input_channels, input_size)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        input_channels: int,
+        num_classes: int,
+        patch_size: Sequence[int],
+        deep_supervision: bool = False,
+        **overrides: Any,
+    ) -> "ULKANet":
+        """Build preset ``name`` ('tiny', 'S', 'L'), checking that ``patch_size`` fits its strides."""
+        strides = overrides.pop("strides", None)
+        kwargs = arch_kwargs_for_preset(name, strides, model="ULKANet", **overrides)
+        check_patch_size(patch_size, kwargs["strides"])
+        return cls(input_channels, num_classes, deep_supervision, **kwargs)
