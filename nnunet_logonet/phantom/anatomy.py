@@ -158,8 +158,9 @@ def _ellipsoid(Z, Y, X, center, semi, rot=None) -> np.ndarray:
     return sum((di / si) ** 2 for di, si in zip(d, semi))
 
 
-def _ellipsoid_box(center, semi, margin: float = 0.0):
-    r = max(semi) + margin
+def _ellipsoid_box(center, semi, grow: float = 1.4):
+    """Bounding box of the ellipsoid grown by ``grow`` (room for surface perturbations)."""
+    r = max(semi) * grow
     return [c - r for c in center], [c + r for c in center]
 
 
@@ -351,7 +352,8 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
 
     diaphragm = _diaphragm(body, z_dome_r, z_dome_l, rng.uniform(70, 100))
     z_dia = diaphragm(Y, X)
-    thorax = cavity & (Z > z_dia)
+    thorax = cavity & (Z > z_dia + 5)  # the diaphragm muscle is ~5 mm thick
+    grid.paint(sl, cavity & (Z > z_dia - 1), muscle_hu)
     abdomen = cavity & (Z < z_dia - 4) & (rho_cav < 0.97)
 
     # ---- thorax: lung bases and heart ---------------------------------------------------------
@@ -458,7 +460,7 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
         if (name == "right_kidney" and no_kidney == "right") or \
                 (name == "left_kidney" and no_kidney == "left"):
             continue
-        b = grid.box(*_ellipsoid_box(c, s, 8))
+        b = grid.box(*_ellipsoid_box(c, s, 1.5))
         if b is None:
             continue
         bsl, bZ, bY, bX = b
@@ -532,12 +534,14 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
         radial = np.array([np.cos(phi), np.sin(phi), 0.0])
         s = np.array([rng.uniform(28, 36), rng.uniform(50, 65), rng.uniform(45, 60)]) * spleen_scale
         wall = np.array([cav_a * np.cos(phi), (body.b_post - body.back_to_spine + 40) * np.sin(phi), 0])
-        c = wall - radial * s[0] * 0.7 + np.array([0, 0, z_dome_l - rng.uniform(45, 65)])
+        c = wall - radial * s[0] * 0.7
+        # the upper pole sits just under the (here already sloping) left hemidiaphragm
+        c[2] = float(diaphragm(np.float32(c[1]), np.float32(c[0]))) - s[2] * rng.uniform(0.75, 0.95)
         rot = _rotation(yaw=phi, pitch=rng.uniform(-0.3, 0.3))
         offset = rng.uniform(1.2, 1.5)  # the concave visceral surface: carve from the medial side
         inner_c = c - radial * s[0] * offset
         inner_s = s * np.array([offset + rng.uniform(0.15, 0.4), 0.7, 0.8])
-        b = grid.box(*_ellipsoid_box(c, s, 10))
+        b = grid.box(*_ellipsoid_box(c, s, 1.6))
         if b is not None:
             bsl, bZ, bY, bX = b
             q = _ellipsoid(bZ, bY, bX, c, s, rot) + 0.25 * fields["lobes"](bZ, bY, bX)
@@ -605,11 +609,12 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
     rib_band = (rho_cav >= 1) & (body.rho(Z, Y, X, "cavity", grow=9.0) < 1)
     yn = np.clip(Y / body.b_post, -1, 1)
     drop = rng.uniform(60, 90)
-    rib_z = Z + drop * (1 - yn) / 2
+    # ribs run down and forward from the spine: highest at the back, near the midline
+    rib_z = Z + drop * (1 - yn) / 2 + rng.uniform(25, 40) * np.abs(X) / cav_a
     rib_low = rng.uniform(-25, 5)
     rib_period = rng.uniform(26, 32)
     ribs = rib_band & (rib_z > rib_low) & (((rib_z - rib_low) % rib_period) < 11) \
-        & ~((np.abs(X) < 50) & (Y < 0) & (Z < z_dome_r - 30))
+        & ~((np.abs(X) < 50) & (Y < 0) & (Z < z_dome_r - 30)) & (np.abs(X) > r_vb + 8)
     grid.paint(sl, ribs, rng.uniform(350, 550))
 
     # ---- acquisition: partial-volume blur, correlated noise ---------------------------------
