@@ -112,11 +112,11 @@ def test_larger_memory_target_never_gives_smaller_patch(nnunet_dirs):
 
 
 def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
-    from nnunet_logonet.planning.planners import LoGoNetLPlanner, PlanningError
+    from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
 
     _fake_dataset(nnunet_dirs, 803, (1.0, 1.0, 1.0), (200, 200, 200))
     with pytest.raises(PlanningError, match=r"-gpu_memory_target .* too small"):
-        _plan(LoGoNetLPlanner, 803, 0.05)
+        _plan(LoGoNetPlanner, 803, 0.05)
 
 
 def test_tiny_planner_caps_patch_for_cpu(nnunet_dirs):

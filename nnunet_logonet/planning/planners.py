@@ -13,7 +13,9 @@ data is shared with the default plans, as nnU-Net's ResEnc planners do.
 
 from __future__ import annotations
 
+import json
 from copy import deepcopy
+from functools import lru_cache
 from typing import List, Tuple, Union
 
 import numpy as np
@@ -36,16 +38,34 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
-def estimate_training_memory_gb(network_class: type, arch_kwargs: dict, patch_size, input_channels: int,
-                                num_classes: int, batch_size: int, bytes_per_feature_element: float) -> float:
-    """Training memory estimate: activations (feature-map elements x calibrated bytes) for the batch
-    plus fp32 weights, gradients and two AdamW moments. The network is built on the meta device,
-    so even the L preset costs no memory here."""
+@lru_cache(maxsize=256)
+def _network_costs(class_name: str, arch_kwargs_json: str, input_channels: int, num_classes: int
+                   ) -> tuple[float, int]:
+    """(feature-map elements per input voxel, parameter count) for one architecture.
+
+    For a fixed stride list and local grid every feature map has ``channels x voxels / stride``
+    elements, so ``compute_conv_feature_map_size`` is exactly linear in the patch volume over
+    valid patches: one count at the smallest valid patch serves every patch size. The network is
+    built on the meta device, so even the L preset costs no memory.
+    """
+    network_class = PLANNED_NETWORKS[class_name]
+    arch_kwargs = json.loads(arch_kwargs_json)
     with torch.device("meta"):
         net = network_class(input_channels=input_channels, num_classes=num_classes, deep_supervision=True,
                             **arch_kwargs)
-    feature_elements = net.compute_conv_feature_map_size(tuple(int(p) for p in patch_size))
-    n_params = sum(p.numel() for p in net.parameters())
+    local = (arch_kwargs.get("local_grid", (1, 1, 1)), arch_kwargs.get("local_stages", 2))
+    smallest = required_patch_multiple(arch_kwargs["strides"], *local)
+    per_voxel = net.compute_conv_feature_map_size(tuple(smallest)) / float(np.prod(smallest))
+    return per_voxel, sum(p.numel() for p in net.parameters())
+
+
+def estimate_training_memory_gb(network_class: type, arch_kwargs: dict, patch_size, input_channels: int,
+                                num_classes: int, batch_size: int, bytes_per_feature_element: float) -> float:
+    """Training memory estimate: activations (feature-map elements x calibrated bytes) for the batch
+    plus fp32 weights, gradients and two AdamW moments."""
+    per_voxel, n_params = _network_costs(class_path(network_class), json.dumps(arch_kwargs, sort_keys=True),
+                                         input_channels, num_classes)
+    feature_elements = per_voxel * float(np.prod(patch_size))
     return (feature_elements * batch_size * bytes_per_feature_element + n_params * 16) / 1024 ** 3
 
 
@@ -217,4 +237,5 @@ class ULKANetPlanner(LoGoNetPlanner):
     default_plans_name = "ULKANetPlans"
 
 
+PLANNED_NETWORKS = {class_path(c): c for c in (LoGoNet, ULKANet)}
 PLANNERS = {cls.__name__: cls for cls in (LoGoNetPlanner, LoGoNetLPlanner, LoGoNetTinyPlanner, ULKANetPlanner)}

@@ -32,8 +32,8 @@ def plan_strides(spacing: Sequence[float], patch_size: Sequence[int], min_edge: 
     if len(spacing) != 3 or len(patch_size) != 3:
         raise ValueError(f"LoGoNet is 3D: expected 3 spacings and 3 patch sizes, got {list(spacing)} "
                          f"and {list(patch_size)}")
-    current_spacing = np.asarray(spacing, dtype=float)
-    current_size = np.asarray(patch_size, dtype=float)
+    current_spacing = np.array(spacing, dtype=float)  # a copy: the caller's spacing stays intact
+    current_size = np.array(patch_size, dtype=float)
     strides = [[1, 1, 1]]
     for _ in range(num_steps):
         poolable = [a for a in range(3) if current_size[a] / 2 >= min_edge]
