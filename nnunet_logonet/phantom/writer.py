@@ -136,8 +136,10 @@ def _msd_json(name: str, train: list[str], test: list[str], num_unlabeled: int, 
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
                      for c in train],
         "test": [f"./imagesTs/{c}.nii.gz" for c in test],
-        "numUnlabeled": num_unlabeled,
-        "phantom": {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION},
+        # not top-level: the converter copies unknown keys but not imagesUnlabeled/ itself
+        "phantom": {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION,
+                    "numUnlabeled": num_unlabeled, "unlabeled_folder": "./imagesUnlabeled",
+                    "test_labels_folder": "./labelsTs"},
     }
 
 

@@ -1,0 +1,318 @@
+"""The built-in phantom: realism properties a user trains on, file layout nnU-Net reads, the
+``logonet_phantom`` command's bad-input handling, and acceptance by nnU-Net's own commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_logonet.phantom import (
+    LABELS,
+    MIN_SIZE,
+    case_seed,
+    generate_case,
+    write_dataset,
+)
+from nnunet_logonet.phantom import writer as phantom_writer
+from nnunet_logonet.phantom.cli import main
+
+FOREGROUND = [name for name in LABELS if name != "background"]
+# plausible median HU inside each organ of a contrast-enhanced abdominal CT (after partial volume)
+CT_RANGES = {"spleen": (20, 160), "right_kidney": (60, 260), "left_kidney": (60, 260),
+             "gallbladder": (-20, 60), "liver": (40, 160), "aorta": (90, 320)}
+
+
+def _command(name: str) -> str:
+    """A console script installed next to this interpreter (the venv), else on PATH."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _nnunet_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[name] = str(tmp / name)
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+    # 0 would make nnU-Net's planner call torch.set_num_threads(0) and crash
+    env.update(nnUNet_n_proc_DA="1", nnUNet_compile="f", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Twenty training cases at the default size, generated in memory."""
+    return [generate_case(case_seed(0, "train", i), size=64) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    return write_dataset(root, 900, num_train=6, num_test=2, num_unlabeled=2, seed=0, size=48)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset layout and dataset.json
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nnunet_layout_and_dataset_json(dataset):
+    assert dataset.name == "Dataset900_Phantom"
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["labels"] == LABELS
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["file_ending"] == ".nii.gz"
+    counts = {sub: len(list((dataset / sub).glob("*.nii.gz")))
+              for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled")}
+    assert counts == {"imagesTr": meta["numTraining"], "labelsTr": meta["numTraining"],
+                      "imagesTs": meta["numTest"], "labelsTs": meta["numTest"],
+                      "imagesUnlabeled": meta["numUnlabeled"]}
+    assert (meta["numTraining"], meta["numTest"], meta["numUnlabeled"]) == (6, 2, 2)
+    for label_file in (dataset / "labelsTr").glob("*.nii.gz"):
+        assert (dataset / "imagesTr" / label_file.name.replace(".nii.gz", "_0000.nii.gz")).is_file()
+        values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))))
+        assert set(values.tolist()) <= set(meta["labels"].values())
+    assert not [p for p in dataset.parent.iterdir() if p.name.startswith(".")], "temp folder left"
+
+
+def test_image_and_label_share_geometry_and_types(dataset):
+    for split, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        for label_file in (dataset / labels).glob("*.nii.gz"):
+            image = sitk.ReadImage(str(dataset / split / label_file.name.replace(".nii.gz", "_0000.nii.gz")))
+            label = sitk.ReadImage(str(label_file))
+            assert image.GetSize() == label.GetSize()
+            assert image.GetSpacing() == label.GetSpacing()
+            assert image.GetOrigin() == label.GetOrigin()
+            assert image.GetDirection() == label.GetDirection()
+            assert image.GetPixelID() == sitk.sitkInt16
+            assert label.GetPixelID() == sitk.sitkUInt8
+            assert image.GetSize()[:2] == (48, 48)
+
+
+def test_spacing_anisotropic_and_varying(dataset):
+    spacings = np.array([sitk.ReadImage(str(p)).GetSpacing()
+                         for p in sorted((dataset / "imagesTr").glob("*.nii.gz"))])
+    assert np.all(spacings[:, 2] > 1.2 * spacings[:, :2].max(axis=1)), spacings
+    assert np.allclose(spacings[:, 0], spacings[:, 1])
+    assert len(np.unique(spacings[:, 0])) > 1 and len(np.unique(spacings[:, 2])) > 1, spacings
+    shapes = {sitk.ReadImage(str(p)).GetSize()[2] for p in (dataset / "imagesTr").glob("*.nii.gz")}
+    assert len(shapes) > 1, "the number of slices should vary with scan length and slice spacing"
+
+
+# ---------------------------------------------------------------------------------------------
+# realism: labels, intensities, variability
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_label_present_in_most_cases_and_some_organ_missing_sometimes(cases):
+    present = {name: sum(bool(np.any(c.label == LABELS[name])) for c in cases) for name in FOREGROUND}
+    assert all(count >= 0.8 * len(cases) for count in present.values()), present
+    complete = sum(all(np.any(c.label == LABELS[n]) for n in FOREGROUND) for c in cases)
+    assert 0.5 * len(cases) <= complete < len(cases), f"{complete} of {len(cases)} cases complete"
+
+
+def test_median_intensity_per_organ_in_ct_range(cases):
+    for name, (low, high) in CT_RANGES.items():
+        medians = [float(np.median(c.image[c.label == LABELS[name]])) for c in cases
+                   if np.any(c.label == LABELS[name])]
+        assert medians and low <= min(medians) and max(medians) <= high, (name, medians)
+
+
+def test_body_tissues_in_ct_ranges(cases):
+    for case in cases:
+        image = case.image
+        assert np.median(image[:, :2, :]) < -900  # air above the patient
+        assert image.max() > 300  # bone (spine, ribs)
+        body = image > -500
+        fat = (image > -150) & (image < -50)
+        assert 0.1 < fat.sum() / body.sum() < 0.7  # subcutaneous + visceral fat
+        assert image.dtype == np.int16 and case.label.dtype == np.uint8
+    assert any((c.image < -700).sum() > 0.02 * c.image.size for c in cases)  # lung bases / gas
+
+
+def test_organ_sizes_and_positions_vary(cases):
+    volumes = np.array([[np.sum(c.label == LABELS[n]) * np.prod(c.spacing) for n in ("liver", "spleen")]
+                        for c in cases])
+    assert np.all(volumes.std(axis=0) / volumes.mean(axis=0) > 0.1), volumes
+    # liver on the patient's right (low x in LPS), spleen on the left
+    for c in cases:
+        for name, side in (("liver", -1), ("spleen", 1)):
+            x = np.nonzero(c.label == LABELS[name])[2]
+            if len(x):
+                assert side * (x.mean() - c.label.shape[2] / 2) > 0, name
+
+
+def test_generate_case_rejects_bad_size():
+    with pytest.raises(ValueError, match="size"):
+        generate_case(0, size=MIN_SIZE - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path, dataset):
+    kwargs = dict(num_train=2, num_test=1, num_unlabeled=1, size=48)
+    first = _hashes(write_dataset(tmp_path / "a", 900, seed=0, **kwargs))
+    second = _hashes(write_dataset(tmp_path / "b", 900, seed=0, **kwargs))
+    other = _hashes(write_dataset(tmp_path / "c", 900, seed=1, **kwargs))
+    assert first == second
+    images = [k for k in first if k.endswith(".nii.gz")]
+    assert all(first[k] != other[k] for k in images)
+    # adding cases never changes existing ones: the module dataset has 6 training cases
+    bigger = _hashes(dataset)
+    assert all(bigger[k] == first[k] for k in images)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: bad input, overwrite protection, atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--num-train", "0"], "--num-train"),
+    (["--num-test", "-1"], "--num-test"),
+    (["--num-unlabeled", "-3"], "--num-unlabeled"),
+    (["--size", "4"], "--size"),
+    (["--seed", "-1"], "--seed"),
+    (["--name", "My_Data"], "--name"),
+    (["--format", "msd", "-d", "120"], "--dataset-id"),
+    (["--format", "dicom"], "--format"),
+    (["--bogus"], "--bogus"),
+])
+def test_cli_rejects_bad_values_naming_the_flag(tmp_path, capsys, argv, flag):
+    if "-d" not in argv:
+        argv = ["-d", "900", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "-o", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error" in error and flag in error, error
+    assert not list(tmp_path.iterdir()), "nothing may be written on bad input"
+
+
+def test_cli_size_error_states_minimum(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["-d", "900", "--size", "4", "-o", str(tmp_path)])
+    assert str(MIN_SIZE) in capsys.readouterr().err
+
+
+def test_cli_rejects_id_used_by_another_dataset(tmp_path, capsys):
+    (tmp_path / "Dataset901_Other").mkdir()
+    with pytest.raises(SystemExit):
+        main(["-d", "901", "-o", str(tmp_path), "-q"])
+    error = capsys.readouterr().err
+    assert "--dataset-id" in error and "Dataset901_Other" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset901_Other"]
+
+
+def test_cli_needs_output_folder(monkeypatch, capsys):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(SystemExit):
+        main(["-d", "900"])
+    assert "nnUNet_raw" in capsys.readouterr().err
+
+
+def test_cli_never_overwrites_without_flag(tmp_path, capsys):
+    args = ["-d", "902", "--num-train", "1", "--num-test", "0", "--num-unlabeled", "0",
+            "--size", "32", "-o", str(tmp_path), "-q"]
+    main(args)
+    folder = tmp_path / "Dataset902_Phantom"
+    before = _hashes(folder)
+    with pytest.raises(SystemExit):
+        main([*args, "--seed", "5"])
+    assert "--overwrite" in capsys.readouterr().err
+    assert _hashes(folder) == before
+    main([*args, "--seed", "5", "--overwrite"])
+    assert _hashes(folder) != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset902_Phantom"]
+
+
+def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return generate_case(*args, **kwargs)
+
+    monkeypatch.setattr(phantom_writer, "generate_case", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(tmp_path, 903, num_train=4, num_test=0, num_unlabeled=0, size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_reports_one_line_error(tmp_path):
+    result = subprocess.run([_command("logonet_phantom"), "-d", "900", "--size", "4", "-o", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--size" in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# nnU-Net's own commands
+# ---------------------------------------------------------------------------------------------
+
+
+def test_msd_task_accepted_by_nnunet_converter(tmp_path):
+    task = write_dataset(tmp_path / "tasks", 9, fmt="msd", num_train=3, num_test=2,
+                         num_unlabeled=1, size=32)
+    assert task.name == "Task09_Phantom"
+    meta = json.loads((task / "dataset.json").read_text())
+    assert meta["modality"] == {"0": "CT"}
+    assert meta["labels"] == {str(v): k for k, v in LABELS.items()}
+    assert [t["image"] for t in meta["training"]] == [f"./imagesTr/Phantom_00{i}.nii.gz" for i in range(3)]
+    assert all((task / entry).is_file() for entry in meta["test"])
+    assert len(list((task / "labelsTs").glob("*.nii.gz"))) == 2
+
+    env = _nnunet_env(tmp_path)
+    result = subprocess.run([_command("nnUNetv2_convert_MSD_dataset"), "-i", str(task), "-np", "1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    converted = tmp_path / "nnUNet_raw" / "Dataset009_Phantom"
+    assert sorted(p.name for p in (converted / "imagesTr").iterdir()) == \
+        [f"Phantom_00{i}_0000.nii.gz" for i in range(3)]
+    assert len(list((converted / "labelsTr").iterdir())) == 3
+    assert len(list((converted / "imagesTs").iterdir())) == 2
+    converted_meta = json.loads((converted / "dataset.json").read_text())
+    assert converted_meta["labels"] == LABELS
+    assert converted_meta["channel_names"] == {"0": "CT"}
+    assert converted_meta["numTraining"] == 3
+
+
+@pytest.mark.slow
+def test_nnunet_plans_and_preprocesses_the_phantom(tmp_path):
+    env = _nnunet_env(tmp_path)
+    write_dataset(Path(env["nnUNet_raw"]), 900, num_train=4, num_test=0, num_unlabeled=0)
+    result = subprocess.run(
+        [_command("nnUNetv2_plan_and_preprocess"), "-d", "900", "-c", "3d_fullres",
+         "--verify_dataset_integrity", "-np", "1"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    preprocessed = Path(env["nnUNet_preprocessed"]) / "Dataset900_Phantom"
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    fullres = plans["configurations"]["3d_fullres"]
+    patch, median = np.array(fullres["patch_size"]), np.array(fullres["median_image_size_in_voxels"])
+    assert np.all(patch >= 16) and np.all(patch <= 64), patch
+    assert np.all(patch <= np.ceil(median / 16) * 16), (patch, median)
+    assert fullres["spacing"][0] > fullres["spacing"][1], fullres["spacing"]  # z thicker
+    assert len(list((preprocessed / "nnUNetPlans_3d_fullres").glob("*"))) >= 4
