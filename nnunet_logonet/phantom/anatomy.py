@@ -13,7 +13,7 @@ Geometry. Anatomy is laid out in an adult-sized frame in millimetres (x to the p
 y posterior, z superior, origin at the first lumbar vertebra), i.e. LPS as in ITK with an
 identity direction. The volume holds ``size`` x ``size`` voxels in-plane over a field of view
 that just contains the body, and a case-dependent number of slices. Spacings are those of a
-512-matrix CT (in-plane ~0.6-0.9 mm, slices 1.5-3 mm) and the anatomy is drawn at scale
+512-matrix CT (in-plane ~0.65-0.9 mm, slices 1.25-3 mm) and the anatomy is drawn at scale
 ``size / 512``: at ``size=512`` it is a life-size adult, at the default 64 it is a 1:8 scale
 model with the same voxel grid shape and anisotropy as a CT downsampled to 64 x 64.
 
@@ -42,7 +42,7 @@ LABELS: dict[str, int] = {
     "liver": 5,
     "aorta": 6,
 }
-MIN_SIZE = 32  # below this the aorta and gallbladder are under a voxel wide
+MIN_SIZE = 32  # aorta and gallbladder are then about two voxels wide; below, they vanish
 MAX_SIZE = 512  # a life-size CT matrix; memory grows with size**3
 REFERENCE_MATRIX = 512  # spacings are those of a CT with this in-plane matrix
 
@@ -318,10 +318,11 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
     z = z_bot + np.arange(nz) * dz
     grid = _Grid(x, y, z)
 
-    missing = rng.random()  # ~12 %: one organ removed (splenectomy, nephrectomy, cholecystectomy)
+    # ~15 % of patients lack one organ: splenectomy 4 %, nephrectomy 2 + 2 %, cholecystectomy 7 %
+    missing = rng.random()
     no_spleen = missing < 0.04
-    no_kidney = "right" if 0.04 <= missing < 0.07 else "left" if 0.07 <= missing < 0.10 else None
-    no_gallbladder = 0.10 <= missing < 0.22
+    no_kidney = "right" if 0.04 <= missing < 0.06 else "left" if 0.06 <= missing < 0.08 else None
+    no_gallbladder = 0.08 <= missing < 0.15
 
     # texture and shape fields on lattices fixed in mm over the field of view
     fov_lo = (-fov / 2, y_center - fov / 2, z_bot)

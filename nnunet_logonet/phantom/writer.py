@@ -165,6 +165,8 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
     check_arguments(dataset_id=dataset_id, name=name, num_train=num_train, num_test=num_test,
                     num_unlabeled=num_unlabeled, seed=seed, size=size, fmt=fmt)
     root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"output root {root} is a file, not a folder")
     folder_name = dataset_folder_name(dataset_id, name, fmt)
     final = root / folder_name
     taken = _conflicting_folders(root, dataset_id, folder_name, fmt)
