@@ -53,8 +53,10 @@ def test_labels_equal_sklearn_nearest_centroid_per_clusterer(fitted):
     for i, (start, stop) in enumerate(zip(bank.offsets[:-1], bank.offsets[1:])):
         expected = pairwise_distances_argmin(data, bank.centroids[start:stop].numpy())
         np.testing.assert_array_equal(labels[:, i].numpy(), expected)
-    # numpy input and small chunks give the same labels
+    # numpy input, small chunks and a bf16 autocast region (as in training) give the same labels
     assert torch.equal(bank.predict(data, chunk_size=7), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(bank.predict(torch.from_numpy(data)), labels)
 
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])

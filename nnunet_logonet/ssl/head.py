@@ -24,7 +24,7 @@ __all__ = ["SlicePseudoLabelHead"]
 
 
 class SlicePseudoLabelHead(nn.Module):
-    """``(B, C, D, H, W)`` features -> ``(B, n_slices, sum(ks))`` logits, clusterer i in columns offsets[i]:offsets[i+1].
+    """``(B, C, D, H, W)`` features -> ``(B, n_slices, sum(ks))`` logits (clusterer i: offsets[i]:offsets[i+1]).
 
     Args:
         in_channels: C, channels of the feature map.

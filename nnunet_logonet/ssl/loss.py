@@ -38,7 +38,8 @@ def _masked_segments(
     if logits.ndim != 3 or logits.shape[-1] != sum(ks):
         raise ValueError(f"logits must be (B, n_slices, sum(ks)={sum(ks)}), got shape {tuple(logits.shape)}.")
     if targets.shape != (*logits.shape[:2], len(ks)):
-        raise ValueError(f"targets must be (B, n_slices, N) = {(*logits.shape[:2], len(ks))}, got {tuple(targets.shape)}.")
+        raise ValueError(f"targets must be (B, n_slices, N) = {(*logits.shape[:2], len(ks))}, "
+                         f"got {tuple(targets.shape)}.")
     if slice_mask.dtype != torch.bool or slice_mask.shape != logits.shape[:2]:
         raise ValueError(f"slice_mask must be bool of shape {tuple(logits.shape[:2])}, "
                          f"got {slice_mask.dtype} {tuple(slice_mask.shape)}.")

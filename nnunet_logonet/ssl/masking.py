@@ -77,7 +77,9 @@ class SliceSequenceMasker:
         if isinstance(chain_length, bool) or not isinstance(chain_length, int) or chain_length < 1:
             raise ValueError(f"chain_length (M) must be an int >= 1, got {chain_length!r}.")
         if isinstance(patch_sizes, (str, int)) or len(patch_sizes) == 0:
-            raise ValueError(f"patch_sizes must be a non-empty sequence of positive ints or 'full', got {patch_sizes!r}.")
+            raise ValueError(
+                f"patch_sizes must be a non-empty sequence of positive ints or 'full', got {patch_sizes!r}."
+            )
         for p in patch_sizes:
             valid_int = isinstance(p, int) and not isinstance(p, bool) and p >= 1
             if not (valid_int or p == "full"):

@@ -115,7 +115,8 @@ def find_cases(folders: Sequence[str | os.PathLike]) -> dict[str, list[Path]]:
     for case, channels in cases.items():
         counts[len(channels)].append(case)
     if len(counts) > 1:
-        examples = "; ".join(f"{n} channel(s): {names[0]!r} ({len(names)} cases)" for n, names in sorted(counts.items()))
+        examples = "; ".join(f"{n} channel(s): {names[0]!r} ({len(names)} cases)"
+                             for n, names in sorted(counts.items()))
         raise UnlabeledDataError(
             f"Mixed channel counts across cases ({examples}). Every case needs the same channels, one file each "
             "(CASE_0000.nii.gz, CASE_0001.nii.gz, ...)."
@@ -184,7 +185,9 @@ def body_mask(image: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
 def _check_target(raw_root: Path, dataset_id: int, folder_name: str, overwrite: bool) -> None:
     prefix = f"Dataset{dataset_id:03d}_"
     roots = {"nnUNet_raw": raw_root}
-    roots.update({var: Path(os.environ[var]) for var in ("nnUNet_preprocessed", "nnUNet_results") if os.environ.get(var)})
+    for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        if os.environ.get(var):
+            roots[var] = Path(os.environ[var])
     for var, root in roots.items():
         if not root.is_dir():
             continue
