@@ -8,7 +8,10 @@ from nnunet_logonet.training.trainer import (  # noqa: F401
     LoGoNetTrainer_10epochs,
     LoGoNetTrainer_50epochs,
     LoGoNetTrainer_100epochs,
+    LoGoNetTrainer_demo,
+    LoGoNetTrainer_demoQuick,
     ULKANetTrainer,
     ULKANetTrainer_10epochs,
     ULKANetTrainer_100epochs,
 )
+from nnunet_logonet.training.baseline import nnUNetTrainer_demo, nnUNetTrainer_demoQuick  # noqa: F401,E402

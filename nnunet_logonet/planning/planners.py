@@ -130,9 +130,8 @@ class LoGoNetPlanner(ExperimentPlanner):
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
         if len(spacing) == 2:
-            # nnU-Net computes the 2D plan unconditionally; we let it and drop it in save_plans.
-            return super().get_plans_for_configuration(spacing, median_shape, data_identifier,
-                                                       approximate_n_voxels_dataset, _cache)
+            # nnU-Net asks for a 2D plan unconditionally; LoGoNet has none (dropped in save_plans).
+            return {"logonet": "no 2d configuration: LoGoNet is a 3D network"}
         spacing = np.asarray(spacing, dtype=float)
         median_shape = np.asarray(median_shape, dtype=float)[:3]
         num_input_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))

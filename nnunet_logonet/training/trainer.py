@@ -111,8 +111,8 @@ class ULKANetTrainer(LoGoNetTrainer):
     network_class = ULKANet
 
 
-def _with_budget(base: type, name: str, epochs: int, iterations: int | None = None,
-                 val_iterations: int | None = None) -> type:
+def with_budget(base: type, name: str, epochs: int, iterations: int | None = None,
+                val_iterations: int | None = None, module: str | None = None) -> type:
     """A subclass of ``base`` that differs only in its training length (nnU-Net's _Xepochs pattern)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
@@ -124,13 +124,21 @@ def _with_budget(base: type, name: str, epochs: int, iterations: int | None = No
             self.num_val_iterations_per_epoch = val_iterations
 
     doc = f"{base.__name__} for {epochs} epochs" + (f" of {iterations} iterations" if iterations else "")
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module or __name__})
 
 
-LoGoNetTrainer_1epoch = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_1epoch", 1)
-LoGoNetTrainer_5epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_5epochs", 5)
-LoGoNetTrainer_10epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_10epochs", 10)
-LoGoNetTrainer_50epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_50epochs", 50)
-LoGoNetTrainer_100epochs = _with_budget(LoGoNetTrainer, "LoGoNetTrainer_100epochs", 100)
-ULKANetTrainer_10epochs = _with_budget(ULKANetTrainer, "ULKANetTrainer_10epochs", 10)
-ULKANetTrainer_100epochs = _with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs", 100)
+LoGoNetTrainer_1epoch = with_budget(LoGoNetTrainer, "LoGoNetTrainer_1epoch", 1)
+LoGoNetTrainer_5epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_5epochs", 5)
+LoGoNetTrainer_10epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_10epochs", 10)
+LoGoNetTrainer_50epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_50epochs", 50)
+LoGoNetTrainer_100epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_100epochs", 100)
+ULKANetTrainer_10epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_10epochs", 10)
+ULKANetTrainer_100epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs", 100)
+
+#: CPU budgets of the demo (logonet_demo) and of the end-to-end tests: equal for every model.
+DEMO_BUDGET = {"epochs": 8, "iterations": 25, "val_iterations": 5}
+DEMO_QUICK_BUDGET = {"epochs": 3, "iterations": 10, "val_iterations": 3}
+LoGoNetTrainer_demo = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demo", DEMO_BUDGET["epochs"],
+                                  DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"])
+LoGoNetTrainer_demoQuick = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demoQuick", DEMO_QUICK_BUDGET["epochs"],
+                                       DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"])

@@ -1,0 +1,11 @@
+"""nnU-Net's own trainer with the demo's CPU budgets, so the baseline and LoGoNet train for the same
+number of epochs and iterations (nnU-Net ships only 250-iteration epochs)."""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, with_budget
+
+nnUNetTrainer_demo = with_budget(nnUNetTrainer, "nnUNetTrainer_demo", DEMO_BUDGET["epochs"],
+                                 DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], __name__)
+nnUNetTrainer_demoQuick = with_budget(nnUNetTrainer, "nnUNetTrainer_demoQuick", DEMO_QUICK_BUDGET["epochs"],
+                                      DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"], __name__)
