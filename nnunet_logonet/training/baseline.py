@@ -6,6 +6,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, with_budget
 
 nnUNetTrainer_demo = with_budget(nnUNetTrainer, "nnUNetTrainer_demo", DEMO_BUDGET["epochs"],
-                                 DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], __name__)
+                                 DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], __name__,
+                                 save_every=1)
 nnUNetTrainer_demoQuick = with_budget(nnUNetTrainer, "nnUNetTrainer_demoQuick", DEMO_QUICK_BUDGET["epochs"],
-                                      DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"], __name__)
+                                      DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"], __name__,
+                                      save_every=1)

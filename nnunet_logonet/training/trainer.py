@@ -112,7 +112,8 @@ class ULKANetTrainer(LoGoNetTrainer):
 
 
 def with_budget(base: type, name: str, epochs: int, iterations: int | None = None,
-                val_iterations: int | None = None, module: str | None = None) -> type:
+                val_iterations: int | None = None, module: str | None = None,
+                save_every: int | None = None) -> type:
     """A subclass of ``base`` that differs only in its training length (nnU-Net's _Xepochs pattern)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
@@ -122,6 +123,8 @@ def with_budget(base: type, name: str, epochs: int, iterations: int | None = Non
             self.num_iterations_per_epoch = iterations
         if val_iterations is not None:
             self.num_val_iterations_per_epoch = val_iterations
+        if save_every is not None:
+            self.save_every = save_every  # short CPU runs: a checkpoint every epoch, so --c loses little
 
     doc = f"{base.__name__} for {epochs} epochs" + (f" of {iterations} iterations" if iterations else "")
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module or __name__})
@@ -139,6 +142,6 @@ ULKANetTrainer_100epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs
 DEMO_BUDGET = {"epochs": 8, "iterations": 25, "val_iterations": 5}
 DEMO_QUICK_BUDGET = {"epochs": 3, "iterations": 10, "val_iterations": 3}
 LoGoNetTrainer_demo = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demo", DEMO_BUDGET["epochs"],
-                                  DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"])
+                                  DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], save_every=1)
 LoGoNetTrainer_demoQuick = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demoQuick", DEMO_QUICK_BUDGET["epochs"],
-                                       DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"])
+                                       DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"], save_every=1)

@@ -1,0 +1,6 @@
+"""Test-only trainer variants, found by nnU-Net through nnUNet_extTrainer like the real ones.
+Their budget is the one the end-to-end test is calibrated for, independent of the demo's."""
+
+from nnunet_logonet.training.trainer import LoGoNetTrainer, with_budget
+
+LoGoNetTrainer_ciE2E = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciE2E", 4, 25, 4, __name__, save_every=1)
