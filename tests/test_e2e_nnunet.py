@@ -1,0 +1,192 @@
+"""End to end through nnU-Net's own commands, as a user types them.
+
+logonet_env -> logonet_phantom -> logonet_plan_and_preprocess -> nnUNetv2_train (killed after a
+checkpoint, continued with --c) -> nnUNetv2_predict -> nnUNetv2_evaluate_folder, then model export
+and re-import. One training serves every check, so the module costs a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TEST_TRAINERS = Path(__file__).parent / "ext_trainers"
+DATASET = "Dataset900_Phantom"
+TRAINER = "LoGoNetTrainer_ciE2E"  # 4 epochs x 25 iterations, a checkpoint every epoch
+PLANS = "LoGoNetTinyPlans"
+#: Dice of the liver (largest organ) that an untrained network does not reach: a random
+#: initialisation predicts ~0.0-0.1 on it (measured: 0.002 after 30 iterations).
+LIVER_DICE_FLOOR = 0.5
+
+
+def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def user_environment(base: Path) -> dict:
+    """What ``eval "$(logonet_env)"`` gives a user's shell, plus nnU-Net's CPU settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    out = run([str(BIN / "logonet_env"), "--base", str(base), "--mkdir"], env).stdout
+    for line in out.splitlines():
+        name, value = line.removeprefix("export ").split("=", 1)
+        env[name] = shlex.split(value)[0]
+    env["nnUNet_extTrainer"] = f"{env['nnUNet_extTrainer']}{os.pathsep}{TEST_TRAINERS}"
+    env["nnUNet_n_proc_DA"] = "1"
+    env["nnUNet_compile"] = "f"
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    env = user_environment(base)
+    raw = Path(env["nnUNet_raw"]) / DATASET
+    results = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
+
+    run(["logonet_phantom", "-d", "900", "--num-train", "8", "--num-test", "2", "--num-unlabeled", "0",
+         "--seed", "0"], env)
+    run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
+         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+
+    train = ["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
+    # start, wait for the first checkpoint, kill hard (as a crash or a lost job would)
+    proc = subprocess.Popen(train, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    latest = results / "checkpoint_latest.pth"
+    deadline = time.time() + 900
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert latest.is_file(), f"no checkpoint before the run ended: {proc.stderr.read()[-2000:] if proc.stderr else ''}"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+    logs_before = set(results.glob("training_log_*.txt"))
+    time.sleep(1.1)  # nnU-Net names logs by the second
+
+    run(train + ["--c"], env)
+    resumed_logs = sorted(set(results.glob("training_log_*.txt")) - logs_before)
+
+    pred = base / "pred"
+    run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "900", "-c", "3d_fullres",
+         "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    preprocessed = Path(env["nnUNet_preprocessed"]) / DATASET
+    run(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(preprocessed / "dataset.json"),
+         "-pfile", str(preprocessed / f"{PLANS}.json"), "-np", "1"], env)
+    return {"env": env, "base": base, "raw": raw, "results": results, "pred": pred, "preprocessed": preprocessed,
+            "killed_at_epoch": killed_at_epoch, "resumed_logs": resumed_logs}
+
+
+def test_plans_name_logonet_and_a_valid_patch(trained):
+    from nnunet_logonet.network import check_patch_size
+
+    plans = json.loads((trained["preprocessed"] / f"{PLANS}.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert config["architecture"]["network_class_name"] == "nnunet_logonet.network.logonet.LoGoNet"
+    kwargs = config["architecture"]["arch_kwargs"]
+    check_patch_size(config["patch_size"], kwargs["strides"], kwargs["local_grid"], kwargs["local_stages"])
+    assert "2d" not in plans["configurations"]
+
+
+def test_training_writes_nnunet_outputs(trained):
+    results = trained["results"]
+    assert (results / "checkpoint_final.pth").is_file()
+    assert (results / "checkpoint_best.pth").is_file()
+    assert (results / "progress.png").is_file()
+    assert not list(results.glob("*.tmp*")), "a temporary checkpoint was left behind"
+    summary = json.loads((results / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+
+
+def test_killed_training_continues_where_it_stopped(trained):
+    final = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4
+    assert 1 <= trained["killed_at_epoch"] < 4
+    assert trained["resumed_logs"], "the --c run wrote no training log"
+    log = trained["resumed_logs"][-1].read_text()
+    epochs = [int(line.rsplit("Epoch ", 1)[1]) for line in log.splitlines() if line.rstrip().split(" ")[-2:-1] == ["Epoch"]]
+    assert epochs and epochs[0] == trained["killed_at_epoch"], (epochs, trained["killed_at_epoch"])
+
+
+def test_predictions_have_the_input_geometry(trained):
+    images = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))
+    assert images
+    for image_file in images:
+        case = image_file.name.replace("_0000.nii.gz", ".nii.gz")
+        image, pred = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(trained["pred"] / case))
+        assert pred.GetSize() == image.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+        np.testing.assert_allclose(pred.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(pred.GetDirection(), image.GetDirection(), atol=1e-6)
+
+
+def test_short_training_segments_the_liver(trained):
+    labels = json.loads((trained["raw"] / "dataset.json").read_text())["labels"]
+    summary = json.loads((trained["pred"] / "summary.json").read_text())
+    liver = summary["mean"][str(labels["liver"])]["Dice"]
+    assert liver > LIVER_DICE_FLOOR, f"liver Dice {liver:.3f} after a short training"
+
+
+def test_export_then_install_gives_the_same_predictions(trained, tmp_path):
+    env = trained["env"]
+    archive = tmp_path / "model.zip"
+    run(["nnUNetv2_export_model_to_zip", "-d", "900", "-o", str(archive), "-c", "3d_fullres", "-tr", TRAINER,
+         "-p", PLANS, "-f", "0", "--not_strict"], env)
+    other = dict(env, nnUNet_results=str(tmp_path / "other_results"))
+    Path(other["nnUNet_results"]).mkdir()
+    run(["nnUNetv2_install_pretrained_model_from_zip", str(archive)], other)
+    pred = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(trained["raw"] / "imagesTs"), "-o", str(pred), "-d", "900", "-c",
+         "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1",
+         "-nps", "1"], other)
+    for original in sorted(trained["pred"].glob("*.nii.gz")):
+        again = pred / original.name
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(original))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(again))))
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def test_missing_ext_trainer_variable_names_it(trained):
+    env = {k: v for k, v in trained["env"].items() if k != "nnUNet_extTrainer"}
+    proc = run(["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", "LoGoNetTrainer", "-p", PLANS, "-device", "cpu"],
+               env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "nnUNet_extTrainer" in proc.stdout + proc.stderr
+
+
+def test_plans_of_another_network_stop_before_training(trained):
+    env = trained["env"]
+    run(["nnUNetv2_plan_experiment", "-d", "900"], env)  # nnU-Net's default plans (PlainConvUNet)
+    proc = run(["nnUNetv2_train", "900", "3d_fullres", "1", "-tr", "LoGoNetTrainer", "-p", "nnUNetPlans",
+                "-device", "cpu"], env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "logonet_plan_and_preprocess -d Dataset900_Phantom -pl LoGoNetPlanner" in proc.stderr
+    assert not (Path(env["nnUNet_results"]) / DATASET / "LoGoNetTrainer__nnUNetPlans__3d_fullres").exists()
+
+
+def test_unknown_plans_identifier_fails_before_training(trained):
+    env = trained["env"]
+    proc = run(["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", "LoGoNetTrainer", "-p", "NoSuchPlans",
+                "-device", "cpu"], env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "NoSuchPlans" in proc.stderr
+    assert not (Path(env["nnUNet_results"]) / DATASET / "LoGoNetTrainer__NoSuchPlans__3d_fullres").exists()

@@ -1,0 +1,70 @@
+"""Package wiring: logonet_env, the trainers folder nnU-Net searches, wheel contents."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nnunet_logonet.env import environment, trainers_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_go_under_base_and_set_values_are_kept(tmp_path):
+    env = environment(tmp_path / "data", environ={"nnUNet_results": "/somewhere/results"})
+    assert env["nnUNet_raw"] == str((tmp_path / "data" / "nnUNet_raw").resolve())
+    assert env["nnUNet_preprocessed"] == str((tmp_path / "data" / "nnUNet_preprocessed").resolve())
+    assert env["nnUNet_results"] == "/somewhere/results"
+
+
+def test_ext_trainer_points_at_thin_trainer_modules_and_keeps_other_folders():
+    env = environment(environ={"nnUNet_extTrainer": "/my/trainers"})
+    folders = env["nnUNet_extTrainer"].split(os.pathsep)
+    assert folders == [str(trainers_folder()), "/my/trainers"]
+    assert (trainers_folder() / "logonet_trainers.py").is_file()
+
+
+def test_nnunet_finds_our_trainer_through_ext_trainer(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_logonet.training.trainer import LoGoNetTrainer
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(trainers_folder()))
+    found = recursive_find_trainer_class_by_name("LoGoNetTrainer")
+    # the thin module re-exports the class of the installed package: pickling and checkpoints work
+    assert found is LoGoNetTrainer
+    assert found.__module__ == "nnunet_logonet.training.trainer"
+
+
+def test_logonet_env_output_evaluates_in_a_shell(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nnunet_logonet.env", "--base", str(tmp_path)],
+                         capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}).stdout
+    script = out + '\necho "$nnUNet_raw|$nnUNet_extTrainer"\n'
+    shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    raw, ext = shown.split("|")
+    assert raw == str(tmp_path.resolve() / "nnUNet_raw")
+    assert Path(ext) == trainers_folder()
+    assert all(line.startswith("export ") and shlex.split(line) for line in out.splitlines())
+
+
+def test_unknown_flag_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "nnunet_logonet.env", "--bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_wheel_ships_trainers_and_planners_inside_the_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("nnunet_logonet-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "nnunet_logonet/trainers/logonet_trainers.py" in names
+    assert "nnunet_logonet/planners/logonet_planners.py" in names
+    assert "nnunet_logonet/network/logonet.py" in names
+    assert not any(n.startswith(("trainers/", "planners/", "tests/")) for n in names)
