@@ -84,6 +84,7 @@ def trained(tmp_path_factory):
 
     run(train + ["--c"], env)
     resumed_logs = sorted(set(results.glob("training_log_*.txt")) - logs_before)
+    run(train + ["--val", "--npz"], env)  # validation only, exporting softmax probabilities
 
     pred = base / "pred"
     run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "900", "-c", "3d_fullres",
@@ -114,6 +115,7 @@ def test_training_writes_nnunet_outputs(trained):
     assert not list(results.glob("*.tmp*")), "a temporary checkpoint was left behind"
     summary = json.loads((results / "validation" / "summary.json").read_text())
     assert "foreground_mean" in summary
+    assert list((results / "validation").glob("*.npz")), "--val --npz exported no probabilities"
 
 
 def test_killed_training_continues_where_it_stopped(trained):
