@@ -77,8 +77,8 @@ class LoGoNetPlanner(ExperimentPlanner):
     default_plans_name: str = "LoGoNetPlans"
     default_gpu_memory_target_in_gb: float = 8.0
     #: Activation bytes per element counted by ``compute_conv_feature_map_size`` under mixed
-    #: precision, calibrated in docs/planning.md (measured with saved-tensor hooks).
-    bytes_per_feature_element: float = 6.0
+    #: precision: nnU-Net's GPU reference scaled by measured saved-tensor bytes (docs/planning.md).
+    bytes_per_feature_element: float = 5.4
     #: Upper bound on patch voxels (None = memory decides alone). The tiny planner sets one so CPU
     #: iterations stay short.
     max_patch_voxels: int | None = None
