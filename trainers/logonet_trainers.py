@@ -10,6 +10,8 @@ from nnunet_logonet.training.trainer import (  # noqa: F401
     LoGoNetTrainer_100epochs,
     LoGoNetTrainer_demo,
     LoGoNetTrainer_demoQuick,
+    LoGoNetTrainer_paperRecipe,
+    LoGoNetTrainer_paperRecipe_demo,
     ULKANetTrainer,
     ULKANetTrainer_10epochs,
     ULKANetTrainer_100epochs,

@@ -105,6 +105,13 @@ class LoGoNetTrainer(nnUNetTrainer):
             os.replace(tmp, filename)
 
 
+class LoGoNetTrainer_paperRecipe(LoGoNetTrainer):
+    """The paper's fine-tuning recipe: AdamW (lr 1e-4, wd 1e-5), linear warm-up then cosine, Dice+CE,
+    no deep supervision. Compared with the default in docs/training_recipe.md."""
+
+    recipe = "paper"
+
+
 class ULKANetTrainer(LoGoNetTrainer):
     """ULKANet alone: the paper's single-path ablation (plans from ULKANetPlanner)."""
 
@@ -145,3 +152,6 @@ LoGoNetTrainer_demo = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demo", DEMO_BU
                                   DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], save_every=1)
 LoGoNetTrainer_demoQuick = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demoQuick", DEMO_QUICK_BUDGET["epochs"],
                                        DEMO_QUICK_BUDGET["iterations"], DEMO_QUICK_BUDGET["val_iterations"], save_every=1)
+LoGoNetTrainer_paperRecipe_demo = with_budget(LoGoNetTrainer_paperRecipe, "LoGoNetTrainer_paperRecipe_demo",
+                                              DEMO_BUDGET["epochs"], DEMO_BUDGET["iterations"],
+                                              DEMO_BUDGET["val_iterations"], save_every=1)
