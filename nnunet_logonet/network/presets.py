@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from .shapes import isotropic_strides, normalize_strides
 
-__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset"]
+__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset", "jsonable"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -91,11 +91,13 @@ def arch_kwargs_for_preset(
     if strides is None:
         strides = isotropic_strides(len(kwargs["dims"]))
     kwargs["strides"] = [list(s) for s in normalize_strides(strides, len(kwargs["dims"]))]
-    return {k: _jsonable(v) for k, v in kwargs.items()}
+    return jsonable(kwargs)
 
 
-def _jsonable(value: Any) -> Any:
-    """Tuples -> lists, recursively, so the dict round-trips through plans.json unchanged."""
+def jsonable(value: Any) -> Any:
+    """Tuples -> lists (also inside dicts), so values round-trip through plans.json unchanged."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value

@@ -148,6 +148,6 @@ def check_patch_size(
             f"patch size {list(size)} is not valid for strides {[list(x) for x in normalize_strides(strides)]}, "
             f"local_grid {list(as_triple(local_grid, 'local_grid'))}, local_stages {local_stages}: every axis "
             f"must be a multiple of {list(multiple)} (lcm of the total stride and local grid x local stride). "
-            f"Nearest valid sizes: {list(down)} (round down) or {list(up)} (round up)."
+            f"Nearest valid sizes: {list(down)} (round down, at least one multiple) or {list(up)} (round up)."
         )
     return size

@@ -1,0 +1,414 @@
+"""Behaviour of the LoGoNet / ULKANet networks that nnU-Net, the planner and users rely on.
+
+Big shapes run on tiny widths (``SMALL``) and big presets on the meta device, so the file stays
+in the tens of seconds on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_logonet.network import (
+    PRESETS,
+    LoGoNet,
+    ULKANet,
+    arch_kwargs_for_preset,
+    check_patch_size,
+    required_patch_multiple,
+)
+from nnunet_logonet.network.lka import LiveTapConv3d, LKABlock
+from nnunet_logonet.network.memory import trace_feature_map_size
+from nnunet_logonet.network.partition import split_subcrops, stitch_subcrops
+from nnunet_logonet.network.shapes import cumulative_strides, isotropic_strides
+
+ISO = isotropic_strides()
+ANISO = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+#: smallest widths that still exercise every module
+SMALL = dict(
+    dims=[4, 8, 8, 8], depths=[1, 1, 1, 1], mlp_ratios=[1, 1, 1, 1], decoder_channels=[2, 2, 2, 4, 4, 4], stem_channels=[2, 2]
+)
+MODELS = [ULKANet, LoGoNet]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models are dispatch-bound: one thread is as fast and immune to busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(cls, patch=(32, 32, 32), input_channels=1, num_classes=3, deep_supervision=False, **overrides):
+    return cls.from_preset("tiny", input_channels, num_classes, patch, deep_supervision, **{**SMALL, **overrides})
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- paper fidelity
+
+
+@pytest.mark.parametrize(
+    "cls, preset, paper_millions",
+    [(ULKANet, "S", 40.2), (LoGoNet, "S", 67.5), (ULKANet, "L", 121.2), (LoGoNet, "L", 172.5)],
+)
+def test_parameter_count_within_3_percent_of_paper(cls, preset, paper_millions):
+    with torch.device("meta"):
+        model = cls.from_preset(preset, 1, 14, (96, 96, 96))
+    assert n_params(model) / 1e6 == pytest.approx(paper_millions, rel=0.03)
+
+
+def test_local_paths_are_separate_shallow_ulkanets():
+    with torch.device("meta"):
+        model = LoGoNet.from_preset("S", 1, 14, (96, 96, 96))
+    assert len(model.local_paths) == 8
+    assert len(model.local_paths[0].encoder.stages) == 2
+    assert len(model.global_path.encoder.stages) == 4
+    ids = [{id(p) for p in path.parameters()} for path in model.local_paths]
+    assert all(a.isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+
+
+@pytest.mark.parametrize("layer_scale_init", [0.0, 0.5])
+def test_lka_block_residual_follows_algorithm_2(layer_scale_init):
+    """x + ls * branch(norm(x)): with ls = 0 the block is the identity (the research code's
+    ``x + drop_path(x)`` would double it)."""
+    block = LKABlock(8, mlp_ratio=2, layer_scale_init=layer_scale_init).eval()
+    x = torch.randn(2, 8, 6, 6, 6)
+    with torch.no_grad():
+        y = block(x)
+    if layer_scale_init == 0.0:
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(y, x)
+
+
+@pytest.mark.parametrize("size", [(2, 3, 8), (5, 1, 20), (9, 9, 9), (24, 24, 24)])
+@pytest.mark.parametrize("kernel, dilation", [(7, 3), (5, 1)])
+def test_live_tap_conv_equals_full_convolution(size, kernel, dilation):
+    conv = LiveTapConv3d(3, 3, kernel, padding=dilation * (kernel // 2), dilation=dilation, groups=3).double()
+    x = torch.randn(2, 3, *size, dtype=torch.double, requires_grad=True)
+    y = conv(x)
+    ref = F.conv3d(x, conv.weight, conv.bias, 1, conv.padding, conv.dilation, conv.groups)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- shapes and deep supervision
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize(
+    "patch, strides",
+    [((96, 96, 96), ISO), ((64, 128, 128), ISO), ((32, 160, 160), ANISO)],
+    ids=["96iso", "64x128x128", "32x160x160-aniso"],
+)
+def test_deep_supervision_outputs_match_nnunet_scales(cls, patch, strides):
+    model = small(cls, patch, input_channels=4, num_classes=5, deep_supervision=True, strides=strides).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, *patch))
+    # what nnU-Net's trainer derives from arch_kwargs['strides']
+    scales = 1 / np.cumprod(np.vstack(strides), axis=0)[:-1]
+    assert isinstance(out, list) and len(out) == len(strides) - 1
+    for o, scale in zip(out, scales):
+        assert tuple(o.shape) == (1, 5, *(int(round(p * s)) for p, s in zip(patch, scale)))
+        assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_deep_supervision_off_returns_one_full_resolution_tensor(cls):
+    model = small(cls, input_channels=4, num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, 32, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 32, 32, 32)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_state_dict_keys_do_not_depend_on_deep_supervision(cls):
+    on = small(cls, deep_supervision=True).state_dict()
+    off = small(cls, deep_supervision=False).state_dict()
+    assert list(on) == list(off)
+    assert all(on[k].shape == off[k].shape for k in on)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_nnunet_toggles_output_mode_through_decoder_attribute(cls):
+    """nnU-Net's set_deep_supervision_enabled does ``network.decoder.deep_supervision = flag``."""
+    model = small(cls, deep_supervision=True).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    model.decoder.deep_supervision = False
+    with torch.no_grad():
+        single = model(x)
+    model.decoder.deep_supervision = True
+    with torch.no_grad():
+        many = model(x)
+    assert isinstance(single, torch.Tensor) and isinstance(many, list)
+    torch.testing.assert_close(single, many[0])
+
+
+# ---------------------------------------------------------------- gradients and locality
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_every_parameter_gets_a_gradient(cls):
+    model = small(cls, deep_supervision=True, drop_path_rate=0.1)
+    out = model(torch.randn(2, 1, 32, 32, 32))
+    sum(o.square().mean() for o in out).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+    if cls is LoGoNet:
+        assert all(p.grad is not None for p in model.local_paths.parameters())
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_without_deep_supervision_only_ds_heads_are_idle(cls):
+    model = small(cls)
+    model(torch.randn(2, 1, 32, 32, 32)).square().mean().backward()
+    idle = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    heads = model.decoder.seg_layers
+    assert idle == sorted(n for n, _ in model.named_parameters() if ".seg_layers." in n and ".seg_layers.0." not in n)
+    assert len(heads) == 5
+
+
+@pytest.mark.parametrize("grid", [(2, 2, 2), (1, 2, 2)])
+@pytest.mark.parametrize("train", [False, True])
+def test_local_paths_do_not_see_other_subcrops(grid, train):
+    model = small(LoGoNet, local_grid=grid).train(train)
+    x = torch.randn(2, 1, 32, 32, 32)
+    seen = []
+    hooks = [p.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for p in model.local_paths]
+    with torch.no_grad():
+        before = model.forward_local(x)
+    for h in hooks:
+        h.remove()
+    tile = tuple(s // g for s, g in zip(x.shape[2:], grid))
+    # local path i receives exactly sub-crop i (z-major order) and nothing else
+    for i, idx in enumerate(np.ndindex(*grid)):
+        region = tuple(slice(j * t, (j + 1) * t) for j, t in zip(idx, tile))
+        torch.testing.assert_close(seen[i], x[(slice(None), slice(None), *region)], rtol=0, atol=0)
+    # perturbing sub-crop 0 changes local outputs only inside sub-crop 0
+    x2 = x.clone()
+    x2[:, :, : tile[0], : tile[1], : tile[2]] += torch.randn(2, 1, *tile)
+    with torch.no_grad():
+        after = model.forward_local(x2)
+    inside = torch.zeros(32, 32, 32, dtype=torch.bool)
+    inside[: tile[0], : tile[1], : tile[2]] = True
+    assert torch.equal(before[..., ~inside], after[..., ~inside])
+    assert not torch.allclose(before[..., inside], after[..., inside])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grid", [(2, 2, 2), (1, 2, 1)])
+def test_split_and_stitch_are_inverse(grid, channels_last):
+    x = torch.randn(2, 3, 8, 12, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    tiles = split_subcrops(x, grid)
+    assert tiles.shape == (math.prod(grid), 2, 3, 8 // grid[0], 12 // grid[1], 16 // grid[2])
+    torch.testing.assert_close(tiles[-1], x[:, :, -8 // grid[0] :, -12 // grid[1] :, -16 // grid[2] :], rtol=0, atol=0)
+    torch.testing.assert_close(stitch_subcrops(tiles, grid), x, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- patch sizes and bad input
+
+
+@pytest.mark.parametrize(
+    "strides, grid, stages, expected",
+    [
+        (ISO, (1, 1, 1), 2, (32, 32, 32)),
+        (ISO, (2, 2, 2), 2, (32, 32, 32)),
+        (ANISO, (2, 2, 2), 2, (8, 32, 32)),
+        (ANISO, (1, 2, 2), 2, (8, 32, 32)),
+        (ISO, (2, 2, 2), 4, (64, 64, 64)),
+        (ISO, (3, 1, 1), 2, (96, 32, 32)),
+    ],
+)
+def test_required_patch_multiple(strides, grid, stages, expected):
+    assert required_patch_multiple(strides, grid, stages) == expected
+
+
+@pytest.mark.parametrize(
+    "patch, down, up", [((100, 96, 96), "[96, 96, 96]", "[128, 96, 96]"), ((96, 96, 20), "[96, 96, 32]", "[96, 96, 32]")]
+)
+def test_bad_patch_size_names_multiple_and_nearest_sizes(patch, down, up):
+    with pytest.raises(ValueError) as err:
+        check_patch_size(patch, ISO, (2, 2, 2), 2)
+    msg = str(err.value)
+    assert "[32, 32, 32]" in msg and down in msg and up in msg
+    with pytest.raises(ValueError, match=r"multiple of \[32, 32, 32\]"):
+        LoGoNet.from_preset("tiny", 1, 2, patch)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((1, 1, 32, 32), "5-D input"),
+        ((1, 2, 32, 32, 32), "expected 1 input channels, got 2"),
+        ((1, 1, 32, 32, 48), r"divisible by \[32, 32, 32\].*\[32, 32, 48\]"),
+    ],
+)
+def test_bad_input_tensor_raises_value_error(cls, shape, match):
+    model = small(cls)
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strides=ISO[:5]), "strides must have 6 entries"),
+        (dict(strides=[[1, 2, 2]] + ISO[1:]), r"must be \[1, 1, 1\]"),
+        (dict(norm="group"), "norm must be one of"),
+        (dict(decoder_channels=[2, 2, 2]), "decoder_channels must have 6 entries"),
+        (dict(depths=[1, 1]), "depths must have 4 entries"),
+    ],
+)
+def test_bad_constructor_keywords_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoGoNet(1, 2, **{**arch_kwargs_for_preset("tiny", ISO), **kwargs})
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match=r"'nope'.*\['L', 'S', 'tiny'\]"):
+        LoGoNet.from_preset("nope", 1, 2, (64, 64, 64))
+    with pytest.raises(ValueError, match="valid presets"):
+        ULKANet.from_preset("nope", 1, 2, (64, 64, 64))
+    with pytest.raises(ValueError, match="unknown ULKANet keyword"):
+        arch_kwargs_for_preset("tiny", ISO, model="ULKANet", local_grid=[2, 2, 2])
+
+
+# ---------------------------------------------------------------- nnU-Net integration
+
+
+@pytest.mark.parametrize("model", ["LoGoNet", "ULKANet"])
+def test_arch_kwargs_round_trip_through_plans_json_and_nnunet_builder(model):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    kwargs = arch_kwargs_for_preset("tiny", ANISO, model=model, **SMALL)
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    net = get_network_from_plans(
+        f"nnunet_logonet.network.{model}", json.loads(json.dumps(kwargs)), [], 2, 4, deep_supervision=True
+    )
+    assert type(net).__name__ == model
+    patch = (32, 64, 64)
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 2, *patch))
+    expected = [tuple(p // c for p, c in zip(patch, cs)) for cs in cumulative_strides(ANISO)[:-1]]
+    assert [tuple(o.shape[2:]) for o in out] == expected
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_only_classifiers_are_named_seg_layers(cls):
+    model = small(cls, num_classes=7)
+    seg = {n: m for n, m in model.named_modules() if ".seg_layers." in n + "."}
+    classifiers = [m for n, m in seg.items() if isinstance(m, nn.Conv3d)]
+    assert len(classifiers) == len(ISO) - 1
+    assert all(m.out_channels == 7 and m.kernel_size == (1, 1, 1) for m in classifiers)
+    others = [n for n, m in model.named_modules() if isinstance(m, nn.Conv3d) and m.out_channels == 7 and n not in seg]
+    assert others == []
+    assert sum("seg_layers" in k for k in model.state_dict()) == 2 * len(classifiers)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_nnunet_pretrained_loader_transfers_all_but_classifiers(cls, tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    source, target = small(cls, num_classes=9), small(cls, num_classes=3)
+    torch.save({"network_weights": source.state_dict()}, tmp_path / "pre.pth")
+    load_pretrained_weights(target, str(tmp_path / "pre.pth"))
+    src, tgt = source.state_dict(), target.state_dict()
+    for key in tgt:
+        if ".seg_layers." not in key:
+            assert torch.equal(src[key], tgt[key]), key
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_feature_map_size_grows_with_patch_and_equals_a_full_trace(cls):
+    model = small(cls, strides=ANISO)
+    sizes = [model.compute_conv_feature_map_size(p) for p in [(8, 32, 32), (16, 32, 32), (16, 64, 96)]]
+    assert all(isinstance(s, int) for s in sizes)
+    assert sizes[0] < sizes[1] < sizes[2]
+    # the cached, scaled estimate is exactly what a trace at that size counts
+    assert sizes[2] == trace_feature_map_size(model, 1, (16, 64, 96))
+    # a size that is not a valid multiple is counted at the next valid size up
+    assert model.compute_conv_feature_map_size((12, 60, 90)) == sizes[2]
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the model itself is untouched
+    assert model.training
+
+
+def test_logonet_feature_map_size_exceeds_ulkanet():
+    assert small(LoGoNet).compute_conv_feature_map_size((32, 32, 32)) > small(ULKANet).compute_conv_feature_map_size(
+        (32, 32, 32)
+    )
+
+
+def test_initialize_hook_is_usable_by_nnunet():
+    model = small(LoGoNet)
+    model.apply(model.initialize)
+    assert torch.all(model.global_path.encoder.stages[0].blocks[0].ls1.gamma == 1e-2)
+
+
+# ---------------------------------------------------------------- precision, layout, multi-GPU
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gives_finite_outputs_and_gradients(cls, dtype):
+    model = small(cls, deep_supervision=True)
+    x = 100 * torch.randn(2, 1, 32, 32, 32)  # unnormalised intensities
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(x)
+    except RuntimeError as err:  # pragma: no cover - depends on the CPU build
+        pytest.skip(f"CPU autocast {dtype} unsupported: {err}")
+    assert out[0].dtype == dtype
+    assert all(torch.isfinite(o).all() for o in out)
+    sum(o.float().mean() for o in out).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_channels_last_input_gives_same_output(cls):
+    model = small(cls, input_channels=2).eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        got = model(x.contiguous(memory_format=torch.channels_last_3d))
+        contiguous_model = model.to(memory_format=torch.contiguous_format)(x)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(contiguous_model, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, expected", [("batch", nn.SyncBatchNorm), ("instance", nn.InstanceNorm3d)])
+def test_norms_convert_to_sync_batchnorm(norm, expected):
+    model = small(LoGoNet, norm=norm)
+    keys = list(model.state_dict())
+    n_norm = sum(isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d)) for m in model.modules())
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert sum(isinstance(m, expected) for m in converted.modules()) == n_norm
+    assert not any(type(m) is nn.BatchNorm3d for m in converted.modules())
+    assert list(converted.state_dict()) == keys
+
+
+def test_presets_are_json_ready_and_complete():
+    for name in PRESETS:
+        kwargs = arch_kwargs_for_preset(name)
+        assert json.loads(json.dumps(kwargs)) == kwargs
+        assert len(kwargs["decoder_channels"]) == len(kwargs["dims"]) + 2
