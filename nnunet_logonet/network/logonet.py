@@ -23,7 +23,7 @@ from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
 from .partition import split_subcrops, stitch_subcrops
 from .presets import arch_kwargs_for_preset, jsonable
-from .shapes import as_triple, check_patch_size, required_patch_multiple
+from .shapes import as_triple, check_patch_size, positive_int, required_patch_multiple
 from .ulkanet import ULKAPath, check_input_tensor, validate_arch
 
 __all__ = ["LoGoHead", "LoGoNet"]
@@ -96,8 +96,8 @@ class LoGoNet(nn.Module):
         layer_scale_init: float = 1e-2,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = positive_int(num_classes, "num_classes")
+        input_channels = positive_int(input_channels, "input_channels")
         cfg = validate_arch(
             strides=strides,
             dims=dims,
@@ -110,8 +110,9 @@ class LoGoNet(nn.Module):
             layer_scale_init=layer_scale_init,
         )
         num_stages = len(cfg["dims"])
-        if not isinstance(local_stages, int) or not 1 <= local_stages <= num_stages:
-            raise ValueError(f"local_stages must be an int in [1, {num_stages}], got {local_stages!r}")
+        local_stages = positive_int(local_stages, "local_stages")
+        if local_stages > num_stages:
+            raise ValueError(f"local_stages must be in [1, {num_stages}] (the encoder's stages), got {local_stages}")
         self.local_grid = as_triple(local_grid, "local_grid")
         self.local_stages = local_stages
         self.input_channels = input_channels

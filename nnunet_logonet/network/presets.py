@@ -19,7 +19,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depths": [1, 1, 1, 1],
         "mlp_ratios": [4, 4, 4, 4],
         "decoder_channels": [4, 4, 4, 8, 24, 32],
-        "stem_channels": [4, 8],
+        "stem_channels": [4, 4],
     },
     "S": {
         "dims": [64, 128, 256, 512],

@@ -13,7 +13,8 @@ first ``local_stages + 2`` resolutions, on a patch divided by ``local_grid``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from numbers import Integral
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -21,6 +22,7 @@ Triple = tuple[int, int, int]
 
 __all__ = [
     "Triple",
+    "positive_int",
     "as_triple",
     "normalize_strides",
     "isotropic_strides",
@@ -33,18 +35,25 @@ __all__ = [
 ]
 
 
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int ``>= minimum`` (numpy ints accepted, bools refused)."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def as_triple(value: int | Sequence[int], name: str, minimum: int = 1) -> Triple:
     """Return ``value`` as a per-axis (z, y, x) triple of ints ``>= minimum``.
 
     Accepts an int (broadcast to all axes), a tuple or a JSON list.
     """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if isinstance(value, Integral) and not isinstance(value, bool):
         value = (int(value),) * 3
     try:
         items = tuple(value)
     except TypeError:
         raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}") from None
-    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+    if len(items) != 3 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be 3 ints (one per spatial axis), got {value!r}")
     if min(items) < minimum:
         raise ValueError(f"{name} entries must be >= {minimum}, got {value!r}")
@@ -115,7 +124,7 @@ def required_patch_multiple(
     """
     s = normalize_strides(strides)
     grid = as_triple(local_grid, "local_grid")
-    if not isinstance(local_stages, (int, np.integer)) or not 1 <= local_stages <= len(s) - 2:
+    if not isinstance(local_stages, Integral) or not 1 <= local_stages <= len(s) - 2:
         raise ValueError(f"local_stages must be an int in [1, {len(s) - 2}], got {local_stages!r}")
     total = np.prod(np.asarray(s, dtype=np.int64), axis=0)
     local = np.prod(np.asarray(s[: local_stages + 2], dtype=np.int64), axis=0) * np.asarray(grid)

@@ -7,6 +7,7 @@ deep_supervision=..., **arch_kwargs)``).
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from .shapes import (
     check_patch_size,
     embedding_strides,
     normalize_strides,
+    positive_int,
     required_patch_multiple,
 )
 
@@ -33,11 +35,11 @@ def _positive_ints(values: Sequence[Any], name: str, length: int | None = None) 
         items = tuple(values)
     except TypeError:
         raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
-    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+    if not items or not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in items):
         raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
     if length is not None and len(items) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(items)}: {values!r}")
-    return items
+    return tuple(int(v) for v in items)
 
 
 def validate_arch(
@@ -55,7 +57,7 @@ def validate_arch(
     """Check the architecture keywords and return them normalised (tuples, ints)."""
     dims = _positive_ints(dims, "dims")
     num_stages = len(dims)
-    depths = tuple(int(d) for d in _positive_ints(depths, "depths", num_stages))
+    depths = _positive_ints(depths, "depths", num_stages)
     try:
         ratios = tuple(float(r) for r in mlp_ratios)
     except (TypeError, ValueError):
@@ -118,10 +120,9 @@ class ULKAPath(nn.Module):
         deep_supervision: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(input_channels, int) or input_channels < 1:
-            raise ValueError(f"input_channels must be a positive int, got {input_channels!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        input_channels = positive_int(input_channels, "input_channels")
+        if num_classes is not None:
+            num_classes = positive_int(num_classes, "num_classes")
         cfg = validate_arch(
             strides=strides,
             dims=dims,
