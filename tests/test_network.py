@@ -110,6 +110,30 @@ def test_live_tap_conv_equals_full_convolution(size, kernel, dilation):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "strides, kernels, embed_strides",
+    [
+        (ISO, [(7, 7, 7), (3, 3, 3), (3, 3, 3), (3, 3, 3)], [(4, 4, 4), (2, 2, 2), (2, 2, 2), (2, 2, 2)]),
+        (ANISO, [(3, 7, 7), (3, 3, 3), (3, 3, 3), (3, 3, 3)], [(1, 4, 4), (2, 2, 2), (2, 2, 2), (2, 2, 2)]),
+        ([[1, 1, 1], [2, 2, 2], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [(3, 7, 7), (3, 3, 3), (3, 3, 3), (3, 3, 3)],
+         [(2, 4, 4), (1, 2, 2), (2, 2, 2), (2, 2, 2)]),
+    ],
+)
+def test_patch_embedding_follows_per_axis_strides(strides, kernels, embed_strides):
+    model = small(ULKANet, (32, 32, 32), strides=strides)
+    convs = [stage.downsample.proj for stage in model.encoder.stages]
+    assert [c.kernel_size for c in convs] == kernels
+    assert [c.stride for c in convs] == embed_strides
+    assert [c.padding for c in convs] == [tuple(k // 2 for k in kernel) for kernel in kernels]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_arch_kwargs_attribute_rebuilds_the_same_network(cls):
+    model = small(cls, strides=ANISO)
+    again = cls(1, 3, **json.loads(json.dumps(model.arch_kwargs)))
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 # ---------------------------------------------------------------- shapes and deep supervision
 
 
