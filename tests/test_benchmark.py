@@ -1,0 +1,111 @@
+"""logonet_benchmark: every figure for every model, ratios to nnU-Net, JSON, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunet_logonet.benchmark.efficiency import FIGURES, main
+from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
+
+PATCH = ["32", "32", "32"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One real run of the CLI as users run it (one process per model) on the tiny preset, with one
+    sliding-window tile and batch 1 so it stays short."""
+    out = tmp_path_factory.mktemp("benchmark") / "result.json"
+    argv = ["--device", "cpu", "--models", "nnunet", "logonet_tiny", "--patch-size", *PATCH, "--repeats", "1",
+            "--warmup", "0", "--batch-size", "1", "--case-size", *PATCH, "--json", str(out), "--no-progress"]
+    return main(argv), out
+
+
+@pytest.mark.slow
+def test_every_figure_present_and_positive(small_run):
+    code, out = small_run
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert list(report["models"]) == ["nnunet", "logonet_tiny"]
+    for name, entry in report["models"].items():
+        assert entry["status"] == "ok", entry
+        for key in FIGURES:
+            assert entry["figures"][key] > 0, (name, key)
+            assert entry["ratios"][key] > 0, (name, key)
+        # the parameter figure is the network's own count
+        spec = resolve_model(name, patch_size=[int(p) for p in PATCH])
+        assert entry["figures"]["parameters"] == sum(p.numel() for p in spec.build().parameters())
+        # measured in its own process: the peak is above what the process held before building the model
+        assert entry["details"]["peak_rss_mb"] > entry["details"]["rss_before_model_mb"]
+    assert report["settings"]["memory_isolation"] == "one process per model"
+    assert report["models"]["logonet_tiny"]["details"]["layout"] == "channels_last_3d"
+    assert report["models"]["nnunet"]["details"]["layout"] == "contiguous"
+
+
+@pytest.mark.slow
+def test_ratios_are_to_nnunet(small_run):
+    report = json.loads(small_run[1].read_text())
+    ref, tiny = report["models"]["nnunet"], report["models"]["logonet_tiny"]
+    assert all(r == 1.0 for r in ref["ratios"].values())
+    for key in FIGURES:
+        assert tiny["ratios"][key] == pytest.approx(tiny["figures"][key] / ref["figures"][key])
+
+
+@pytest.mark.slow
+def test_json_round_trips_with_device_info(small_run):
+    text = small_run[1].read_text()
+    report = json.loads(text)
+    assert json.loads(json.dumps(report)) == report
+    info = report["device_info"]
+    for key in ("cpu_model", "torch_threads", "torch", "load_average_start", "load_average_end"):
+        assert info[key] is not None, key
+    assert report["command"].startswith("logonet_benchmark ") and "--patch-size 32 32 32" in report["command"]
+    assert report["date"] and report["patch_size"] == [32, 32, 32]
+    assert "multiply-accumulate" in report["settings"]["flop_counter"]
+
+
+def test_unknown_model_exits_2_listing_valid(capsys):
+    assert main(["--models", "nnunet", "logonet_xl"]) == 2
+    err = capsys.readouterr().err
+    assert "logonet_xl" in err
+    assert all(name in err for name in MODELS)
+
+
+def test_bad_patch_size_names_the_multiples(capsys):
+    assert main(["--models", "logonet_tiny", "--patch-size", "40", "64", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "[40, 64, 64]" in err and "multiple of" in err and "Nearest valid sizes" in err
+
+
+def test_dataset_without_plans_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["-d", "987", "--models", "nnunet"]) == 2
+    assert "nnUNetv2_plan_and_preprocess -d 987" in capsys.readouterr().err
+
+
+def test_dataset_plans_set_patch_and_topology(tmp_path):
+    """With -d, nnunet is the plans' network unchanged and LoGoNet's strides follow the spacing."""
+    spacing, patch = [3.0, 0.8, 0.8], [32, 64, 64]
+    cls, arch, imports = nnunet_arch(patch, spacing)
+    folder = tmp_path / "Dataset987_Aniso"
+    folder.mkdir()
+    plans = {"dataset_name": folder.name, "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": spacing,
+             "original_median_shape_after_transp": [40, 120, 120], "image_reader_writer": "SimpleITKIO",
+             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+             "configurations": {"3d_fullres": {
+                 "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                 "batch_size": 2, "patch_size": patch, "median_image_size_in_voxels": [40, 120, 120],
+                 "spacing": spacing, "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                 "architecture": {"network_class_name": cls, "arch_kwargs": arch, "_kw_requires_import": imports}}},
+             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+             "foreground_intensity_properties_per_channel": {}}
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    loaded = load_dataset_plans(987, tmp_path)
+    assert loaded.patch_size == (32, 64, 64) and loaded.num_classes == 3 and loaded.input_channels == 1
+    kwargs = dict(patch_size=loaded.patch_size, spacing=loaded.spacing, input_channels=1, num_classes=3, plans=loaded)
+    assert resolve_model("nnunet", **kwargs).arch_kwargs == arch
+    logonet = resolve_model("logonet_tiny", **kwargs)
+    assert logonet.patch_size == (32, 64, 64)
+    assert logonet.arch_kwargs["strides"][1] == [1, 2, 2]  # thick slices are not pooled first
