@@ -1,0 +1,123 @@
+"""Does a pretrained checkpoint fit a network? Every difference, before training starts.
+
+nnU-Net's ``-pretrained_weights`` loader (``load_pretrained_weights``) stops at the first missing
+key or shape mismatch, with an assertion. :func:`compare_pretrained` runs the same rule (every key
+of the network except those containing ``.seg_layers.`` must be in the file's
+``network_weights`` with the same shape) and lists *all* differences, plus where the file came
+from (trainer, plans, preset), so a user sees at once that e.g. a tiny-preset SSL checkpoint was
+given to an S network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnunet_logonet.ssl.features import unwrap_network
+
+__all__ = ["PretrainedMismatchError", "check_pretrained", "compare_pretrained", "describe_checkpoint",
+           "pretrained_weights_from_argv"]
+
+#: nnU-Net's load_pretrained_weights skips keys containing these (the classifiers)
+SKIPPED = (".seg_layers.",)
+
+
+class PretrainedMismatchError(ValueError):
+    """The pretrained file does not fit the network; the message lists every difference."""
+
+
+def _load(checkpoint: str | os.PathLike | dict) -> tuple[dict, str]:
+    if isinstance(checkpoint, dict):
+        return checkpoint, "<checkpoint dict>"
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist.")
+    try:
+        # nnU-Net checkpoints hold numpy values in their logs: not loadable with weights_only=True
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise PretrainedMismatchError(f"pretrained weights file {path} is unreadable "
+                                      f"({type(error).__name__}: {error}).") from error
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("network_weights"), dict):
+        raise PretrainedMismatchError(f"{path} is not an nnU-Net checkpoint: it has no 'network_weights' dict "
+                                      f"(found keys {sorted(loaded)[:8] if isinstance(loaded, dict) else type(loaded)}).")
+    return loaded, str(path)
+
+
+def describe_checkpoint(checkpoint: dict) -> str:
+    """'trainer T, plans P (configuration C, preset X)' from the checkpoint's init args, when present."""
+    init = checkpoint.get("init_args") or {}
+    plans = init.get("plans") or {}
+    configuration = init.get("configuration")
+    parts = [f"trainer {checkpoint.get('trainer_name', '?')}", f"plans {plans.get('plans_name', '?')}"]
+    config = (plans.get("configurations") or {}).get(configuration) or {}
+    preset = (config.get("logonet") or {}).get("preset")
+    arch = (config.get("architecture") or {}).get("network_class_name", "")
+    details = [f"configuration {configuration}"] if configuration else []
+    if arch:
+        details.append(arch.rsplit(".", 1)[-1] + (f"-{preset}" if preset else ""))
+    if plans.get("dataset_name"):
+        details.append(plans["dataset_name"])
+    return ", ".join(parts) + (f" ({', '.join(details)})" if details else "")
+
+
+def compare_pretrained(network: nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> list[str]:
+    """Every reason nnU-Net's ``load_pretrained_weights`` would refuse ``checkpoint`` for ``network``.
+
+    Returns one line per missing key or shape mismatch (empty list: it loads). Classifier keys
+    (``.seg_layers.``) are skipped as nnU-Net skips them; extra keys in the file are ignored as
+    nnU-Net ignores them. DDP / torch.compile wrappers around ``network`` are looked through.
+    """
+    loaded, _ = _load(checkpoint)
+    pretrained = {k[len("module."):] if k.startswith("module.") else k: v
+                  for k, v in loaded["network_weights"].items()}
+    differences = []
+    for key, value in unwrap_network(network).state_dict().items():
+        if any(s in key for s in SKIPPED):
+            continue
+        if key not in pretrained:
+            differences.append(f"missing in checkpoint: {key} (network shape {tuple(value.shape)})")
+        elif tuple(pretrained[key].shape) != tuple(value.shape):
+            differences.append(f"shape differs: {key}: checkpoint {tuple(pretrained[key].shape)} "
+                               f"vs network {tuple(value.shape)}")
+    return differences
+
+
+def check_pretrained(network: nn.Module, checkpoint: str | os.PathLike, *, max_lines: int = 25,
+                     network_description: str = "") -> None:
+    """Raise :class:`PretrainedMismatchError` listing all differences (first ``max_lines``) if any."""
+    loaded, name = _load(checkpoint)
+    differences = compare_pretrained(network, loaded)
+    if not differences:
+        return
+    missing = sum(d.startswith("missing") for d in differences)
+    shown = "\n    ".join(differences[:max_lines])
+    more = f"\n    ... and {len(differences) - max_lines} more" if len(differences) > max_lines else ""
+    target = f" ({network_description})" if network_description else ""
+    raise PretrainedMismatchError(
+        f"pretrained weights {name} do not fit this network{target}: {missing} key(s) missing, "
+        f"{len(differences) - missing} shape mismatch(es). The file comes from {describe_checkpoint(loaded)}.\n"
+        f"    {shown}{more}\n"
+        f"Pretrain with the same plans (same preset, patch size and input channels) as the fine-tuning, "
+        f"e.g. move the fine-tuning plans to the pretraining dataset with nnUNetv2_move_plans_between_datasets "
+        f"(docs/ssl.md).")
+
+
+def pretrained_weights_from_argv(argv: Sequence[str]) -> str | None:
+    """The value of ``-pretrained_weights`` in an ``nnUNetv2_train`` command line, if given.
+
+    nnU-Net passes the file only to its loader, after ``initialize()``; a trainer that wants to
+    check it first can read it from ``sys.argv`` with this.
+    """
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "-pretrained_weights" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("-pretrained_weights="):
+            return arg.split("=", 1)[1]
+    return None
