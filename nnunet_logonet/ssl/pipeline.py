@@ -1,19 +1,21 @@
 """Prepare an image-only pre-training dataset that shares a labeled dataset's plans.
 
-Runs the documented flow (docs/ssl.md) through nnU-Net's own API, one step per command, and
-skips the steps that are already done, so it can be called again after an interruption::
+Runs the documented flow (docs/ssl.md), one command per step, and skips the steps already done,
+so it can be called again after an interruption::
 
-    logonet_prepare_unlabeled -i $nnUNet_raw/DatasetS_X/imagesTr -i EXTRA... -d T --name NAME
+    logonet_prepare_unlabeled -i $nnUNet_raw/DatasetS_X/imagesTr [-i $nnUNet_raw/DatasetS_X/imagesUnlabeled] \
+        [-i EXTRA ...] -d T --name NAME
     nnUNetv2_extract_fingerprint -d T -np 1
     nnUNetv2_move_plans_between_datasets -s S -t T -sp PLANS -tp PLANS
     cp $nnUNet_raw/DatasetT_NAME/dataset.json $nnUNet_preprocessed/DatasetT_NAME/
     nnUNetv2_preprocess -d T -plans_name PLANS -c 3d_fullres -np 1
 
-After it, ``nnUNetv2_train T 3d_fullres all -tr LoGoNetSSLTrainer -p PLANS`` pre-trains and
-``nnUNetv2_train S 3d_fullres FOLD -tr LoGoNetTrainer -p PLANS -pretrained_weights ...`` fine-tunes.
 The ``cp`` is needed because only nnU-Net's planner copies dataset.json into the preprocessed
-folder, and nnUNetv2_preprocess reads it there (nnU-Net issue #2560). The moved plans keep S's patch size, spacing and CT intensity statistics, so the pre-trained
-network sees data normalised exactly as in fine-tuning.
+folder, and nnUNetv2_preprocess and nnUNetv2_train read it there (nnU-Net issue #2560). The moved
+plans keep S's patch size, spacing and CT intensity statistics, so the pre-trained network sees
+data normalised exactly as in fine-tuning. Then
+``nnUNetv2_train T 3d_fullres all -tr LoGoNetSSLTrainer -p PLANS`` pre-trains and
+``nnUNetv2_train S 3d_fullres FOLD -tr LoGoNetTrainer -p PLANS -pretrained_weights ...`` fine-tunes.
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["prepare_pretraining_dataset", "main"]
+__all__ = ["PipelineError", "prepare_pretraining_dataset", "main"]
 
-#: keys that move_plans_between_datasets rewrites for the target; everything else must match the source
+#: keys that nnUNetv2_move_plans_between_datasets rewrites for the target; all others must match the source
 _PER_DATASET_KEYS = ("dataset_name", "image_reader_writer", "plans_name")
+Log = Callable[[str], None] | str | os.PathLike | None
+
+
+class PipelineError(RuntimeError):
+    """A step of the flow cannot run (missing source plans, failed nnU-Net command, ...)."""
 
 
 def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
@@ -37,127 +46,188 @@ def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
     return found[0] if found else None
 
 
-def _environment() -> tuple[Path, Path]:
-    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
-    if missing:
-        raise RuntimeError(f"environment variable(s) {', '.join(missing)} not set; run: eval \"$(logonet_env)\"")
-    return Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
-
-
 def _same_plans(source: dict, target: dict) -> bool:
-    strip = lambda plans: {k: v for k, v in plans.items() if k not in _PER_DATASET_KEYS}  # noqa: E731
-    return json.dumps(strip(source), sort_keys=True) == json.dumps(strip(target), sort_keys=True)
+    def strip(plans: dict) -> str:
+        return json.dumps({k: v for k, v in plans.items() if k not in _PER_DATASET_KEYS}, sort_keys=True)
+
+    return strip(source) == strip(target)
 
 
-def _preprocessed_cases(folder: Path) -> set[str]:
-    return {p.name[: -len(".pkl")] for p in folder.glob("*.pkl")} if folder.is_dir() else set()
+def _command(name: str, env: Mapping[str, str]) -> str:
+    """A console script of this environment (next to the interpreter), else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name, path=env.get("PATH"))
+    if found is None:
+        raise PipelineError(f"command {name} not found next to {sys.executable} nor on PATH; is nnunetv2 installed?")
+    return found
+
+
+class _Logger:
+    """Messages to a callable, or messages and command output appended to a log file."""
+
+    def __init__(self, log: Log) -> None:
+        self.path = Path(log) if isinstance(log, (str, os.PathLike)) else None
+        self.call = log if callable(log) else (print if log is None else None)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(message + "\n")
+        else:
+            self.call(message)
+
+    def run(self, argv: list[str], env: Mapping[str, str]) -> None:
+        self(" ".join(argv))
+        done = subprocess.run(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(done.stdout)
+        if done.returncode != 0:
+            tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+            raise PipelineError(f"{Path(argv[0]).name} failed with exit code {done.returncode}:\n{tail}")
 
 
 def prepare_pretraining_dataset(
-    source_id: int,
-    target_id: int,
-    plans_identifier: str,
+    source_dataset_id: int,
+    target_dataset_id: int,
+    plans: str,
     extra_image_folders: Sequence[str | os.PathLike] = (),
     *,
     name: str = "Pretraining",
     include_source_images: bool = True,
+    include_source_unlabeled: bool = True,
     configuration: str = "3d_fullres",
     num_processes: int = 1,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Build (or finish) image-only dataset ``target_id`` preprocessed with ``source_id``'s plans.
+    env: Mapping[str, str] | None = None,
+    log: Log = None,
+) -> dict[str, Any]:
+    """Build (or finish) image-only dataset ``target_dataset_id``, preprocessed with the source's plans.
 
     Args:
-        source_id: labeled dataset whose plans (``plans_identifier``) are used; it must already be
-            planned, e.g. with ``logonet_plan_and_preprocess -d SOURCE -pl LoGoNetTinyPlanner``.
-        target_id: ID of the image-only dataset to create (``Dataset<target_id>_<name>``).
-        plans_identifier: e.g. ``LoGoNetPlans``, ``LoGoNetTinyPlans``, ``LoGoNetLPlans``.
-        extra_image_folders: folders of unlabeled NIfTI scans (e.g. the phantom's ``imagesUnlabeled``).
-        include_source_images: also pre-train on the source's ``imagesTr`` (its labels are not used).
+        source_dataset_id: labeled dataset whose plans are used; it must already be planned, e.g.
+            with ``logonet_plan_and_preprocess -d SOURCE -pl LoGoNetTinyPlanner``.
+        target_dataset_id: ID of the image-only dataset to create (``Dataset<ID>_<name>``).
+        plans: plans identifier of the source, e.g. ``LoGoNetPlans``, ``LoGoNetTinyPlans``, ``LoGoNetLPlans``.
+        extra_image_folders: more folders of unlabeled NIfTI scans.
+        include_source_images: pre-train on the source's ``imagesTr`` too (its labels are never used).
+        include_source_unlabeled: add the source's ``imagesUnlabeled`` folder when it has scans (the
+            phantom's ``--num-unlabeled`` cases live there).
         configuration: the configuration to preprocess.
         num_processes: processes for fingerprint extraction and preprocessing.
-        log: where the step messages go.
+        env: environment of the nnU-Net commands (default ``os.environ``); ``nnUNet_raw`` and
+            ``nnUNet_preprocessed`` are read from it.
+        log: a callable for the step messages, or a file that gets them and the commands' output
+            (default: print).
 
-    Returns the preprocessed data folder of the target. Every step that is already complete is
-    skipped; when the source plans changed since the last call, they are moved again and the
-    target is preprocessed again.
+    Returns ``{"dataset", "preprocessed_folder", "num_cases", "ran", "skipped"}``. Steps that are
+    complete are skipped; when the source plans changed since the last call they are moved again
+    and the target is preprocessed again.
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess_dataset
-    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import (
-        move_plans_between_datasets)
-
     from nnunet_logonet.ssl.unlabeled import prepare_unlabeled
 
-    for label, value in (("source_id", source_id), ("target_id", target_id), ("num_processes", num_processes)):
+    for label, value in (("source_dataset_id", source_dataset_id), ("target_dataset_id", target_dataset_id),
+                         ("num_processes", num_processes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an int >= 1, got {value!r}.")
-    if source_id == target_id:
-        raise ValueError(f"target_id must differ from source_id ({source_id}): the image-only dataset is a new one.")
-    raw, preprocessed = _environment()
-    source_raw = _dataset_folder(raw, source_id)
+    if source_dataset_id == target_dataset_id:
+        raise ValueError(f"target_dataset_id must differ from source_dataset_id ({source_dataset_id}): the "
+                         f"image-only dataset is a new one.")
+    env = dict(os.environ if env is None else env)
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not env.get(v)]
+    if missing:
+        raise PipelineError(f"environment variable(s) {', '.join(missing)} not set; run: eval \"$(logonet_env)\"")
+    raw, preprocessed = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
+    say = _Logger(log)
+    ran: list[str] = []
+    skipped: list[str] = []
+
+    source_raw = _dataset_folder(raw, source_dataset_id)
     if source_raw is None:
-        raise FileNotFoundError(f"no raw dataset {source_id} (Dataset{source_id:03d}_*) in nnUNet_raw={raw}.")
-    source_plans_file = preprocessed / source_raw.name / f"{plans_identifier}.json"
+        raise PipelineError(f"no raw dataset {source_dataset_id} (Dataset{source_dataset_id:03d}_*) in "
+                            f"nnUNet_raw={raw}.")
+    source_plans_file = preprocessed / source_raw.name / f"{plans}.json"
     if not source_plans_file.is_file():
-        raise FileNotFoundError(
+        raise PipelineError(
             f"{source_plans_file} does not exist: plan the source first, e.g. logonet_plan_and_preprocess "
-            f"-d {source_id} -pl LoGoNetTinyPlanner (plans LoGoNetTinyPlans) or -pl LoGoNetPlanner (LoGoNetPlans).")
-    folders = ([source_raw / "imagesTr"] if include_source_images else []) + [Path(f) for f in extra_image_folders]
+            f"-d {source_dataset_id} -pl LoGoNetTinyPlanner (plans LoGoNetTinyPlans) or -pl LoGoNetPlanner "
+            f"(LoGoNetPlans).")
+    folders = [source_raw / "imagesTr"] if include_source_images else []
+    unlabeled = source_raw / "imagesUnlabeled"
+    if include_source_unlabeled and unlabeled.is_dir() and any(unlabeled.glob("*.nii*")):
+        folders.append(unlabeled)
+    folders += [Path(f) for f in extra_image_folders]
     if not folders:
-        raise ValueError("no image folder: pass extra_image_folders or keep include_source_images=True.")
+        raise ValueError("no image folder: pass extra_image_folders or include the source's images.")
 
     # 1. image-only raw dataset
-    target_raw = _dataset_folder(raw, target_id)
+    target_raw = _dataset_folder(raw, target_dataset_id)
     if target_raw is None:
-        log(f"[1/4] logonet_prepare_unlabeled {' '.join(f'-i {f}' for f in folders)} -d {target_id} --name {name}")
-        target_raw = prepare_unlabeled(folders, target_id, name=name, progress=False)
+        say(f"[1/5] logonet_prepare_unlabeled {' '.join(f'-i {f}' for f in folders)} -d {target_dataset_id} "
+            f"--name {name}")
+        target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, raw_root=raw, progress=False)
+        ran.append("prepare_unlabeled")
     else:
         meta = json.loads((target_raw / "dataset.json").read_text())
         if not meta.get("logonet_image_only"):
-            raise FileExistsError(f"dataset {target_id} already exists as {target_raw} and is not an image-only "
-                                  f"dataset made by logonet_prepare_unlabeled; choose another target_id.")
-        log(f"[1/4] {target_raw} exists: skipped (delete it to rebuild it from other folders)")
+            raise PipelineError(f"dataset {target_dataset_id} already exists as {target_raw} and is not an "
+                                f"image-only dataset made by logonet_prepare_unlabeled; choose another ID.")
+        say(f"[1/5] {target_raw} exists: skipped (delete it to rebuild it from other folders)")
+        skipped.append("prepare_unlabeled")
     target_pre = preprocessed / target_raw.name
+    tid, n = str(target_dataset_id), str(num_processes)
 
-    # 2. fingerprint (needed by nnU-Net's preprocessing for the CT statistics bookkeeping)
+    # 2. fingerprint (nnU-Net's preprocessing expects it)
     if (target_pre / "dataset_fingerprint.json").is_file():
-        log("[2/4] fingerprint exists: skipped")
+        say("[2/5] fingerprint exists: skipped")
+        skipped.append("extract_fingerprint")
     else:
-        log(f"[2/4] nnUNetv2_extract_fingerprint -d {target_id} -np {num_processes}")
-        extract_fingerprints([target_id], num_processes=num_processes, check_dataset_integrity=False, clean=False)
+        say.run([_command("nnUNetv2_extract_fingerprint", env), "-d", tid, "-np", n], env)
+        ran.append("extract_fingerprint")
 
-    # 3. the source's plans, so architecture and normalisation are those of the fine-tuning
-    source_plans = load_json(str(source_plans_file))
-    target_plans_file = target_pre / f"{plans_identifier}.json"
+    # 3. the source's plans: architecture and normalisation of the fine-tuning
+    source_plans = json.loads(source_plans_file.read_text())
+    target_plans_file = target_pre / f"{plans}.json"
     moved = False
-    if target_plans_file.is_file() and _same_plans(source_plans, load_json(str(target_plans_file))):
-        log(f"[3/4] {target_plans_file.name} matches the source plans: skipped")
+    if target_plans_file.is_file() and _same_plans(source_plans, json.loads(target_plans_file.read_text())):
+        say(f"[3/5] {target_plans_file.name} matches the source plans: skipped")
+        skipped.append("move_plans")
     else:
-        log(f"[3/4] nnUNetv2_move_plans_between_datasets -s {source_id} -t {target_id} -sp {plans_identifier} "
-            f"-tp {plans_identifier}")
-        move_plans_between_datasets(source_id, target_id, plans_identifier, plans_identifier)
+        say.run([_command("nnUNetv2_move_plans_between_datasets", env), "-s", str(source_dataset_id), "-t", tid,
+                 "-sp", plans, "-tp", plans], env)
+        ran.append("move_plans")
         moved = True
-    dataset_json = target_pre / "dataset.json"
-    if not dataset_json.is_file() or dataset_json.read_bytes() != (target_raw / "dataset.json").read_bytes():
-        # only nnU-Net's planner copies it, and nnUNetv2_preprocess and nnUNetv2_train read it (nnU-Net #2560)
-        log(f"[3/4] cp {target_raw / 'dataset.json'} {dataset_json}")
-        shutil.copyfile(target_raw / "dataset.json", dataset_json)
 
-    # 4. preprocessing with those plans
-    plans = load_json(str(target_plans_file))
-    if configuration not in plans["configurations"]:
-        raise ValueError(f"plans {plans_identifier} have no configuration {configuration!r} "
-                         f"(available: {sorted(plans['configurations'])}).")
-    data_folder = target_pre / plans["configurations"][configuration]["data_identifier"]
-    cases = {p.name[: -len("_0000.nii.gz")] for p in (target_raw / "imagesTr").glob("*_0000.nii.gz")}
-    if not moved and cases and cases <= _preprocessed_cases(data_folder):
-        log(f"[4/4] {data_folder} holds all {len(cases)} cases: skipped")
+    # 4. dataset.json where nnUNetv2_preprocess / nnUNetv2_train look for it (nnU-Net #2560)
+    dataset_json = target_pre / "dataset.json"
+    if dataset_json.is_file() and dataset_json.read_bytes() == (target_raw / "dataset.json").read_bytes():
+        say("[4/5] dataset.json in place: skipped")
+        skipped.append("copy_dataset_json")
     else:
-        log(f"[4/4] nnUNetv2_preprocess -d {target_id} -plans_name {plans_identifier} -c {configuration} "
-            f"-np {num_processes}")
-        preprocess_dataset(target_id, plans_identifier, [configuration], [num_processes])
-    return data_folder
+        say(f"[4/5] cp {target_raw / 'dataset.json'} {dataset_json}")
+        tmp = dataset_json.with_name(f".dataset.json.tmp{os.getpid()}")
+        shutil.copyfile(target_raw / "dataset.json", tmp)
+        os.replace(tmp, dataset_json)
+        ran.append("copy_dataset_json")
+
+    # 5. preprocessing with those plans
+    target_plans = json.loads(target_plans_file.read_text())
+    if configuration not in target_plans["configurations"]:
+        raise ValueError(f"plans {plans} have no configuration {configuration!r} "
+                         f"(available: {sorted(target_plans['configurations'])}).")
+    data_folder = target_pre / target_plans["configurations"][configuration]["data_identifier"]
+    cases = {p.name[: -len("_0000.nii.gz")] for p in (target_raw / "imagesTr").glob("*_0000.nii.gz")}
+    done = {p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")} if data_folder.is_dir() else set()
+    if not moved and cases and cases <= done:
+        say(f"[5/5] {data_folder} holds all {len(cases)} cases: skipped")
+        skipped.append("preprocess")
+    else:
+        say.run([_command("nnUNetv2_preprocess", env), "-d", tid, "-plans_name", plans, "-c", configuration,
+                 "-np", n], env)
+        ran.append("preprocess")
+    return {"dataset": target_raw.name, "preprocessed_folder": str(data_folder), "num_cases": len(cases),
+            "ran": ran, "skipped": skipped}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,17 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-i", action="append", default=[], help="extra folder of unlabeled NIfTI scans (repeatable)")
     parser.add_argument("--name", default="Pretraining", help="dataset name of the target (default Pretraining)")
     parser.add_argument("--no-source-images", action="store_true", help="do not add the source's imagesTr")
+    parser.add_argument("--no-source-unlabeled", action="store_true",
+                        help="do not add the source's imagesUnlabeled folder")
     parser.add_argument("-c", default="3d_fullres", help="configuration to preprocess (default 3d_fullres)")
     parser.add_argument("-np", type=int, default=1, help="processes (default 1)")
     args = parser.parse_args(argv)
     try:
-        folder = prepare_pretraining_dataset(args.s, args.t, args.p, args.i, name=args.name,
-                                             include_source_images=not args.no_source_images,
-                                             configuration=args.c, num_processes=args.np)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        info = prepare_pretraining_dataset(args.s, args.t, args.p, args.i, name=args.name,
+                                           include_source_images=not args.no_source_images,
+                                           include_source_unlabeled=not args.no_source_unlabeled,
+                                           configuration=args.c, num_processes=args.np)
+    except (ValueError, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Ready: {folder}\nPre-train: nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainer -p {args.p}")
+    print(f"Ready: {info['dataset']} ({info['num_cases']} cases). Pre-train with:\n"
+          f"    nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainer -p {args.p}")
     return 0
 
 

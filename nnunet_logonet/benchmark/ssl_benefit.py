@@ -1,0 +1,231 @@
+"""Does Masked LoGoNet pre-training help when labels are scarce? The paper's claim, small and on CPU.
+
+    python -m nnunet_logonet.benchmark.ssl_benefit            # demo budgets
+    python -m nnunet_logonet.benchmark.ssl_benefit --quick    # demoQuick budgets (~10-15 min on 2 busy cores)
+
+On the phantom with few labeled cases (default 4) and more unlabeled ones, everything through
+nnU-Net's commands: plan (tiny preset) -> image-only pre-training dataset from the labeled and
+unlabeled images (:func:`~nnunet_logonet.ssl.pipeline.prepare_pretraining_dataset`) ->
+``LoGoNetSSLTrainer_*`` pre-training -> fine-tuning ``LoGoNetTrainer_*`` on the labeled cases
+from scratch and from the SSL weights (same trainer, same budget) -> ``nnUNetv2_predict`` on
+``imagesTs`` -> nnU-Net's evaluator. Prints the test Dice of both side by side and writes a JSON.
+
+nnU-Net's training is not seeded, so one run per arm carries run-to-run noise; ``--repeats``
+trains each arm several times (the pre-training once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "run"]
+
+PLANNER, PLANS, CONFIGURATION = "LoGoNetTinyPlanner", "LoGoNetTinyPlans", "3d_fullres"
+BUDGETS = {True: ("LoGoNetSSLTrainer_demoQuick", "LoGoNetTrainer_demoQuick"),
+           False: ("LoGoNetSSLTrainer_demo", "LoGoNetTrainer_demo")}
+ARMS = ("scratch", "ssl")
+
+
+def _binary(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else name
+
+
+class _Runner:
+    """Runs one nnU-Net command with the benchmark's environment, output to logs/<step>.log."""
+
+    def __init__(self, base: Path, env: dict[str, str]) -> None:
+        self.base, self.env = base, env
+        (base / "logs").mkdir(parents=True, exist_ok=True)
+        self.commands: list[dict] = []
+
+    def __call__(self, step: str, argv: list[str], **env_overrides: str) -> float:
+        argv = [_binary(argv[0]), *map(str, argv[1:])]
+        log = self.base / "logs" / f"{step}.log"
+        print(f"  {step}: {' '.join(Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))}", flush=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            done = subprocess.run(argv, env={**self.env, **env_overrides}, stdout=f, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        self.commands.append({"step": step, "command": " ".join(argv), "seconds": round(seconds, 1),
+                              **({"env": env_overrides} if env_overrides else {})})
+        if done.returncode != 0:
+            tail = "\n".join(log.read_text().strip().splitlines()[-20:])
+            raise RuntimeError(f"{step} failed (exit {done.returncode}); log {log}:\n{tail}")
+        return seconds
+
+
+def _ssl_summary(checkpoint: Path) -> dict:
+    import numpy as np
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    logging, ssl = ckpt["logging"], ckpt["ssl"]
+    timing = ssl["timing"]
+    share = (timing["fit_seconds"] + timing["label_seconds"]) / max(timing["pretrain_seconds"], 1e-9)
+    return {
+        "train_loss": [round(float(v), 4) for v in logging["train_losses"]],
+        "val_loss": [round(float(v), 4) for v in logging["val_losses"]],
+        "train_pseudo_label_accuracy": [round(float(v), 4) for v in logging["ssl_train_accuracy"]],
+        "val_pseudo_label_accuracy": [round(float(v), 4) for v in logging["mean_fg_dice"]],
+        "chance_accuracy": round(float(np.mean([1 / k for k in ssl["ks"]])), 4),
+        "num_clusterers": len(ssl["ks"]), "k_range": [min(ssl["ks"]), max(ssl["ks"])],
+        "clustering_seconds": round(timing["fit_seconds"], 1), "labelling_seconds": round(timing["label_seconds"], 1),
+        "pretraining_seconds": round(timing["pretrain_seconds"], 1), "clustering_share": round(share, 4),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    from nnunet_logonet.env import environment
+    from nnunet_logonet.phantom import write_dataset
+    from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
+
+    base = Path(args.base).expanduser().resolve()
+    if args.fresh and base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True, exist_ok=True)
+    ssl_trainer, ft_trainer = BUDGETS[args.quick]
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # our own data folders, whatever the shell has: never touch the user's nnU-Net data
+    env = {**os.environ, **environment(base, {}), "nnUNet_compile": os.environ.get("nnUNet_compile", "f")}
+    env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "4")
+    raw, pre, results = (Path(env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+    runner = _Runner(base, env)
+    labeled_id, pretrain_id = args.dataset_id, args.dataset_id + 1
+    name = "SSLBenefit"
+    wall = time.perf_counter()
+
+    dataset = raw / f"Dataset{labeled_id:03d}_{name}"
+    if not dataset.is_dir():
+        print(f"  phantom: {args.labeled} labeled, {args.unlabeled} unlabeled, {args.test} test cases, size {args.size}")
+        write_dataset(raw, labeled_id, name=name, num_train=args.labeled, num_test=args.test,
+                      num_unlabeled=args.unlabeled, size=args.size, seed=args.seed)
+    if not (pre / dataset.name / f"{PLANS}.json").is_file():
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 would crash it
+        runner("plan", ["logonet_plan_and_preprocess", "-d", labeled_id, "-pl", PLANNER, "-c", CONFIGURATION,
+                        "-np", 1, "-npfp", 1], nnUNet_n_proc_DA="1")
+    info = prepare_pretraining_dataset(labeled_id, pretrain_id, PLANS, name=f"{name}Pretrain", env=env,
+                                       log=base / "logs" / "pretraining_dataset.log")
+    print(f"  pretraining dataset: {info['dataset']} ({info['num_cases']} cases; ran {info['ran'] or 'nothing'})")
+
+    ssl_fold = results / info["dataset"] / f"{ssl_trainer}__{PLANS}__{CONFIGURATION}" / "fold_all"
+    ssl_checkpoint = ssl_fold / "checkpoint_final.pth"
+    if not ssl_checkpoint.is_file():
+        runner("pretrain", ["nnUNetv2_train", pretrain_id, CONFIGURATION, "all", "-tr", ssl_trainer, "-p", PLANS,
+                            "-device", device])
+    ssl = _ssl_summary(ssl_checkpoint)
+
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+
+    arms: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    for repeat in range(args.repeats):
+        for arm in ARMS:
+            arm_results = base / f"results_{arm}_{repeat}"  # the same trainer and plans: separate result roots
+            arm_env = {"nnUNet_results": str(arm_results)}
+            fold = arm_results / dataset.name / f"{ft_trainer}__{PLANS}__{CONFIGURATION}" / "fold_all"
+            train_seconds = None
+            if not (fold / "checkpoint_final.pth").is_file():
+                command = ["nnUNetv2_train", labeled_id, CONFIGURATION, "all", "-tr", ft_trainer, "-p", PLANS,
+                           "-device", device]
+                if arm == "ssl":
+                    command += ["-pretrained_weights", ssl_checkpoint]
+                train_seconds = runner(f"finetune_{arm}_{repeat}", command, **arm_env)
+            predictions = base / f"predictions_{arm}_{repeat}"
+            if not (predictions / "summary.json").is_file():
+                runner(f"predict_{arm}_{repeat}", [
+                    "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", predictions, "-d", labeled_id,
+                    "-c", CONFIGURATION, "-f", "all", "-tr", ft_trainer, "-p", PLANS, "-device", device,
+                    "--disable_tta", "-npp", 1, "-nps", 1], **arm_env)
+                compute_metrics_on_folder2(str(dataset / "labelsTs"), str(predictions), str(dataset / "dataset.json"),
+                                           str(pre / dataset.name / f"{PLANS}.json"),
+                                           output_file=str(predictions / "summary.json"), num_processes=1)
+            summary = json.loads((predictions / "summary.json").read_text())
+            labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+            names = {str(v): k for k, v in labels.items()}
+            arms[arm].append({
+                "test_dice": round(summary["foreground_mean"]["Dice"], 4),
+                "per_organ_dice": {names.get(k, k): round(v["Dice"], 4) for k, v in summary["mean"].items()},
+                "finetune_seconds": round(train_seconds, 1) if train_seconds is not None else None,
+                "checkpoint": str(fold / "checkpoint_final.pth"),
+            })
+    return {
+        "settings": {"quick": args.quick, "labeled": args.labeled, "unlabeled": args.unlabeled, "test": args.test,
+                     "size": args.size, "seed": args.seed, "device": device, "repeats": args.repeats,
+                     "pretraining_trainer": ssl_trainer, "finetuning_trainer": ft_trainer, "plans": PLANS},
+        "pretraining": ssl,
+        "arms": arms,
+        "mean_test_dice": {arm: round(sum(r["test_dice"] for r in runs) / len(runs), 4) for arm, runs in arms.items()},
+        "commands": runner.commands,
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+    }
+
+
+def _print(report: dict) -> None:
+    s, p = report["settings"], report["pretraining"]
+    print(f"\nSSL benefit on the phantom ({s['labeled']} labeled + {s['unlabeled']} unlabeled training cases, "
+          f"{s['test']} test cases, size {s['size']}, {s['device']}, plans {s['plans']})")
+    print(f"pre-training {s['pretraining_trainer']}: loss {p['train_loss'][0]} -> {p['train_loss'][-1]}, "
+          f"pseudo-label accuracy (train) {p['train_pseudo_label_accuracy'][0]} -> "
+          f"{p['train_pseudo_label_accuracy'][-1]} (chance {p['chance_accuracy']}); clustering + labelling "
+          f"{100 * p['clustering_share']:.1f}% of {p['pretraining_seconds']} s")
+    print(f"fine-tuning {s['finetuning_trainer']} (same budget for both), test Dice (foreground mean):")
+    organs = list(report["arms"]["scratch"][0]["per_organ_dice"])
+    print(f"  {'':<10}{'Dice':>8}  " + "  ".join(f"{o[:12]:>12}" for o in organs))
+    for arm, runs in report["arms"].items():
+        for i, r in enumerate(runs):
+            label = f"{arm}" + (f" #{i}" if len(runs) > 1 else "")
+            print(f"  {label:<10}{r['test_dice']:>8.4f}  " + "  ".join(f"{r['per_organ_dice'][o]:>12.4f}"
+                                                                    for o in organs))
+    print(f"mean: scratch {report['mean_test_dice']['scratch']:.4f}, SSL {report['mean_test_dice']['ssl']:.4f} "
+          f"(one nnU-Net run per arm and repeat; training is not seeded)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.ssl_benefit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="demoQuick budgets and fewer cases")
+    parser.add_argument("--base", default="ssl_benefit_work", help="work folder (default ./ssl_benefit_work)")
+    parser.add_argument("--output", default=None, help="JSON report (default <base>/ssl_benefit.json)")
+    parser.add_argument("--labeled", type=int, default=4, help="labeled training cases (default 4)")
+    parser.add_argument("--unlabeled", type=int, default=None, help="unlabeled cases (default 16; quick 8)")
+    parser.add_argument("--test", type=int, default=None, help="test cases (default 8; quick 4)")
+    parser.add_argument("--size", type=int, default=48, help="phantom in-plane size (default 48)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--repeats", type=int, default=1, help="fine-tunings per arm (default 1)")
+    parser.add_argument("--dataset-id", type=int, default=930, help="labeled dataset ID (default 930; +1 for "
+                                                                     "the pre-training dataset)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    args = parser.parse_args(argv)
+    args.unlabeled = args.unlabeled if args.unlabeled is not None else (8 if args.quick else 16)
+    args.test = args.test if args.test is not None else (4 if args.quick else 8)
+    for flag, value, low in (("--labeled", args.labeled, 1), ("--unlabeled", args.unlabeled, 0),
+                             ("--test", args.test, 1), ("--repeats", args.repeats, 1)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if not 1 <= args.dataset_id <= 998:
+        parser.error(f"--dataset-id must be in [1, 998] (the pre-training dataset takes id+1), got {args.dataset_id}")
+    report = run(args)
+    output = Path(args.output) if args.output else Path(args.base) / "ssl_benefit.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, output)
+    _print(report)
+    print(f"\nreport: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

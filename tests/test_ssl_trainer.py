@@ -1,0 +1,320 @@
+"""LoGoNetSSLTrainer end to end: pre-training through nnU-Net's commands, resume, cache, transfer.
+
+The slow tests share one small phantom (32^2 in-plane, patch 12x32x32 with the tiny planner),
+the image-only pre-training dataset made from it by ``prepare_pretraining_dataset`` and one
+pre-training run through the real ``nnUNetv2_train`` command.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nnunet_logonet.network import LoGoNet
+from nnunet_logonet.ssl.clusterers import SliceClusterBank
+from nnunet_logonet.ssl.features import PreClassifierFeatures, unwrap_network
+from nnunet_logonet.ssl.transfer import (
+    PretrainedMismatchError,
+    check_pretrained,
+    compare_pretrained,
+    pretrained_weights_from_argv,
+)
+
+LABELED, PRETRAIN = 910, 911
+PLANS = "LoGoNetTinyPlans"
+TRAINER = "LoGoNetSSLTrainer_ciTest"
+EPOCHS = 2  # the first run; the resume test adds one more epoch
+
+# a short variant for the tests, found by nnUNetv2_train through nnUNet_extTrainer like ours
+TEST_TRAINER_MODULE = textwrap.dedent(f'''
+    import os
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+
+    class {TRAINER}(LoGoNetSSLTrainerCPU):
+        cluster_fit_patches = 40
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = int(os.environ.get("LOGONET_TEST_EPOCHS", "{EPOCHS}"))
+            self.num_iterations_per_epoch = 5
+            self.num_val_iterations_per_epoch = 1
+''')
+
+
+# ------------------------------------------------------------------------------ fast unit tests
+def tiny_logonet(num_classes: int = 3) -> LoGoNet:
+    torch.manual_seed(0)
+    return LoGoNet.from_preset("tiny", 1, num_classes, (32, 32, 32))
+
+
+def test_hook_gives_the_classifier_input_and_sees_through_wrappers():
+    net = tiny_logonet().eval()
+    seen = {}
+    net.head.seg_layers[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    tap = PreClassifierFeatures(torch.compile(net))  # lazy: nothing is compiled until called
+    with torch.no_grad():
+        net(torch.randn(2, 1, 32, 32, 32))
+    features = tap.pop()
+    assert features.shape == (2, tap.channels, 32, 32, 32) and tap.channels == net.head.conv.out_channels
+    assert torch.equal(features, seen["x"])
+    with pytest.raises(RuntimeError, match="run the network forward"):
+        tap.pop()  # released after use: a stale feature map is never reused
+    assert unwrap_network(torch.compile(net)) is net
+
+
+def test_hook_refuses_a_network_without_logonet_head():
+    with pytest.raises(ValueError, match="LoGoNet planner"):
+        PreClassifierFeatures(nn.Sequential(nn.Conv3d(1, 2, 3)))
+
+
+def test_pretrained_path_is_read_from_the_nnunet_command_line():
+    argv = ["nnUNetv2_train", "1", "3d_fullres", "0", "-pretrained_weights", "/x/ckpt.pth", "-device", "cpu"]
+    assert pretrained_weights_from_argv(argv) == "/x/ckpt.pth"
+    assert pretrained_weights_from_argv(["nnUNetv2_train", "-pretrained_weights=/y.pth"]) == "/y.pth"
+    assert pretrained_weights_from_argv(["nnUNetv2_train", "1", "3d_fullres", "0"]) is None
+
+
+def test_compare_pretrained_accepts_own_weights_and_lists_every_difference(tmp_path):
+    net = tiny_logonet(num_classes=3)
+    other_classes = tiny_logonet(num_classes=7)  # only the classifiers differ: loads, as in nnU-Net
+    ckpt = {"network_weights": other_classes.state_dict()}
+    assert compare_pretrained(net, ckpt) == []
+    wider = LoGoNet.from_preset("tiny", 1, 3, (32, 32, 32), dims=[8, 16, 32, 96])
+    differences = compare_pretrained(wider, ckpt)
+    assert differences and all(d.startswith("shape differs") for d in differences)
+    assert any("global_path" in d for d in differences)
+    torch.save({"network_weights": {k: v for k, v in net.state_dict().items() if "head.conv" not in k}},
+               tmp_path / "partial.pth")
+    with pytest.raises(PretrainedMismatchError, match=r"2 key\(s\) missing") as error:
+        check_pretrained(net, tmp_path / "partial.pth")
+    assert "head.conv.weight" in str(error.value) and "head.conv.bias" in str(error.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedMismatchError, match="unreadable"):
+        compare_pretrained(net, tmp_path / "junk.pth")
+
+
+# ------------------------------------------------------------------------------ end to end
+def _env(base: Path, ext: Path) -> dict[str, str]:
+    from nnunet_logonet.env import environment
+
+    env = {"nnUNet_raw": str(base / "raw"), "nnUNet_preprocessed": str(base / "pre"),
+           "nnUNet_results": str(base / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
+    variables = environment(base, env)
+    variables["nnUNet_extTrainer"] += os.pathsep + str(ext)
+    return {**env, **variables}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Phantom (labeled + unlabeled) -> tiny plans -> image-only pre-training dataset -> one
+    pre-training run through ``nnUNetv2_train``."""
+    from nnunet_logonet.phantom import write_dataset
+    from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
+
+    base = tmp_path_factory.mktemp("ssl")
+    ext = base / "ext_trainers"
+    ext.mkdir()
+    (ext / "logonet_ssl_test_trainers.py").write_text(TEST_TRAINER_MODULE)
+    env = _env(base, ext)
+    write_dataset(base / "raw", LABELED, name="SSLPhantom", num_train=4, num_test=0, num_unlabeled=3, size=32)
+    bin_dir = Path(sys.executable).parent
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 crashes it
+    subprocess.run([str(bin_dir / "logonet_plan_and_preprocess"), "-d", str(LABELED), "-pl", "LoGoNetTinyPlanner",
+                    "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env={**os.environ, **env, "nnUNet_n_proc_DA": "1"},
+                   check=True, capture_output=True, timeout=300)
+    steps, again = [], []
+    first = prepare_pretraining_dataset(LABELED, PRETRAIN, PLANS, name="SSLPretrain", env={**os.environ, **env},
+                                        log=steps.append)  # finds the phantom's imagesUnlabeled itself
+    second = prepare_pretraining_dataset(LABELED, PRETRAIN, PLANS, name="SSLPretrain", env={**os.environ, **env},
+                                         log=again.append)
+    run = subprocess.run([str(bin_dir / "nnUNetv2_train"), str(PRETRAIN), "3d_fullres", "all", "-tr", TRAINER,
+                          "-p", PLANS, "-device", "cpu"], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    fold = base / "res" / f"Dataset{PRETRAIN}_SSLPretrain" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_all"
+    return {"base": base, "env": env, "fold": fold, "steps": steps, "again": again, "first": first,
+            "second": second}
+
+
+def _log_text(fold: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+
+
+def _final(fold: Path) -> dict:
+    return torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_pretraining_dataset_is_built_once_with_the_labeled_plans(workspace):
+    import json
+
+    pre = workspace["base"] / "pre"
+    assert workspace["first"]["skipped"] == [] and len(workspace["first"]["ran"]) == 5, workspace["steps"]
+    assert workspace["second"]["ran"] == [], workspace["again"]  # idempotent: every step skipped
+    assert any("nnUNetv2_move_plans_between_datasets" in s for s in workspace["steps"])
+    source = json.loads((pre / f"Dataset{LABELED}_SSLPhantom" / f"{PLANS}.json").read_text())
+    target = json.loads((pre / f"Dataset{PRETRAIN}_SSLPretrain" / f"{PLANS}.json").read_text())
+    assert target["configurations"] == source["configurations"]
+    assert target["foreground_intensity_properties_per_channel"] == \
+        source["foreground_intensity_properties_per_channel"]
+    data = pre / f"Dataset{PRETRAIN}_SSLPretrain" / source["configurations"]["3d_fullres"]["data_identifier"]
+    assert len(list(data.glob("*.pkl"))) == 4 + 3  # labeled images and unlabeled scans
+
+
+@pytest.mark.slow
+def test_checkpoint_has_no_classifier_and_keeps_head_and_bank(workspace):
+    fold = workspace["fold"]
+    checkpoint = _final(fold)
+    assert checkpoint["network_weights"] and not any(".seg_layers." in k for k in checkpoint["network_weights"])
+    assert any(k.startswith("head.conv") for k in checkpoint["network_weights"])
+    head = checkpoint["ssl_head_weights"]
+    assert head["fc2.weight"].shape[0] == sum(checkpoint["ssl"]["ks"])
+    bank = SliceClusterBank.load(checkpoint["ssl"]["bank_path"])
+    assert Path(checkpoint["ssl"]["bank_path"]) == fold / "clusterers.npz"
+    assert list(bank.ks) == checkpoint["ssl"]["ks"]
+
+
+@pytest.mark.slow
+def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeypatch):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    ckpt = workspace["fold"] / "checkpoint_final.pth"
+    trainer = get_trainer_from_args(str(LABELED), "3d_fullres", "all", "LoGoNetTrainer", PLANS,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    assert compare_pretrained(trainer.network, ckpt) == []
+    load_pretrained_weights(trainer.network, str(ckpt))  # nnU-Net's loader, unchanged
+    pretrained = _final(workspace["fold"])["network_weights"]
+    state = trainer.network.state_dict()
+    transferred = [k for k in state if ".seg_layers." not in k]
+    assert len(transferred) == len(pretrained)
+    assert all(torch.equal(state[k], pretrained[k]) for k in transferred)
+
+
+@pytest.mark.slow
+def test_weights_of_another_preset_are_reported_in_full(workspace):
+    ckpt = workspace["fold"] / "checkpoint_final.pth"
+    small = LoGoNet.from_preset("S", 1, 3, (64, 64, 64))
+    differences = compare_pretrained(small, ckpt)
+    assert any(d.startswith("missing in checkpoint") for d in differences)
+    assert any(d.startswith("shape differs") for d in differences)
+    with pytest.raises(PretrainedMismatchError) as error:
+        check_pretrained(small, ckpt)
+    message = str(error.value)
+    assert "LoGoNet-tiny" in message and PLANS in message and "key(s) missing" in message
+    assert "move_plans_between_datasets" in message
+
+
+def _resume(workspace, monkeypatch, epochs: int):
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOGONET_TEST_EPOCHS", str(epochs))
+    trainer = get_trainer_from_args(str(PRETRAIN), "3d_fullres", "all", TRAINER, PLANS, continue_training=True,
+                                    device=torch.device("cpu"))
+    maybe_load_checkpoint(trainer, True, False)  # what nnUNetv2_train --c does
+    trainer.run_training()
+    return trainer
+
+
+@pytest.mark.slow
+def test_resume_reuses_the_clusterers_and_never_reads_labels(workspace, monkeypatch):
+    fold = workspace["fold"]
+    cache = fold / "clusterers.npz"
+    before = cache.stat().st_mtime_ns
+    trainer = _resume(workspace, monkeypatch, EPOCHS + 1)
+    assert cache.stat().st_mtime_ns == before
+    assert "Reusing the cluster cache" in _log_text(fold) and "Fitted" not in _log_text(fold).split("Reusing")[-1]
+    logging = _final(fold)["logging"]
+    assert len(logging["train_losses"]) == EPOCHS + 1 and _final(fold)["current_epoch"] == EPOCHS + 1
+    patch = trainer.configuration_manager.patch_size
+    out = trainer.train_step({"data": torch.randn(2, 1, *patch)})  # no 'target' key at all
+    assert np.isfinite(out["loss"])
+
+
+def _scores_on_fixed_batches(trainer, batches) -> tuple[float, float]:
+    """Mean pretext loss and pseudo-label accuracy with the same masks for every model."""
+    losses, accuracies = [], []
+    trainer.network.train()
+    trainer.ssl_head.train()
+    with torch.no_grad():
+        for i, x in enumerate(batches):
+            torch.manual_seed(i)
+            loss, accuracy = trainer.pretext_loss(x)
+            if torch.isfinite(accuracy):  # a draw without masked slices carries no information
+                losses.append(float(loss))
+                accuracies.append(float(accuracy))
+    return float(np.mean(losses)), float(np.mean(accuracies))
+
+
+@pytest.mark.slow
+def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    fold = workspace["fold"]
+    checkpoint = _final(fold)
+    logging = checkpoint["logging"]
+    assert len(logging["train_losses"]) == checkpoint["current_epoch"] >= EPOCHS
+    assert np.isfinite(logging["train_losses"]).all()
+    chance = float(np.mean([1 / k for k in checkpoint["ssl"]["ks"]]))
+    assert logging["ssl_train_accuracy"][-1] > chance
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    trainer = get_trainer_from_args(str(PRETRAIN), "3d_fullres", "all", TRAINER, PLANS, device=torch.device("cpu"))
+    trainer.load_checkpoint(str(fold / "checkpoint_final.pth"))
+    trainer.bank = SliceClusterBank.load(fold / "clusterers.npz")
+    _, loader = trainer.get_dataloaders()
+    np.random.seed(0)  # nnU-Net's loader crops with numpy's global generator
+    batches = [next(loader)["data"] for _ in range(6)]
+    trained_loss, trained_accuracy = _scores_on_fixed_batches(trainer, batches)
+    trainer.network.apply(LoGoNet.initialize)
+    trainer.ssl_head.apply(trainer.ssl_head._init_weights)
+    fresh_loss, fresh_accuracy = _scores_on_fixed_batches(trainer, batches)
+    assert fresh_loss == pytest.approx(np.mean(np.log(checkpoint["ssl"]["ks"])), abs=0.05)  # uniform at start
+    assert trained_loss < fresh_loss - 0.05, (trained_loss, fresh_loss)
+    assert trained_accuracy > 1.5 * chance and trained_accuracy > fresh_accuracy, (trained_accuracy, chance)
+
+    log = _log_text(fold)
+    assert "Labels of the dataset are not used" in log and "pre-training wall time" in log
+    assert "no segmentation validation" in log
+    assert (fold / "progress.png").stat().st_size > 10_000
+    assert not (fold / "validation").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch):
+    fold = workspace["fold"]
+    cache = fold / "clusterers.npz"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    _resume(workspace, monkeypatch, EPOCHS + 1)  # already finished: only the start-up runs
+    log = _log_text(fold).split("Reusing the cluster cache")[-1]
+    assert "unreadable" in log and "Refitting the clusterers" in log
+    bank = SliceClusterBank.load(cache)  # rewritten, intact
+    assert list(bank.ks) == _final(fold)["ssl"]["ks"]
+    # the seeded refit gives the checkpoint's bank again, else the head must be reset
+    assert "equal the checkpoint's" in log or "head restarts from random weights" in log
+
+
+def test_pipeline_names_the_missing_source_plans(tmp_path):
+    from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
+
+    (tmp_path / "raw" / "Dataset910_X" / "imagesTr").mkdir(parents=True)
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    with pytest.raises(PipelineError, match="LoGoNetTinyPlans.json does not exist: plan the source first"):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=[].append)
+    with pytest.raises(ValueError, match="must differ"):
+        prepare_pretraining_dataset(910, 910, PLANS, env=env)
+    assert not (tmp_path / "raw" / "Dataset911_Pretraining").exists()
