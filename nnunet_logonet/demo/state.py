@@ -1,0 +1,67 @@
+"""``<base>/demo_state.json``: which stages finished, with which settings, at what cost.
+
+A stage counts as finished only when it is recorded here *and* its outputs still exist, so a
+re-run repeats exactly the stages that did not finish (or whose outputs were deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from nnunet_logonet.demo.settings import DemoError, DemoSettings
+
+__all__ = ["STATE_FILE", "DemoState"]
+
+STATE_FILE = "demo_state.json"
+STATE_VERSION = 1
+
+
+class DemoState:
+    def __init__(self, path: Path, settings: DemoSettings, stages: dict | None = None) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.stages: dict[str, dict] = stages or {}
+
+    @classmethod
+    def open(cls, base: Path, settings: DemoSettings) -> "DemoState":
+        """The state of ``base``; a :class:`DemoError` when it was made with other settings."""
+        path = Path(base) / STATE_FILE
+        if not path.is_file():
+            return cls(path, settings)
+        try:
+            data = json.loads(path.read_text())
+            recorded = data["settings"]
+            stages = data["stages"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DemoError(f"{path} is unreadable ({error}). Re-run with --fresh to start over in {base}.") from error
+        if data.get("digest") != settings.digest():
+            changes = "; ".join(settings.differences(recorded)) or "the demo's code or version"
+            raise DemoError(
+                f"--base {base} holds a demo made with other settings ({changes}). Re-run with --fresh to "
+                f"redo every stage there, or pass another --base to keep both.")
+        return cls(path, settings, stages)
+
+    def finished(self, stage: str) -> dict | None:
+        record = self.stages.get(stage)
+        return record if record and record.get("digest") == self.settings.digest() else None
+
+    def record(self, stage: str, **info) -> dict:
+        self.stages[stage] = {**info, "digest": self.settings.digest(),
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.save()
+        return self.stages[stage]
+
+    def forget(self, stage: str) -> None:
+        if self.stages.pop(stage, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"version": STATE_VERSION, "digest": self.settings.digest(), "settings": self.settings.as_dict(),
+                "stages": self.stages}
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.path)

@@ -1,0 +1,249 @@
+"""logonet_demo: table and figures from results, stage reuse, bad input, and the quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunet_logonet.demo import report
+from nnunet_logonet.demo.cli import check_dataset_ids, demo_environment, main, run_stages
+from nnunet_logonet.demo.runner import run_command
+from nnunet_logonet.demo.settings import DemoError, make_settings
+from nnunet_logonet.demo.stages import DemoContext, Stage, epoch_seconds, seconds_per_case, seconds_per_iteration
+from nnunet_logonet.demo.state import DemoState
+
+ORGANS = ["spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "aorta"]
+
+
+def synthetic_results(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    settings = make_settings(quick=True)
+    models = {}
+    for model in settings.models:
+        dice = {o: float(rng.uniform(0, 1)) for o in ORGANS}
+        models[model.key] = {"label": model.label, "dice": dice, "mean_dice": float(np.mean(list(dice.values()))),
+                             "parameters": int(rng.integers(1e5, 3e7)), "macs": int(rng.integers(1e8, 1e11)),
+                             "patch_size": [16, 32, 32], "seconds_per_case": float(rng.uniform(0.1, 5)),
+                             "seconds_per_iteration": float(rng.uniform(0.1, 3)),
+                             "peak_memory_mb": float(rng.uniform(500, 3000)), "peak_memory_source": "max RSS"}
+    models["logonet"]["dice"]["gallbladder"] = None  # a value nnU-Net could not compute
+    return {"settings": settings.as_dict(), "organs": ORGANS, "models": models, "tta": False,
+            "machine": {"cpu_count": 2, "load_average_start": [1.0, 1.0, 1.0]}, "wall_s": 100.0}
+
+
+# ------------------------------------------------------------------------------ table
+def test_table_has_one_row_per_model_with_its_numbers():
+    results = synthetic_results()
+    lines = report.format_table(results).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[1:7] == [o.replace("_", " ") for o in ORGANS]
+    assert "mean Dice" in header and "GMACs" in header and "s/train iter" in header
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in lines[2:]}
+    assert len(rows) == 3
+    for model in results["models"].values():
+        row = rows[model["label"]]
+        assert row[header.index("spleen")] == f"{model['dice']['spleen']:.3f}"
+        assert row[header.index("mean Dice")] == f"{model['mean_dice']:.3f}"
+        assert row[header.index("params (M)")] == f"{model['parameters'] / 1e6:.2f}"
+        assert row[header.index("GMACs")] == f"{model['macs'] / 1e9:.2f}"
+        assert row[header.index("peak mem (MB)")] == f"{model['peak_memory_mb']:.0f}"
+    assert rows[results["models"]["logonet"]["label"]][header.index("gallbladder")] == "–"
+
+
+def test_markdown_and_json_are_written(tmp_path):
+    results = synthetic_results()
+    report.write_markdown(results, tmp_path / "results.md")
+    report.write_json({**results, "array": np.arange(3), "value": np.float32(0.5)}, tmp_path / "results.json")
+    assert report.format_table(results) in (tmp_path / "results.md").read_text()
+    assert "disable_tta" in (tmp_path / "results.md").read_text()
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert loaded["array"] == [0, 1, 2] and loaded["value"] == 0.5
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------------------- figures
+def _read_png(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path))
+
+
+def test_dice_figure_is_a_readable_png(tmp_path):
+    report.plot_dice(synthetic_results(), tmp_path / "dice.png")
+    image = _read_png(tmp_path / "dice.png")
+    assert image.shape[1] >= 800 and image.shape[0] >= 400  # wide enough for 7 groups of 3 bars
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_pick_slice_prefers_most_organs_then_most_foreground():
+    a = np.zeros((4, 8, 8), np.uint8)
+    a[1, :4, :4] = 5  # one large organ
+    b = np.zeros((3, 8, 8), np.uint8)
+    b[2, 0, 0], b[2, 1, 1] = 1, 2  # two small organs
+    b[0, :, :] = 5
+    assert report.pick_slice({"a": a, "b": b}) == ("b", 2)
+    with pytest.raises(ValueError):
+        report.pick_slice({})
+
+
+def test_overlay_has_one_panel_per_label_map_and_organ_colours(tmp_path):
+    organs = {o: i + 1 for i, o in enumerate(ORGANS)}
+    image = np.linspace(-200, 300, 64 * 64).reshape(64, 64)
+    label = np.zeros((64, 64), np.uint8)
+    label[10:30, 10:30] = organs["liver"]
+    label[40:50, 40:50] = organs["spleen"]
+    panels = [("ground truth", label), ("model A", np.roll(label, 3, 0)), ("model B", np.zeros_like(label))]
+    report.plot_overlay(image, panels, organs, tmp_path / "overlay.png", title="case")
+    picture = _read_png(tmp_path / "overlay.png")[..., :3]
+    assert picture.shape[1] > 2 * picture.shape[0]  # three panels side by side
+    liver = np.array(report.ORGAN_COLOURS["liver"])
+    # liver colour blended over grey appears somewhere: the red-blue excess of purple over grey
+    assert np.any((picture[..., 2] - picture[..., 1] > 0.12) & (picture[..., 0] - picture[..., 1] > 0.05))
+    assert liver[2] > liver[1]
+
+
+# ---------------------------------------------------------------------------- parsing
+def test_epoch_times_and_seconds_per_case_come_from_nnunet_output(tmp_path):
+    (tmp_path / "training_log_2026_01_01_00_00_00.txt").write_text(
+        "x: Epoch time: 10.5 s\nx: Epoch time: 9.5 s\n")
+    (tmp_path / "training_log_2026_01_02_00_00_00.txt").write_text("x: Epoch time: 8.0 s (pseudo-labelling 1 s)\n")
+    runs = epoch_seconds(tmp_path)
+    assert runs == [[10.5, 9.5], [8.0]]
+    assert seconds_per_iteration(runs, 2) == pytest.approx((9.5 + 8.0) / 2 / 2)  # first epoch of a run left out
+    assert seconds_per_iteration([[6.0]], 3) == 2.0 and seconds_per_iteration([], 3) is None
+    events = [(1.0, "Predicting Phantom_ts000.nii.gz:"), (3.5, "done with Phantom_ts000.nii.gz"),
+              (4.0, "Predicting Phantom_ts001.nii.gz:"), (4.25, "done with Phantom_ts001.nii.gz")]
+    assert seconds_per_case(events) == {"Phantom_ts000": 2.5, "Phantom_ts001": 0.25}
+
+
+def test_run_command_logs_measures_and_reports_failures(tmp_path):
+    env = dict(os.environ)
+    result = run_command([sys.executable, "-c", "import numpy; a = numpy.ones(30_000_000); print('hello')"],
+                         env=env, log=tmp_path / "ok.log", watch=lambda line: line == "hello")
+    assert "hello" in (tmp_path / "ok.log").read_text()
+    assert [line for _, line in result.events] == ["hello"]
+    assert result.max_rss_mb > 200  # the 240 MB array, seen by the kernel's accounting
+    assert result.cpu_s > 0 and result.wall_s > 0
+    with pytest.raises(DemoError, match=r"(?s)exit 3.*boom"):
+        run_command([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], env=env, log=tmp_path / "bad.log")
+
+
+# -------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"preset": "XL"}, "--preset"), ({"device": "tpu"}, "--device"), ({"device": "cuda"}, "--device cuda"),
+    ({"dataset_id": 999}, "--dataset-id"), ({"dataset_id": 0}, "--dataset-id"), ({"seed": -1}, "--seed"),
+])
+def test_bad_settings_name_the_flag(kwargs, flag):
+    with pytest.raises(DemoError, match=flag):
+        make_settings(cuda_available=False, **kwargs)
+
+
+def test_cli_rejects_bad_flags_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "huge"])
+    assert exit_info.value.code == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_device():
+    assert make_settings(device="cpu").preset == "tiny"
+    assert make_settings(device="cuda", cuda_available=True).preset == "S"
+    assert make_settings(quick=True).budget != make_settings().budget
+
+
+def test_base_made_with_other_settings_asks_for_fresh(tmp_path):
+    DemoState(tmp_path / "demo_state.json", make_settings(seed=0)).save()
+    with pytest.raises(DemoError, match=r"seed: 0 -> 1.*--fresh"):
+        DemoState.open(tmp_path, make_settings(seed=1))
+    assert DemoState.open(tmp_path, make_settings(seed=0)).stages == {}
+
+
+def test_dataset_id_used_by_another_dataset_is_refused(tmp_path):
+    settings = make_settings(dataset_id=42)
+    env = demo_environment(tmp_path, settings, environ={"PATH": ""})
+    (Path(env["nnUNet_raw"]) / "Dataset043_Liver").mkdir(parents=True)
+    with pytest.raises(DemoError, match=r"--dataset-id 42.*Dataset043_Liver"):
+        check_dataset_ids(settings, env)
+    check_dataset_ids(make_settings(dataset_id=50), env)
+
+
+def test_environment_keeps_user_folders_and_sets_nnunet_variables(tmp_path):
+    settings = make_settings(device="cpu")
+    env = demo_environment(tmp_path, settings, environ={"PATH": "", "nnUNet_raw": "/data/raw"})
+    assert env["nnUNet_raw"] == "/data/raw"
+    assert env["nnUNet_results"] == str(tmp_path.resolve() / "nnUNet_results")
+    assert env["nnUNet_compile"] == "f" and env["nnUNet_n_proc_DA"] == "2"
+    assert Path(env["nnUNet_extTrainer"]).name == "trainers"
+
+
+# ------------------------------------------------------------------------ stage reuse
+def test_finished_stages_are_reused_and_a_rerun_stage_makes_dependants_rerun(tmp_path):
+    settings = make_settings(quick=True)
+    calls = []
+
+    def make(name, needs=()):
+        def run(ctx):
+            calls.append((name, ctx.resuming))
+            (tmp_path / name).write_text("done")
+            return {"value": name}
+        return Stage(name, name, run, lambda ctx: [tmp_path / name], needs)
+
+    stages = [make("a"), make("b", ("a",)), make("c")]
+
+    def run_all():
+        ctx = DemoContext(settings, tmp_path, tmp_path, {}, DemoState.open(tmp_path, settings))
+        return run_stages(ctx, stages)
+
+    assert run_all() == {"a": False, "b": False, "c": False}
+    calls.clear()
+    assert run_all() == {"a": True, "b": True, "c": True} and calls == []
+    (tmp_path / "a").unlink()  # an output deleted: its stage and what needs it run again
+    assert run_all() == {"a": False, "b": False, "c": True}
+    # an interrupted stage (recorded as started) is resumed
+    state = DemoState.open(tmp_path, settings)
+    state.record("c", status="started")
+    calls.clear()
+    run_all()
+    assert calls == [("c", True)]
+
+
+# ----------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_quick_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
+    base, out = tmp_path / "work", tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = ["logonet_demo", "--quick", "--device", "cpu", "--base", str(base), "--out", str(out)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"nnunet", "logonet", "logonet_ssl"}
+    for key, model in results["models"].items():
+        assert set(model["dice"]) == set(results["organs"]), key
+        assert 0.0 <= model["mean_dice"] <= 1.0, key
+        for figure in ("parameters", "macs", "seconds_per_case", "seconds_per_iteration", "peak_memory_mb"):
+            assert model[figure] is not None and model[figure] > 0, (key, figure)
+    assert results["models"]["logonet_ssl"]["pretrained_weights"].endswith("checkpoint_final.pth")
+    for figure in ("dice_per_organ.png", "overlay.png"):
+        assert _read_png(out / figure).shape[0] > 200
+    assert report.format_table(results) in first.stdout
+    assert "Total wall time" in first.stdout
+
+    start = time.perf_counter()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rerun = json.loads((out / "results.json").read_text())
+    assert all(stage["reused"] for stage in rerun["stages"].values())
+    assert rerun["models"] == results["models"]
+    assert time.perf_counter() - start < 60
+
+    other = subprocess.run([*command, "--seed", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "--fresh" in other.stderr
