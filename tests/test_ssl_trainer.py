@@ -308,6 +308,25 @@ def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch):
     assert "equal the checkpoint's" in log or "head restarts from random weights" in log
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, value, match", [
+    ("cluster_k_range", (64, 16), "k_range"), ("cluster_num", 0, "num_clusterers"),
+    ("mask_phi1", 1.5, "phi1"), ("cluster_fit_patches", 0, "cluster_fit_patches")])
+def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, value, match):
+    import json
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+
+    for key, env_value in workspace["env"].items():
+        monkeypatch.setenv(key, env_value)
+    pre = workspace["base"] / "pre" / f"Dataset{PRETRAIN}_SSLPretrain"
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    bad = type("LoGoNetSSLTrainerBad", (LoGoNetSSLTrainerCPU,), {setting: value})
+    with pytest.raises(ValueError, match=match):
+        bad({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+
+
 def test_pipeline_names_the_missing_source_plans(tmp_path):
     from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
 

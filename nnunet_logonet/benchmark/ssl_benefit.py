@@ -1,13 +1,14 @@
 """Does Masked LoGoNet pre-training help when labels are scarce? The paper's claim, small and on CPU.
 
     python -m nnunet_logonet.benchmark.ssl_benefit            # demo budgets
-    python -m nnunet_logonet.benchmark.ssl_benefit --quick    # demoQuick budgets (~10-15 min on 2 busy cores)
+    python -m nnunet_logonet.benchmark.ssl_benefit --quick    # demoQuick budgets, phantom size 32
 
 On the phantom with few labeled cases (default 4) and more unlabeled ones, everything through
 nnU-Net's commands: plan (tiny preset) -> image-only pre-training dataset from the labeled and
 unlabeled images (:func:`~nnunet_logonet.ssl.pipeline.prepare_pretraining_dataset`) ->
-``LoGoNetSSLTrainer_*`` pre-training -> fine-tuning ``LoGoNetTrainer_*`` on the labeled cases
-from scratch and from the SSL weights (same trainer, same budget) -> ``nnUNetv2_predict`` on
+``LoGoNetSSLTrainer_*`` pre-training -> fine-tuning ``LoGoNetTrainer_demo*`` (as the demo's, minus
+nnU-Net's final validation on the training cases) on the labeled cases from scratch and from the
+SSL weights (same trainer, same budget) -> ``nnUNetv2_predict`` on
 ``imagesTs`` -> nnU-Net's evaluator. Prints the test Dice of both side by side and writes a JSON.
 
 nnU-Net's training is not seeded, so one run per arm carries run-to-run noise; ``--repeats``
@@ -25,12 +26,30 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "run"]
+from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
+
+__all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "main", "run"]
 
 PLANNER, PLANS, CONFIGURATION = "LoGoNetTinyPlanner", "LoGoNetTinyPlans", "3d_fullres"
-BUDGETS = {True: ("LoGoNetSSLTrainer_demoQuick", "LoGoNetTrainer_demoQuick"),
-           False: ("LoGoNetSSLTrainer_demo", "LoGoNetTrainer_demo")}
+BUDGETS = {True: ("LoGoNetSSLTrainer_demoQuick", "LoGoNetTrainer_demoQuickNoVal"),
+           False: ("LoGoNetSSLTrainer_demo", "LoGoNetTrainer_demoNoVal")}
 ARMS = ("scratch", "ssl")
+#: thin module for nnUNet_extTrainer (written into the work folder): the classes live here
+EXT_MODULE = "from nnunet_logonet.benchmark.ssl_benefit import LoGoNetTrainer_demoNoVal, " \
+             "LoGoNetTrainer_demoQuickNoVal  # noqa: F401\n"
+
+
+def _skip_final_validation(self, save_probabilities: bool = False) -> None:
+    self.print_to_log_file("ssl_benefit: nnU-Net's validation on the training cases is skipped; the benchmark "
+                           "evaluates the test cases (imagesTs) instead.")
+
+
+# The demo budgets, without nnU-Net's final validation on the (fold 'all') training cases: it
+# predicts every case with 8-fold mirroring and 8 export workers, minutes per case on a busy 2-core CPU.
+LoGoNetTrainer_demoNoVal = type("LoGoNetTrainer_demoNoVal", (LoGoNetTrainer_demo,),
+                                {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
+LoGoNetTrainer_demoQuickNoVal = type("LoGoNetTrainer_demoQuickNoVal", (LoGoNetTrainer_demoQuick,),
+                                     {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
 
 
 def _binary(name: str) -> str:
@@ -98,8 +117,13 @@ def run(args: argparse.Namespace) -> dict:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # our own data folders, whatever the shell has: never touch the user's nnU-Net data
+    ext = base / "ext_trainers"
+    ext.mkdir(exist_ok=True)
+    (ext / "ssl_benefit_trainers.py").write_text(EXT_MODULE)
     env = {**os.environ, **environment(base, {}), "nnUNet_compile": os.environ.get("nnUNet_compile", "f")}
+    env["nnUNet_extTrainer"] += os.pathsep + str(ext)
     env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "4")
+    env.setdefault("nnUNet_def_n_proc", "1" if device == "cpu" else "4")  # export workers of nnUNetv2_predict
     raw, pre, results = (Path(env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
     runner = _Runner(base, env)
     labeled_id, pretrain_id = args.dataset_id, args.dataset_id + 1
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeled", type=int, default=4, help="labeled training cases (default 4)")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabeled cases (default 16; quick 8)")
     parser.add_argument("--test", type=int, default=None, help="test cases (default 8; quick 4)")
-    parser.add_argument("--size", type=int, default=48, help="phantom in-plane size (default 48)")
+    parser.add_argument("--size", type=int, default=None, help="phantom in-plane size (default 48; quick 32)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--repeats", type=int, default=1, help="fine-tunings per arm (default 1)")
     parser.add_argument("--dataset-id", type=int, default=930, help="labeled dataset ID (default 930; +1 for "
@@ -210,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.unlabeled = args.unlabeled if args.unlabeled is not None else (8 if args.quick else 16)
     args.test = args.test if args.test is not None else (4 if args.quick else 8)
+    args.size = args.size if args.size is not None else (32 if args.quick else 48)
     for flag, value, low in (("--labeled", args.labeled, 1), ("--unlabeled", args.unlabeled, 0),
                              ("--test", args.test, 1), ("--repeats", args.repeats, 1)):
         if value < low:

@@ -102,6 +102,10 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                                           patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2,
                                           slice_axis=self.ssl_slice_axis)
         self._new_bank()  # validates the clusterer settings now, not after the data loaders started
+        if isinstance(self.cluster_samples_per_cluster, bool) or not isinstance(self.cluster_samples_per_cluster, int) \
+                or self.cluster_samples_per_cluster < 1:
+            raise ValueError(f"cluster_samples_per_cluster must be an int >= 1, got {self.cluster_samples_per_cluster!r}.")
+        self.fit_patch_count  # noqa: B018 -- validates cluster_fit_patches
         self.bank: SliceClusterBank | None = None
         self.ssl_head: SlicePseudoLabelHead | None = None
         self._head_call: nn.Module | None = None
