@@ -83,29 +83,45 @@ def test_dataset_without_plans_says_what_to_run(tmp_path, monkeypatch, capsys):
     assert "nnUNetv2_plan_and_preprocess -d 987" in capsys.readouterr().err
 
 
-def test_dataset_plans_set_patch_and_topology(tmp_path):
-    """With -d, nnunet is the plans' network unchanged and LoGoNet's strides follow the spacing."""
-    spacing, patch = [3.0, 0.8, 0.8], [32, 64, 64]
+def write_plans(root, patch, spacing):
+    """A minimal nnUNetPlans.json + dataset.json as nnU-Net's default planner would write them."""
     cls, arch, imports = nnunet_arch(patch, spacing)
-    folder = tmp_path / "Dataset987_Aniso"
+    folder = root / "Dataset987_Aniso"
     folder.mkdir()
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": patch, "median_image_size_in_voxels": [40, 120, 120],
+              "spacing": spacing, "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+              "architecture": {"network_class_name": cls, "arch_kwargs": arch, "_kw_requires_import": imports}}
     plans = {"dataset_name": folder.name, "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": spacing,
              "original_median_shape_after_transp": [40, 120, 120], "image_reader_writer": "SimpleITKIO",
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {"3d_fullres": {
-                 "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-                 "batch_size": 2, "patch_size": patch, "median_image_size_in_voxels": [40, 120, 120],
-                 "spacing": spacing, "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-                 "architecture": {"network_class_name": cls, "arch_kwargs": arch, "_kw_requires_import": imports}}},
-             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-             "foreground_intensity_properties_per_channel": {}}
+             "configurations": {"3d_fullres": config}, "experiment_planner_used": "ExperimentPlanner",
+             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
     (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
                                                      "labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    return arch
+
+
+def _context(plans):
+    return dict(patch_size=plans.patch_size, spacing=plans.spacing, input_channels=plans.input_channels,
+                num_classes=plans.num_classes, plans=plans)
+
+
+def test_dataset_plans_set_patch_and_topology(tmp_path):
+    """With -d, nnunet is the plans' network unchanged and LoGoNet's strides follow the spacing."""
+    arch = write_plans(tmp_path, [32, 64, 64], [3.0, 0.8, 0.8])
     loaded = load_dataset_plans(987, tmp_path)
     assert loaded.patch_size == (32, 64, 64) and loaded.num_classes == 3 and loaded.input_channels == 1
-    kwargs = dict(patch_size=loaded.patch_size, spacing=loaded.spacing, input_channels=1, num_classes=3, plans=loaded)
-    assert resolve_model("nnunet", **kwargs).arch_kwargs == arch
-    logonet = resolve_model("logonet_tiny", **kwargs)
-    assert logonet.patch_size == (32, 64, 64)
+    assert resolve_model("nnunet", **_context(loaded)).arch_kwargs == arch
+    logonet = resolve_model("logonet_tiny", **_context(loaded))
+    assert logonet.patch_size == (32, 64, 64) and not logonet.notes
     assert logonet.arch_kwargs["strides"][1] == [1, 2, 2]  # thick slices are not pooled first
+
+
+def test_dataset_patch_logonet_cannot_take_is_rounded_with_a_note(tmp_path):
+    write_plans(tmp_path, [40, 64, 64], [1.0, 1.0, 1.0])
+    loaded = load_dataset_plans(987, tmp_path)
+    logonet = resolve_model("logonet_tiny", **_context(loaded))
+    assert logonet.patch_size != (40, 64, 64)
+    assert logonet.notes and "40, 64, 64" in logonet.notes[0]
