@@ -105,6 +105,9 @@ def _summary(stage: Stage, info: dict) -> str:
         parts.append(f"{info['seconds_per_iteration']:.2f} s/iter")
     if info.get("validation_dice") is not None:
         parts.append(f"fold-0 val Dice {info['validation_dice']:.3f}")
+    if info.get("pseudo_label_accuracy"):
+        acc = info["pseudo_label_accuracy"]
+        parts.append(f"pseudo-label accuracy {acc['val']:.3f} (chance {acc['chance']:.3f})")
     if info.get("seconds_per_case") is not None:
         parts.append(f"{len(info.get('case_seconds', {}))} cases, {info['seconds_per_case']:.2f} s/case")
     if "models" in info and stage.name == "evaluate":
@@ -200,7 +203,8 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
         "tta": settings.tta, "organs": organs,
         "models": report.assemble_models(settings.as_dict(), settings.models, records),
         "ssl_pretraining": {k: records.get("ssl_pretrain", {}).get(k) for k in
-                            ("command", "seconds_per_iteration", "stage_wall_s", "cpu_s", "max_rss_mb", "folder")},
+                            ("command", "seconds_per_iteration", "pseudo_label_accuracy", "stage_wall_s", "cpu_s",
+                             "max_rss_mb", "folder")},
         "stages": {s.name: {**records.get(s.name, {}), "reused": reused.get(s.name, False)} for s in stages},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

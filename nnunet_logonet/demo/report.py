@@ -116,9 +116,21 @@ def table_notes(results: Mapping) -> list[str]:
         f"(first epoch left out: it starts the data-augmentation workers; includes the epoch's "
         f"validation iterations).",
         f"peak mem: {peak}.",
+        *_ssl_note(results),
         f"Device: {settings['device']}; {results.get('machine', {}).get('cpu_count', '?')} CPU cores; load average "
         f"{results.get('machine', {}).get('load_average_start', '?')} at start.",
     ]
+
+
+def _ssl_note(results: Mapping) -> list[str]:
+    ssl = results.get("ssl_pretraining") or {}
+    accuracy = ssl.get("pseudo_label_accuracy")
+    if not accuracy:
+        return []
+    settings = results["settings"]
+    return [f"SSL pretraining (LoGoNet + SSL): masked multi-cluster pretext on the {settings['num_train']} training + "
+            f"{settings['num_unlabeled']} unlabeled images (labels unused); final pseudo-label accuracy on masked "
+            f"slices {accuracy['val']:.3f} (chance {accuracy['chance']:.3f})."]
 
 
 def write_markdown(results: Mapping, path: Path) -> None:

@@ -65,6 +65,7 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
             # newline="": carriage returns of progress bars are kept in the log as they were written
             for line in io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline=""):
                 handle.write(line)
+                handle.flush()  # the log can be followed with tail -f while the command runs
                 stripped = line.rstrip("\r\n")
                 tail.append(stripped)
                 if watch is not None and watch(stripped):

@@ -30,6 +30,7 @@ __all__ = ["DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_s
 CONFIGURATION = "3d_fullres"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
+SSL_ACCURACY = re.compile(r"pseudo-label accuracy: train ([0-9.na]+), val ([0-9.na]+) \(chance ([0-9.]+)\)")
 
 
 @dataclass
@@ -218,6 +219,11 @@ def _train(ctx: DemoContext, stage: str, *, dataset_id: int, dataset: str, fold:
     info = {**_costs(result), "command": result.command, "resumed": resumed, "folder": str(folder),
             "epoch_seconds": times, "iterations_per_epoch": s.budget["iterations"],
             "seconds_per_iteration": seconds_per_iteration(times, s.budget["iterations"])}
+    accuracy = [m for log in sorted(folder.glob("training_log_*.txt"))
+                for m in SSL_ACCURACY.finditer(log.read_text(errors="replace"))]
+    if accuracy:  # the SSL trainer's pretext accuracy (masked slices), last epoch
+        train, val, chance = accuracy[-1].groups()
+        info["pseudo_label_accuracy"] = {"train": float(train), "val": float(val), "chance": float(chance)}
     summary = folder / "validation" / "summary.json"
     if summary.is_file():
         info["validation_dice"] = json.loads(summary.read_text())["foreground_mean"]["Dice"]

@@ -146,7 +146,7 @@ ULKANetTrainer_10epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_10epochs",
 ULKANetTrainer_100epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs", 100)
 
 #: CPU budgets of the demo (logonet_demo) and of the end-to-end tests: equal for every model.
-DEMO_BUDGET = {"epochs": 8, "iterations": 25, "val_iterations": 5}
+DEMO_BUDGET = {"epochs": 14, "iterations": 25, "val_iterations": 5}
 DEMO_QUICK_BUDGET = {"epochs": 3, "iterations": 10, "val_iterations": 3}
 LoGoNetTrainer_demo = with_budget(LoGoNetTrainer, "LoGoNetTrainer_demo", DEMO_BUDGET["epochs"],
                                   DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], save_every=1)
