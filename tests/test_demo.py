@@ -68,6 +68,39 @@ def test_markdown_and_json_are_written(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_markdown_lists_nnunet_ranking_best_first(tmp_path):
+    results = synthetic_results()
+    results["find_best_configuration"] = {"validation_dice": {"nnunet": 0.4, "logonet": 0.6, "logonet_ssl": 0.5},
+                                          "best": "logonet"}
+    report.write_markdown(results, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    labels = [results["models"][k]["label"] for k in ("logonet", "logonet_ssl", "nnunet")]
+    positions = [text.index(f". {label}: ") for label in labels]
+    assert positions == sorted(positions)
+    assert f"1. {labels[0]}: 0.600 (best)" in text
+
+
+def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from nnunet_logonet.demo import rank
+
+    assert rank.parse_model("LoGoNetTrainer:LoGoNetTinyPlans") == {
+        "plans": "LoGoNetTinyPlans", "configuration": "3d_fullres", "trainer": "LoGoNetTrainer"}
+    with pytest.raises(argparse.ArgumentTypeError, match="TRAINER:PLANS"):
+        rank.parse_model("LoGoNetTrainer")
+    with pytest.raises(SystemExit):
+        rank.main(["900", "LoGoNetTrainer"])
+    assert "TRAINER:PLANS" in capsys.readouterr().err
+
+    def untrained(*args, **kwargs):
+        raise RuntimeError("Trained model ... does not have an output folder")
+
+    monkeypatch.setattr(rank, "rank_models", untrained)
+    assert rank.main(["900", "LoGoNetTrainer:LoGoNetTinyPlans"]) == 1
+    assert "Train every model on folds [0]" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- figures
 def _read_png(path: Path) -> np.ndarray:
     import matplotlib.image
@@ -232,6 +265,10 @@ def test_quick_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
         for figure in ("parameters", "macs", "seconds_per_case", "seconds_per_iteration", "peak_memory_mb"):
             assert model[figure] is not None and model[figure] > 0, (key, figure)
     assert results["models"]["logonet_ssl"]["pretrained_weights"].endswith("checkpoint_final.pth")
+    ranking = results["find_best_configuration"]
+    assert set(ranking["validation_dice"]) == {"nnunet", "logonet", "logonet_ssl"}
+    assert ranking["best"] == max(ranking["validation_dice"], key=ranking["validation_dice"].get)
+    assert (base / "nnUNet_results" / "Dataset900_Phantom" / "inference_information.json").is_file()
     for figure in ("dice_per_organ.png", "overlay.png"):
         assert _read_png(out / figure).shape[0] > 200
     assert report.format_table(results) in first.stdout

@@ -205,6 +205,7 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
         "ssl_pretraining": {k: records.get("ssl_pretrain", {}).get(k) for k in
                             ("command", "seconds_per_iteration", "pseudo_label_accuracy", "stage_wall_s", "cpu_s",
                              "max_rss_mb", "folder")},
+        "find_best_configuration": {k: records.get("rank", {}).get(k) for k in ("command", "validation_dice", "best")},
         "stages": {s.name: {**records.get(s.name, {}), "reused": reused.get(s.name, False)} for s in stages},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

@@ -122,6 +122,22 @@ def table_notes(results: Mapping) -> list[str]:
     ]
 
 
+def ranking_lines(results: Mapping) -> list[str]:
+    """nnU-Net's find_best_configuration verdict on the fold-0 validation cases."""
+    rank = results.get("find_best_configuration") or {}
+    scores = rank.get("validation_dice") or {}
+    if not scores:
+        return []
+    labels = {key: model["label"] for key, model in results["models"].items()}
+    ordered = sorted(scores.items(), key=lambda kv: -kv[1])
+    lines = ["", "## nnU-Net's model selection", "",
+             "`nnUNetv2_find_best_configuration`'s ranking (foreground-mean Dice on the fold-0 validation cases, "
+             "no ensembling; run through `python -m nnunet_logonet.demo.rank`, see its docstring):", ""]
+    lines += [f"{i}. {labels.get(key, key)}: {value:.3f}{' (best)' if key == rank.get('best') else ''}"
+              for i, (key, value) in enumerate(ordered, 1)]
+    return lines
+
+
 def _ssl_note(results: Mapping) -> list[str]:
     ssl = results.get("ssl_pretraining") or {}
     accuracy = ssl.get("pseudo_label_accuracy")
@@ -139,6 +155,7 @@ def write_markdown(results: Mapping, path: Path) -> None:
             f"{results.get('date', '')}, `{results.get('command', 'logonet_demo')}`, total wall time "
             f"{results.get('wall_s', 0) / 60:.1f} min.", "", format_table(results), ""]
     text += [f"- {note}" for note in table_notes(results)]
+    text += ranking_lines(results)
     _atomic_write(path, "\n".join(text) + "\n")
 
 

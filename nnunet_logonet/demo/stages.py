@@ -303,6 +303,24 @@ def run_evaluate(ctx: DemoContext) -> dict:
     return {"models": scores}
 
 
+def run_rank(ctx: DemoContext) -> dict:
+    """nnU-Net's model selection (find_best_configuration) on the fold-0 validation of every model."""
+    import sys
+
+    s = ctx.settings
+    out = ctx.out / "find_best_configuration.json"
+    command = [sys.executable, "-m", "nnunet_logonet.demo.rank", s.dataset_id,
+               *[f"{m.trainer}:{m.plans}" for m in s.models], "-f", FOLD, "-np", ctx.n_proc, "--json", out]
+    result = run_command(command, env=ctx.env, log=ctx.log("rank"))
+    ranking = json.loads(out.read_text())
+    identifiers = {f"{m.trainer}__{m.plans}__{CONFIGURATION}": m.key for m in s.models}
+    scores = {identifiers.get(k, k): v for k, v in ranking["all_results"].items()}
+    best = ranking["best_model_or_ensemble"]["selected_model_or_models"][0]
+    return {**_costs(result), "command": result.command, "validation_dice": scores,
+            "best": identifiers.get(f"{best['trainer']}__{best['plans_identifier']}__{best['configuration']}"),
+            "file": str(out)}
+
+
 def run_costs(ctx: DemoContext) -> dict:
     from nnunet_logonet.demo.costs import network_costs
 
@@ -344,5 +362,8 @@ def build_stages(settings: DemoSettings) -> list[Stage]:
     stages.append(Stage("evaluate", "evaluate (nnU-Net)", run_evaluate,
                         lambda ctx: [ctx.predictions(m) / "summary.json" for m in s.models],
                         tuple(f"predict_{m.key}" for m in s.models)))
+    stages.append(Stage("rank", "rank (nnU-Net find_best_configuration)", run_rank,
+                        lambda ctx: [ctx.out / "find_best_configuration.json"],
+                        tuple(f"train_{m.key}" for m in s.models)))
     stages.append(Stage("costs", "parameters + FLOPs", run_costs, lambda ctx: [], ("plan_nnunet", "plan_logonet")))
     return stages

@@ -1,0 +1,69 @@
+"""Rank trained models with nnU-Net's own ``find_best_configuration``.
+
+``nnUNetv2_find_best_configuration`` on the command line takes ``-tr`` and ``-p`` as lists and
+tries every trainer x plans pair, so nnU-Net's baseline (``nnUNetTrainer``/``nnUNetPlans``) next
+to ours (``LoGoNetTrainer``/``LoGoNetTinyPlans``) fails on the two pairs nobody trained. The
+function behind it takes an explicit list of models; this module calls it with one, in its own
+process so nnU-Net reads the caller's ``nnUNet_results``::
+
+    python -m nnunet_logonet.demo.rank 900 nnUNetTrainer:nnUNetPlans LoGoNetTrainer:LoGoNetTinyPlans -f 0
+
+It writes nnU-Net's ``inference_information.json`` / ``inference_instructions.txt`` next to the
+dataset's results, as the command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["parse_model", "rank_models", "main"]
+
+
+def parse_model(text: str, configuration: str = "3d_fullres") -> dict:
+    """``TRAINER:PLANS`` -> the model dict nnU-Net's ``find_best_configuration`` expects."""
+    trainer, sep, plans = text.partition(":")
+    if not sep or not trainer or not plans:
+        raise argparse.ArgumentTypeError(f"expected TRAINER:PLANS (e.g. LoGoNetTrainer:LoGoNetTinyPlans), got {text!r}")
+    return {"plans": plans, "configuration": configuration, "trainer": trainer}
+
+
+def rank_models(dataset: str | int, models: list[dict], folds: tuple[int, ...] = (0,), num_processes: int = 1,
+                allow_ensembling: bool = False) -> dict:
+    """nnU-Net's model selection on the cross-validation folds it was given; returns its result
+    dict (``all_results``: identifier -> foreground-mean Dice, ``best_model_or_ensemble``)."""
+    from nnunetv2.evaluation.find_best_configuration import find_best_configuration
+
+    return find_best_configuration(dataset, models, allow_ensembling=allow_ensembling, num_processes=num_processes,
+                                   folds=tuple(folds), strict=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.demo.rank", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", help="dataset name or id")
+    parser.add_argument("models", nargs="+", help="TRAINER:PLANS, one per trained model")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-f", nargs="+", type=int, default=[0], help="folds that were trained (default 0)")
+    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--ensembling", action="store_true", help="also try pairwise ensembles (needs --npz runs)")
+    parser.add_argument("--json", help="also write the ranking here")
+    args = parser.parse_args(argv)
+    try:
+        models = [parse_model(m, args.c) for m in args.models]
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    try:
+        result = rank_models(args.dataset, models, tuple(args.f), args.np, args.ensembling)
+    except (RuntimeError, FileNotFoundError) as error:
+        print(f"error: {error}\nTrain every model on folds {args.f} first (nnUNetv2_train ... -tr TRAINER -p PLANS).",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
