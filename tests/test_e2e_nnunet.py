@@ -26,11 +26,14 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 TEST_TRAINERS = Path(__file__).parent / "ext_trainers"
 DATASET = "Dataset900_Phantom"
-TRAINER = "LoGoNetTrainer_ciE2E"  # 4 epochs x 25 iterations, a checkpoint every epoch
+TRAINER = "LoGoNetTrainer_ciE2E"  # 30 epochs x 25 iterations, a checkpoint every epoch
 PLANS = "LoGoNetTinyPlans"
 #: Dice of the liver (largest organ) that an untrained network does not reach: a random
-#: initialisation predicts ~0.0-0.1 on it (measured: 0.002 after 30 iterations).
-LIVER_DICE_FLOOR = 0.5
+#: initialisation predicts ~0.0-0.1 on it, and every network, nnU-Net's included, sits at the
+#: all-background solution (Dice 0) for its first ~100-250 iterations on this phantom. Measured
+#: on this data (docs/training_recipe.md): take-off after 10 and 16 epochs of 25 iterations in two
+#: runs, fold-0 validation liver Dice 0.57 and 0.31 after 20 epochs; the test trains 30.
+LIVER_DICE_FLOOR = 0.25
 
 
 def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -61,8 +64,8 @@ def trained(tmp_path_factory):
     raw = Path(env["nnUNet_raw"]) / DATASET
     results = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
 
-    run(["logonet_phantom", "-d", "900", "--num-train", "8", "--num-test", "2", "--num-unlabeled", "0",
-         "--seed", "0"], env)
+    run(["logonet_phantom", "-d", "900", "--num-train", "10", "--num-test", "2", "--num-unlabeled", "0",
+         "--size", "32", "--seed", "0"], env)
     run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
          "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
 
@@ -120,8 +123,8 @@ def test_training_writes_nnunet_outputs(trained):
 
 def test_killed_training_continues_where_it_stopped(trained):
     final = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["current_epoch"] == 4
-    assert 1 <= trained["killed_at_epoch"] < 4
+    assert final["current_epoch"] == 30
+    assert 1 <= trained["killed_at_epoch"] < 30
     assert trained["resumed_logs"], "the --c run wrote no training log"
     log = trained["resumed_logs"][-1].read_text()
     epochs = [int(line.rsplit("Epoch ", 1)[1]) for line in log.splitlines() if line.rstrip().split(" ")[-2:-1] == ["Epoch"]]

@@ -18,7 +18,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dims": [8, 16, 32, 64],
         "depths": [1, 1, 1, 1],
         "mlp_ratios": [4, 4, 4, 4],
-        "decoder_channels": [4, 4, 4, 8, 24, 32],
+        # 16 at the three finest resolutions: with 4 or 8 the network cannot leave the
+        # all-background solution (docs/training_recipe.md, "Why tiny's decoder is 16 wide")
+        "decoder_channels": [16, 16, 16, 16, 24, 32],
         "stem_channels": [4, 4],
     },
     "S": {
