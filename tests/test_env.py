@@ -68,3 +68,8 @@ def test_wheel_ships_trainers_and_planners_inside_the_package(tmp_path):
     assert "nnunet_logonet/planners/logonet_planners.py" in names
     assert "nnunet_logonet/network/logonet.py" in names
     assert not any(n.startswith(("trainers/", "planners/", "tests/")) for n in names)
+    # every module of the source tree is in the wheel (a package missing from setup.cfg's explicit
+    # list would only show up as an ImportError after a regular install)
+    source = {str(p.relative_to(REPO)) for p in (REPO / "nnunet_logonet").rglob("*.py")}
+    missing = sorted(s for s in source if s not in names)
+    assert not missing, f"add their packages to setup.cfg [options] packages: {missing}"
