@@ -337,3 +337,23 @@ def test_pipeline_names_the_missing_source_plans(tmp_path):
     with pytest.raises(ValueError, match="must differ"):
         prepare_pretraining_dataset(910, 910, PLANS, env=env)
     assert not (tmp_path / "raw" / "Dataset911_Pretraining").exists()
+
+
+def test_trainer_checks_pretrained_weights_from_the_command_line_before_loading(tmp_path):
+    """LoGoNetTrainer.initialize reads -pretrained_weights from nnUNetv2_train's argv and lists
+    every mismatch before nnU-Net's loader runs."""
+    from types import SimpleNamespace
+
+    from nnunet_logonet.training.trainer import LoGoNetTrainer
+
+    other = LoGoNet.from_preset("tiny", 1, 3, (32, 64, 64), dims=[8, 16, 32, 48])
+    torch.save({"network_weights": other.state_dict()}, tmp_path / "other.pth")
+    fake = SimpleNamespace(network=LoGoNet.from_preset("tiny", 1, 3, (32, 64, 64)),
+                           plans_manager=SimpleNamespace(plans_name="LoGoNetTinyPlans"), configuration_name="3d_fullres")
+    argv = ["nnUNetv2_train", "1", "3d_fullres", "0", "-pretrained_weights", str(tmp_path / "other.pth")]
+    with pytest.raises(PretrainedMismatchError, match=r"shape differs") as error:
+        LoGoNetTrainer.check_pretrained_weights(fake, argv)
+    assert "LoGoNetTinyPlans" in str(error.value) and "other.pth" in str(error.value)
+    torch.save({"network_weights": fake.network.state_dict()}, tmp_path / "same.pth")
+    LoGoNetTrainer.check_pretrained_weights(fake, argv[:-1] + [str(tmp_path / "same.pth")])
+    LoGoNetTrainer.check_pretrained_weights(fake, argv[:4])  # no -pretrained_weights: nothing to check

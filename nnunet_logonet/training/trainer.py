@@ -9,6 +9,7 @@ torch.compile policy, channels-last memory layout and atomic checkpoints.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import nn
@@ -79,6 +80,20 @@ class LoGoNetTrainer(nnUNetTrainer):
             allow_init=True,
             deep_supervision=enable_deep_supervision)
         return network.to(memory_format=torch.channels_last_3d)
+
+    def initialize(self):
+        super().initialize()
+        self.check_pretrained_weights(sys.argv)
+
+    def check_pretrained_weights(self, argv) -> None:
+        """Before nnU-Net loads ``-pretrained_weights`` (right after ``initialize``), list every key
+        and shape that does not fit, instead of nnU-Net's first-mismatch assertion."""
+        from nnunet_logonet.ssl.transfer import check_pretrained, pretrained_weights_from_argv
+
+        path = pretrained_weights_from_argv(argv)
+        if path:
+            check_pretrained(self.network, path, network_description=(
+                f"{self.__class__.__name__}, plans {self.plans_manager.plans_name}, {self.configuration_name}"))
 
     def configure_optimizers(self):
         from nnunet_logonet.training.recipes import build_optimizer_and_scheduler
