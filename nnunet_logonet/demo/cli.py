@@ -112,6 +112,9 @@ def _summary(stage: Stage, info: dict) -> str:
         parts.append(f"{len(info.get('case_seconds', {}))} cases, {info['seconds_per_case']:.2f} s/case")
     if "models" in info and stage.name == "evaluate":
         parts.append("mean Dice " + ", ".join(f"{k} {v['mean_dice']:.3f}" for k, v in info["models"].items()))
+    if info.get("ranked_dice"):
+        parts.append("ranking " + " > ".join(f"{k} {v:.3f}" for k, v in
+                                             sorted(info["ranked_dice"].items(), key=lambda kv: -kv[1])))
     if "models" in info and stage.name == "costs":
         parts.append(", ".join(f"{k} {v['parameters'] / 1e6:.2f} M params" for k, v in info["models"].items()))
     if info.get("max_rss_mb"):
@@ -205,7 +208,9 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
         "ssl_pretraining": {k: records.get("ssl_pretrain", {}).get(k) for k in
                             ("command", "seconds_per_iteration", "pseudo_label_accuracy", "stage_wall_s", "cpu_s",
                              "max_rss_mb", "folder")},
-        "find_best_configuration": {k: records.get("rank", {}).get(k) for k in ("command", "validation_dice", "best")},
+        "find_best_configuration": {"command": records.get("rank", {}).get("command"),
+                                    "validation_dice": records.get("rank", {}).get("ranked_dice"),
+                                    "best": records.get("rank", {}).get("best")},
         "stages": {s.name: {**records.get(s.name, {}), "reused": reused.get(s.name, False)} for s in stages},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

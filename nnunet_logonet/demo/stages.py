@@ -316,7 +316,7 @@ def run_rank(ctx: DemoContext) -> dict:
     identifiers = {f"{m.trainer}__{m.plans}__{CONFIGURATION}": m.key for m in s.models}
     scores = {identifiers.get(k, k): v for k, v in ranking["all_results"].items()}
     best = ranking["best_model_or_ensemble"]["selected_model_or_models"][0]
-    return {**_costs(result), "command": result.command, "validation_dice": scores,
+    return {**_costs(result), "command": result.command, "ranked_dice": scores,
             "best": identifiers.get(f"{best['trainer']}__{best['plans_identifier']}__{best['configuration']}"),
             "file": str(out)}
 
