@@ -68,6 +68,14 @@ def test_markdown_and_json_are_written(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_markdown_adds_up_stage_times_when_stages_were_reused(tmp_path):
+    results = synthetic_results()
+    results["stages"] = {"a": {"reused": True, "stage_wall_s": 600.0}, "b": {"reused": False, "stage_wall_s": 60.0}}
+    report.write_markdown(results, tmp_path / "results.md")
+    assert "1 of 2 stages reused from an earlier run; the stages' own times add up to 11.0 min" in \
+        (tmp_path / "results.md").read_text()
+
+
 def test_markdown_lists_nnunet_ranking_best_first(tmp_path):
     results = synthetic_results()
     results["find_best_configuration"] = {"validation_dice": {"nnunet": 0.4, "logonet": 0.6, "logonet_ssl": 0.5},

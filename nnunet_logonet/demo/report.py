@@ -153,10 +153,21 @@ def write_markdown(results: Mapping, path: Path) -> None:
     settings = results["settings"]
     text = [f"# LoGoNet demo results ({'quick' if settings['quick'] else 'full'})", "",
             f"{results.get('date', '')}, `{results.get('command', 'logonet_demo')}`, total wall time "
-            f"{results.get('wall_s', 0) / 60:.1f} min.", "", format_table(results), ""]
+            f"{results.get('wall_s', 0) / 60:.1f} min{_reuse_note(results)}.", "", format_table(results), ""]
     text += [f"- {note}" for note in table_notes(results)]
     text += ranking_lines(results)
     _atomic_write(path, "\n".join(text) + "\n")
+
+
+def _reuse_note(results: Mapping) -> str:
+    """When stages were reused, the wall time of this call says little: add the stages' own times."""
+    stages = results.get("stages") or {}
+    reused = [name for name, record in stages.items() if record.get("reused")]
+    if not reused:
+        return ""
+    total = sum(record.get("stage_wall_s") or 0 for record in stages.values())
+    return (f" ({len(reused)} of {len(stages)} stages reused from an earlier run; the stages' own times "
+            f"add up to {total / 60:.1f} min)")
 
 
 def write_json(results: Mapping, path: Path) -> None:
