@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +306,6 @@ def run_evaluate(ctx: DemoContext) -> dict:
 
 def run_rank(ctx: DemoContext) -> dict:
     """nnU-Net's model selection (find_best_configuration) on the fold-0 validation of every model."""
-    import sys
-
     s = ctx.settings
     out = ctx.out / "find_best_configuration.json"
     command = [sys.executable, "-m", "nnunet_logonet.demo.rank", s.dataset_id,
