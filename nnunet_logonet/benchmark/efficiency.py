@@ -46,6 +46,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from nnunet_logonet.network.conv import reference_kernels
+
 from nnunet_logonet.benchmark.models import (
     MODELS,
     REFERENCE_MODEL,
@@ -96,6 +98,8 @@ class BenchmarkSettings(SimpleNamespace):
     case_size: list[int]
     threads: int
     seed: int
+    #: run LoGoNet/ULKANet with plain PyTorch ops (``network.conv.reference_kernels``): the "before"
+    reference_kernels: bool = False
 
 
 # --------------------------------------------------------------------------------- measuring
@@ -170,7 +174,8 @@ def count_macs(net: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, in
     from fvcore.nn import FlopCountAnalysis
 
     net.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    # the architecture's MACs: plain ops, which fvcore's tracer knows (it does not count oneDNN's op)
+    with torch.no_grad(), warnings.catch_warnings(), reference_kernels():
         warnings.simplefilter("ignore")  # tracer warnings from shape checks
         analysis = FlopCountAnalysis(net, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = int(analysis.total())
@@ -239,6 +244,14 @@ def measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_training
 
     ``skip_training``: a reason not to run the training iteration (e.g. it would not fit in memory).
     """
+    kernels = reference_kernels() if getattr(settings, "reference_kernels", False) else contextlib.nullcontext()
+    with kernels:
+        result = _measure_model(spec, settings, skip_training=skip_training)
+    result["details"]["kernels"] = "reference" if getattr(settings, "reference_kernels", False) else "fast"
+    return result
+
+
+def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_training: str | None) -> dict[str, Any]:
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
@@ -526,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp16 autocast on CUDA (default on for cuda; CPU always runs fp32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last_3d for LoGoNet/ULKANet (default on; nnU-Net's networks stay contiguous)")
+    parser.add_argument("--reference-kernels", action="store_true",
+                        help="run LoGoNet/ULKANet with plain PyTorch ops, without their CPU speed-ups (the 'before' "
+                             "of docs/speed.md); nnU-Net's networks are not affected")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="one fresh process per model, for honest memory peaks (default on)")
@@ -610,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=str(device), batch_size=args.batch_size, warmup=warmup, repeats=repeats,
         sw_warmup=0 if device.type == "cpu" else min(warmup, 1), sw_repeats=sw_repeats, amp=amp,
         channels_last=args.channels_last, mirroring=args.mirroring, tile_step_size=args.tile_step_size,
-        case_size=[int(c) for c in case_size], threads=args.threads or torch.get_num_threads(), seed=args.seed)
+        case_size=[int(c) for c in case_size], threads=args.threads or torch.get_num_threads(), seed=args.seed,
+        reference_kernels=args.reference_kernels)
     meta = {
         "benchmark": "logonet_benchmark",
         "command": shlex.join(["logonet_benchmark", *argv]),

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
 from .layers import make_norm
 from .shapes import as_triple, embedding_kernel
 
@@ -24,10 +25,13 @@ class PatchEmbed3d(nn.Module):
         super().__init__()
         self.stride = as_triple(stride, "patch embedding stride")
         kernel = embedding_kernel(self.stride)
-        self.proj = nn.Conv3d(
+        self.proj = Conv3d(
             in_channels, out_channels, kernel_size=kernel, stride=self.stride, padding=tuple(k // 2 for k in kernel)
         )
         self.norm = make_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if foldable_batchnorm(self, self.norm):
+            weight, bias = fold_batchnorm(self.proj, self.norm)
+            return conv3d(x, weight, bias, self.proj.stride, self.proj.padding)
         return self.norm(self.proj(x))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
+
 __all__ = [
     "NORMS",
     "check_norm",
@@ -45,14 +47,21 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 class ConvUnit(nn.Sequential):
     """The paper's decoder "conv unit": Conv3d 3^3 -> norm -> LeakyReLU.
 
-    The convolution has no bias because the norm right after it has its own shift.
+    The convolution has no bias because the norm right after it has its own shift; in eval mode
+    a BatchNorm is folded into the convolution (``conv.fold_batchnorm``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, norm: str = "batch") -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv = Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
         self.norm = make_norm(norm, out_channels)
         self.act = nn.LeakyReLU(negative_slope=1e-2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if foldable_batchnorm(self, self.norm):
+            weight, bias = fold_batchnorm(self.conv, self.norm)
+            return self.act(conv3d(x, weight, bias, 1, self.conv.padding))
+        return self.act(self.norm(self.conv(x)))
 
 
 class LayerNorm3d(nn.LayerNorm):

@@ -9,15 +9,15 @@ the branch to itself instead of to ``x`` (``x + drop_path(x)``); that is not rep
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .conv import Conv3d, conv3d
 from .layers import DropPath, LayerScale3d, make_norm
 
 __all__ = ["LiveTapConv3d", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
 
 
-class LiveTapConv3d(nn.Conv3d):
+class LiveTapConv3d(Conv3d):
     """Stride-1 'same' depthwise convolution that skips taps which can only ever see padding.
 
     On a map smaller than the (dilated) kernel, e.g. the 19^3 footprint of LKA's 7^3 dilation-3
@@ -36,7 +36,7 @@ class LiveTapConv3d(nn.Conv3d):
         taps = tuple(slice(k // 2 - r, k // 2 + r + 1) for r, k in zip(radius, self.kernel_size))
         weight = self.weight[(slice(None), slice(None), *taps)]
         padding = tuple(r * d for r, d in zip(radius, self.dilation))
-        return F.conv3d(x, weight, self.bias, 1, padding, self.dilation, self.groups)
+        return conv3d(x, weight, self.bias, 1, padding, self.dilation, self.groups)
 
 
 class LKA3d(nn.Module):
@@ -46,7 +46,7 @@ class LKA3d(nn.Module):
         super().__init__()
         self.conv0 = LiveTapConv3d(dim, dim, kernel_size=5, padding=2, groups=dim)
         self.conv_spatial = LiveTapConv3d(dim, dim, kernel_size=7, padding=9, dilation=3, groups=dim)
-        self.conv1 = nn.Conv3d(dim, dim, kernel_size=1)
+        self.conv1 = Conv3d(dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.conv1(self.conv_spatial(self.conv0(x)))
@@ -57,10 +57,10 @@ class LKAAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.proj_1 = nn.Conv3d(dim, dim, kernel_size=1)
+        self.proj_1 = Conv3d(dim, dim, kernel_size=1)
         self.act = nn.GELU()
         self.lka = LKA3d(dim)
-        self.proj_2 = nn.Conv3d(dim, dim, kernel_size=1)
+        self.proj_2 = Conv3d(dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj_2(self.lka(self.act(self.proj_1(x))))
@@ -71,10 +71,10 @@ class LKAMlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Conv3d(dim, hidden_dim, kernel_size=1)
-        self.dwconv = nn.Conv3d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
+        self.fc1 = Conv3d(dim, hidden_dim, kernel_size=1)
+        self.dwconv = Conv3d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv3d(hidden_dim, dim, kernel_size=1)
+        self.fc2 = Conv3d(hidden_dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.dwconv(self.fc1(x))))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
 from .partition import split_subcrops, stitch_subcrops
@@ -41,14 +42,19 @@ class LoGoHead(nn.Module):
         self, channels: Sequence[int], num_classes: int, *, norm: str = "batch", deep_supervision: bool = False
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(channels[0], channels[0], kernel_size=3, padding=1)
+        self.conv = Conv3d(channels[0], channels[0], kernel_size=3, padding=1)
         self.norm = make_norm(norm, channels[0])
         self.act = nn.GELU()
-        self.seg_layers = nn.ModuleList([nn.Conv3d(c, num_classes, kernel_size=1) for c in channels])
+        self.seg_layers = nn.ModuleList([Conv3d(c, num_classes, kernel_size=1) for c in channels])
         self.deep_supervision = bool(deep_supervision)
 
     def forward(self, fused: torch.Tensor, global_features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        out = self.seg_layers[0](self.act(self.norm(self.conv(fused))))
+        if foldable_batchnorm(self, self.norm):
+            weight, bias = fold_batchnorm(self.conv, self.norm)
+            features = conv3d(fused, weight, bias, 1, self.conv.padding)
+        else:
+            features = self.norm(self.conv(fused))
+        out = self.seg_layers[0](self.act(features))
         if not self.deep_supervision:
             return out
         return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]

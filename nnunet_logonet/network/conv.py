@@ -1,0 +1,179 @@
+"""3D convolution kernels for LoGoNet's hot path: oneDNN on CPU, faster depthwise backward, BN folding.
+
+Why these exist (profiled with ``torch.profiler`` on the 2-core Xeon this project is built on;
+docs/speed.md has the figures):
+
+* PyTorch sends a dense 3D convolution at batch 1 to its slow reference kernel
+  (``slow_conv3d``) whenever batch x channels x depth x height <= 20480, i.e. for every local
+  sub-crop and every deep layer during sliding-window inference: 10x slower than oneDNN for the
+  same call, and it returns channels-first output, flipping the layout of everything after it.
+  ``conv3d`` calls oneDNN directly for CPU float32 tensors.
+* oneDNN's 3D depthwise backward is 10-50x slower than its forward. The input gradient of a
+  stride-1 'same' depthwise convolution is the forward convolution of the output gradient with
+  the flipped kernel, so ``conv3d`` computes it that way (the weight gradient stays oneDNN's).
+* In eval mode a BatchNorm after a convolution is an affine map that ``fold_batchnorm`` moves
+  into the convolution's weight and bias (one pass over the activation less).
+
+Every path gives the reference result up to float32 rounding (tests/test_fast_paths.py checks
+outputs and gradients against ``F.conv3d`` + unfused BatchNorm). ``reference_kernels()``
+switches all of them off, e.g. to compare or to debug.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["Conv3d", "conv3d", "fast_paths_enabled", "reference_kernels", "fold_batchnorm", "foldable_batchnorm"]
+
+_state = threading.local()
+
+
+def fast_paths_enabled() -> bool:
+    """Whether LoGoNet's fast kernels are on (they are, unless inside ``reference_kernels()``)."""
+    return getattr(_state, "enabled", True)
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run LoGoNet/ULKANet with plain PyTorch ops inside this block (thread-local), for comparison."""
+    previous = fast_paths_enabled()
+    _state.enabled = False
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    return (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and fast_paths_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _is_same_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Depthwise (multiplier 1), stride 1, odd kernel, 'same' padding: the flipped-kernel backward holds."""
+    k = weight.shape[2:]
+    return (
+        groups == x.shape[1] == weight.shape[0]
+        and weight.shape[1] == 1
+        and all(s == 1 for s in stride)
+        and all(ki % 2 == 1 and p == d * (ki - 1) // 2 for ki, p, d in zip(k, padding, dilation))
+    )
+
+
+class _SameDepthwiseConv3d(torch.autograd.Function):
+    """oneDNN forward; input gradient as a forward conv with the flipped kernel (exact)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation = padding, dilation
+        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), dilation, x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        channels = x.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip((2, 3, 4)).contiguous(memory_format=torch.channels_last_3d)
+            grad_x = torch.mkldnn_convolution(grad_out, flipped, None, ctx.padding, (1, 1, 1), ctx.dilation, channels)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1, 1], list(ctx.padding), list(ctx.dilation), False, [0, 0, 0],
+                channels, [False, True, False])[1]
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv3d`` with integer padding, sent to oneDNN for CPU float32 (else to ``F.conv3d``)."""
+    if not _use_onednn(x, weight):
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if needs_grad and _is_same_depthwise(x, weight, stride, padding, dilation, groups):
+        return _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
+    return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters and state-dict keys) that runs through :func:`conv3d`."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(input, weight, bias)
+        return conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
+    """True in eval mode for a BatchNorm with running statistics and the fast paths on."""
+    return (
+        not module.training
+        and isinstance(norm, nn.BatchNorm3d)
+        and norm.track_running_stats
+        and norm.running_mean is not None
+        and fast_paths_enabled()
+    )
+
+
+def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` followed by ``norm`` (eval statistics) as one convolution.
+
+    Without autograd (inference) the result is cached on ``conv`` and recomputed only when a
+    tensor it came from changed (in-place version counter or storage, e.g. ``load_state_dict``
+    or ``.to(device)``); with autograd it is recomputed so gradients reach the original parameters.
+    """
+    if torch.is_grad_enabled():
+        return _fold(conv, norm)
+    sources = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+               if t is not None]
+    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+    cached = conv.__dict__.get("_folded_batchnorm")
+    if cached is None or cached[0] != key:
+        cached = (key, _fold(conv, norm))
+        conv.__dict__["_folded_batchnorm"] = cached
+    return cached[1]
+
+
+def _fold(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = norm.running_var.add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    if conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+    return weight, shift

@@ -1,0 +1,252 @@
+"""LoGoNet's speed-ups (network/conv.py) give the reference results, and are on by default.
+
+Reference = plain PyTorch (``F.conv3d``, unfused BatchNorm), selected with ``reference_kernels()``.
+Outputs must agree within 1e-4 relative (float32); gradients within float32 rounding of a deep
+network (the reference itself differs that much from a float64 computation; see docs/speed.md).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network.conv import Conv3d, conv3d, fast_paths_enabled, fold_batchnorm, reference_kernels
+from nnunet_logonet.network.embedding import PatchEmbed3d
+from nnunet_logonet.network.layers import ConvUnit
+from nnunet_logonet.network.logonet import LoGoHead
+
+CL = torch.channels_last_3d
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _randomise_batchnorm(net: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, stride, padding, dilation, groups, bias",
+    [
+        ((1, 8, 8, 16, 16), 8, 3, 1, 1, 1, 1, False),  # batch 1, small: PyTorch would take slow_conv3d
+        ((2, 6, 8, 8, 8), 4, 3, 2, 1, 1, 1, True),  # strided patch embedding
+        ((1, 4, 12, 12, 12), 4, 7, 4, 3, 1, 1, True),  # stage-1 embedding, kernel 7 stride 4
+        ((1, 16, 6, 8, 8), 32, 1, 1, 0, 1, 1, True),  # 1x1x1
+        ((2, 12, 8, 8, 8), 12, 5, 1, 2, 1, 12, True),  # depthwise 5^3
+        ((1, 8, 8, 10, 12), 8, 7, 1, 9, 3, 8, True),  # depthwise 7^3 dilation 3
+        ((2, 16, 4, 4, 4), 16, 3, 1, 1, 1, 16, False),  # MLP depthwise, no bias
+        ((2, 8, 6, 6, 6), 16, 3, 1, 1, 1, 2, True),  # grouped, not depthwise
+    ],
+)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, stride, padding, dilation, groups,
+                                                   bias, channels_last):
+    torch.manual_seed(0)
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(out_channels, shape[1] // groups, kernel, kernel, kernel).contiguous(memory_format=fmt)
+    w.requires_grad_()
+    b = torch.randn(out_channels, requires_grad=True) if bias else None
+    ours = conv3d(x, w, b, stride, padding, dilation, groups)
+    ref = F.conv3d(x, w, b, stride, padding, dilation, groups)
+    assert ours.shape == ref.shape
+    assert _rel(ours, ref) < 1e-5
+    grad = torch.randn_like(ref)
+    inputs = [x, w] + ([b] if bias else [])
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        assert _rel(g_ours, g_ref) < 1e-5
+
+
+def test_depthwise_backward_with_frozen_input_or_weight():
+    x = torch.randn(1, 6, 8, 8, 8).contiguous(memory_format=CL)
+    w = torch.randn(6, 1, 5, 5, 5).contiguous(memory_format=CL).requires_grad_()
+    (gw,) = torch.autograd.grad(conv3d(x, w, None, 1, 2, 1, 6).sum(), [w])
+    (gw_ref,) = torch.autograd.grad(F.conv3d(x, w, None, 1, 2, 1, 6).sum(), [w])
+    assert _rel(gw, gw_ref) < 1e-5
+    x.requires_grad_()
+    w.requires_grad_(False)
+    (gx,) = torch.autograd.grad(conv3d(x, w, None, 1, 2, 1, 6).sum(), [x])
+    (gx_ref,) = torch.autograd.grad(F.conv3d(x, w, None, 1, 2, 1, 6).sum(), [x])
+    assert _rel(gx, gx_ref) < 1e-5
+
+
+def test_conv3d_subclass_keeps_nn_conv3d_parameters_and_keys():
+    ours, ref = Conv3d(4, 8, 3, padding=1), nn.Conv3d(4, 8, 3, padding=1)
+    assert isinstance(ours, nn.Conv3d)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4, 6, 6, 6)
+    assert _rel(ours(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ConvUnit(6, 8),
+        lambda: PatchEmbed3d(4, 8, stride=(1, 2, 2)),
+        lambda: LoGoHead([8, 12], num_classes=3, deep_supervision=False),
+    ],
+)
+def test_batchnorm_folding_equals_unfused_eval(make):
+    torch.manual_seed(0)
+    module = make()
+    _randomise_batchnorm(module)
+    module.eval()
+    channels = 8 if isinstance(module, LoGoHead) else module.conv.in_channels if isinstance(module, ConvUnit) else 4
+    x = torch.randn(2, channels, 8, 8, 8)
+    args = (x, [x, torch.randn(2, 12, 4, 4, 4)]) if isinstance(module, LoGoHead) else (x,)
+    with torch.no_grad():
+        fused = module(*args)
+        with reference_kernels():
+            unfused = module(*args)
+    assert _rel(fused, unfused) < 1e-5
+
+
+def test_fold_batchnorm_formula():
+    conv, norm = nn.Conv3d(3, 5, 3, padding=1, bias=True), nn.BatchNorm3d(5)
+    _randomise_batchnorm(norm)
+    norm.eval()
+    weight, bias = fold_batchnorm(conv, norm)
+    x = torch.randn(1, 3, 5, 5, 5)
+    with torch.no_grad():
+        assert _rel(F.conv3d(x, weight, bias, padding=1), norm(conv(x))) < 1e-5
+
+
+def test_instance_norm_is_not_folded_and_still_matches():
+    unit = ConvUnit(4, 4, norm="instance").eval()
+    x = torch.randn(1, 4, 6, 6, 6)
+    with torch.no_grad():
+        fast = unit(x)
+        with reference_kernels():
+            ref = unit(x)
+    assert _rel(fast, ref) < 1e-5
+
+
+ANISOTROPIC = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+
+
+def _tiny(cls, patch, **kw):
+    torch.manual_seed(0)
+    if patch[0] < patch[1]:
+        kw["strides"] = ANISOTROPIC
+    net = cls.from_preset("tiny", 1, 4, patch, **kw)
+    _randomise_batchnorm(net)
+    return net
+
+
+PATCHES = [(32, 32, 32), (16, 64, 64), (32, 64, 32)]
+
+
+@pytest.mark.parametrize("patch", PATCHES)
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_network_outputs_equal_reference_in_eval(cls, patch, batch):
+    net = _tiny(cls, patch).eval()
+    x = torch.randn(batch, 1, *patch)
+    with torch.no_grad():
+        fast = net(x)
+        with reference_kernels():
+            ref = net(x)
+    assert _rel(fast, ref) < 1e-4
+
+
+def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool):
+    net = copy.deepcopy(net)  # BatchNorm running statistics must not leak between the two runs
+    x = x.clone().requires_grad_()
+    with reference_kernels() if reference else torch.enable_grad():
+        outs = net(x)
+        loss = sum((o.float() * torch.linspace(-1, 1, o.shape[1]).view(1, -1, 1, 1, 1)).square().mean() for o in outs)
+        loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outs], x.grad, grads
+
+
+@pytest.mark.parametrize("patch", PATCHES)
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_training_outputs_and_gradients_equal_reference(cls, patch):
+    net = _tiny(cls, patch, deep_supervision=True).train()
+    x = torch.randn(2, 1, *patch)
+    fast_out, fast_gx, fast_grads = _outputs_and_grads(net, x, reference=False)
+    ref_out, ref_gx, ref_grads = _outputs_and_grads(net, x, reference=True)
+    for a, b in zip(fast_out, ref_out):
+        assert _rel(a, b) < 1e-4
+    assert fast_grads.keys() == ref_grads.keys()
+    # compare every gradient on the scale of the largest one: BatchNorm makes some gradients
+    # (e.g. a conv bias right before a norm) pure rounding noise around zero in both paths
+    scale = max(g.abs().max() for g in ref_grads.values())
+    worst = max((fast_grads[k] - ref_grads[k]).abs().max() / scale for k in ref_grads)
+    assert worst < 1e-4
+    norm_rel = max(((fast_grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item()
+                   for k in ref_grads if ref_grads[k].norm() > 1e-3 * scale)
+    assert norm_rel < 1e-3
+    assert _rel(fast_gx, ref_gx) < 1e-3
+
+
+def test_fast_paths_are_on_by_default_and_avoid_slow_conv3d():
+    """A plain forward (as nnUNetv2_predict runs it) takes oneDNN for every conv, never slow_conv3d."""
+    assert fast_paths_enabled()
+    net = _tiny(LoGoNet, (32, 32, 32)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops
+    assert not any("slow_conv" in op for op in ops), sorted(op for op in ops if "conv" in op)
+    with reference_kernels(), torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x)
+    ref_ops = {e.key: e.count for e in prof.key_averages()}
+    # the BatchNorms after convolutions were folded; those before the LKA branches remain
+    assert ops.get("aten::native_batch_norm", 0) < ref_ops["aten::native_batch_norm"] / 2
+
+
+def test_reference_kernels_restores_the_previous_state():
+    assert fast_paths_enabled()
+    with reference_kernels():
+        assert not fast_paths_enabled()
+        with reference_kernels():
+            assert not fast_paths_enabled()
+        assert not fast_paths_enabled()
+    assert fast_paths_enabled()
+
+
+def test_folded_weights_follow_load_state_dict_as_nnunet_predict_switches_folds():
+    """nnUNetPredictor loads each fold's weights into one network: cached folds must not go stale."""
+    unit = ConvUnit(2, 3).eval()
+    x = torch.randn(1, 2, 5, 5, 5)
+    other = copy.deepcopy(unit)
+    _randomise_batchnorm(other, seed=1)
+    with torch.inference_mode():
+        first = unit(x)
+        unit.load_state_dict(other.state_dict())
+        second = unit(x)
+        with reference_kernels():
+            expected = unit(x)
+    assert _rel(second, expected) < 1e-5
+    assert _rel(first, second) > 1e-2
+
+
+def test_eval_mode_gradients_reach_the_unfolded_parameters():
+    unit = ConvUnit(2, 3).eval()
+    _randomise_batchnorm(unit)
+    x = torch.randn(1, 2, 5, 5, 5)
+    with torch.no_grad():
+        unit(x)  # fills the inference cache, which a grad-enabled call must not use
+    grads = torch.autograd.grad(unit(x).square().sum(), [unit.conv.weight, unit.norm.weight])
+    with reference_kernels():
+        ref = torch.autograd.grad(unit(x).square().sum(), [unit.conv.weight, unit.norm.weight])
+    for g, r in zip(grads, ref):
+        assert _rel(g, r) < 1e-4
