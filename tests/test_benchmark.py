@@ -43,6 +43,21 @@ def test_every_figure_present_and_positive(small_run):
 
 
 @pytest.mark.slow
+def test_reference_kernels_run_is_labelled_and_counts_the_same_macs(small_run, tmp_path):
+    """--reference-kernels gives the 'before' of docs/speed.md: same architecture, plain PyTorch ops."""
+    out = tmp_path / "reference.json"
+    argv = ["--device", "cpu", "--models", "logonet_tiny", "--patch-size", *PATCH, "--repeats", "1", "--warmup", "0",
+            "--batch-size", "1", "--case-size", *PATCH, "--reference-kernels", "--no-isolate", "--json", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    reference = json.loads(out.read_text())["models"]["logonet_tiny"]
+    fast = json.loads(small_run[1].read_text())["models"]["logonet_tiny"]
+    assert (reference["details"]["kernels"], fast["details"]["kernels"]) == ("reference", "fast")
+    assert reference["figures"]["macs"] == fast["figures"]["macs"] > 0
+    assert reference["figures"]["parameters"] == fast["figures"]["parameters"]
+
+
+@pytest.mark.slow
 def test_ratios_are_to_nnunet(small_run):
     report = json.loads(small_run[1].read_text())
     ref, tiny = report["models"]["nnunet"], report["models"]["logonet_tiny"]

@@ -100,6 +100,8 @@ class BenchmarkSettings(SimpleNamespace):
     seed: int
     #: run LoGoNet/ULKANet with plain PyTorch ops (``network.conv.reference_kernels``): the "before"
     reference_kernels: bool = False
+    #: wrap every network in ``torch.compile`` (nnU-Net's default for training on CUDA)
+    compile: bool = False
 
 
 # --------------------------------------------------------------------------------- measuring
@@ -263,11 +265,13 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
 
     channels_last = settings.channels_last and spec.prefers_channels_last
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    net = spec.build().to(device).to(memory_format=memory_format)
+    model = spec.build().to(device).to(memory_format=memory_format)
+    net = torch.compile(model) if getattr(settings, "compile", False) else model
     layout = "channels_last_3d" if channels_last else "contiguous"
-    figures: dict[str, Any] = {"parameters": count_parameters(net)}
+    figures: dict[str, Any] = {"parameters": count_parameters(model)}
     samples: dict[str, list[float]] = {}
     details: dict[str, Any] = {"layout": layout, "amp": bool(settings.amp and device.type == "cuda"),
+                               "compiled": bool(getattr(settings, "compile", False)),
                                "threads": torch.get_num_threads(), "notes": list(spec.notes)}
 
     x1 = torch.randn(1, spec.input_channels, *spec.patch_size, device=device).contiguous(memory_format=memory_format)
@@ -278,7 +282,7 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
             net(x1)
 
     samples["forward_s"] = time_runs(forward, settings.warmup, settings.repeats, device)
-    figures["macs"], details["fvcore_uncounted_ops"] = count_macs(net, x1)
+    figures["macs"], details["fvcore_uncounted_ops"] = count_macs(model, x1)
     del x1
 
     sliding_window, details["sliding_window_tiles"] = make_sliding_window(net, spec, settings, device)
@@ -542,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-kernels", action="store_true",
                         help="run LoGoNet/ULKANet with plain PyTorch ops, without their CPU speed-ups (the 'before' "
                              "of docs/speed.md); nnU-Net's networks are not affected")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every network first (nnU-Net compiles on CUDA by default); the warm-up "
+                             "runs include the compilation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="one fresh process per model, for honest memory peaks (default on)")
@@ -627,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sw_warmup=0 if device.type == "cpu" else min(warmup, 1), sw_repeats=sw_repeats, amp=amp,
         channels_last=args.channels_last, mirroring=args.mirroring, tile_step_size=args.tile_step_size,
         case_size=[int(c) for c in case_size], threads=args.threads or torch.get_num_threads(), seed=args.seed,
-        reference_kernels=args.reference_kernels)
+        reference_kernels=args.reference_kernels, compile=args.compile)
     meta = {
         "benchmark": "logonet_benchmark",
         "command": shlex.join(["logonet_benchmark", *argv]),

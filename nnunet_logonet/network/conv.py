@@ -22,16 +22,25 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Conv3d", "conv3d", "fast_paths_enabled", "reference_kernels", "fold_batchnorm", "foldable_batchnorm"]
+__all__ = [
+    "Conv3d",
+    "conv3d",
+    "fast_paths_enabled",
+    "reference_kernels",
+    "fold_batchnorm",
+    "foldable_batchnorm",
+    "derived_tensors",
+]
 
 _state = threading.local()
+T = TypeVar("T")
 
 
 def fast_paths_enabled() -> bool:
@@ -148,19 +157,27 @@ def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
 def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``conv`` followed by ``norm`` (eval statistics) as one convolution.
 
-    Without autograd (inference) the result is cached on ``conv`` and recomputed only when a
-    tensor it came from changed (in-place version counter or storage, e.g. ``load_state_dict``
-    or ``.to(device)``); with autograd it is recomputed so gradients reach the original parameters.
+    Cached for inference (see :func:`derived_tensors`).
     """
-    if torch.is_grad_enabled():
-        return _fold(conv, norm)
-    sources = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-               if t is not None]
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
-    cached = conv.__dict__.get("_folded_batchnorm")
+    sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    return derived_tensors(conv, "_folded_batchnorm", sources, lambda: _fold(conv, norm))
+
+
+def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | None], make: Callable[[], T]) -> T:
+    """``make()``, cached on ``owner`` under ``name`` while no autograd is recording.
+
+    The cache is keyed on every source tensor's storage and in-place version counter, so it is
+    rebuilt after ``load_state_dict`` (nnUNetv2_predict switching folds), an optimizer step or
+    ``.to(device)``. With autograd on (training) or under ``torch.compile`` it is not used, so
+    gradients reach the original parameters and the compiler sees plain ops.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources if t is not None)
+    cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
-        cached = (key, _fold(conv, norm))
-        conv.__dict__["_folded_batchnorm"] = cached
+        cached = (key, make())
+        owner.__dict__[name] = cached
     return cached[1]
 
 

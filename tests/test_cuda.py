@@ -1,0 +1,72 @@
+"""CUDA paths of LoGoNet: mixed precision, torch.compile and the eval-mode BatchNorm folding.
+
+Skipped without a GPU (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network.conv import reference_kernels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CL = torch.channels_last_3d
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _net(cls, preset: str, patch, deep_supervision=False):
+    torch.manual_seed(0)
+    return cls.from_preset(preset, 1, 4, patch, deep_supervision=deep_supervision).cuda().to(memory_format=CL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["tiny", "S"])
+def test_mixed_precision_training_step_is_finite_and_close_to_fp32(preset, dtype):
+    patch = (64, 64, 64)
+    net = _net(LoGoNet, preset, patch, deep_supervision=True).train()
+    x = torch.randn(2, 1, *patch, device="cuda").contiguous(memory_format=CL)
+    ref = copy.deepcopy(net)
+    with torch.autocast("cuda", dtype=dtype):
+        out = net(x)
+    loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    fp32 = ref(x)
+    assert _rel(out[0], fp32[0]) < (5e-2 if dtype == torch.float16 else 1e-1)
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_eval_folding_matches_reference_on_cuda(cls):
+    net = _net(cls, "tiny", (64, 64, 64)).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 64, 64, 64, device="cuda")
+    with torch.no_grad():
+        fast = net(x)
+        with reference_kernels():
+            ref = net(x)
+    assert _rel(fast, ref) < 1e-3  # TF32 convolutions on Ampere+ round to ~1e-3
+
+
+def test_torch_compile_matches_eager():
+    net = _net(LoGoNet, "tiny", (64, 64, 64)).eval()
+    x = torch.randn(1, 1, 64, 64, 64, device="cuda").contiguous(memory_format=CL)
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        eager = net(x)
+        out = compiled(x)
+    assert _rel(out, eager) < 1e-3
+    net.train()
+    y = compiled(x)
+    y.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
