@@ -5,6 +5,7 @@ in the tens of seconds on 2 CPU cores.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -22,6 +23,8 @@ from nnunet_logonet.network import (
     check_patch_size,
     required_patch_multiple,
 )
+from nnunet_logonet.network.conv import reference_kernels
+from nnunet_logonet.network.grouped import group_subcrops, ungroup_subcrops
 from nnunet_logonet.network.lka import LiveTapConv3d, LKABlock
 from nnunet_logonet.network.memory import trace_feature_map_size
 from nnunet_logonet.network.partition import split_subcrops, stitch_subcrops
@@ -217,8 +220,8 @@ def test_local_paths_do_not_see_other_subcrops(grid, train):
     x = torch.randn(2, 1, 32, 32, 32)
     seen = []
     hooks = [p.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for p in model.local_paths]
-    with torch.no_grad():
-        before = model.forward_local(x)
+    with torch.no_grad(), reference_kernels():  # the plain loop calls each path's module
+        model.forward_local(x)
     for h in hooks:
         h.remove()
     tile = tuple(s // g for s, g in zip(x.shape[2:], grid))
@@ -226,15 +229,35 @@ def test_local_paths_do_not_see_other_subcrops(grid, train):
     for i, idx in enumerate(np.ndindex(*grid)):
         region = tuple(slice(j * t, (j + 1) * t) for j, t in zip(idx, tile))
         torch.testing.assert_close(seen[i], x[(slice(None), slice(None), *region)], rtol=0, atol=0)
-    # perturbing sub-crop 0 changes local outputs only inside sub-crop 0
+    # perturbing sub-crop 0 changes local outputs only inside sub-crop 0, in the grouped
+    # computation (the default) as in the loop; eval mode, so BatchNorm statistics are per run
+    model.eval()
     x2 = x.clone()
     x2[:, :, : tile[0], : tile[1], : tile[2]] += torch.randn(2, 1, *tile)
-    with torch.no_grad():
-        after = model.forward_local(x2)
     inside = torch.zeros(32, 32, 32, dtype=torch.bool)
     inside[: tile[0], : tile[1], : tile[2]] = True
-    assert torch.equal(before[..., ~inside], after[..., ~inside])
-    assert not torch.allclose(before[..., inside], after[..., inside])
+    for kernels in (contextlib.nullcontext, reference_kernels):
+        with torch.no_grad(), kernels():
+            before, after = model.forward_local(x), model.forward_local(x2)
+        assert torch.equal(before[..., ~inside], after[..., ~inside])
+        assert not torch.allclose(before[..., inside], after[..., inside])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grid", [(2, 2, 2), (1, 2, 2), (2, 1, 1)])
+def test_grouped_layout_holds_subcrop_i_in_channel_group_i(grid, channels_last):
+    x = torch.randn(2, 3, 8, 12, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    tiles = split_subcrops(x, grid)
+    grouped = group_subcrops(x, grid)
+    n = tiles.shape[0]
+    assert grouped.shape == (2, n * 3, *tiles.shape[3:])
+    for i in range(n):
+        assert torch.equal(grouped[:, 3 * i: 3 * (i + 1)], tiles[i])
+    back = ungroup_subcrops(grouped, grid)
+    assert torch.equal(back, x)
+    assert back.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

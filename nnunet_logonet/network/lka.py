@@ -8,13 +8,15 @@ the branch to itself instead of to ``x`` (``x + drop_path(x)``); that is not rep
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from .conv import Conv3d, conv3d
 from .layers import DropPath, LayerScale3d, make_norm
 
-__all__ = ["LiveTapConv3d", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
+__all__ = ["LiveTapConv3d", "live_taps", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
 
 
 class LiveTapConv3d(Conv3d):
@@ -28,15 +30,21 @@ class LiveTapConv3d(Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        radius = [
-            min(k // 2, (size - 1) // d) for k, size, d in zip(self.kernel_size, x.shape[2:], self.dilation)
-        ]
-        if all(r == k // 2 for r, k in zip(radius, self.kernel_size)):
+        taps, padding = live_taps(self.kernel_size, x.shape[2:], self.dilation)
+        if taps is None:
             return super().forward(x)
-        taps = tuple(slice(k // 2 - r, k // 2 + r + 1) for r, k in zip(radius, self.kernel_size))
         weight = self.weight[(slice(None), slice(None), *taps)]
-        padding = tuple(r * d for r, d in zip(radius, self.dilation))
         return conv3d(x, weight, self.bias, 1, padding, self.dilation, self.groups)
+
+
+def live_taps(kernel_size: Sequence[int], size: Sequence[int], dilation: Sequence[int]
+              ) -> tuple[tuple[slice, ...] | None, tuple[int, ...]]:
+    """(kernel slices that can see data, their 'same' padding); slices ``None`` when all taps can."""
+    radius = [min(k // 2, (n - 1) // d) for k, n, d in zip(kernel_size, size, dilation)]
+    padding = tuple(r * d for r, d in zip(radius, dilation))
+    if all(r == k // 2 for r, k in zip(radius, kernel_size)):
+        return None, padding
+    return tuple(slice(k // 2 - r, k // 2 + r + 1) for r, k in zip(radius, kernel_size)), padding
 
 
 class LKA3d(nn.Module):

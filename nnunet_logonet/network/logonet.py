@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
+from .conv import Conv3d, conv3d, fast_paths_enabled, fold_batchnorm, foldable_batchnorm
+from .grouped import can_group, group_subcrops, grouped_local_features, ungroup_subcrops
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
 from .partition import split_subcrops, stitch_subcrops
@@ -158,8 +159,12 @@ class LoGoNet(nn.Module):
         """Full-resolution local features: every sub-crop through its own path, stitched back.
 
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
-        sub-crop (tested). Tiles are stacked so the loop can become one batched call.
+        sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
+        network (network/grouped.py); ``reference_kernels()`` runs the plain loop.
         """
+        if fast_paths_enabled() and can_group(self.local_paths):
+            grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
+            return ungroup_subcrops(grouped, self.local_grid)
         tiles = split_subcrops(x, self.local_grid)
         outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
         return stitch_subcrops(torch.stack(outs), self.local_grid)

@@ -1,0 +1,198 @@
+"""LoGoNet's 8 local ULKANets run as one grouped network instead of 8 sequential calls.
+
+Path i's channels become channel group i of one tensor (B, n*C, d, h, w): every convolution
+runs once with ``groups = n x its own groups`` on the paths' weights concatenated along the
+output axis, BatchNorm/InstanceNorm/LayerScale run once on concatenated parameters, LayerNorm
+normalises each group's C channels, and decoder concatenations interleave per group. Each path
+still reads only its own sub-crop and its own weights (block-diagonal), so the result equals the
+loop up to float32 rounding (tests/test_fast_paths.py). The parameters stay in
+``local_paths.<i>`` (checkpoints unchanged); BatchNorm running statistics are written back to
+each path's buffers after a training step. Why: 8x fewer, larger kernel calls -- the per-call
+overhead dominated the local paths on CPU (docs/speed.md).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv import conv3d, derived_tensors, foldable_batchnorm, fold_batchnorm
+from .layers import ConvUnit, DropPath, LayerNorm3d
+from .lka import LiveTapConv3d, LKABlock, live_taps
+from .ulkanet import ULKAPath
+
+__all__ = ["group_subcrops", "ungroup_subcrops", "grouped_local_features", "can_group"]
+
+CL = torch.channels_last_3d
+
+
+def can_group(paths: Sequence[nn.Module]) -> bool:
+    """Groupable: at least two paths, every one a ``ULKAPath`` with the same architecture."""
+    return len(paths) > 1 and all(isinstance(p, ULKAPath) and p.arch_kwargs == paths[0].arch_kwargs for p in paths)
+
+
+def group_subcrops(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, n*C, D/gd, H/gh, W/gw), channel group i = sub-crop i (z-major order)."""
+    b, c, d, h, w = x.shape
+    gd, gh, gw = grid
+    t = x.reshape(b, c, gd, d // gd, gh, h // gh, gw, w // gw).permute(0, 3, 5, 7, 2, 4, 6, 1)
+    t = t.reshape(b, d // gd, h // gh, w // gw, gd * gh * gw * c)  # the one copy, in channels-last order
+    return t.permute(0, 4, 1, 2, 3)
+
+
+def ungroup_subcrops(y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``group_subcrops``: (B, n*C, d, h, w) -> (B, C, d*gd, h*gh, w*gw), channels-last."""
+    b, nc, td, th, tw = y.shape
+    gd, gh, gw = grid
+    c = nc // (gd * gh * gw)
+    t = y.permute(0, 2, 3, 4, 1).reshape(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    t = t.reshape(b, gd * td, gh * th, gw * tw, c)
+    return t.permute(0, 4, 1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- grouped ops
+def _cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    if tensors[0] is None:
+        return None
+    return derived_tensors(owner, name, tensors, lambda: torch.cat(list(tensors)))
+
+
+def _conv(x: torch.Tensor, convs: Sequence[nn.Conv3d]) -> torch.Tensor:
+    first = convs[0]
+    weight = _cat(first, "_grouped_weight", [c.weight for c in convs])
+    bias = _cat(first, "_grouped_bias", [c.bias for c in convs])
+    padding = first.padding
+    if isinstance(first, LiveTapConv3d):
+        taps, padding = live_taps(first.kernel_size, x.shape[2:], first.dilation)
+        if taps is not None:
+            weight = weight[(slice(None), slice(None), *taps)]
+    return conv3d(x, weight, bias, first.stride, padding, first.dilation, first.groups * len(convs))
+
+
+def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
+    first = norms[0]
+    weight = _cat(first, "_grouped_weight", [n.weight for n in norms])
+    bias = _cat(first, "_grouped_bias", [n.bias for n in norms])
+    if isinstance(first, nn.BatchNorm3d):
+        use_batch_stats = training or first.running_mean is None
+        if first.running_mean is None:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
+        mean = torch.cat([n.running_mean for n in norms])
+        var = torch.cat([n.running_var for n in norms])
+        momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked + 1)
+        out = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, momentum, first.eps)
+        if use_batch_stats and first.track_running_stats:
+            with torch.no_grad():
+                for n, m, v in zip(norms, mean.chunk(len(norms)), var.chunk(len(norms))):
+                    n.running_mean.copy_(m)
+                    n.running_var.copy_(v)
+                    n.num_batches_tracked.add_(1)
+        return out
+    return F.instance_norm(x, None, None, weight, bias, True, 0.0, first.eps)
+
+
+def _conv_unit(x: torch.Tensor, units: Sequence[ConvUnit]) -> torch.Tensor:
+    first = units[0]
+    if foldable_batchnorm(first, first.norm):
+        folded = [fold_batchnorm(u.conv, u.norm) for u in units]
+        weight = _cat(first.conv, "_grouped_folded_weight", [w for w, _ in folded])
+        bias = _cat(first.conv, "_grouped_folded_bias", [b for _, b in folded])
+        return F.leaky_relu(conv3d(x, weight, bias, 1, first.conv.padding, 1, len(units)), first.act.negative_slope,
+                            inplace=True)
+    x = _norm(_conv(x, [u.conv for u in units]), [u.norm for u in units], first.training)
+    return F.leaky_relu(x, first.act.negative_slope, inplace=True)
+
+
+def _units(x: torch.Tensor, seqs: Sequence[nn.Sequential]) -> torch.Tensor:
+    for units in zip(*seqs):
+        x = _conv_unit(x, units)
+    return x
+
+
+def _layer_norm(x: torch.Tensor, norms: Sequence[LayerNorm3d]) -> torch.Tensor:
+    b, nc, d, h, w = x.shape
+    n, first = len(norms), norms[0]
+    t = x.permute(0, 2, 3, 4, 1).reshape(b, d, h, w, n, nc // n)
+    t = F.layer_norm(t, first.normalized_shape, None, None, first.eps)
+    weight = _cat(first, "_grouped_weight", [m.weight for m in norms]).view(n, -1)
+    bias = _cat(first, "_grouped_bias", [m.bias for m in norms]).view(n, -1)
+    return torch.addcmul(bias, t, weight).reshape(b, d, h, w, nc).permute(0, 4, 1, 2, 3)
+
+
+def _scale(x: torch.Tensor, scales: Sequence[nn.Module]) -> torch.Tensor:
+    gamma = _cat(scales[0], "_grouped_gamma", [s.gamma for s in scales])
+    return x * gamma.view(1, -1, 1, 1, 1).to(x.dtype)
+
+
+def _drop_path(x: torch.Tensor, drops: Sequence[nn.Module], training: bool) -> torch.Tensor:
+    """Stochastic depth with one draw per sample and path, as each path's own DropPath makes."""
+    first = drops[0]
+    if not isinstance(first, DropPath) or not training or first.drop_prob == 0.0:
+        return x
+    keep = 1.0 - first.drop_prob
+    b, nc = x.shape[:2]
+    n = len(drops)
+    mask = x.new_empty((b, n, 1)).bernoulli_(keep).div_(keep).expand(b, n, nc // n).reshape(b, nc, 1, 1, 1)
+    return x * mask
+
+
+def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
+    first = blocks[0]
+    training = first.training
+    h = _norm(x, [b.norm1 for b in blocks], training)
+    attn = [b.attn for b in blocks]
+    u = F.gelu(_conv(h, [a.proj_1 for a in attn]))
+    lka = [a.lka for a in attn]
+    gate = _conv(_conv(_conv(u, [k.conv0 for k in lka]), [k.conv_spatial for k in lka]), [k.conv1 for k in lka])
+    branch = h + _conv(u * gate, [a.proj_2 for a in attn])
+    x = x + _drop_path(_scale(branch, [b.ls1 for b in blocks]), [b.drop_path1 for b in blocks], training)
+    h = _norm(x, [b.norm2 for b in blocks], training)
+    mlp = [b.mlp for b in blocks]
+    h = _conv(F.gelu(_conv(_conv(h, [m.fc1 for m in mlp]), [m.dwconv for m in mlp])), [m.fc2 for m in mlp])
+    return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks], training)
+
+
+def _cat_groups(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-group channel concatenation: group i of the result is [group i of a, group i of b]."""
+    bs, ca, d, h, w = a.shape
+    t = torch.cat([a.permute(0, 2, 3, 4, 1).reshape(bs, d, h, w, n, ca // n),
+                   b.permute(0, 2, 3, 4, 1).reshape(bs, d, h, w, n, b.shape[1] // n)], dim=-1)
+    return t.reshape(bs, d, h, w, -1).permute(0, 4, 1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- the paths
+def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.Tensor:
+    """Full-resolution decoder features of every path on its channel group of ``x`` (grouped layout)."""
+    n = len(paths)
+    encoders = [p.encoder for p in paths]
+    stem = _units(x, [e.stem for e in encoders])
+    features = []
+    for stages in zip(*[e.stages for e in encoders]):
+        first = stages[0]
+        embeds = [s.downsample for s in stages]
+        if foldable_batchnorm(first.downsample, first.downsample.norm):
+            folded = [fold_batchnorm(e.proj, e.norm) for e in embeds]
+            weight = _cat(embeds[0].proj, "_grouped_folded_weight", [w for w, _ in folded])
+            bias = _cat(embeds[0].proj, "_grouped_folded_bias", [b for _, b in folded])
+            proj = embeds[0].proj
+            x = conv3d(x, weight, bias, proj.stride, proj.padding, 1, n)
+        else:
+            x = _norm(_conv(x, [e.proj for e in embeds]), [e.norm for e in embeds], first.training)
+        for blocks in zip(*[s.blocks for s in stages]):
+            x = _lka_block(x, blocks)
+        x = _layer_norm(x, [s.norm for s in stages])
+        features.append(x)
+
+    decoders = [p.decoder for p in paths]
+    dec = decoders[0]
+    skips = [_units(f, units) for f, units in zip(features, zip(*[d.skips for d in decoders]))]
+    y = _units(skips[-1], [d.blocks[0] for d in decoders])
+    for j, res in enumerate(range(dec.num_stages, 0, -1), start=1):
+        y = dec.upsamples[j - 1](y)
+        if res >= 2:
+            y = _cat_groups(y, skips[res - 2], n)
+        y = _units(y, [d.blocks[j] for d in decoders])
+    y = _cat_groups(dec.upsamples[-1](y), stem, n)
+    return _units(y, [d.final for d in decoders])
