@@ -55,7 +55,9 @@ def test_eval_folding_matches_reference_on_cuda(cls):
         fast = net(x)
         with reference_kernels():
             ref = net(x)
-    assert _rel(fast, ref) < 1e-3  # TF32 convolutions on Ampere+ round to ~1e-3
+    # fp32 convolutions run as TF32 on Ampere and later (PyTorch's default for cuDNN), so two
+    # orders of summation differ by ~1e-3 (measured 2.0e-3 / 2.2e-3 on an H200)
+    assert _rel(fast, ref) < 5e-3
 
 
 def test_torch_compile_matches_eager():
@@ -65,7 +67,7 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         eager = net(x)
         out = compiled(x)
-    assert _rel(out, eager) < 1e-3
+    assert _rel(out, eager) < 5e-3  # TF32, as above (measured 1.4e-3 on an H200)
     net.train()
     y = compiled(x)
     y.float().square().mean().backward()
