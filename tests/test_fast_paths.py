@@ -255,3 +255,45 @@ def test_eval_mode_gradients_reach_the_unfolded_parameters():
         ref = torch.autograd.grad(unit(x).square().sum(), [unit.conv.weight, unit.norm.weight])
     for g, r in zip(grads, ref):
         assert _rel(g, r) < 1e-4
+
+
+def test_feature_map_count_for_the_planner_sees_every_module():
+    """nnU-Net's planner sizes patches from this count: folding and grouping must not hide modules."""
+    from nnunet_logonet.network.memory import COUNTED_MODULES
+
+    net = _tiny(LoGoNet, (32, 32, 32)).eval()
+    total = 0
+
+    def count(_module, inputs, output):
+        nonlocal total
+        if output is not inputs[0]:
+            total += output.numel()
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, COUNTED_MODULES)]
+    with torch.no_grad(), reference_kernels():
+        net(torch.randn(1, 1, 32, 32, 32))
+    for h in handles:
+        h.remove()
+    assert net.compute_conv_feature_map_size((32, 32, 32)) == total
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_inference_mode_as_nnunet_predict_runs_it_with_fold_switching(cls):
+    """nnUNetPredictor predicts under torch.inference_mode and loads fold after fold."""
+    net = _tiny(cls, (32, 32, 32)).eval()
+    other = copy.deepcopy(net)
+    _randomise_batchnorm(other, seed=3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        first = net(x)
+        again = net(x)
+        net.load_state_dict(other.state_dict())
+        second = net(x)
+    with torch.no_grad(), reference_kernels():
+        expected = net(x)
+    assert torch.equal(first, again)
+    assert _rel(second, expected) < 1e-4
+    assert _rel(first, second) > 1e-2

@@ -171,9 +171,10 @@ def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | N
     ``.to(device)``. With autograd on (training) or under ``torch.compile`` it is not used, so
     gradients reach the original parameters and the compiler sees plain ops.
     """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return make()
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources if t is not None)
+    present = [t for t in sources if t is not None]
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in present):
+        return make()  # inference tensors have no version counter to key on
+    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in present)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         cached = (key, make())

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import conv3d, derived_tensors, foldable_batchnorm, fold_batchnorm
+from .conv import _fold, conv3d, derived_tensors, foldable_batchnorm
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -59,6 +59,18 @@ def _cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor | None]) ->
     return derived_tensors(owner, name, tensors, lambda: torch.cat(list(tensors)))
 
 
+def _folded(owner: nn.Module, pairs: Sequence[tuple[nn.Conv3d, nn.BatchNorm3d]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (conv, BatchNorm) folded (``conv.fold_batchnorm``), concatenated; cached on the parameters."""
+    sources = [t for conv, norm in pairs
+               for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)]
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        folded = [_fold(conv, norm) for conv, norm in pairs]
+        return torch.cat([w for w, _ in folded]), torch.cat([b for _, b in folded])
+
+    return derived_tensors(owner, "_grouped_folded", sources, make)
+
+
 def _conv(x: torch.Tensor, convs: Sequence[nn.Conv3d]) -> torch.Tensor:
     first = convs[0]
     weight = _cat(first, "_grouped_weight", [c.weight for c in convs])
@@ -96,9 +108,7 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
 def _conv_unit(x: torch.Tensor, units: Sequence[ConvUnit]) -> torch.Tensor:
     first = units[0]
     if foldable_batchnorm(first, first.norm):
-        folded = [fold_batchnorm(u.conv, u.norm) for u in units]
-        weight = _cat(first.conv, "_grouped_folded_weight", [w for w, _ in folded])
-        bias = _cat(first.conv, "_grouped_folded_bias", [b for _, b in folded])
+        weight, bias = _folded(first.conv, [(u.conv, u.norm) for u in units])
         return F.leaky_relu(conv3d(x, weight, bias, 1, first.conv.padding, 1, len(units)), first.act.negative_slope,
                             inplace=True)
     x = _norm(_conv(x, [u.conv for u in units]), [u.norm for u in units], first.training)
@@ -173,10 +183,8 @@ def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.
         first = stages[0]
         embeds = [s.downsample for s in stages]
         if foldable_batchnorm(first.downsample, first.downsample.norm):
-            folded = [fold_batchnorm(e.proj, e.norm) for e in embeds]
-            weight = _cat(embeds[0].proj, "_grouped_folded_weight", [w for w, _ in folded])
-            bias = _cat(embeds[0].proj, "_grouped_folded_bias", [b for _, b in folded])
             proj = embeds[0].proj
+            weight, bias = _folded(proj, [(e.proj, e.norm) for e in embeds])
             x = conv3d(x, weight, bias, proj.stride, proj.padding, 1, n)
         else:
             x = _norm(_conv(x, [e.proj for e in embeds]), [e.norm for e in embeds], first.training)

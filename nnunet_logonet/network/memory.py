@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .conv import reference_kernels
 from .layers import Upsample3d
 from .shapes import Triple, as_triple, nearest_valid_patch_sizes
 
@@ -45,7 +46,8 @@ def trace_feature_map_size(model: nn.Module, input_channels: int, input_size: Se
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()  # train-mode norms refuse a 1-voxel map with batch 1; shapes are the same
-        with torch.no_grad():
+        # plain modules: folded norms and grouped local paths would skip the counting hooks
+        with torch.no_grad(), reference_kernels():
             x = torch.empty((1, input_channels, *(int(s) for s in input_size)), device="meta")
             functional_call(model, meta, (x,), tie_weights=False, strict=False)
     finally:
