@@ -73,11 +73,12 @@ FIGURES: dict[str, tuple[str, float, str]] = {
 }
 TRAIN_FIGURES = ("train_step_s", "peak_memory_mb")
 #: Training bytes per element counted by ``compute_conv_feature_map_size``, only to skip what cannot
-#: fit. CPU fp32, measured with this benchmark at 32x64x64, batch 2 (docs/benchmarks/README.md):
-#: nnunet 17, resenc_m 11, ulkanet_s 8, logonet_s 6, logonet_l 4 (logonet_tiny 24, but tiny in
-#: absolute terms); 18 keeps the skip for cases that clearly cannot fit. CUDA: nnU-Net's own
-#: reference, 8 GB for 2 x 560e6 elements under mixed precision.
-TRAIN_BYTES_PER_FEATURE_ELEMENT = {"cpu": 18.0, "cuda": 8 * 1024 ** 3 / (2 * 560e6)}
+#: fit. CPU fp32, measured with this benchmark at 96^3, batch 2 (docs/benchmarks/cpu_96.json):
+#: nnunet 11.0, resenc_m 10.0 (17 and 11 at 32x64x64), so 18 for nnU-Net's networks; ulkanet_s 6.0,
+#: logonet_tiny 6.5, logonet_s 5.7, logonet_l 5.4 (at most 7.7 at 32x64x64), so 8 for ours
+#: (``cpu_channels_last``). CUDA: nnU-Net's own reference, 8 GB for 2 x 560e6 elements under
+#: mixed precision.
+TRAIN_BYTES_PER_FEATURE_ELEMENT = {"cpu": 18.0, "cpu_channels_last": 8.0, "cuda": 8 * 1024 ** 3 / (2 * 560e6)}
 DEFAULTS = {"cpu": {"warmup": 1, "repeats": 3, "sw_repeats": 1}, "cuda": {"warmup": 3, "repeats": 10, "sw_repeats": None}}
 EXIT_USAGE = 2
 
@@ -367,7 +368,10 @@ def estimate_memory_mb(spec: ModelSpec, batch_size: int, device: str) -> dict[st
     elements = feature_map_elements(spec)
     with torch.device("meta"):
         params = count_parameters(spec.build(init=False))
-    per_element = TRAIN_BYTES_PER_FEATURE_ELEMENT["cuda" if device.startswith("cuda") else "cpu"]
+    if device.startswith("cuda"):
+        per_element = TRAIN_BYTES_PER_FEATURE_ELEMENT["cuda"]
+    else:
+        per_element = TRAIN_BYTES_PER_FEATURE_ELEMENT["cpu_channels_last" if spec.prefers_channels_last else "cpu"]
     return {
         "feature_map_elements": float(elements),
         "train_mb": (elements * batch_size * per_element + params * 16) / 1024 ** 2,
