@@ -88,9 +88,9 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
     weight = _cat(first, "_grouped_weight", [n.weight for n in norms])
     bias = _cat(first, "_grouped_bias", [n.bias for n in norms])
     if isinstance(first, nn.BatchNorm3d):
-        use_batch_stats = training or first.running_mean is None
-        if first.running_mean is None:
+        if first.running_mean is None:  # track_running_stats=False: always batch statistics
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
+        use_batch_stats = training
         mean = torch.cat([n.running_mean for n in norms])
         var = torch.cat([n.running_var for n in norms])
         momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked + 1)
