@@ -34,6 +34,7 @@ __all__ = [
     "conv3d",
     "fast_paths_enabled",
     "reference_kernels",
+    "conv_norm",
     "fold_batchnorm",
     "foldable_batchnorm",
     "derived_tensors",
@@ -152,6 +153,14 @@ def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
         and norm.running_mean is not None
         and fast_paths_enabled()
     )
+
+
+def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))``; one convolution with the BatchNorm folded in when ``module`` is in eval mode."""
+    if foldable_batchnorm(module, norm):
+        weight, bias = fold_batchnorm(conv, norm)
+        return conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
 
 
 def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
+from .conv import Conv3d, conv_norm
 from .layers import make_norm
 from .shapes import as_triple, embedding_kernel
 
@@ -31,7 +31,4 @@ class PatchEmbed3d(nn.Module):
         self.norm = make_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if foldable_batchnorm(self, self.norm):
-            weight, bias = fold_batchnorm(self.proj, self.norm)
-            return conv3d(x, weight, bias, self.proj.stride, self.proj.padding)
-        return self.norm(self.proj(x))
+        return conv_norm(self, self.proj, self.norm, x)

@@ -105,14 +105,19 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
     return F.instance_norm(x, None, None, weight, bias, True, 0.0, first.eps)
 
 
+def _conv_norm(x: torch.Tensor, module: nn.Module, convs: Sequence[nn.Conv3d], norms: Sequence[nn.Module]
+               ) -> torch.Tensor:
+    """Grouped ``conv.conv_norm``: the BatchNorms folded into the convolutions when ``module`` is in eval."""
+    first = convs[0]
+    if foldable_batchnorm(module, norms[0]):
+        weight, bias = _folded(first, list(zip(convs, norms)))
+        return conv3d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(convs))
+    return _norm(_conv(x, convs), norms, norms[0].training)
+
+
 def _conv_unit(x: torch.Tensor, units: Sequence[ConvUnit]) -> torch.Tensor:
-    first = units[0]
-    if foldable_batchnorm(first, first.norm):
-        weight, bias = _folded(first.conv, [(u.conv, u.norm) for u in units])
-        return F.leaky_relu(conv3d(x, weight, bias, 1, first.conv.padding, 1, len(units)), first.act.negative_slope,
-                            inplace=True)
-    x = _norm(_conv(x, [u.conv for u in units]), [u.norm for u in units], first.training)
-    return F.leaky_relu(x, first.act.negative_slope, inplace=True)
+    x = _conv_norm(x, units[0], [u.conv for u in units], [u.norm for u in units])
+    return F.leaky_relu(x, units[0].act.negative_slope, inplace=True)
 
 
 def _units(x: torch.Tensor, seqs: Sequence[nn.Sequential]) -> torch.Tensor:
@@ -180,14 +185,8 @@ def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.
     stem = _units(x, [e.stem for e in encoders])
     features = []
     for stages in zip(*[e.stages for e in encoders]):
-        first = stages[0]
         embeds = [s.downsample for s in stages]
-        if foldable_batchnorm(first.downsample, first.downsample.norm):
-            proj = embeds[0].proj
-            weight, bias = _folded(proj, [(e.proj, e.norm) for e in embeds])
-            x = conv3d(x, weight, bias, proj.stride, proj.padding, 1, n)
-        else:
-            x = _norm(_conv(x, [e.proj for e in embeds]), [e.norm for e in embeds], first.training)
+        x = _conv_norm(x, embeds[0], [e.proj for e in embeds], [e.norm for e in embeds])
         for blocks in zip(*[s.blocks for s in stages]):
             x = _lka_block(x, blocks)
         x = _layer_norm(x, [s.norm for s in stages])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv3d, conv3d, fold_batchnorm, foldable_batchnorm
+from .conv import Conv3d, conv_norm
 
 __all__ = [
     "NORMS",
@@ -58,10 +58,7 @@ class ConvUnit(nn.Sequential):
         self.act = nn.LeakyReLU(negative_slope=1e-2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if foldable_batchnorm(self, self.norm):
-            weight, bias = fold_batchnorm(self.conv, self.norm)
-            return self.act(conv3d(x, weight, bias, 1, self.conv.padding))
-        return self.act(self.norm(self.conv(x)))
+        return self.act(conv_norm(self, self.conv, self.norm, x))
 
 
 class LayerNorm3d(nn.LayerNorm):

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv3d, fast_paths_enabled, fold_batchnorm, foldable_batchnorm
+from .conv import Conv3d, conv_norm, fast_paths_enabled
 from .grouped import can_group, group_subcrops, grouped_local_features, ungroup_subcrops
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
@@ -50,12 +50,7 @@ class LoGoHead(nn.Module):
         self.deep_supervision = bool(deep_supervision)
 
     def forward(self, fused: torch.Tensor, global_features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        if foldable_batchnorm(self, self.norm):
-            weight, bias = fold_batchnorm(self.conv, self.norm)
-            features = conv3d(fused, weight, bias, 1, self.conv.padding)
-        else:
-            features = self.norm(self.conv(fused))
-        out = self.seg_layers[0](self.act(features))
+        out = self.seg_layers[0](self.act(conv_norm(self, self.conv, self.norm, fused)))
         if not self.deep_supervision:
             return out
         return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]
