@@ -79,6 +79,32 @@ def test_json_round_trips_with_device_info(small_run):
     assert "multiply-accumulate" in report["settings"]["flop_counter"]
 
 
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, patch, source", [
+    (["--device", "cpu"], [64, 64, 64], "cpu default"),
+    (["--device", "cpu", "--patch-size", "96", "96", "96"], [96, 96, 96], "--patch-size"),
+])
+def test_cpu_default_patch_is_64_and_says_so(monkeypatch, argv, patch, source):
+    """The plain `logonet_benchmark --device cpu` must finish in minutes on 2 cores: 64^3 unless asked."""
+    from nnunet_logonet.benchmark import efficiency
+
+    def capture(specs, settings, **kwargs):
+        raise _Captured(specs, settings, kwargs["meta"])
+
+    monkeypatch.setattr(efficiency, "run_benchmark", capture)
+    with pytest.raises(_Captured) as caught:
+        main([*argv, "--models", "nnunet", "logonet_tiny"])
+    specs, settings, meta = caught.value.args
+    assert meta["patch_size"] == patch and meta["patch_size_from"] == source
+    assert all(list(spec.patch_size) == patch for spec in specs)
+    assert settings.case_size == [p * 3 // 2 for p in patch]
+    note = efficiency._patch_note(meta)
+    assert ("--patch-size 96 96 96" in note) == (source == "cpu default")
+
+
 def test_unknown_model_exits_2_listing_valid(capsys):
     assert main(["--models", "nnunet", "logonet_xl"]) == 2
     err = capsys.readouterr().err
