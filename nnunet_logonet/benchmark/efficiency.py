@@ -110,6 +110,26 @@ class BenchmarkSettings(SimpleNamespace):
     compile: bool = False
 
 
+def default_settings(device: torch.device, patch_size: Sequence[int], **given: Any) -> BenchmarkSettings:
+    """The settings of one run: ``DEFAULTS[device.type]`` and the CLI's defaults, where ``given`` is None."""
+    given = {k: v for k, v in given.items() if v is not None}
+    defaults = DEFAULTS[device.type]
+    warmup = given.pop("warmup", defaults["warmup"])
+    repeats = given.pop("repeats", defaults["repeats"])
+    values = {
+        "batch_size": 2, "warmup": warmup, "repeats": repeats,
+        "sw_warmup": 0 if device.type == "cpu" else min(warmup, 1),
+        "sw_repeats": defaults["sw_repeats"] or repeats,
+        "channels_last": True, "mirroring": False, "tile_step_size": 0.5,
+        "case_size": [int(math.ceil(1.5 * p)) for p in patch_size],
+        "threads": torch.get_num_threads(), "seed": 0, "reference_kernels": False, "compile": False,
+        **given,
+    }
+    values["amp"] = bool(values.get("amp", device.type == "cuda")) and device.type == "cuda"  # CPU runs fp32
+    values["case_size"] = [int(c) for c in values["case_size"]]
+    return BenchmarkSettings(device=str(device), **values)
+
+
 # --------------------------------------------------------------------------------- measuring
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -636,21 +656,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "" if plans else " Choose another --patch-size or leave this model out of --models."
             return _usage_error(f"{name}: {error}{hint}")
 
-    warmup = defaults["warmup"] if args.warmup is None else args.warmup
-    repeats = defaults["repeats"] if args.repeats is None else args.repeats
-    sw_repeats = args.sw_repeats or defaults["sw_repeats"] or repeats
-    amp = (device.type == "cuda") if args.amp is None else bool(args.amp)
-    if amp and device.type != "cuda":
+    if args.amp and device.type != "cuda":
         print("logonet_benchmark: --amp applies to CUDA only; the CPU runs fp32 as nnU-Net does", file=sys.stderr)
-        amp = False
-    case_size = args.case_size or [int(math.ceil(1.5 * p)) for p in patch]
-    if any(c < 1 for c in case_size):
-        return _usage_error(f"--case-size entries must be >= 1, got {case_size}")
-    settings = BenchmarkSettings(
-        device=str(device), batch_size=args.batch_size, warmup=warmup, repeats=repeats,
-        sw_warmup=0 if device.type == "cpu" else min(warmup, 1), sw_repeats=sw_repeats, amp=amp,
-        channels_last=args.channels_last, mirroring=args.mirroring, tile_step_size=args.tile_step_size,
-        case_size=[int(c) for c in case_size], threads=args.threads or torch.get_num_threads(), seed=args.seed,
+    if args.case_size and any(c < 1 for c in args.case_size):
+        return _usage_error(f"--case-size entries must be >= 1, got {args.case_size}")
+    settings = default_settings(
+        device, patch, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
+        sw_repeats=args.sw_repeats, amp=args.amp, channels_last=args.channels_last, mirroring=args.mirroring,
+        tile_step_size=args.tile_step_size, case_size=args.case_size, threads=args.threads, seed=args.seed,
         reference_kernels=args.reference_kernels, compile=args.compile)
     meta = {
         "benchmark": "logonet_benchmark",
