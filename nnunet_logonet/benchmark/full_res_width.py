@@ -9,7 +9,7 @@ model, parameters and fvcore MACs at the paper's 96^3 beside the paper's figures
 it also measures the variants with ``logonet_benchmark``'s own measurement (one process per model)
 side by side with nnU-Net's default network, ratios to it as usual.
 
-    python -m nnunet_logonet.benchmark.full_res_width                               # counts, ~2 min on CPU
+    python -m nnunet_logonet.benchmark.full_res_width                               # counts at 96^3, a few minutes on CPU
     python -m nnunet_logonet.benchmark.full_res_width --time --models logonet_s ulkanet_s --widths 32 16
 
 It changes no preset: it is the evidence for choosing a width (an architecture change that needs
