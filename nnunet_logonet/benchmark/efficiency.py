@@ -18,8 +18,9 @@ For every model (see :mod:`nnunet_logonet.benchmark.models`) it measures, on one
 
 Each time is the median of ``--repeats`` runs after ``--warmup`` runs, and every figure is also
 given as a ratio to nnU-Net's default network (``nnunet``) measured in the same run. The default
-patch is the paper's 96^3 on CUDA and 64^3 on CPU (the six-model 96^3 run takes ~15 min on 2 cores). Each model runs
-in a fresh Python process (``--no-isolate`` to run in-process), so its memory peak is its own.
+patch is the paper's 96^3 on CUDA and 64^3 on CPU (the six-model 96^3 run takes ~15 min on 2 cores).
+Each model runs in a fresh Python process (``--no-isolate`` to run in-process), so its memory peak is
+its own.
 
     logonet_benchmark --device cpu --patch-size 32 64 64 --json docs/benchmarks/cpu_32x64x64.json
 """

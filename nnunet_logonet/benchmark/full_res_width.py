@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -126,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"full_res_width: error: {error}", file=sys.stderr)
         return 2
     print(format_counts(rows, args.count_size))
-    result: dict[str, Any] = {"command": " ".join(["python -m nnunet_logonet.benchmark.full_res_width",
-                                                   *(argv if argv is not None else sys.argv[1:])]),
+    result: dict[str, Any] = {"command": shlex.join(["python", "-m", "nnunet_logonet.benchmark.full_res_width",
+                                                     *(argv if argv is not None else sys.argv[1:])]),
                               "count_size": list(args.count_size), "counts": rows}
     if args.time:
         device = torch.device(args.device)
