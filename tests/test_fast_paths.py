@@ -49,6 +49,7 @@ def _randomise_batchnorm(net: nn.Module, seed: int = 0) -> None:
         ((1, 8, 8, 10, 12), 8, 7, 1, 9, 3, 8, True),  # depthwise 7^3 dilation 3
         ((2, 16, 4, 4, 4), 16, 3, 1, 1, 1, 16, False),  # MLP depthwise, no bias
         ((2, 8, 6, 6, 6), 16, 3, 1, 1, 1, 2, True),  # grouped, not depthwise
+        ((2, 1100, 4, 4, 4), 1100, 3, 1, 1, 1, 1100, True),  # wide depthwise: weight gradient in 512-channel chunks
     ],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -68,6 +69,22 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
     inputs = [x, w] + ([b] if bias else [])
     for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
         assert _rel(g_ours, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("channels", [512, 513, 1300])
+def test_chunked_depthwise_weight_gradient_equals_one_onednn_call(channels):
+    """The 512-channel chunks change only the speed: one oneDNN call over every channel up to rounding."""
+    from nnunet_logonet.network.conv import _depthwise_weight_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, 4, 5, 6).contiguous(memory_format=CL)
+    g = torch.randn(2, channels, 4, 5, 6).contiguous(memory_format=CL)
+    w = torch.randn(channels, 1, 5, 5, 5).contiguous(memory_format=CL)
+    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], [2, 2, 2], [1, 1, 1], False,
+                                                   [0, 0, 0], channels, [False, True, False])[1]
+    chunked = _depthwise_weight_grad(g, x, w, (2, 2, 2), (1, 1, 1))
+    assert chunked.shape == w.shape
+    assert _rel(chunked, one_call) < 1e-6
 
 
 def test_depthwise_backward_with_frozen_input_or_weight():
