@@ -87,6 +87,43 @@ def test_chunked_depthwise_weight_gradient_equals_one_onednn_call(channels):
     assert _rel(chunked, one_call) < 1e-6
 
 
+@pytest.mark.parametrize("groups, widths, stride", [(1, [3, 5], 1), (4, [2, 3], 1), (2, [1, 2, 3], 2)])
+def test_conv3d_concat_equals_conv_of_the_concatenation(groups, widths, stride):
+    """The decoder's skip concatenations are convolved part by part; same outputs and gradients."""
+    from nnunet_logonet.network.conv import cat_per_group, conv3d_concat
+
+    torch.manual_seed(0)
+    parts = [torch.randn(2, groups * c, 6, 8, 8).contiguous(memory_format=CL).requires_grad_() for c in widths]
+    w = torch.randn(groups * 4, sum(widths), 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
+    b = torch.randn(groups * 4, requires_grad=True)
+    ours = conv3d_concat(parts, w, b, stride, 1, 1, groups)
+    whole = cat_per_group(parts, groups)
+    ref = F.conv3d(whole, w, b, stride, 1, 1, groups)
+    assert _rel(ours, ref) < 1e-5
+    # group g of the concatenation holds group g of every part, in order
+    g_first = whole[:, : sum(widths)]
+    assert torch.equal(g_first, torch.cat([p[:, :c] for p, c in zip(parts, widths)], 1))
+    grad = torch.randn_like(ref)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, [*parts, w, b], grad),
+                             torch.autograd.grad(ref, [*parts, w, b], grad)):
+        assert _rel(g_ours, g_ref) < 1e-5
+    with pytest.raises(ValueError, match="channels per group"):
+        conv3d_concat(parts[:1] + parts[:1], w, b, stride, 1, 1, groups)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conv_unit_on_parts_equals_conv_unit_on_the_concatenation(train):
+    torch.manual_seed(0)
+    unit = ConvUnit(7, 4).train(train)
+    _randomise_batchnorm(unit)
+    a = torch.randn(2, 3, 8, 8, 8).contiguous(memory_format=CL)
+    b = torch.randn(2, 4, 8, 8, 8).contiguous(memory_format=CL)
+    on_parts = copy.deepcopy(unit)((a, b))
+    with reference_kernels():
+        on_cat = copy.deepcopy(unit)(torch.cat([a, b], 1))
+    assert _rel(on_parts, on_cat) < 1e-5
+
+
 def test_depthwise_backward_with_frozen_input_or_weight():
     x = torch.randn(1, 6, 8, 8, 8).contiguous(memory_format=CL)
     w = torch.randn(6, 1, 5, 5, 5).contiguous(memory_format=CL).requires_grad_()
@@ -206,14 +243,25 @@ def test_training_outputs_and_gradients_equal_reference(cls, patch):
     for a, b in zip(fast_out, ref_out):
         assert _rel(a, b) < 1e-4
     assert fast_grads.keys() == ref_grads.keys()
-    # compare every gradient on the scale of the largest one: BatchNorm makes some gradients
-    # (e.g. a conv bias right before a norm) pure rounding noise around zero in both paths
-    scale = max(g.abs().max() for g in ref_grads.values())
-    worst = max((fast_grads[k] - ref_grads[k]).abs().max() / scale for k in ref_grads)
-    assert worst < 1e-4
-    norm_rel = max(((fast_grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item()
-                   for k in ref_grads if ref_grads[k].norm() > 1e-3 * scale)
-    assert norm_rel < 1e-3
+    # Gradients are judged against a float64 computation: BatchNorm in training mode turns float32
+    # rounding into ~1e-4 (of the largest gradient) noise in both float32 paths, and the small
+    # early-layer gradients carry ~1e-3 relative noise. The fast path must be as close to the
+    # exact gradients as the float32 reference is; a real mistake (a wrong slice, a missing term)
+    # gives errors of order one.
+    _, exact_gx, exact_grads, _ = _outputs_and_grads(copy.deepcopy(net).double(), x.double(), reference=True)
+    exact_grads = {k: v.float() for k, v in exact_grads.items()}
+    scale = max(g.abs().max() for g in exact_grads.values())
+
+    def worst(grads):
+        return max(((grads[k] - exact_grads[k]).abs().max() / scale).item() for k in exact_grads)
+
+    assert worst(fast_grads) <= 2 * worst(ref_grads) + 1e-5, (worst(fast_grads), worst(ref_grads))
+    for k, exact in exact_grads.items():
+        if exact.norm() > 1e-3 * scale:  # (the bottleneck's BatchNorm on 2 values: ~2e-2 in both paths)
+            fast_err = ((fast_grads[k] - exact).norm() / exact.norm()).item()
+            ref_err = ((ref_grads[k] - exact).norm() / exact.norm()).item()
+            assert fast_err <= 3 * max(ref_err, 1e-3), (k, fast_err, ref_err)
+    assert _rel(fast_gx, exact_gx.float()) <= 2 * _rel(ref_gx, exact_gx.float()) + 1e-5
     assert _rel(fast_gx, ref_gx) < 1e-3
 
 

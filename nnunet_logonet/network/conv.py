@@ -34,6 +34,8 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "Conv3d",
     "conv3d",
+    "conv3d_concat",
+    "cat_per_group",
     "fast_paths_enabled",
     "reference_kernels",
     "conv_norm",
@@ -162,6 +164,55 @@ def conv3d(
     return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
 
 
+def cat_per_group(parts: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:
+    """Channel concatenation of ``parts``, group by group: group g of the result is
+    [group g of parts[0], group g of parts[1], ...] (plain ``torch.cat`` for one group)."""
+    if groups == 1:
+        return torch.cat(list(parts), dim=1)
+    b, _, d, h, w = parts[0].shape
+    t = torch.cat([p.permute(0, 2, 3, 4, 1).reshape(b, d, h, w, groups, p.shape[1] // groups) for p in parts],
+                  dim=-1)
+    return t.reshape(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
+
+
+def conv3d_concat(
+    parts: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``conv3d(cat_per_group(parts, groups), weight, ...)`` without building the concatenation.
+
+    A convolution is linear in its input channels, so on the concatenation it is the sum of one
+    convolution per part with that part's slice of the weight. On CPU (oneDNN path) that skips
+    writing and reading the concatenated tensor: at full resolution the decoder's skip
+    concatenation (stem + upsampled features) was a copy of ~200 MB per training step that cost
+    more than a third of the convolution after it. Elsewhere (CUDA, reference kernels) the
+    concatenation is built as before.
+    """
+    parts = list(parts)
+    if len(parts) == 1:
+        return conv3d(parts[0], weight, bias, stride, padding, dilation, groups)
+    if not _use_onednn(parts[0], weight):
+        return conv3d(cat_per_group(parts, groups), weight, bias, stride, padding, dilation, groups)
+    per_group = [part.shape[1] // groups for part in parts]
+    if sum(per_group) != weight.shape[1]:
+        raise ValueError(f"parts have {sum(per_group)} channels per group ({per_group}), the weight expects "
+                         f"{weight.shape[1]}")
+    out = None
+    start = 0
+    for part in parts:
+        width = part.shape[1] // groups
+        y = conv3d(part, weight[:, start:start + width], bias if out is None else None, stride, padding, dilation,
+                   groups)
+        out = y if out is None else out + y
+        start += width
+    return out
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` (same parameters and state-dict keys) that runs through :func:`conv3d`."""
 
@@ -182,12 +233,20 @@ def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
     )
 
 
-def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(conv(x))``; one convolution with the BatchNorm folded in when ``module`` is in eval mode."""
+def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
+              x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """``norm(conv(x))``; one convolution with the BatchNorm folded in when ``module`` is in eval mode.
+
+    ``x`` may be a sequence of tensors: the parts of a channel concatenation, convolved without
+    building it (:func:`conv3d_concat`).
+    """
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
     if foldable_batchnorm(module, norm):
         weight, bias = fold_batchnorm(conv, norm)
-        return conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return norm(conv(x))
+        return conv3d_concat(parts, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if len(parts) == 1 or not fast_paths_enabled() or isinstance(conv.padding, str):
+        return norm(conv(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
+    return norm(conv3d_concat(parts, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:

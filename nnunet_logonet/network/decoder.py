@@ -6,6 +6,8 @@ feature lives here), 2 .. S+1 = LKA stages 1 .. S. Every encoder feature first g
 (resolution S+1, on the deepest skip) up to resolution 1, each after upsampling by that
 resolution's stride and concatenating the skip of its resolution (none at resolution 1).
 At full resolution the stem output is concatenated and ``final`` (2 conv units) follows.
+Concatenations are handed to the next conv unit as their parts (``ConvUnit`` accepts a tuple),
+which convolves them without building the concatenated tensor.
 
 ``forward_features`` returns the decoder features at resolutions 0 .. S, highest first.
 With ``num_classes`` the decoder also owns ``seg_layers`` (1x1x1 classifiers at resolutions
@@ -79,12 +81,10 @@ class ULKADecoder(nn.Module):
         outputs = []
         for j, res in enumerate(range(self.num_stages, 0, -1), start=1):
             x = self.upsamples[j - 1](x)
-            if res >= 2:
-                x = torch.cat([x, skips[res - 2]], dim=1)
-            x = self.blocks[j](x)
+            # concatenations go to the first conv unit as parts (conv.conv3d_concat: no copy)
+            x = self.blocks[j]((x, skips[res - 2]) if res >= 2 else x)
             outputs.append(x)
-        x = torch.cat([self.upsamples[-1](x), stem], dim=1)
-        outputs.append(self.final(x))
+        outputs.append(self.final((self.upsamples[-1](x), stem)))
         return outputs[::-1]
 
     def forward(self, stem: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -3,7 +3,8 @@
 Path i's channels become channel group i of one tensor (B, n*C, d, h, w): every convolution
 runs once with ``groups = n x its own groups`` on the paths' weights concatenated along the
 output axis, BatchNorm/InstanceNorm/LayerScale run once on concatenated parameters, LayerNorm
-normalises each group's C channels, and decoder concatenations interleave per group. Each path
+normalises each group's C channels, and decoder concatenations are per group (convolved part by
+part, ``conv.conv3d_concat``, without building them). Each path
 still reads only its own sub-crop and its own weights (block-diagonal), so the result equals the
 loop up to float32 rounding (tests/test_fast_paths.py). The parameters stay in
 ``local_paths.<i>`` (checkpoints unchanged); BatchNorm running statistics are written back to
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import _fold, conv3d, derived_tensors, foldable_batchnorm
+from .conv import _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -71,16 +72,20 @@ def _folded(owner: nn.Module, pairs: Sequence[tuple[nn.Conv3d, nn.BatchNorm3d]])
     return derived_tensors(owner, "_grouped_folded", sources, make)
 
 
-def _conv(x: torch.Tensor, convs: Sequence[nn.Conv3d]) -> torch.Tensor:
+def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d]) -> torch.Tensor:
+    """The grouped convolution; ``x`` may be the parts of a per-group concatenation."""
     first = convs[0]
     weight = _cat(first, "_grouped_weight", [c.weight for c in convs])
     bias = _cat(first, "_grouped_bias", [c.bias for c in convs])
+    groups = first.groups * len(convs)
+    if not isinstance(x, torch.Tensor):
+        return conv3d_concat(x, weight, bias, first.stride, first.padding, first.dilation, groups)
     padding = first.padding
     if isinstance(first, LiveTapConv3d):
         taps, padding = live_taps(first.kernel_size, x.shape[2:], first.dilation)
         if taps is not None:
             weight = weight[(slice(None), slice(None), *taps)]
-    return conv3d(x, weight, bias, first.stride, padding, first.dilation, first.groups * len(convs))
+    return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups)
 
 
 def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
@@ -105,22 +110,24 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
     return F.instance_norm(x, None, None, weight, bias, True, 0.0, first.eps)
 
 
-def _conv_norm(x: torch.Tensor, module: nn.Module, convs: Sequence[nn.Conv3d], norms: Sequence[nn.Module]
-               ) -> torch.Tensor:
+def _conv_norm(x: torch.Tensor | Sequence[torch.Tensor], module: nn.Module, convs: Sequence[nn.Conv3d],
+               norms: Sequence[nn.Module]) -> torch.Tensor:
     """Grouped ``conv.conv_norm``: the BatchNorms folded into the convolutions when ``module`` is in eval."""
     first = convs[0]
     if foldable_batchnorm(module, norms[0]):
         weight, bias = _folded(first, list(zip(convs, norms)))
-        return conv3d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(convs))
+        parts = [x] if isinstance(x, torch.Tensor) else list(x)
+        return conv3d_concat(parts, weight, bias, first.stride, first.padding, first.dilation,
+                             first.groups * len(convs))
     return _norm(_conv(x, convs), norms, norms[0].training)
 
 
-def _conv_unit(x: torch.Tensor, units: Sequence[ConvUnit]) -> torch.Tensor:
+def _conv_unit(x: torch.Tensor | Sequence[torch.Tensor], units: Sequence[ConvUnit]) -> torch.Tensor:
     x = _conv_norm(x, units[0], [u.conv for u in units], [u.norm for u in units])
     return F.leaky_relu(x, units[0].act.negative_slope, inplace=True)
 
 
-def _units(x: torch.Tensor, seqs: Sequence[nn.Sequential]) -> torch.Tensor:
+def _units(x: torch.Tensor | Sequence[torch.Tensor], seqs: Sequence[nn.Sequential]) -> torch.Tensor:
     for units in zip(*seqs):
         x = _conv_unit(x, units)
     return x
@@ -169,14 +176,6 @@ def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
     return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks], training)
 
 
-def _cat_groups(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-group channel concatenation: group i of the result is [group i of a, group i of b]."""
-    bs, ca, d, h, w = a.shape
-    t = torch.cat([a.permute(0, 2, 3, 4, 1).reshape(bs, d, h, w, n, ca // n),
-                   b.permute(0, 2, 3, 4, 1).reshape(bs, d, h, w, n, b.shape[1] // n)], dim=-1)
-    return t.reshape(bs, d, h, w, -1).permute(0, 4, 1, 2, 3)
-
-
 # ----------------------------------------------------------------------------- the paths
 def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.Tensor:
     """Full-resolution decoder features of every path on its channel group of ``x`` (grouped layout)."""
@@ -198,8 +197,5 @@ def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.
     y = _units(skips[-1], [d.blocks[0] for d in decoders])
     for j, res in enumerate(range(dec.num_stages, 0, -1), start=1):
         y = dec.upsamples[j - 1](y)
-        if res >= 2:
-            y = _cat_groups(y, skips[res - 2], n)
-        y = _units(y, [d.blocks[j] for d in decoders])
-    y = _cat_groups(dec.upsamples[-1](y), stem, n)
-    return _units(y, [d.final for d in decoders])
+        y = _units((y, skips[res - 2]) if res >= 2 else y, [d.blocks[j] for d in decoders])
+    return _units((dec.upsamples[-1](y), stem), [d.final for d in decoders])

@@ -57,7 +57,8 @@ class ConvUnit(nn.Sequential):
         self.norm = make_norm(norm, out_channels)
         self.act = nn.LeakyReLU(negative_slope=1e-2, inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``x``: a tensor, or the parts of a channel concatenation (convolved without building it)."""
         return self.act(conv_norm(self, self.conv, self.norm, x))
 
 
