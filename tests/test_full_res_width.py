@@ -13,10 +13,10 @@ SIZE = [32, 32, 32]
 
 def test_variant_changes_only_the_full_resolution_width():
     base = resolve_model("logonet_s", patch_size=(64, 64, 64))
-    variant = width_variant(base, 16)
-    assert variant.name == "logonet_s_w16"
-    assert variant.arch_kwargs["decoder_channels"] == [16, *base.arch_kwargs["decoder_channels"][1:]]
-    assert base.arch_kwargs["decoder_channels"][0] == 32  # the preset is not modified
+    variant = width_variant(base, 32)
+    assert variant.name == "logonet_s_w32"
+    assert variant.arch_kwargs["decoder_channels"] == [32, *base.arch_kwargs["decoder_channels"][1:]]
+    assert base.arch_kwargs["decoder_channels"][0] == 16  # the preset is not modified
     assert {k: v for k, v in variant.arch_kwargs.items() if k != "decoder_channels"} == \
         {k: v for k, v in base.arch_kwargs.items() if k != "decoder_channels"}
     with pytest.raises(ValueError, match=">= 1"):

@@ -74,6 +74,35 @@ def test_parameter_count_within_3_percent_of_paper(cls, preset, paper_millions):
     assert n_params(model) / 1e6 == pytest.approx(paper_millions, rel=0.03)
 
 
+def conv_macs(model: nn.Module, patch) -> int:
+    """Multiply-accumulates of every convolution for one sample (what fvcore counts for convs),
+    traced on the meta device through the plain modules."""
+    total = 0
+
+    def count(module: nn.Conv3d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad(), reference_kernels():
+        model.eval()(torch.empty(1, 1, *patch, device="meta"))
+    for h in handles:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize(
+    "cls, preset, paper_gflops",
+    [(ULKANet, "S", 109.94), (LoGoNet, "S", 246.96), (LoGoNet, "L", 487.65)],
+)
+def test_macs_at_96_within_10_percent_of_paper_gflops(cls, preset, paper_gflops):
+    """The paper's GFLOPs (Table 6) pin the full-resolution width the parameter counts leave open
+    (docs/architecture.md): 16 in S, 36 in L."""
+    with torch.device("meta"):
+        model = cls.from_preset(preset, 1, 14, (96, 96, 96))
+    assert conv_macs(model, (96, 96, 96)) / 1e9 == pytest.approx(paper_gflops, rel=0.10)
+
+
 def test_local_paths_are_separate_shallow_ulkanets():
     with torch.device("meta"):
         model = LoGoNet.from_preset("S", 1, 14, (96, 96, 96))

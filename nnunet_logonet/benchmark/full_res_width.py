@@ -1,19 +1,19 @@
 """What LoGoNet's full-resolution width costs, next to the paper's parameters and GFLOPs.
 
-The paper gives parameter counts and GFLOPs (Table 6, 96^3) but no decoder widths. Our S and L
-presets match the parameter counts within 1 % and do ~1.3-1.6x the paper's GFLOPs: parameters
+The paper gives parameter counts and GFLOPs (Table 6, 96^3) but no decoder widths. Parameters
 live in the deep stages, multiply-accumulates in the full-resolution 3^3 convolutions
 (``decoder.final`` of the global and every local path, and the head), whose width
-``decoder_channels[0]`` the paper leaves open. This study varies only that width and prints, per
-model, parameters and fvcore MACs at the paper's 96^3 beside the paper's figures; with ``--time``
-it also measures the variants with ``logonet_benchmark``'s own measurement (one process per model)
-side by side with nnU-Net's default network, ratios to it as usual.
+``decoder_channels[0]`` the parameter counts leave open. This study varies only that width and
+prints, per model, parameters and fvcore MACs at the paper's 96^3 beside the paper's figures; with
+``--time`` it also measures the variants with ``logonet_benchmark``'s own measurement (one process
+per model) side by side with nnU-Net's default network, ratios to it as usual.
 
     python -m nnunet_logonet.benchmark.full_res_width                               # counts at 96^3, a few minutes on CPU
     python -m nnunet_logonet.benchmark.full_res_width --time --models logonet_s ulkanet_s --widths 32 16
 
-It changes no preset: it is the evidence for choosing a width (an architecture change that needs
-re-validating accuracy), see docs/speed.md.
+It is the evidence behind the presets' full-resolution widths: the first presets had 32 (S) and
+48 (L), matched the parameter counts and did 1.5x / 1.3x the paper's GFLOPs; 16 and 36 match
+both (docs/architecture.md, docs/speed.md).
 """
 from __future__ import annotations
 

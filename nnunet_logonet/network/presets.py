@@ -1,8 +1,9 @@
 """Model sizes: the paper's S and L (Table 9) and a CPU-sized ``tiny``, as plans-ready kwargs.
 
 Encoder values are the paper's. The paper does not give decoder widths; ours are chosen so that
-with 1 input channel and 14 classes the parameter counts land within 3 % of the paper's
-(see docs/architecture.md for the arithmetic).
+with 1 input channel and 14 classes the parameter counts land within 3 % of the paper's and the
+multiply-accumulates at 96^3 within 10 % of its GFLOPs (Table 6): the parameters fix the deep
+widths, the GFLOPs the full-resolution width ``decoder_channels[0]`` (see docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -27,14 +28,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dims": [64, 128, 256, 512],
         "depths": [3, 4, 6, 3],
         "mlp_ratios": [8, 8, 4, 4],
-        "decoder_channels": [32, 32, 32, 64, 192, 256],
+        # full resolution 16: the paper's 246.96 GFLOPs (32 would do 368 G at the same parameters)
+        "decoder_channels": [16, 32, 32, 64, 192, 256],
         "stem_channels": [32, 64],
     },
     "L": {
         "dims": [96, 192, 384, 768],
         "depths": [3, 3, 24, 3],
         "mlp_ratios": [8, 8, 4, 4],
-        "decoder_channels": [48, 48, 48, 96, 288, 384],
+        # full resolution 36: the paper's 487.65 GFLOPs (48 would do 629 G)
+        "decoder_channels": [36, 48, 48, 96, 288, 384],
         "stem_channels": [32, 64],
     },
 }
@@ -47,16 +50,18 @@ MODELS = ("LoGoNet", "ULKANet")
 
 
 def default_decoder_channels(dims: Sequence[int]) -> list[int]:
-    """Decoder widths when none are given, the rule behind the S and L presets.
+    """Decoder widths when none are given, the rule behind the S preset.
 
-    Half the stage width at every resolution (stage-1 half width also at /1 and /2), except 3/4
-    at the second-deepest stage: the widths that put S and L within 1 % of the paper's counts.
+    Half the stage width at every resolution (stage-1 half width also at /2), except 3/4 at the
+    second-deepest stage: the widths that put S and L within 1 % of the paper's parameter counts;
+    a quarter of the stage-1 width at full resolution, which puts S within 3 % of the paper's
+    GFLOPs (L's full-resolution width, 36 instead of 24, is fitted to its GFLOPs on its own).
     """
     d = [int(v) for v in dims]
     widths = [max(1, v // 2) for v in d]
     if len(d) >= 2:
         widths[-2] = max(1, 3 * d[-2] // 4)
-    return [widths[0], widths[0], *widths]
+    return [max(1, d[0] // 4), widths[0], *widths]
 
 
 def preset(name: str) -> dict[str, Any]:
