@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network import grouped as grouped_module
 from nnunet_logonet.network.conv import Conv3d, conv3d, fast_paths_enabled, fold_batchnorm, reference_kernels
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit
@@ -229,8 +230,11 @@ def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool):
 
 
 @pytest.mark.parametrize("patch", PATCHES)
-@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
-def test_training_outputs_and_gradients_equal_reference(cls, patch):
+@pytest.mark.parametrize("cls, grouping", [(LoGoNet, True), (LoGoNet, False), (ULKANet, True)])
+def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, monkeypatch):
+    """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU)."""
+    if not grouping:
+        monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()
     x = torch.randn(2, 1, *patch)
     fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False)
@@ -263,6 +267,23 @@ def test_training_outputs_and_gradients_equal_reference(cls, patch):
             assert fast_err <= 3 * max(ref_err, 1e-3), (k, fast_err, ref_err)
     assert _rel(fast_gx, exact_gx.float()) <= 2 * _rel(ref_gx, exact_gx.float()) + 1e-5
     assert _rel(fast_gx, ref_gx) < 1e-3
+
+
+@pytest.mark.parametrize("preset, patch, grouped", [("tiny", (32, 64, 64), True), ("tiny", (96, 96, 96), False),
+                                                    ("S", (64, 64, 64), False), ("S", (32, 32, 32), True)])
+def test_local_paths_are_grouped_on_cpu_only_where_that_is_faster(preset, patch, grouped, monkeypatch):
+    """The measured rule (docs/speed.md): grouped while sub-crop voxels x dims[0] <= 2^18."""
+    with torch.device("meta"):
+        net = LoGoNet.from_preset(preset, 1, 4, patch)
+    calls = []
+    monkeypatch.setattr("nnunet_logonet.network.logonet.grouped_local_features",
+                        lambda *a: calls.append(1) or grouped_module.grouped_local_features(*a))
+    x = torch.zeros(1, 1, *patch)
+    assert grouped_module.grouping_pays(net.local_paths, x) is grouped
+    if preset == "tiny":
+        with torch.no_grad():
+            net.to_empty(device="cpu").eval()(x)
+        assert bool(calls) is grouped
 
 
 def test_fast_paths_are_on_by_default_and_avoid_slow_conv3d():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .conv import Conv3d, conv_norm, fast_paths_enabled
-from .grouped import can_group, group_subcrops, grouped_local_features, ungroup_subcrops
+from .grouped import can_group, group_subcrops, grouped_local_features, grouping_pays, ungroup_subcrops
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
 from .partition import split_subcrops, stitch_subcrops
@@ -155,9 +155,10 @@ class LoGoNet(nn.Module):
 
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
         sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
-        network (network/grouped.py); ``reference_kernels()`` runs the plain loop.
+        network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, small paths
+        on CPU); ``reference_kernels()`` runs the plain loop.
         """
-        if fast_paths_enabled() and can_group(self.local_paths):
+        if fast_paths_enabled() and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
             return ungroup_subcrops(grouped, self.local_grid)
         tiles = split_subcrops(x, self.local_grid)
