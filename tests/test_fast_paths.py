@@ -272,17 +272,19 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
 @pytest.mark.parametrize("preset, patch, grouped", [("tiny", (32, 64, 64), True), ("tiny", (96, 96, 96), False),
                                                     ("S", (64, 64, 64), False), ("S", (32, 32, 32), True)])
 def test_local_paths_are_grouped_on_cpu_only_where_that_is_faster(preset, patch, grouped, monkeypatch):
-    """The measured rule (docs/speed.md): grouped while sub-crop voxels x dims[0] <= 2^18."""
+    """The measured rule (docs/speed.md): inference always grouped; CPU training grouped while
+    sub-crop voxels x dims[0] <= 2^18."""
     with torch.device("meta"):
         net = LoGoNet.from_preset(preset, 1, 4, patch)
     calls = []
     monkeypatch.setattr("nnunet_logonet.network.logonet.grouped_local_features",
                         lambda *a: calls.append(1) or grouped_module.grouped_local_features(*a))
-    x = torch.zeros(1, 1, *patch)
-    assert grouped_module.grouping_pays(net.local_paths, x) is grouped
+    x = torch.zeros(2, 1, *patch)
+    assert grouped_module.grouping_pays(net.local_paths, x) is grouped  # training (gradients on)
+    with torch.no_grad():  # inference, as nnUNetPredictor runs it: always grouped
+        assert grouped_module.grouping_pays(net.local_paths, x)
     if preset == "tiny":
-        with torch.no_grad():
-            net.to_empty(device="cpu").eval()(x)
+        net.to_empty(device="cpu").train()(x)
         assert bool(calls) is grouped
 
 

@@ -155,8 +155,8 @@ class LoGoNet(nn.Module):
 
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
         sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
-        network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, small paths
-        on CPU); ``reference_kernels()`` runs the plain loop.
+        network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, CPU inference,
+        CPU training of small paths); ``reference_kernels()`` runs the plain loop.
         """
         if fast_paths_enabled() and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
