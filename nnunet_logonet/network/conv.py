@@ -101,8 +101,9 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     """oneDNN's depthwise weight gradient, DEPTHWISE_GRAD_CHUNK channels per call.
 
     Channels of a depthwise convolution are independent, so the chunks give oneDNN's own result
-    (bit for bit at multiples of 512 channels, else up to float32 rounding); oneDNN is 2-5x slower per channel on one wide call than on 512-channel ones when
-    the volume is small (the grouped local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs 14 ms).
+    (bit for bit at multiples of 512 channels, else up to float32 rounding). oneDNN is 2-5x slower
+    per channel on one wide call than on 512-channel ones when the volume is small (the grouped
+    local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs 14 ms).
     """
     channels = x.shape[1]
     step = DEPTHWISE_GRAD_CHUNK
@@ -204,8 +205,7 @@ def conv3d_concat(
                          f"{weight.shape[1]}")
     out = None
     start = 0
-    for part in parts:
-        width = part.shape[1] // groups
+    for part, width in zip(parts, per_group):
         y = conv3d(part, weight[:, start:start + width], bias if out is None else None, stride, padding, dilation,
                    groups)
         out = y if out is None else out + y
