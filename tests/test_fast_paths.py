@@ -48,6 +48,9 @@ def _randomise_batchnorm(net: nn.Module, seed: int = 0) -> None:
         ((1, 16, 6, 8, 8), 32, 1, 1, 0, 1, 1, True),  # 1x1x1
         ((2, 12, 8, 8, 8), 12, 5, 1, 2, 1, 12, True),  # depthwise 5^3
         ((1, 8, 8, 10, 12), 8, 7, 1, 9, 3, 8, True),  # depthwise 7^3 dilation 3
+        ((2, 6, 5, 7, 16), 6, 7, 1, 9, 3, 6, True),  # dilated, sizes not multiples of 3 (phases padded)
+        ((1, 4, 2, 3, 4), 4, 3, 1, 3, 3, 4, False),  # dilated, map smaller than the dilation
+        ((2, 5, 9, 8, 7), 5, 5, 1, 4, 2, 5, True),  # dilation 2
         ((2, 16, 4, 4, 4), 16, 3, 1, 1, 1, 16, False),  # MLP depthwise, no bias
         ((2, 8, 6, 6, 6), 16, 3, 1, 1, 1, 2, True),  # grouped, not depthwise
         ((2, 1100, 4, 4, 4), 1100, 3, 1, 1, 1, 1100, True),  # wide depthwise: weight gradient in 512-channel chunks
@@ -66,6 +69,8 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
     ref = F.conv3d(x, w, b, stride, padding, dilation, groups)
     assert ours.shape == ref.shape
     assert _rel(ours, ref) < 1e-5
+    with torch.no_grad():  # inference takes the same kernels without autograd
+        assert _rel(conv3d(x, w, b, stride, padding, dilation, groups), ref) < 1e-5
     grad = torch.randn_like(ref)
     inputs = [x, w] + ([b] if bias else [])
     for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
@@ -123,6 +128,28 @@ def test_conv_unit_on_parts_equals_conv_unit_on_the_concatenation(train):
     with reference_kernels():
         on_cat = copy.deepcopy(unit)(torch.cat([a, b], 1))
     assert _rel(on_parts, on_cat) < 1e-5
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_dilated_depthwise_never_reaches_onednns_dilated_kernel(monkeypatch, grad):
+    """LKA's 7^3 dilation-3 convolution runs undilated on phases in forward and input gradient
+    (oneDNN's dilated depthwise kernel is 10-30x slower); the output is the dilated one's."""
+    calls = []
+    real = torch.mkldnn_convolution
+
+    def recording(x, weight, bias, padding, stride, dilation, groups):
+        calls.append((tuple(weight.shape), tuple(dilation), tuple(x.shape)))
+        return real(x, weight, bias, padding, stride, dilation, groups)
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", recording)
+    x = torch.randn(2, 8, 7, 9, 12).contiguous(memory_format=CL).requires_grad_(grad)
+    w = torch.randn(8, 1, 7, 7, 7).contiguous(memory_format=CL).requires_grad_(grad)
+    y = conv3d(x, w, None, 1, 9, 3, 8)
+    if grad:
+        y.backward(torch.ones_like(y))
+    assert calls and all(dilation == (1, 1, 1) for _, dilation, _ in calls)
+    assert calls[0][2] == (2 * 27, 8, 3, 3, 4)  # the 27 phases of each sample in the batch
+    assert _rel(y, F.conv3d(x, w, None, 1, 9, 3, 8)) < 1e-5
 
 
 def test_depthwise_backward_with_frozen_input_or_weight():
