@@ -77,18 +77,20 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
         assert _rel(g_ours, g_ref) < 1e-5
 
 
-@pytest.mark.parametrize("channels", [512, 513, 1300])
-def test_chunked_depthwise_weight_gradient_equals_one_onednn_call(channels):
-    """The 512-channel chunks change only the speed: one oneDNN call over every channel up to rounding."""
+@pytest.mark.parametrize("channels, dilation", [(48, 1), (512, 1), (513, 1), (1300, 1), (600, 2)])
+def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, dilation):
+    """16-channel grouped blocks (48, 512, 1300 = 4 x 325) and 512-channel chunks change only the
+    speed: oneDNN's own depthwise weight gradient over every channel, up to rounding."""
     from nnunet_logonet.network.conv import _depthwise_weight_grad
 
     torch.manual_seed(0)
     x = torch.randn(2, channels, 4, 5, 6).contiguous(memory_format=CL)
     g = torch.randn(2, channels, 4, 5, 6).contiguous(memory_format=CL)
     w = torch.randn(channels, 1, 5, 5, 5).contiguous(memory_format=CL)
-    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], [2, 2, 2], [1, 1, 1], False,
+    pad = 2 * dilation
+    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], [pad] * 3, [dilation] * 3, False,
                                                    [0, 0, 0], channels, [False, True, False])[1]
-    chunked = _depthwise_weight_grad(g, x, w, (2, 2, 2), (1, 1, 1))
+    chunked = _depthwise_weight_grad(g, x, w, (pad,) * 3, (dilation,) * 3)
     assert chunked.shape == w.shape
     assert _rel(chunked, one_call) < 1e-6
 

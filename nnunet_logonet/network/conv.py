@@ -10,9 +10,10 @@ docs/speed.md has the figures):
   ``conv3d`` calls oneDNN directly for CPU float32 tensors.
 * oneDNN's 3D depthwise backward is 10-50x slower than its forward. The input gradient of a
   stride-1 'same' depthwise convolution is the forward convolution of the output gradient with
-  the flipped kernel, so ``conv3d`` computes it that way. The weight gradient stays oneDNN's,
-  512 channels per call: on the wide, small volumes of the grouped local paths one call over all
-  channels is 2-5x slower than the chunks (same result up to float32 rounding).
+  the flipped kernel, so ``conv3d`` computes it that way. The weight gradient is read off the
+  weight gradient of a grouped convolution with 16 channels per group (2-4x faster), 512
+  channels per call (on the wide, small volumes of the grouped local paths one call over all
+  channels is 2-5x slower than the chunks).
 * oneDNN's dilated 3D depthwise kernel is 10-30x slower than its undilated one; LKA's 7^3
   dilation-3 convolution runs undilated on the d^3 phases of its input instead (exact).
 * In eval mode a BatchNorm after a convolution is an affine map that ``fold_batchnorm`` moves
@@ -25,6 +26,7 @@ switches all of them off, e.g. to compare or to debug.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -96,29 +98,48 @@ def _is_same_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
 
 #: channels per oneDNN call for a depthwise weight gradient (see ``_depthwise_weight_grad``)
 DEPTHWISE_GRAD_CHUNK = 512
+#: channels per group of the grouped convolution whose weight gradient holds the depthwise one
+DEPTHWISE_GRAD_BLOCK = 16
 
 
 def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                            padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """oneDNN's depthwise weight gradient, DEPTHWISE_GRAD_CHUNK channels per call.
+    """The weight gradient of a depthwise convolution from oneDNN's faster kernels.
 
-    Channels of a depthwise convolution are independent, so the chunks give oneDNN's own result
-    (bit for bit at multiples of 512 channels, else up to float32 rounding). oneDNN is 2-5x slower
-    per channel on one wide call than on 512-channel ones when the volume is small (the grouped
-    local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs 14 ms).
+    oneDNN's depthwise weight gradient runs at 2-5 GMAC/s here. Two exact detours:
+
+    * Undilated: it is the diagonal of the weight gradient of a grouped convolution with
+      DEPTHWISE_GRAD_BLOCK channels per group (entry (c, c) of a group sums grad_out[c] times
+      x[c], the same products in the same kernel). oneDNN's grouped kernel is 2-4x faster even
+      though it computes the block x block products ([2, 512, 16^3], 3^3: 50 ms -> 11 ms); the
+      result was equal bit for bit in every shape measured. Dilated ones lose (2x slower) and keep
+      the depthwise kernel.
+    * DEPTHWISE_GRAD_CHUNK channels per call: oneDNN is 2-5x slower per channel on one wide call
+      over a small volume (the grouped local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs
+      14 ms); channels are independent, so the chunks are exact.
     """
     channels = x.shape[1]
+    k = weight.shape[2:]
+    block = math.gcd(DEPTHWISE_GRAD_BLOCK, channels) if all(d == 1 for d in dilation) else 1
     step = DEPTHWISE_GRAD_CHUNK
     chunks = []
     for start in range(0, channels, step):
         stop = min(start + step, channels)
+        width = stop - start
         g, xi = grad_out[:, start:stop], x[:, start:stop]
         if channels > step:
             g = g.contiguous(memory_format=torch.channels_last_3d)
             xi = xi.contiguous(memory_format=torch.channels_last_3d)
-        chunks.append(torch.ops.aten.convolution_backward(
-            g, xi, weight[start:stop], None, [1, 1, 1], list(padding), list(dilation), False, [0, 0, 0],
-            stop - start, [False, True, False])[1])
+        # the grouped weight's values are never read, only its shape
+        grouped = weight[start:stop] if block == 1 else weight.new_empty((width, block, *k)).contiguous(
+            memory_format=torch.channels_last_3d)
+        grad = torch.ops.aten.convolution_backward(
+            g, xi, grouped, None, [1, 1, 1], list(padding), list(dilation), False, [0, 0, 0], width // block,
+            [False, True, False])[1]
+        if block > 1:  # (width/block, block out, block in, k...) -> the diagonal out == in
+            grad = grad.reshape(width // block, block, block, *k).diagonal(dim1=1, dim2=2)
+            grad = grad.permute(0, 4, 1, 2, 3).reshape(width, 1, *k)
+        chunks.append(grad)
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
