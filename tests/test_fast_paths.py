@@ -95,13 +95,16 @@ def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, di
     assert _rel(chunked, one_call) < 1e-6
 
 
-@pytest.mark.parametrize("groups, widths, stride", [(1, [3, 5], 1), (4, [2, 3], 1), (2, [1, 2, 3], 2)])
-def test_conv3d_concat_equals_conv_of_the_concatenation(groups, widths, stride):
+@pytest.mark.parametrize("groups, widths, stride, size", [
+    (1, [3, 5], 1, (6, 8, 8)), (4, [2, 3], 1, (6, 8, 8)), (2, [1, 2, 3], 2, (6, 8, 8)),
+    (1, [3, 5], 1, (2, 2, 2)),  # fewer activation elements than weights: the concatenation is built
+])
+def test_conv3d_concat_equals_conv_of_the_concatenation(groups, widths, stride, size):
     """The decoder's skip concatenations are convolved part by part; same outputs and gradients."""
     from nnunet_logonet.network.conv import cat_per_group, conv3d_concat
 
     torch.manual_seed(0)
-    parts = [torch.randn(2, groups * c, 6, 8, 8).contiguous(memory_format=CL).requires_grad_() for c in widths]
+    parts = [torch.randn(2, groups * c, *size).contiguous(memory_format=CL).requires_grad_() for c in widths]
     w = torch.randn(groups * 4, sum(widths), 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
     b = torch.randn(groups * 4, requires_grad=True)
     ours = conv3d_concat(parts, w, b, stride, 1, 1, groups)

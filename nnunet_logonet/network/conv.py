@@ -131,8 +131,8 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             g = g.contiguous(memory_format=torch.channels_last_3d)
             xi = xi.contiguous(memory_format=torch.channels_last_3d)
         # the grouped weight's values are never read, only its shape
-        grouped = weight[start:stop] if block == 1 else weight.new_empty((width, block, *k)).contiguous(
-            memory_format=torch.channels_last_3d)
+        grouped = weight[start:stop] if block == 1 else torch.empty(
+            (width, block, *k), dtype=weight.dtype, device=weight.device, memory_format=torch.channels_last_3d)
         grad = torch.ops.aten.convolution_backward(
             g, xi, grouped, None, [1, 1, 1], list(padding), list(dilation), False, [0, 0, 0], width // block,
             [False, True, False])[1]
@@ -262,18 +262,20 @@ def conv3d_concat(
     convolution per part with that part's slice of the weight. On CPU (oneDNN path) that skips
     writing and reading the concatenated tensor: at full resolution the decoder's skip
     concatenation (stem + upsampled features) was a copy of ~200 MB per training step that cost
-    more than a third of the convolution after it. Elsewhere (CUDA, reference kernels) the
-    concatenation is built as before.
+    more than a third of the convolution after it. The weight slices are copies too (each part's
+    convolution needs its slice contiguous, and its gradient is scattered back), so where the
+    parts hold fewer elements than the weight (the deep decoder blocks on small maps: [256, 512,
+    3^3] on 4^3) the concatenation is built instead, as it is elsewhere (CUDA, reference kernels).
     """
     parts = list(parts)
     if len(parts) == 1:
         return conv3d(parts[0], weight, bias, stride, padding, dilation, groups)
-    if not _use_onednn(parts[0], weight):
-        return conv3d(cat_per_group(parts, groups), weight, bias, stride, padding, dilation, groups)
     per_group = [part.shape[1] // groups for part in parts]
     if sum(per_group) != weight.shape[1]:
         raise ValueError(f"parts have {sum(per_group)} channels per group ({per_group}), the weight expects "
                          f"{weight.shape[1]}")
+    if not _use_onednn(parts[0], weight) or sum(p.numel() for p in parts) <= weight.numel():
+        return conv3d(cat_per_group(parts, groups), weight, bias, stride, padding, dilation, groups)
     out = None
     start = 0
     for part, width in zip(parts, per_group):
