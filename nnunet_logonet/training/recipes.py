@@ -58,15 +58,27 @@ def configure_recipe(trainer, recipe: str) -> None:
         trainer.enable_deep_supervision = True
 
 
+def optimizer_implementation(device: torch.device | str) -> dict:
+    """Keyword arguments for PyTorch's fused optimizer kernels on the CPU.
+
+    LoGoNet has 4x nnU-Net's parameters (S: 66.5 M), so the optimizer step is not negligible:
+    on the 2-core CPU the fused kernels take AdamW from 0.193 to 0.072 s and SGD (Nesterov) from
+    0.121 to 0.054 s per step for LoGoNet-S (same update, one pass over the parameters instead of
+    one per operation). On CUDA PyTorch's default stays (not measured here: no GPU was lent).
+    """
+    return {"fused": True} if torch.device(device).type == "cpu" else {}
+
+
 def build_optimizer_and_scheduler(trainer):
     params = trainer.network.parameters()
+    fused = optimizer_implementation(trainer.device)
     if trainer.recipe == "paper":
         optimizer = torch.optim.AdamW(params, lr=trainer.initial_lr, betas=(0.9, 0.999),
-                                      weight_decay=trainer.weight_decay)
+                                      weight_decay=trainer.weight_decay, **fused)
         warmup = max(1, round(0.05 * trainer.num_epochs)) if trainer.num_epochs > 1 else 0
         scheduler = WarmupCosineLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs, warmup)
     else:
         optimizer = torch.optim.SGD(params, trainer.initial_lr, weight_decay=trainer.weight_decay,
-                                    momentum=0.99, nesterov=True)
+                                    momentum=0.99, nesterov=True, **fused)
         scheduler = PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
     return optimizer, scheduler

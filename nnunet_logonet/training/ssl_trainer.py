@@ -41,7 +41,7 @@ from nnunet_logonet.ssl.head import SlicePseudoLabelHead
 from nnunet_logonet.ssl.loss import multi_cluster_nll, pseudo_label_accuracy
 from nnunet_logonet.ssl.masking import DEFAULT_PATCH_SIZES, SliceSequenceMasker
 from nnunet_logonet.ssl.transfer import SKIPPED
-from nnunet_logonet.training.recipes import WarmupCosineLRScheduler
+from nnunet_logonet.training.recipes import WarmupCosineLRScheduler, optimizer_implementation
 from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, LoGoNetTrainer, with_budget
 
 __all__ = [
@@ -164,7 +164,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         parameters); linear warm-up then cosine decay, stepped per epoch like nnU-Net's poly."""
         self._build_ssl_head()
         optimizer = torch.optim.AdamW(self._ssl_parameters(), lr=self.initial_lr, betas=(0.9, 0.999),
-                                      weight_decay=self.weight_decay)
+                                      weight_decay=self.weight_decay, **optimizer_implementation(self.device))
         warmup = max(1, round(self.ssl_warmup_fraction * self.num_epochs)) if self.num_epochs > 1 else 0
         return optimizer, WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
 
