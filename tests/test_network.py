@@ -457,7 +457,8 @@ def test_autocast_gives_finite_outputs_and_gradients(cls, dtype):
     assert out[0].dtype == dtype
     assert all(torch.isfinite(o).all() for o in out)
     sum(o.float().mean() for o in out).backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
 
 
 @pytest.mark.parametrize("cls", MODELS)

@@ -85,6 +85,26 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _bf16_depthwise_on_small_map(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """A CPU bfloat16 depthwise convolution whose kernel is larger than the map on some axis.
+
+    PyTorch 2.14's CPU bfloat16 depthwise 3D weight gradient is wrong there (5^3 kernel on a 4^3
+    map, 3^3 on 2^3): NaN, 1e30 or just wrong values, from uninitialised memory, in either layout;
+    float32 and float16 are right. The deepest LKA blocks of small patches meet exactly this under
+    CPU autocast, so :func:`conv3d` runs such calls in float32 (tiny maps: the cost is nothing).
+    Shown by tests/test_fast_paths.py::test_cpu_bfloat16_depthwise_on_maps_smaller_than_the_kernel.
+    """
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return (
+        bf16
+        and x.device.type == "cpu"
+        and groups == x.shape[1] == weight.shape[0]
+        and weight.shape[1] == 1
+        and any(k > size for k, size in zip(weight.shape[2:], x.shape[2:]))
+    )
+
+
 def _is_same_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
     """Depthwise (multiplier 1), stride 1, odd kernel, 'same' padding: the flipped-kernel backward holds."""
     k = weight.shape[2:]
@@ -225,6 +245,11 @@ def conv3d(
 ) -> torch.Tensor:
     """``F.conv3d`` with integer padding, sent to oneDNN for CPU float32 (else to ``F.conv3d``)."""
     if not _use_onednn(x, weight):
+        if _bf16_depthwise_on_small_map(x, weight, groups):
+            with torch.autocast("cpu", enabled=False):
+                y = conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding,
+                           dilation, groups)
+            return y.to(torch.bfloat16)
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
