@@ -15,7 +15,8 @@ from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network import grouped as grouped_module
-from nnunet_logonet.network.conv import Conv3d, conv3d, fast_paths_enabled, fold_batchnorm, reference_kernels
+from nnunet_logonet.network.conv import (Activation, Conv3d, conv3d, fast_paths_enabled, fold_batchnorm,
+                                         reference_kernels)
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit
 from nnunet_logonet.network.logonet import LoGoHead
@@ -71,8 +72,18 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
     assert _rel(ours, ref) < 1e-5
     with torch.no_grad():  # inference takes the same kernels without autograd
         assert _rel(conv3d(x, w, b, stride, padding, dilation, groups), ref) < 1e-5
+        # activations fused into the convolution (oneDNN post-ops) where nothing needs gradients
+        for activation, act_ref in ((Activation("gelu"), F.gelu(ref)), (Activation("leaky_relu", 0.01),
+                                                                          F.leaky_relu(ref, 0.01))):
+            assert _rel(conv3d(x, w, b, stride, padding, dilation, groups, activation), act_ref) < 1e-5
     grad = torch.randn_like(ref)
     inputs = [x, w] + ([b] if bias else [])
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        assert _rel(g_ours, g_ref) < 1e-5
+    # with autograd the activation follows the convolution; same gradients
+    ours = conv3d(x, w, b, stride, padding, dilation, groups, Activation("gelu"))
+    ref = F.gelu(F.conv3d(x, w, b, stride, padding, dilation, groups))
+    assert _rel(ours, ref) < 1e-5
     for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
         assert _rel(g_ours, g_ref) < 1e-5
 
@@ -118,6 +129,10 @@ def test_conv3d_concat_equals_conv_of_the_concatenation(groups, widths, stride, 
     for g_ours, g_ref in zip(torch.autograd.grad(ours, [*parts, w, b], grad),
                              torch.autograd.grad(ref, [*parts, w, b], grad)):
         assert _rel(g_ours, g_ref) < 1e-5
+    with torch.no_grad():  # inference: later parts add into the sum inside oneDNN, activation fused
+        assert _rel(conv3d_concat(parts, w, b, stride, 1, 1, groups), ref) < 1e-5
+        leaky = conv3d_concat(parts, w, b, stride, 1, 1, groups, Activation("leaky_relu", 0.01))
+        assert _rel(leaky, F.leaky_relu(ref, 0.01)) < 1e-5
     with pytest.raises(ValueError, match="channels per group"):
         conv3d_concat(parts[:1] + parts[:1], w, b, stride, 1, 1, groups)
 
@@ -365,6 +380,38 @@ def test_fast_paths_are_on_by_default_and_avoid_slow_conv3d():
     ref_ops = {e.key: e.count for e in prof.key_averages()}
     # the BatchNorms after convolutions were folded; those before the LKA branches remain
     assert ops.get("aten::native_batch_norm", 0) < ref_ops["aten::native_batch_norm"] / 2
+
+
+def test_inference_fuses_activations_into_the_convolutions():
+    """nnUNetv2_predict's forward runs no separate GELU or LeakyReLU pass: oneDNN applies them as
+    post-ops of the convolutions before them (and sums concatenation parts); outputs unchanged."""
+    net = _tiny(LoGoNet, (32, 32, 32)).eval()
+    _randomise_batchnorm(net)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ours = net(x)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("mkldnn::_convolution_pointwise", 0) > 0
+    assert "aten::gelu" not in ops
+    with reference_kernels(), torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ref = net(x)
+    ref_ops = {e.key: e.count for e in prof.key_averages()}
+    assert ref_ops["aten::gelu"] > 0
+    # LeakyReLU stays separate only after a concatenation's summed parts (oneDNN allows no
+    # LeakyReLU after its sum post-op): the 3 full-resolution / skip units of this network
+    assert ops.get("aten::leaky_relu_", 0) == 3 < ref_ops["aten::leaky_relu_"] / 5
+    assert _rel(ours, ref) < 1e-4
+
+
+def test_activation_of_modules():
+    assert Activation.of(nn.GELU()).name == "gelu"
+    assert Activation.of(nn.GELU(approximate="tanh")) is None  # oneDNN's exact GELU would differ
+    leaky = Activation.of(nn.LeakyReLU(0.2))
+    assert (leaky.name, leaky.negative_slope) == ("leaky_relu", 0.2)
+    assert Activation.of(nn.ReLU()) is None
+    with pytest.raises(ValueError, match="gelu"):
+        Activation("relu6")
 
 
 def test_reference_kernels_restores_the_previous_state():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm
+from .conv import Activation, _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -98,20 +98,21 @@ def _folded(owner: nn.Module, pairs: Sequence[tuple[nn.Conv3d, nn.BatchNorm3d]])
     return derived_tensors(owner, "_grouped_folded", sources, make)
 
 
-def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d]) -> torch.Tensor:
-    """The grouped convolution; ``x`` may be the parts of a per-group concatenation."""
+def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d],
+          activation: Activation | None = None) -> torch.Tensor:
+    """The grouped convolution (then ``activation``); ``x`` may be the parts of a per-group concatenation."""
     first = convs[0]
     weight = _cat(first, "_grouped_weight", [c.weight for c in convs])
     bias = _cat(first, "_grouped_bias", [c.bias for c in convs])
     groups = first.groups * len(convs)
     if not isinstance(x, torch.Tensor):
-        return conv3d_concat(x, weight, bias, first.stride, first.padding, first.dilation, groups)
+        return conv3d_concat(x, weight, bias, first.stride, first.padding, first.dilation, groups, activation)
     padding = first.padding
     if isinstance(first, LiveTapConv3d):
         taps, padding = live_taps(first.kernel_size, x.shape[2:], first.dilation)
         if taps is not None:
             weight = weight[(slice(None), slice(None), *taps)]
-    return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups)
+    return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups, activation)
 
 
 def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
@@ -137,20 +138,22 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
 
 
 def _conv_norm(x: torch.Tensor | Sequence[torch.Tensor], module: nn.Module, convs: Sequence[nn.Conv3d],
-               norms: Sequence[nn.Module]) -> torch.Tensor:
-    """Grouped ``conv.conv_norm``: the BatchNorms folded into the convolutions when ``module`` is in eval."""
+               norms: Sequence[nn.Module], activation: Activation | None = None) -> torch.Tensor:
+    """Grouped ``conv.conv_norm``: the BatchNorms folded into the convolutions (and ``activation``
+    fused, without autograd) when ``module`` is in eval."""
     first = convs[0]
     if foldable_batchnorm(module, norms[0]):
         weight, bias = _folded(first, list(zip(convs, norms)))
         parts = [x] if isinstance(x, torch.Tensor) else list(x)
         return conv3d_concat(parts, weight, bias, first.stride, first.padding, first.dilation,
-                             first.groups * len(convs))
-    return _norm(_conv(x, convs), norms, norms[0].training)
+                             first.groups * len(convs), activation)
+    y = _norm(_conv(x, convs), norms, norms[0].training)
+    return y if activation is None else activation(y)
 
 
 def _conv_unit(x: torch.Tensor | Sequence[torch.Tensor], units: Sequence[ConvUnit]) -> torch.Tensor:
-    x = _conv_norm(x, units[0], [u.conv for u in units], [u.norm for u in units])
-    return F.leaky_relu(x, units[0].act.negative_slope, inplace=True)
+    return _conv_norm(x, units[0], [u.conv for u in units], [u.norm for u in units],
+                      Activation("leaky_relu", units[0].act.negative_slope))
 
 
 def _units(x: torch.Tensor | Sequence[torch.Tensor], seqs: Sequence[nn.Sequential]) -> torch.Tensor:
@@ -191,14 +194,14 @@ def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
     training = first.training
     h = _norm(x, [b.norm1 for b in blocks], training)
     attn = [b.attn for b in blocks]
-    u = F.gelu(_conv(h, [a.proj_1 for a in attn]))
+    u = _conv(h, [a.proj_1 for a in attn], Activation("gelu"))
     lka = [a.lka for a in attn]
     gate = _conv(_conv(_conv(u, [k.conv0 for k in lka]), [k.conv_spatial for k in lka]), [k.conv1 for k in lka])
     branch = h + _conv(u * gate, [a.proj_2 for a in attn])
     x = x + _drop_path(_scale(branch, [b.ls1 for b in blocks]), [b.drop_path1 for b in blocks], training)
     h = _norm(x, [b.norm2 for b in blocks], training)
     mlp = [b.mlp for b in blocks]
-    h = _conv(F.gelu(_conv(_conv(h, [m.fc1 for m in mlp]), [m.dwconv for m in mlp])), [m.fc2 for m in mlp])
+    h = _conv(_conv(_conv(h, [m.fc1 for m in mlp]), [m.dwconv for m in mlp], Activation("gelu")), [m.fc2 for m in mlp])
     return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks], training)
 
 

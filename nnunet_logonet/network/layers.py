@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv3d, conv_norm
+from .conv import Conv3d, conv_norm_act
 
 __all__ = [
     "NORMS",
@@ -59,7 +59,7 @@ class ConvUnit(nn.Sequential):
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """``x``: a tensor, or the parts of a channel concatenation (convolved without building it)."""
-        return self.act(conv_norm(self, self.conv, self.norm, x))
+        return conv_norm_act(self, self.conv, self.norm, self.act, x)
 
 
 class LayerNorm3d(nn.LayerNorm):

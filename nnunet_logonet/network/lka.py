@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv3d
+from .conv import Conv3d, conv3d, conv_act
 from .layers import DropPath, LayerScale3d, make_norm
 
 __all__ = ["LiveTapConv3d", "live_taps", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
@@ -71,7 +71,7 @@ class LKAAttention(nn.Module):
         self.proj_2 = Conv3d(dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj_2(self.lka(self.act(self.proj_1(x))))
+        return x + self.proj_2(self.lka(conv_act(self.proj_1, self.act, x)))
 
 
 class LKAMlp(nn.Module):
@@ -85,7 +85,7 @@ class LKAMlp(nn.Module):
         self.fc2 = Conv3d(hidden_dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+        return self.fc2(conv_act(self.dwconv, self.act, self.fc1(x)))
 
 
 class LKABlock(nn.Module):

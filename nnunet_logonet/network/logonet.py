@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv_norm, fast_paths_enabled
+from .conv import Conv3d, conv_norm_act, fast_paths_enabled
 from .grouped import can_group, group_subcrops, grouped_local_features, grouping_pays, ungroup_subcrops
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
@@ -50,7 +50,7 @@ class LoGoHead(nn.Module):
         self.deep_supervision = bool(deep_supervision)
 
     def forward(self, fused: torch.Tensor, global_features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        out = self.seg_layers[0](self.act(conv_norm(self, self.conv, self.norm, fused)))
+        out = self.seg_layers[0](conv_norm_act(self, self.conv, self.norm, self.act, fused))
         if not self.deep_supervision:
             return out
         return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]
