@@ -404,6 +404,20 @@ def test_inference_fuses_activations_into_the_convolutions():
     assert _rel(ours, ref) < 1e-4
 
 
+def test_hooked_activation_is_still_called_in_eval():
+    """The SSL feature tap hooks ``head.act``; fusion must not skip a watched module."""
+    net = _tiny(LoGoNet, (32, 32, 32)).eval()
+    seen = []
+    handle = net.head.act.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+    handle.remove()
+    assert seen == [torch.Size([1, net.head.conv.out_channels, 32, 32, 32])]
+    with torch.no_grad():
+        assert _rel(out, net(x)) < 1e-5  # the fused path gives the same output
+
+
 def test_activation_of_modules():
     assert Activation.of(nn.GELU()).name == "gelu"
     assert Activation.of(nn.GELU(approximate="tanh")) is None  # oneDNN's exact GELU would differ

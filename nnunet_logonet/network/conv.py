@@ -430,11 +430,21 @@ def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
     return y if activation is None else activation(y)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook watches any of ``modules`` (then they are called as modules: e.g. the
+    SSL feature tap on ``head.act``)."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def conv_norm_act(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, act: nn.Module,
                   x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """``act(norm(conv(x)))``: in eval mode one oneDNN convolution with the BatchNorm folded in and
     the activation (GELU or LeakyReLU) as its post-op; otherwise the modules as they are."""
-    activation = Activation.of(act) if foldable_batchnorm(module, norm) else None
+    activation = Activation.of(act) if foldable_batchnorm(module, norm) and not _hooked(act) else None
     if activation is None:
         return act(conv_norm(module, conv, norm, x))
     return conv_norm(module, conv, norm, x, activation)
@@ -445,7 +455,7 @@ def conv_act(conv: nn.Conv3d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (LKA's ``proj_1`` -> GELU and the MLP's depthwise conv -> GELU)."""
     activation = Activation.of(act)
     if (activation is None or not fast_paths_enabled() or not isinstance(conv, Conv3d)
-            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or _hooked(conv, act)):
         return act(conv(x))
     return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
 
