@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_globals
 
 __all__ = [
     "Activation",
@@ -310,24 +311,22 @@ def conv3d(
         if _bf16_depthwise_on_small_map(x, weight, groups):
             with torch.autocast("cpu", enabled=False):
                 y = conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding,
-                           dilation, groups)
-            y = y.to(torch.bfloat16)
+                           dilation, groups).to(torch.bfloat16)
         else:
             y = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
         return y if activation is None else activation(y)
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     needs_grad = _needs_grad(x, weight, bias)
-    if _is_same_depthwise(x, weight, stride, padding, dilation, groups):
-        if needs_grad:
-            y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
-            return y if activation is None else activation(y)
-        if activation is not None and _CONV_POINTWISE is not None and all(d == 1 for d in dilation):
-            return _CONV_POINTWISE(x, weight, bias, padding, stride, dilation, groups, *activation.onednn())
-        y = _same_depthwise_forward(x, weight, bias, padding, dilation)
-        return y if activation is None else activation(y)
-    if activation is not None and not needs_grad and _CONV_POINTWISE is not None:
+    same_depthwise = _is_same_depthwise(x, weight, stride, padding, dilation, groups)
+    dilated_depthwise = same_depthwise and any(d != 1 for d in dilation)  # runs on phases, no post-op there
+    if activation is not None and not needs_grad and _CONV_POINTWISE is not None and not dilated_depthwise:
         return _CONV_POINTWISE(x, weight, bias, padding, stride, dilation, groups, *activation.onednn())
-    y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    if same_depthwise and needs_grad:
+        y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
+    elif same_depthwise:
+        y = _same_depthwise_forward(x, weight, bias, padding, dilation)
+    else:
+        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return y if activation is None else activation(y)
 
 
@@ -433,9 +432,7 @@ def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
 def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook watches any of ``modules`` (then they are called as modules: e.g. the
     SSL feature tap on ``head.act``)."""
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
