@@ -118,7 +118,7 @@ class Activation:
 
 
 def _pointwise_ops() -> tuple[Callable | None, Callable | None]:
-    """oneDNN's fused convolution ops (PyTorch builds with oneDNN have had them since 2.0)."""
+    """oneDNN's fused convolution ops (the ones inductor emits on CPU); None where the build lacks them."""
     try:
         return torch.ops.mkldnn._convolution_pointwise.default, torch.ops.mkldnn._convolution_pointwise_.binary
     except (AttributeError, RuntimeError):  # pragma: no cover - a build without oneDNN
