@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from nnunet_logonet.benchmark.efficiency import FIGURES, main
+from pathlib import Path
+
+from nnunet_logonet.benchmark.efficiency import ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main
 from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
 
 PATCH = ["32", "32", "32"]
@@ -77,6 +79,25 @@ def test_json_round_trips_with_device_info(small_run):
     assert report["command"].startswith("logonet_benchmark ") and "--patch-size 32 32 32" in report["command"]
     assert report["date"] and report["patch_size"] == [32, 32, 32]
     assert "multiply-accumulate" in report["settings"]["flop_counter"]
+    assert isinstance(info["allocator"], dict)
+
+
+def test_allocator_settings_are_recorded_and_printed(monkeypatch):
+    """CPU times depend on glibc's allocator (docs/speed.md): a run says which settings it had."""
+    import torch
+
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    report = json.loads((Path(__file__).parents[1] / "docs/benchmarks/cpu_64.json").read_text())
+    report["device_info"] = device_info(torch.device("cpu"))
+    assert report["device_info"]["allocator"] == {}
+    assert "allocator: glibc defaults" in format_table(report)
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    report["device_info"] = device_info(torch.device("cpu"))
+    assert report["device_info"]["allocator"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    table = format_table(report)
+    assert "allocator: GLIBC_TUNABLES=glibc.malloc.mmap_max=0" in table and "glibc defaults" not in table
 
 
 class _Captured(Exception):

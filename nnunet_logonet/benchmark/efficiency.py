@@ -87,6 +87,13 @@ TRAIN_BYTES_PER_FEATURE_ELEMENT = {"cpu": 18.0, "cpu_channels_last": 8.0, "cuda"
 DEFAULTS = {"cpu": {"warmup": 1, "repeats": 3, "sw_repeats": 1, "patch_size": (64, 64, 64)},
             "cuda": {"warmup": 3, "repeats": 10, "sw_repeats": None, "patch_size": (96, 96, 96)}}
 EXIT_USAGE = 2
+#: Environment variables that change how CPU tensors are allocated, and so every CPU time measured here.
+#: With glibc's defaults each block over 32 MB (at first over 128 KB) is mmapped and unmapped when freed,
+#: so every large tensor is page-faulted anew on first touch: measured here (docs/speed.md, "The
+#: allocator"), that was ~30 % of nnU-Net's U-Net's CPU forward at 64^3 and ~15 % of LoGoNet-S's.
+#: The run records them so that runs in different environments are not compared.
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                       "MALLOC_ARENA_MAX", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
 class BenchmarkSettings(SimpleNamespace):
@@ -415,6 +422,21 @@ def add_ratios(results: dict[str, dict[str, Any]], reference: str = REFERENCE_MO
                             for k in FIGURES}
 
 
+def allocator_settings() -> dict[str, str]:
+    """The allocator variables (``ALLOCATOR_VARIABLES``) set in this environment; {} means glibc's defaults.
+
+    The per-model worker processes inherit them, so every model of a run is measured under the same ones.
+    """
+    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
+
+
+def describe_allocator(settings: dict[str, str]) -> str:
+    """One line for the table's header."""
+    if not settings:
+        return "allocator: glibc defaults (tensors over 32 MB are page-faulted on every use; docs/speed.md)"
+    return "allocator: " + " ".join(f"{name}={value}" for name, value in settings.items())
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -436,6 +458,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "nnunet_logonet": _version("nnunet-logonet"), "python": platform.python_version(),
         "platform": platform.platform(), "memory_available_mb": _available_memory_mb(torch.device("cpu")),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "allocator": allocator_settings(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -544,6 +567,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"step {s['tile_step_size']}, mirroring {'on' if s['mirroring'] else 'off'}), amp {'on' if s['amp'] else 'off'}",
         f"times: median of {s['repeats']} after {s['warmup']} warm-up (sliding window: {s['sw_repeats']} after "
         f"{s['sw_warmup']}); ratios (x) to {REFERENCE_MODEL}; GMACs counted by fvcore (multiply-accumulates)",
+        *([describe_allocator(info.get("allocator") or {})] if info["device"] == "cpu" else []),
         "",
     ]
     return "\n".join(intro + lines + ([""] + notes if notes else []))
