@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
+import torch
 
 from nnunet_logonet.benchmark.efficiency import ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main
 from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
@@ -84,8 +84,6 @@ def test_json_round_trips_with_device_info(small_run):
 
 def test_allocator_settings_are_recorded_and_printed(monkeypatch):
     """CPU times depend on glibc's allocator (docs/speed.md): a run says which settings it had."""
-    import torch
-
     for name in ALLOCATOR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     report = json.loads((Path(__file__).parents[1] / "docs/benchmarks/cpu_64.json").read_text())

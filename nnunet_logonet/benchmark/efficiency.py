@@ -90,7 +90,7 @@ EXIT_USAGE = 2
 #: Environment variables that change how CPU tensors are allocated, and so every CPU time measured here.
 #: With glibc's defaults each block over 32 MB (at first over 128 KB) is mmapped and unmapped when freed,
 #: so every large tensor is page-faulted anew on first touch: measured here (docs/speed.md, "The
-#: allocator"), that was ~30 % of nnU-Net's U-Net's CPU forward at 64^3 and ~15 % of LoGoNet-S's.
+#: allocator"), that was 15-29 % of nnU-Net's U-Net's CPU times at 64^3 and up to 14 % of LoGoNet-S's.
 #: The run records them so that runs in different environments are not compared.
 ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                        "MALLOC_ARENA_MAX", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
@@ -433,7 +433,7 @@ def allocator_settings() -> dict[str, str]:
 def describe_allocator(settings: dict[str, str]) -> str:
     """One line for the table's header."""
     if not settings:
-        return "allocator: glibc defaults (tensors over 32 MB are page-faulted on every use; docs/speed.md)"
+        return "allocator: glibc defaults (each new tensor over 32 MB is page-faulted; docs/speed.md)"
     return "allocator: " + " ".join(f"{name}={value}" for name, value in settings.items())
 
 
