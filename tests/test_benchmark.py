@@ -42,6 +42,8 @@ def test_every_figure_present_and_positive(small_run):
     assert report["settings"]["memory_isolation"] == "one process per model"
     assert report["models"]["logonet_tiny"]["details"]["layout"] == "channels_last_3d"
     assert report["models"]["nnunet"]["details"]["layout"] == "contiguous"
+    assert report["models"]["nnunet"]["details"]["trainer"] == "nnUNetTrainer"
+    assert report["models"]["logonet_tiny"]["details"]["trainer"] == "LoGoNetTrainer"
 
 
 @pytest.mark.slow
@@ -185,3 +187,30 @@ def test_dataset_patch_logonet_cannot_take_is_rounded_with_a_note(tmp_path):
     logonet = resolve_model("logonet_tiny", **_context(loaded))
     assert logonet.patch_size != (40, 64, 64)
     assert logonet.notes and "40, 64, 64" in logonet.notes[0]
+
+
+@pytest.mark.parametrize("name, trainer_class", [("nnunet", "nnUNetTrainer"), ("logonet_tiny", "LoGoNetTrainer")])
+def test_training_step_uses_the_optimizer_of_the_models_trainer(name, trainer_class):
+    """The timed step's SGD is the one each trainer builds (LoGoNetTrainer: PyTorch's fused CPU kernel)."""
+    from types import SimpleNamespace
+
+    from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step
+    from nnunet_logonet.training.recipes import build_optimizer_and_scheduler
+
+    cpu = torch.device("cpu")
+    spec = resolve_model(name, patch_size=[16, 32, 32])
+    assert spec.trainer == trainer_class
+    net = spec.build()
+    step = make_train_step(net, spec, default_settings(cpu, spec.patch_size, batch_size=1), cpu,
+                           torch.contiguous_format)
+    timed = step.optimizer
+    if trainer_class == "LoGoNetTrainer":
+        trainer = SimpleNamespace(network=net, device=cpu, recipe="nnunet", initial_lr=1e-2, weight_decay=3e-5,
+                                  num_epochs=1)
+        built, _ = build_optimizer_and_scheduler(trainer)
+        assert timed.defaults["fused"] is built.defaults["fused"] is True
+    else:  # nnUNetTrainer.configure_optimizers: torch.optim.SGD with PyTorch's defaults
+        assert not timed.defaults["fused"] and not timed.defaults["foreach"]
+    assert isinstance(timed, torch.optim.SGD) and timed.defaults["nesterov"] and timed.defaults["momentum"] == 0.99
+    step()  # and it runs
+    assert all(timed.state[p] for p in net.parameters() if p.grad is not None)

@@ -82,6 +82,8 @@ class ModelSpec:
     num_classes: int
     #: LoGoNet/ULKANet are written for channels_last_3d; nnU-Net's networks run in nnU-Net's default layout
     prefers_channels_last: bool = False
+    #: the nnU-Net trainer that trains this network; its optimizer is the one the benchmark steps
+    trainer: str = "nnUNetTrainer"
     notes: list[str] = field(default_factory=list)
 
     def build(self, *, deep_supervision: bool = False, init: bool = True) -> nn.Module:
@@ -263,7 +265,7 @@ def _ours(network: type, preset: str) -> Callable[[_Context], ModelSpec]:
         check_patch_size(patch, kwargs["strides"], *((kwargs["local_grid"], kwargs["local_stages"]) if use_local else ()))
         return ModelSpec(label.lower().replace("-", "_"), f"{label} (LoGoNet planner topology)", _class_path(network),
                          kwargs, (), patch, ctx.input_channels, ctx.num_classes, prefers_channels_last=True,
-                         notes=notes)
+                         trainer="LoGoNetTrainer", notes=notes)
 
     return make
 
