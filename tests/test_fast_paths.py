@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network import conv as conv_module
 from nnunet_logonet.network import grouped as grouped_module
 from nnunet_logonet.network.conv import (Activation, Conv3d, conv3d, fast_paths_enabled, fold_batchnorm,
                                          reference_kernels)
@@ -86,6 +87,57 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
     assert _rel(ours, ref) < 1e-5
     for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
         assert _rel(g_ours, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("shape, out_channels, kernel, padding, dilation, bias", [
+    ((2, 16, 6, 7, 8), 8, 3, 1, 1, True),  # the full-resolution final units' kind: 64 -> 16
+    ((3, 12, 5, 6, 7), 4, 5, 4, 2, False),  # dilated, batch 3
+    ((2, 16, 6, 8, 8), 14, 1, 0, 1, True),  # the 1x1 head
+])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_narrowing_convolution_weight_gradient_through_the_widening_one(shape, out_channels, kernel, padding,
+                                                                        dilation, bias, channels_last, monkeypatch):
+    """The swapped weight gradient (on by default on AVX2) equals F.conv3d's; all gradients checked."""
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    torch.manual_seed(0)
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(out_channels, shape[1], kernel, kernel, kernel).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.randn(out_channels, requires_grad=True) if bias else None
+    ours = conv3d(x, w, b, 1, padding, dilation)
+    assert type(ours.grad_fn).__name__ == "_NarrowingConv3dBackward"
+    ref = F.conv3d(x, w, b, 1, padding, dilation)
+    assert _rel(ours, ref) < 1e-5
+    grad = torch.randn_like(ref)
+    inputs = [x, w] + ([b] if bias else [])
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        assert g_ours.shape == g_ref.shape
+        assert _rel(g_ours, g_ref) < 1e-5
+    # frozen weight (e.g. a fine-tuning schedule) or frozen input: only what is asked for
+    w.requires_grad_(False)
+    (gx,) = torch.autograd.grad(conv3d(x, w, None, 1, padding, dilation), [x], grad)
+    assert _rel(gx, torch.autograd.grad(F.conv3d(x, w, None, 1, padding, dilation), [x], grad)[0]) < 1e-5
+    w.requires_grad_(True)
+    x_frozen = x.detach()
+    (gw,) = torch.autograd.grad(conv3d(x_frozen, w, None, 1, padding, dilation), [w], grad)
+    assert _rel(gw, torch.autograd.grad(F.conv3d(x_frozen, w, None, 1, padding, dilation), [w], grad)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("shape, out_channels, stride, groups, why", [
+    ((1, 16, 6, 6, 6), 8, 1, 1, "batch 1: measured slower"),
+    ((2, 8, 6, 6, 6), 16, 1, 1, "widening: measured slower"),
+    ((2, 16, 6, 6, 6), 8, 2, 1, "strided: the identity needs stride 1"),
+    ((2, 16, 6, 6, 6), 8, 1, 2, "grouped"),
+])
+def test_weight_gradient_swap_only_where_it_holds_and_pays(shape, out_channels, stride, groups, why, monkeypatch):
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(out_channels, shape[1] // groups, 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
+    assert type(conv3d(x, w, None, stride, 1, 1, groups).grad_fn).__name__ != "_NarrowingConv3dBackward", why
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", False)  # other CPUs: oneDNN's own
+    narrowing = torch.randn(2, 16, 6, 6, 6).contiguous(memory_format=CL).requires_grad_()
+    w16 = torch.randn(8, 16, 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
+    assert type(conv3d(narrowing, w16, None, 1, 1).grad_fn).__name__ != "_NarrowingConv3dBackward"
 
 
 @pytest.mark.parametrize("channels, dilation", [(48, 1), (512, 1), (513, 1), (1300, 1), (600, 2)])
@@ -308,7 +360,9 @@ def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool):
 @pytest.mark.parametrize("patch", PATCHES)
 @pytest.mark.parametrize("cls, grouping", [(LoGoNet, True), (LoGoNet, False), (ULKANet, True)])
 def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, monkeypatch):
-    """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU)."""
+    """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU);
+    narrowing convolutions' weight gradients swapped (AVX2's default) on every CPU."""
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()

@@ -16,6 +16,11 @@ docs/speed.md has the figures):
   channels is 2-5x slower than the chunks).
 * oneDNN's dilated 3D depthwise kernel is 10-30x slower than its undilated one; LKA's 7^3
   dilation-3 convolution runs undilated on the d^3 phases of its input instead (exact).
+* On AVX2 CPUs oneDNN's weight gradient of a narrowing convolution (fewer output than input
+  channels, e.g. the 64 -> 16 final units at full resolution) runs at 20-25 GMAC/s, a third of its
+  forward. It equals the flipped, transposed weight gradient of the widening convolution that
+  maps the output gradient back to the input's channels (the same products), which oneDNN
+  computes 2-3.5x faster there; ``conv3d`` takes that route for training on AVX2.
 * In eval mode a BatchNorm after a convolution is an affine map that ``fold_batchnorm`` moves
   into the convolution's weight and bias (one pass over the activation less).
 * Without autograd (inference) the GELU or LeakyReLU after a convolution runs inside oneDNN's
@@ -166,14 +171,18 @@ def _bf16_depthwise_on_small_map(x: torch.Tensor, weight: torch.Tensor, groups: 
     )
 
 
+def _is_same_padding(weight: torch.Tensor, stride, padding, dilation) -> bool:
+    """Stride 1, odd kernel, 'same' padding: output voxel v sees input voxels v + t, t the tap offset."""
+    return all(s == 1 for s in stride) and all(
+        k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(weight.shape[2:], padding, dilation))
+
+
 def _is_same_depthwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
     """Depthwise (multiplier 1), stride 1, odd kernel, 'same' padding: the flipped-kernel backward holds."""
-    k = weight.shape[2:]
     return (
         groups == x.shape[1] == weight.shape[0]
         and weight.shape[1] == 1
-        and all(s == 1 for s in stride)
-        and all(ki % 2 == 1 and p == d * (ki - 1) // 2 for ki, p, d in zip(k, padding, dilation))
+        and _is_same_padding(weight, stride, padding, dilation)
     )
 
 
@@ -222,6 +231,69 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             grad = grad.permute(0, 4, 1, 2, 3).reshape(width, 1, *k)
         chunks.append(grad)
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+#: compute narrowing convolutions' weight gradients as the widening one's (see ``_NarrowingConv3d``);
+#: measured only on AVX2 (AMD EPYC, Zen 3), where oneDNN's own is 2-3.5x slower; off elsewhere
+SWAP_NARROWING_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _swapped_weight_grad_pays(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                              groups: int) -> bool:
+    """A dense, stride-1 'same' convolution with fewer output than input channels, batch >= 2, on AVX2.
+
+    Measured (oneDNN weight gradient -> swapped, batch 2, channels-last): 64 -> 16 at 64^3
+    802 -> 221 ms, 96 -> 16 945 -> 374 ms, 32 -> 16 292 -> 153 ms, 64 -> 16 at 32^3 64 -> 31 ms,
+    64 -> 32 at 16^3 15 -> 12 ms; at batch 1 the swapped call was 2-4x slower on 32^3 maps,
+    and for widening convolutions (32 -> 64: 506 -> 702 ms) it loses, so neither takes it.
+    """
+    return (SWAP_NARROWING_WEIGHT_GRAD
+            and groups == 1
+            and x.shape[0] >= 2
+            and weight.shape[0] < weight.shape[1]
+            and _is_same_padding(weight, stride, padding, dilation))
+
+
+class _NarrowingConv3d(torch.autograd.Function):
+    """oneDNN's convolution; the weight gradient computed as a widening convolution's.
+
+    For a stride-1 'same' convolution y = conv(x, w), w of shape (O, I, k), the weight gradient
+    ``sum_v grad_y[v, o] * x[v + t, i]`` (t = tap offset) is, with v' = v + t, the weight gradient of
+    the convolution that maps grad_y (O channels) to a map of I channels, taken with x as that
+    map's output gradient, at tap -t: the same products, summed over the same voxels (zero padding
+    drops the same pairs on both sides). So grad_w = that (I, O, k) gradient, transposed and
+    flipped. The input gradient is oneDNN's own.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation = padding, dilation
+        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), dilation, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        padding, dilation = list(ctx.padding), list(ctx.dilation)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1, 1], padding, dilation, False, [0, 0, 0], 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            fmt = torch.channels_last_3d if weight.is_contiguous(memory_format=torch.channels_last_3d) \
+                else torch.contiguous_format
+            # the widening convolution's weight is never read, only its shape
+            widening = torch.empty((weight.shape[1], weight.shape[0], *weight.shape[2:]), dtype=weight.dtype,
+                                   device=weight.device, memory_format=torch.channels_last_3d)
+            grad = torch.ops.aten.convolution_backward(
+                x, grad_out, widening, None, [1, 1, 1], padding, dilation, False, [0, 0, 0], 1,
+                [False, True, False])[1]
+            grad_w = grad.transpose(0, 1).flip((2, 3, 4)).contiguous(memory_format=fmt)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _to_phases(x: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
@@ -325,6 +397,8 @@ def conv3d(
         y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
     elif same_depthwise:
         y = _same_depthwise_forward(x, weight, bias, padding, dilation)
+    elif needs_grad and _swapped_weight_grad_pays(x, weight, stride, padding, dilation, groups):
+        y = _NarrowingConv3d.apply(x, weight, bias, padding, dilation)
     else:
         y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return y if activation is None else activation(y)
