@@ -29,7 +29,8 @@ docs/speed.md has the figures):
 
 Every path gives the reference result up to float32 rounding (tests/test_fast_paths.py checks
 outputs and gradients against ``F.conv3d`` + unfused BatchNorm). ``reference_kernels()``
-switches all of them off, e.g. to compare or to debug.
+switches all of them off, e.g. to compare or to debug; ``reference_kernels(name, ...)`` only the
+named ones (``LEVERS``), for the before/after of one lever.
 """
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ from torch.nn.modules import module as _module_globals
 
 __all__ = [
     "Activation",
+    "Classifier3d",
     "Conv3d",
     "conv3d",
     "conv3d_concat",
     "cat_per_group",
+    "LEVERS",
     "fast_paths_enabled",
+    "lever_enabled",
     "reference_kernels",
     "conv_norm",
     "conv_norm_act",
@@ -64,20 +68,52 @@ _state = threading.local()
 T = TypeVar("T")
 
 
+#: The fast paths by name (docs/speed.md's lever table), each of which ``reference_kernels(name)``
+#: switches off on its own. "onednn" is the base of the convolution levers: without it every
+#: convolution is ``F.conv3d``, so the depthwise, dilated, narrowing and post-op levers are off too.
+LEVERS: dict[str, str] = {
+    "onednn": "every CPU float32 convolution sent to oneDNN directly (no slow_conv3d, layout kept)",
+    "depthwise_input_grad": "depthwise input gradient as the forward convolution with the flipped kernel",
+    "depthwise_weight_grad": "depthwise weight gradient from 16-channel grouped blocks, 512 channels per call",
+    "dilated_phases": "dilated depthwise convolutions run undilated on the d^3 phases of their input",
+    "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
+    "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
+    "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
+    "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
+    "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
+    "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
+                             "sliding window read fastest",
+}
+
+
 def fast_paths_enabled() -> bool:
     """Whether LoGoNet's fast kernels are on (they are, unless inside ``reference_kernels()``)."""
     return getattr(_state, "enabled", True)
 
 
+def lever_enabled(name: str) -> bool:
+    """Whether fast path ``name`` (a key of ``LEVERS``) is on in this thread."""
+    return fast_paths_enabled() and name not in getattr(_state, "disabled", frozenset())
+
+
 @contextlib.contextmanager
-def reference_kernels() -> Iterator[None]:
-    """Run LoGoNet/ULKANet with plain PyTorch ops inside this block (thread-local), for comparison."""
-    previous = fast_paths_enabled()
-    _state.enabled = False
+def reference_kernels(*levers: str) -> Iterator[None]:
+    """Run LoGoNet/ULKANet with plain PyTorch ops inside this block (thread-local), for comparison.
+
+    With lever names (keys of ``LEVERS``) only those fast paths are switched off, the others stay on.
+    """
+    unknown = [name for name in levers if name not in LEVERS]
+    if unknown:
+        raise ValueError(f"unknown lever(s) {', '.join(map(repr, unknown))}; valid levers: {', '.join(LEVERS)}")
+    previous = fast_paths_enabled(), getattr(_state, "disabled", frozenset())
+    if levers:
+        _state.disabled = previous[1] | frozenset(levers)
+    else:
+        _state.enabled = False
     try:
         yield
     finally:
-        _state.enabled = previous
+        _state.enabled, _state.disabled = previous
 
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
@@ -143,7 +179,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and fast_paths_enabled()
+        and lever_enabled("onednn")
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
@@ -248,6 +284,7 @@ def _swapped_weight_grad_pays(x: torch.Tensor, weight: torch.Tensor, stride, pad
     and for widening convolutions (32 -> 64: 506 -> 702 ms) it loses, so neither takes it.
     """
     return (SWAP_NARROWING_WEIGHT_GRAD
+            and lever_enabled("narrowing_weight_grad")
             and groups == 1
             and x.shape[0] >= 2
             and weight.shape[0] < weight.shape[1]
@@ -321,7 +358,7 @@ def _from_phases(y: torch.Tensor, dilation: Sequence[int], size: Sequence[int],
 
 
 def _same_depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+                            padding: Sequence[int], dilation: Sequence[int], phases: bool = True) -> torch.Tensor:
     """oneDNN's stride-1 'same' depthwise convolution; a dilated one runs undilated on phases.
 
     oneDNN's dilated 3D depthwise kernel runs at 1-7 GMAC/s here, 10-30x below its undilated one
@@ -330,9 +367,10 @@ def _same_depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     the same kernel, one per phase ``x[a::d, b::d, c::d]`` (the space-to-batch identity behind atrous
     convolution): the phases go into the batch, one undilated call convolves them, and the result
     is interleaved back. Same products and sums as the dilated call; two copies of the map.
+    ``phases=False`` calls oneDNN's dilated kernel (the lever "dilated_phases" off).
     """
     channels = x.shape[1]
-    if all(d == 1 for d in dilation):
+    if all(d == 1 for d in dilation) or not phases:
         return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), dilation, channels)
     fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
     phases = _to_phases(x, dilation).contiguous(memory_format=torch.channels_last_3d)
@@ -344,24 +382,39 @@ def _same_depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 class _SameDepthwiseConv3d(torch.autograd.Function):
     """Forward by ``_same_depthwise_forward``; input gradient as the same forward with the flipped
-    kernel (exact); weight gradient oneDNN's on the original layout (see ``_depthwise_weight_grad``)."""
+    kernel (exact); weight gradient oneDNN's on the original layout (see ``_depthwise_weight_grad``).
+    Each of the three follows its lever (read at the forward), else oneDNN's own call."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.dilation = padding, dilation
-        return _same_depthwise_forward(x, weight, bias, padding, dilation)
+        ctx.phases = lever_enabled("dilated_phases")
+        ctx.flipped_input_grad = lever_enabled("depthwise_input_grad")
+        ctx.blocked_weight_grad = lever_enabled("depthwise_weight_grad")
+        return _same_depthwise_forward(x, weight, bias, padding, dilation, ctx.phases)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        plain = [False, False, False]
+        if ctx.needs_input_grad[0] and ctx.flipped_input_grad:
             flipped = weight.flip((2, 3, 4)).contiguous(memory_format=torch.channels_last_3d)
-            grad_x = _same_depthwise_forward(grad_out, flipped, None, ctx.padding, ctx.dilation)
-        if ctx.needs_input_grad[1]:
+            grad_x = _same_depthwise_forward(grad_out, flipped, None, ctx.padding, ctx.dilation, ctx.phases)
+        else:
+            plain[0] = ctx.needs_input_grad[0]
+        if ctx.needs_input_grad[1] and ctx.blocked_weight_grad:
             grad_w = _depthwise_weight_grad(grad_out, x, weight, ctx.padding, ctx.dilation)
+        else:
+            plain[1] = ctx.needs_input_grad[1]
+        if any(plain):
+            grads = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1, 1], list(ctx.padding), list(ctx.dilation), False, [0, 0, 0],
+                x.shape[1], plain)
+            grad_x = grads[0] if plain[0] else grad_x
+            grad_w = grads[1] if plain[1] else grad_w
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3, 4))
         return grad_x, grad_w, grad_b, None, None
@@ -391,12 +444,13 @@ def conv3d(
     needs_grad = _needs_grad(x, weight, bias)
     same_depthwise = _is_same_depthwise(x, weight, stride, padding, dilation, groups)
     dilated_depthwise = same_depthwise and any(d != 1 for d in dilation)  # runs on phases, no post-op there
-    if activation is not None and not needs_grad and _CONV_POINTWISE is not None and not dilated_depthwise:
+    if (activation is not None and not needs_grad and _CONV_POINTWISE is not None and lever_enabled("post_ops")
+            and not (dilated_depthwise and lever_enabled("dilated_phases"))):
         return _CONV_POINTWISE(x, weight, bias, padding, stride, dilation, groups, *activation.onednn())
     if same_depthwise and needs_grad:
         y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
     elif same_depthwise:
-        y = _same_depthwise_forward(x, weight, bias, padding, dilation)
+        y = _same_depthwise_forward(x, weight, bias, padding, dilation, lever_enabled("dilated_phases"))
     elif needs_grad and _swapped_weight_grad_pays(x, weight, stride, padding, dilation, groups):
         y = _NarrowingConv3d.apply(x, weight, bias, padding, dilation)
     else:
@@ -446,9 +500,11 @@ def conv3d_concat(
     if sum(per_group) != weight.shape[1]:
         raise ValueError(f"parts have {sum(per_group)} channels per group ({per_group}), the weight expects "
                          f"{weight.shape[1]}")
-    if not _use_onednn(parts[0], weight) or sum(p.numel() for p in parts) <= weight.numel():
+    if (not _use_onednn(parts[0], weight) or not lever_enabled("concat_sum")
+            or sum(p.numel() for p in parts) <= weight.numel()):
         return conv3d(cat_per_group(parts, groups), weight, bias, stride, padding, dilation, groups, activation)
-    accumulate = _CONV_ADD_INPLACE is not None and not any(_needs_grad(p, weight, bias) for p in parts)
+    accumulate = (_CONV_ADD_INPLACE is not None and lever_enabled("post_ops")
+                  and not any(_needs_grad(p, weight, bias) for p in parts))
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     out = None
     start = 0
@@ -473,6 +529,36 @@ class Conv3d(nn.Conv3d):
         return conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class Classifier3d(Conv3d):
+    """A 1x1x1 convolution that returns its logits channels-first on CPU (same parameters as ``nn.Conv3d``).
+
+    Everything before it runs channels-last, but nnU-Net reads the logits channels-first: its loss
+    (softmax, one-hot Dice, cross-entropy) and ``predict_sliding_window_return_logits`` (which adds
+    each tile into a channels-first accumulator) were 2-3x slower on channels-last logits
+    (LoGoNet-S's output at 64^3, batch 2: loss forward and backward 166-223 ms vs 58-105 ms;
+    nnU-Net's sliding window alone over a 144^3 case with 96^3 tiles: 10.1-10.3 s vs 7.7-9.1 s).
+    As one batched matrix product ``W @ X^T`` over the channels-last rows the classifier writes
+    channels-first directly, as fast as oneDNN's 1x1x1 convolution (16 -> 14 at 96^3, batch 2:
+    63 vs 71 ms; converting oneDNN's output instead: 179 ms).
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not (lever_enabled("channels_first_logits") and input.device.type == "cpu" and input.dim() == 5
+                and input.is_contiguous(memory_format=torch.channels_last_3d) and self.groups == 1
+                and not isinstance(self.padding, str) and all(p == 0 for p in self.padding)
+                and all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)):
+            return super()._conv_forward(input, weight, bias)
+        n, c, d, h, w = input.shape
+        o = weight.shape[0]
+        rows = input.permute(0, 2, 3, 4, 1).reshape(n, d * h * w, c)  # a view: channels-last is (N, DHW, C)
+        kernel = weight.reshape(o, c).expand(n, o, c)
+        if bias is None:
+            out = torch.bmm(kernel, rows.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias.view(1, o, 1).expand(n, o, d * h * w), kernel, rows.transpose(1, 2))
+        return out.view(n, o, d, h, w)
+
+
 def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
     """True in eval mode for a BatchNorm with running statistics and the fast paths on."""
     return (
@@ -480,7 +566,7 @@ def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
         and isinstance(norm, nn.BatchNorm3d)
         and norm.track_running_stats
         and norm.running_mean is not None
-        and fast_paths_enabled()
+        and lever_enabled("batchnorm_folding")
     )
 
 
@@ -496,7 +582,7 @@ def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
     if foldable_batchnorm(module, norm):
         weight, bias = fold_batchnorm(conv, norm)
         return conv3d_concat(parts, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
-    if len(parts) == 1 or not fast_paths_enabled() or isinstance(conv.padding, str):
+    if len(parts) == 1 or not lever_enabled("concat_sum") or isinstance(conv.padding, str):
         y = norm(conv(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
     else:
         y = norm(conv3d_concat(parts, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
@@ -525,7 +611,7 @@ def conv_act(conv: nn.Conv3d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(conv(x))``, with the activation fused into the convolution where nothing needs gradients
     (LKA's ``proj_1`` -> GELU and the MLP's depthwise conv -> GELU)."""
     activation = Activation.of(act)
-    if (activation is None or not fast_paths_enabled() or not isinstance(conv, Conv3d)
+    if (activation is None or not lever_enabled("post_ops") or not isinstance(conv, Conv3d)
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or _hooked(conv, act)):
         return act(conv(x))
     return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)

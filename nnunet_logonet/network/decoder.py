@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d
+from .conv import Classifier3d
 from .layers import ConvUnit, Upsample3d
 from .shapes import Triple
 
@@ -71,7 +71,7 @@ class ULKADecoder(nn.Module):
         self.deep_supervision = bool(deep_supervision)
         if num_classes is not None:
             self.seg_layers = nn.ModuleList(
-                [Conv3d(dc[res], num_classes, kernel_size=1) for res in range(num_stages + 1)]
+                [Classifier3d(dc[res], num_classes, kernel_size=1) for res in range(num_stages + 1)]
             )
 
     def forward_features(self, stem: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv_norm_act, fast_paths_enabled
+from .conv import Classifier3d, Conv3d, conv_norm_act, lever_enabled
 from .grouped import can_group, group_subcrops, grouped_local_features, grouping_pays, ungroup_subcrops
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
@@ -46,7 +46,7 @@ class LoGoHead(nn.Module):
         self.conv = Conv3d(channels[0], channels[0], kernel_size=3, padding=1)
         self.norm = make_norm(norm, channels[0])
         self.act = nn.GELU()
-        self.seg_layers = nn.ModuleList([Conv3d(c, num_classes, kernel_size=1) for c in channels])
+        self.seg_layers = nn.ModuleList([Classifier3d(c, num_classes, kernel_size=1) for c in channels])
         self.deep_supervision = bool(deep_supervision)
 
     def forward(self, fused: torch.Tensor, global_features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -158,7 +158,7 @@ class LoGoNet(nn.Module):
         network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, CPU inference,
         CPU training of small paths); ``reference_kernels()`` runs the plain loop.
         """
-        if fast_paths_enabled() and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
+        if lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
             return ungroup_subcrops(grouped, self.local_grid)
         tiles = split_subcrops(x, self.local_grid)
