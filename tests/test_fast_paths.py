@@ -16,8 +16,9 @@ from torch import nn
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network import conv as conv_module
 from nnunet_logonet.network import grouped as grouped_module
-from nnunet_logonet.network.conv import (Activation, Conv3d, conv3d, fast_paths_enabled, fold_batchnorm,
-                                         reference_kernels)
+from nnunet_logonet.network import logonet as logonet_module
+from nnunet_logonet.network.conv import (LEVERS, Activation, Classifier3d, Conv3d, conv3d, fast_paths_enabled,
+                                         fold_batchnorm, lever_enabled, reference_kernels)
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit
 from nnunet_logonet.network.logonet import LoGoHead
@@ -346,10 +347,11 @@ def test_network_outputs_equal_reference_in_eval(cls, patch, batch):
     assert _rel(fast, ref) < 1e-4
 
 
-def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool):
+def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool, without: tuple[str, ...] = ()):
+    """A training step's outputs and gradients: reference kernels, or the fast ones less ``without``."""
     net = copy.deepcopy(net)  # BatchNorm running statistics must not leak between the two runs
     x = x.clone().requires_grad_()
-    with reference_kernels() if reference else torch.enable_grad():
+    with reference_kernels() if reference else reference_kernels(*without) if without else torch.enable_grad():
         outs = net(x)
         loss = sum((o.float() * torch.linspace(-1, 1, o.shape[1]).view(1, -1, 1, 1, 1)).square().mean() for o in outs)
         loss.backward()
@@ -366,8 +368,11 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()
-    x = torch.randn(2, 1, *patch)
-    fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False)
+    _assert_training_equals_reference(net, torch.randn(2, 1, *patch))
+
+
+def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:
+    fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without)
     ref_out, ref_gx, ref_grads, ref_state = _outputs_and_grads(net, x, reference=True)
     # BatchNorm running statistics (the grouped local paths write them back to every path)
     assert fast_state.keys() == ref_state.keys()
@@ -490,6 +495,120 @@ def test_reference_kernels_restores_the_previous_state():
             assert not fast_paths_enabled()
         assert not fast_paths_enabled()
     assert fast_paths_enabled()
+
+
+def test_reference_kernels_switches_named_levers_alone_and_restores_them():
+    with reference_kernels("post_ops", "concat_sum"):
+        assert fast_paths_enabled() and lever_enabled("onednn")
+        assert not lever_enabled("post_ops") and not lever_enabled("concat_sum")
+        with reference_kernels("onednn"):
+            assert not lever_enabled("onednn") and not lever_enabled("post_ops")
+        with reference_kernels():
+            assert not any(lever_enabled(name) for name in LEVERS)
+        assert lever_enabled("onednn") and not lever_enabled("post_ops")
+    assert all(lever_enabled(name) for name in LEVERS)
+    with pytest.raises(ValueError, match="'narrowing'.*valid levers: .*narrowing_weight_grad"):
+        with reference_kernels("narrowing"):
+            pass
+    assert all(lever_enabled(name) for name in LEVERS)
+
+
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_each_lever_off_alone_gives_the_reference_results(lever, monkeypatch):
+    """``logonet_benchmark --without LEVER`` runs the network with one fast path off; the others then
+    meet inputs they never meet with all on (unfolded BatchNorm, unfused activations, the loop)."""
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    patch = (32, 32, 32)
+    net = _tiny(LoGoNet, patch, deep_supervision=True)
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        with reference_kernels(lever):
+            without = net.eval()(x)
+        with reference_kernels():
+            ref = net(x)
+    for a, b in zip(without, ref):
+        assert _rel(a, b) < 1e-4
+    _assert_training_equals_reference(net.train(), x, without=(lever,))
+
+
+#: lever -> (owner, attribute) that the lever calls, and how the calls change with the lever off
+LEVER_MARKERS = {
+    "onednn": (torch, "mkldnn_convolution", "none"),
+    "depthwise_input_grad": (conv_module, "_same_depthwise_forward", "fewer"),  # the forward still calls it
+    "depthwise_weight_grad": (conv_module, "_depthwise_weight_grad", "none"),
+    "dilated_phases": (conv_module, "_to_phases", "none"),
+    "narrowing_weight_grad": (conv_module._NarrowingConv3d, "apply", "none"),
+    "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
+    "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
+    "batchnorm_folding": (conv_module, "fold_batchnorm", "none"),
+    "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
+    "channels_first_logits": (torch, "baddbmm", "none"),
+}
+
+
+def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[str, ...]) -> dict[str, int]:
+    """Calls of every lever's marker in one inference forward and one training step."""
+    counts = dict.fromkeys(LEVER_MARKERS, 0)
+    with monkeypatch.context() as patched:
+        for lever, (owner, name, _) in LEVER_MARKERS.items():
+            real = getattr(owner, name)
+
+            def spy(*args, _real=real, _lever=lever, **kwargs):
+                counts[_lever] += 1
+                return _real(*args, **kwargs)
+
+            patched.setattr(owner, name, spy)
+        with reference_kernels(*without) if without else torch.enable_grad():
+            with torch.no_grad():
+                net.eval()(x)
+            out = net.train()(x.clone().requires_grad_())
+            sum(o.square().mean() for o in out).backward()
+    return counts
+
+
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_switching_a_lever_off_changes_what_runs(lever, monkeypatch):
+    """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running."""
+    assert set(LEVER_MARKERS) == set(LEVERS)
+    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    net = _tiny(LoGoNet, (32, 64, 32), deep_supervision=True)
+    x = torch.randn(2, 1, 32, 64, 32)
+    on = _marker_calls(net, x, monkeypatch, ())
+    assert all(on.values()), on  # every lever runs somewhere in LoGoNet-tiny
+    off = _marker_calls(net, x, monkeypatch, (lever,))
+    change = LEVER_MARKERS[lever][2]
+    assert {"none": off[lever] == 0, "fewer": 0 < off[lever] < on[lever]}[change], \
+        (lever, on[lever], off[lever])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_classifier_writes_channels_first_logits_equal_to_the_convolution(bias):
+    torch.manual_seed(0)
+    layer = Classifier3d(16, 5, kernel_size=1, bias=bias).to(memory_format=CL)
+    reference = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 6, 7, 8).contiguous(memory_format=CL).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = layer(x), F.conv3d(x_ref, reference.weight, reference.bias)
+    assert y.is_contiguous() and _rel(y, y_ref) < 1e-5
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert _rel(x.grad, x_ref.grad) < 1e-5 and x.grad.is_contiguous(memory_format=CL)
+    assert _rel(layer.weight.grad, reference.weight.grad) < 1e-5
+    if bias:
+        assert _rel(layer.bias.grad, reference.bias.grad) < 1e-5
+    with reference_kernels("channels_first_logits"):
+        assert layer(x).is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_logits_come_out_channels_first_for_nnunet(cls):
+    """nnU-Net's loss and sliding window read channels-first logits 2-3x faster (docs/speed.md)."""
+    net = _tiny(cls, (32, 32, 32), deep_supervision=True).to(memory_format=CL)
+    x = torch.randn(2, 1, 32, 32, 32).contiguous(memory_format=CL)
+    with torch.no_grad():
+        outs = net.eval()(x)
+    assert all(o.is_contiguous() for o in outs)
 
 
 def test_folded_weights_follow_load_state_dict_as_nnunet_predict_switches_folds():
