@@ -62,6 +62,40 @@ def test_reference_kernels_run_is_labelled_and_counts_the_same_macs(small_run, t
 
 
 @pytest.mark.slow
+def test_without_adds_a_row_per_model_with_those_levers_off(tmp_path):
+    """--without LEVER: the before/after of one lever in the same run, next to the model as shipped."""
+    out = tmp_path / "without.json"
+    argv = ["--device", "cpu", "--models", "nnunet", "logonet_tiny", "--patch-size", *PATCH, "--repeats", "1",
+            "--warmup", "0", "--batch-size", "1", "--case-size", *PATCH, "--without", "post_ops", "batchnorm_folding",
+            "--without", "onednn", "--no-isolate", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["nnunet", "logonet_tiny", "logonet_tiny-without-post_ops+batchnorm_folding",
+                            "logonet_tiny-without-onednn"]
+    assert models["logonet_tiny-without-onednn"]["details"]["kernels"] == "fast without onednn"
+    fast, without = models["logonet_tiny"], models["logonet_tiny-without-post_ops+batchnorm_folding"]
+    assert (fast["details"]["kernels"], without["details"]["kernels"]) == (
+        "fast", "fast without post_ops, batchnorm_folding")
+    assert without["spec"]["without_levers"] == ["post_ops", "batchnorm_folding"]
+    assert without["figures"]["macs"] == fast["figures"]["macs"] > 0
+    assert all(without["ratios"][key] > 0 for key in FIGURES)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--without", "narrowing"], "invalid choice: 'narrowing'"),
+    (["--without", "post_ops", "--reference-kernels"], "use one of the two"),
+    (["--models", "nnunet", "--without", "post_ops"], "--without applies to LoGoNet/ULKANet models"),
+])
+def test_without_rejects_unknown_levers_and_other_models(argv, message, capsys):
+    try:
+        code = main(["--patch-size", *PATCH, *argv])
+    except SystemExit as usage:  # argparse's own check of the choices
+        code = usage.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_ratios_are_to_nnunet(small_run):
     report = json.loads(small_run[1].read_text())
     ref, tiny = report["models"]["nnunet"], report["models"]["logonet_tiny"]

@@ -25,12 +25,18 @@ patch is the paper's 96^3 on CUDA and 64^3 on CPU (the six-model 96^3 run takes 
 Each model runs in a fresh Python process (``--no-isolate`` to run in-process), so its memory peak is
 its own.
 
+``--reference-kernels`` runs LoGoNet/ULKANet with every fast path off (the "before" of docs/speed.md);
+``--without LEVER ...`` adds a row per LoGoNet/ULKANet model with only those levers off, measured in
+the same run, for the before/after of single levers (``network.conv.LEVERS``).
+
     logonet_benchmark --device cpu --patch-size 32 64 64 --json docs/benchmarks/cpu_32x64x64.json
+    logonet_benchmark --models nnunet logonet_s --without narrowing_weight_grad
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import datetime as _dt
 import json
@@ -51,7 +57,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from nnunet_logonet.network.conv import reference_kernels
+from nnunet_logonet.network.conv import LEVERS, reference_kernels
 
 from nnunet_logonet.benchmark.models import (
     MODELS,
@@ -296,10 +302,16 @@ def measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_training
 
     ``skip_training``: a reason not to run the training iteration (e.g. it would not fit in memory).
     """
-    kernels = reference_kernels() if getattr(settings, "reference_kernels", False) else contextlib.nullcontext()
+    levers = tuple(spec.without_levers)
+    if getattr(settings, "reference_kernels", False):
+        kernels, label = reference_kernels(), "reference"
+    elif levers:
+        kernels, label = reference_kernels(*levers), f"fast without {', '.join(levers)}"
+    else:
+        kernels, label = contextlib.nullcontext(), "fast"
     with kernels:
         result = _measure_model(spec, settings, skip_training=skip_training)
-    result["details"]["kernels"] = "reference" if getattr(settings, "reference_kernels", False) else "fast"
+    result["details"]["kernels"] = label
     return result
 
 
@@ -370,6 +382,7 @@ def _spec_from_json(data: dict[str, Any]) -> ModelSpec:
     data = dict(data)
     data["patch_size"] = tuple(data["patch_size"])
     data["kw_requires_import"] = tuple(data["kw_requires_import"])
+    data["without_levers"] = tuple(data.get("without_levers", ()))
     return ModelSpec(**data)
 
 
@@ -626,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-kernels", action="store_true",
                         help="run LoGoNet/ULKANet with plain PyTorch ops, without their CPU speed-ups (the 'before' "
                              "of docs/speed.md); nnU-Net's networks are not affected")
+    parser.add_argument("--without", nargs="+", action="append", default=None, metavar="LEVER", choices=list(LEVERS),
+                        help="also measure every LoGoNet/ULKANet model with these fast paths off, in the same run "
+                             "(a row '<model>-without-<levers>' after each; repeat the flag for one row per "
+                             f"group): the before/after of single levers (docs/speed.md). Levers: {', '.join(LEVERS)}")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every network first (nnU-Net compiles on CUDA by default); the warm-up "
                              "runs include the compilation")
@@ -693,11 +710,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = []
     for name in models:
         try:
-            specs.append(resolve_model(name, patch_size=patch, spacing=spacing, input_channels=input_channels,
-                                       num_classes=num_classes, plans=plans))
+            spec = resolve_model(name, patch_size=patch, spacing=spacing, input_channels=input_channels,
+                                 num_classes=num_classes, plans=plans)
         except ValueError as error:
             hint = "" if plans else " Choose another --patch-size or leave this model out of --models."
             return _usage_error(f"{name}: {error}{hint}")
+        specs.append(spec)
+        for group in args.without or []:
+            if spec.network_class_name.startswith("nnunet_logonet."):  # the levers are ours
+                levers = tuple(dict.fromkeys(group))
+                specs.append(dataclasses.replace(spec, name=f"{spec.name}-without-{'+'.join(levers)}",
+                                                 without_levers=levers))
+    if args.without and args.reference_kernels:
+        return _usage_error("--without switches single fast paths off, --reference-kernels all of them; "
+                            "use one of the two")
+    if args.without and len(specs) == len(models):  # nothing was added
+        return _usage_error(f"--without applies to LoGoNet/ULKANet models; --models has none ({', '.join(models)})")
 
     if args.amp and device.type != "cuda":
         print("logonet_benchmark: --amp applies to CUDA only; the CPU runs fp32 as nnU-Net does", file=sys.stderr)

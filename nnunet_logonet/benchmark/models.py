@@ -85,6 +85,8 @@ class ModelSpec:
     #: the nnU-Net trainer that trains this network; its optimizer is the one the benchmark steps
     trainer: str = "nnUNetTrainer"
     notes: list[str] = field(default_factory=list)
+    #: fast paths of LoGoNet/ULKANet switched off for this row (``network.conv.LEVERS``; ``--without``)
+    without_levers: tuple[str, ...] = ()
 
     def build(self, *, deep_supervision: bool = False, init: bool = True) -> nn.Module:
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -100,6 +102,7 @@ class ModelSpec:
             "arch_kwargs": self.arch_kwargs,
             "patch_size": list(self.patch_size),
             "notes": list(self.notes),
+            "without_levers": list(self.without_levers),
         }
 
 
