@@ -248,3 +248,33 @@ def test_training_step_uses_the_optimizer_of_the_models_trainer(name, trainer_cl
     assert isinstance(timed, torch.optim.SGD) and timed.defaults["nesterov"] and timed.defaults["momentum"] == 0.99
     step()  # and it runs
     assert all(timed.state[p] for p in net.parameters() if p.grad is not None)
+
+
+def test_lever_ab_alternates_the_order_and_switches_only_the_levers():
+    from nnunet_logonet.benchmark.lever_ab import interleaved_times
+    from nnunet_logonet.network.conv import lever_enabled
+
+    seen = []
+    samples = interleaved_times({"f": lambda: seen.append((lever_enabled("post_ops"), lever_enabled("onednn")))},
+                                ["post_ops"], 3, torch.device("cpu"))
+    # untimed on + off, then on/off, off/on, on/off
+    assert [post_ops for post_ops, _ in seen] == [True, False, True, False, False, True, True, False]
+    assert all(onednn for _, onednn in seen)
+    assert len(samples["f"]["on"]) == len(samples["f"]["off"]) == 3
+
+
+@pytest.mark.slow
+def test_lever_ab_command_writes_both_states_of_each_figure(tmp_path, capsys):
+    from nnunet_logonet.benchmark.lever_ab import main as lever_ab
+
+    out = tmp_path / "ab.json"
+    assert lever_ab(["--model", "logonet_tiny", "--patch-size", *PATCH, "--lever", "post_ops", "--figures", "forward",
+                     "sw", "--rounds", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["levers_off"] == ["post_ops"] and report["model"] == "logonet_tiny"
+    assert set(report["samples_s"]) == {"forward", "sw"}
+    for by_state in report["samples_s"].values():
+        assert len(by_state["on"]) == len(by_state["off"]) == 2 and min(by_state["on"] + by_state["off"]) > 0
+    assert "off/on" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        lever_ab(["--lever", "narrowing"])

@@ -588,12 +588,16 @@ def test_classifier_writes_channels_first_logits_equal_to_the_convolution(bias):
     reference = copy.deepcopy(layer)
     x = torch.randn(2, 16, 6, 7, 8).contiguous(memory_format=CL).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = layer(x), F.conv3d(x_ref, reference.weight, reference.bias)
+    features = x * 1.0  # not a leaf: the gradient reaching it is the one the layers before would get
+    reaching = []
+    features.register_hook(reaching.append)
+    y, y_ref = layer(features), F.conv3d(x_ref, reference.weight, reference.bias)
     assert y.is_contiguous() and _rel(y, y_ref) < 1e-5
     grad = torch.randn_like(y_ref)
     y.backward(grad)
     y_ref.backward(grad)
-    assert _rel(x.grad, x_ref.grad) < 1e-5 and x.grad.is_contiguous(memory_format=CL)
+    assert _rel(x.grad, x_ref.grad) < 1e-5
+    assert reaching[0].is_contiguous(memory_format=CL), reaching[0].stride()  # no layout change upstream
     assert _rel(layer.weight.grad, reference.weight.grad) < 1e-5
     if bias:
         assert _rel(layer.bias.grad, reference.bias.grad) < 1e-5

@@ -1,0 +1,143 @@
+"""``logonet_lever_ab``: one fast path (or several) on and off, interleaved in one process.
+
+A lever worth 2-5 % is below the run-to-run spread of a shared CPU (10-15 % between runs here,
+docs/speed.md), and ``logonet_benchmark --without`` measures its rows one after the other, each in
+its own process. This command builds the network once and times the same calls with the levers on
+and off in alternation (on/off, then off/on, ...), so the machine's drift hits both alike, and
+prints the medians and the off/on ratio for the forward, the training step and nnU-Net's sliding
+window (the same measurements as ``logonet_benchmark``).
+
+    logonet_lever_ab --model logonet_s --patch-size 64 64 64 --lever channels_first_logits --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nnunet_logonet.network import conv as conv_module
+from nnunet_logonet.network.conv import LEVERS, reference_kernels
+
+from .efficiency import (_write_json_atomic, allocator_settings, default_settings, device_info, make_sliding_window,
+                         make_train_step)
+from .models import MODELS, resolve_model
+
+FIGURES = {"forward": "fwd s/patch", "train": "train s/iter", "sw": "sw s/case"}
+
+
+def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str], rounds: int,
+                      device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every call with ``levers`` on and off, alternating the order each round.
+
+    ``calls`` maps a figure name to (``prepare``-free) callables; each is run once on and once off
+    untimed first (oneDNN primitive caches, allocator).
+    """
+    samples: dict[str, dict[str, list[float]]] = {}
+    for figure, call in calls.items():
+        samples[figure] = {"on": [], "off": []}
+        for state in ("on", "off"):
+            with _kernels(state, levers):
+                call()
+        for r in range(rounds):
+            for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                with _kernels(state, levers):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    samples[figure][state].append(time.perf_counter() - start)
+    return samples
+
+
+def _kernels(state: str, levers: Sequence[str]):
+    return reference_kernels(*levers) if state == "off" else contextlib.nullcontext()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ours = [name for name in MODELS if name not in ("nnunet", "resenc_m")]
+    parser = argparse.ArgumentParser(prog="logonet_lever_ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="logonet_s", choices=ours, help="network (default logonet_s)")
+    parser.add_argument("--lever", nargs="+", required=True, choices=list(LEVERS), metavar="LEVER",
+                        help=f"fast paths to switch off in the 'off' runs: {', '.join(LEVERS)}")
+    parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"),
+                        help="patch (default 64 64 64)")
+    parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=list(FIGURES),
+                        help="what to time (default: forward train sw)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed on/off pairs per figure (default 3)")
+    parser.add_argument("--batch-size", type=int, default=2, help="training batch size (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--swap-narrowing-weight-grad", action="store_true",
+                        help="take the narrowing-convolution lever on any CPU (by default AVX2 CPUs only), "
+                             "to measure it where it is off")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the samples and the device info here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1 or args.batch_size < 1 or min(args.patch_size) < 1:
+        print("logonet_lever_ab: error: --rounds, --batch-size and --patch-size must be >= 1", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if args.swap_narrowing_weight_grad:
+        conv_module.SWAP_NARROWING_WEIGHT_GRAD = True
+    try:
+        spec = resolve_model(args.model, patch_size=args.patch_size)
+    except ValueError as error:
+        print(f"logonet_lever_ab: error: {error}", file=sys.stderr)
+        return 2
+    settings = default_settings(device, args.patch_size, batch_size=args.batch_size)
+    torch.manual_seed(settings.seed)
+    memory_format = torch.channels_last_3d
+    net = spec.build().to(device).to(memory_format=memory_format)
+    x1 = torch.randn(1, spec.input_channels, *spec.patch_size, device=device).contiguous(memory_format=memory_format)
+
+    def forward() -> None:
+        net.eval()
+        with torch.no_grad():
+            net(x1)
+
+    calls: dict[str, Callable[[], Any]] = {}
+    if "forward" in args.figures:
+        calls["forward"] = forward
+    if "train" in args.figures:
+        step = make_train_step(net, spec, settings, device, memory_format)
+        calls["train"] = lambda: (net.train(), step())
+    if "sw" in args.figures:
+        sliding_window, _ = make_sliding_window(net, spec, settings, device)
+        calls["sw"] = lambda: (net.eval(), sliding_window())
+    samples = interleaved_times(calls, args.lever, args.rounds, device)
+
+    print(f"{spec.name} at {list(spec.patch_size)}, {device_info(device)['cpu_model'] if device.type == 'cpu' else device}, "
+          f"levers off: {', '.join(args.lever)}; medians of {args.rounds}, interleaved")
+    print(f"{'figure':14s} {'on':>9s} {'off':>9s} {'off/on':>7s}")
+    for figure, by_state in samples.items():
+        on, off = median(by_state["on"]), median(by_state["off"])
+        print(f"{FIGURES[figure]:14s} {on:9.3f} {off:9.3f} {off / on:7.3f}")
+    if args.json:
+        report = {"command": shlex.join(["logonet_lever_ab", *argv]),
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "model": spec.name, "patch_size": list(spec.patch_size), "levers_off": list(args.lever),
+                  "rounds": args.rounds, "batch_size": args.batch_size,
+                  "device_info": device_info(device), "allocator": allocator_settings(),
+                  "samples_s": samples,
+                  "medians_s": {f: {s: median(v) for s, v in by.items()} for f, by in samples.items()}}
+        _write_json_atomic(Path(args.json), report)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
