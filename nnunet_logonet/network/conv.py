@@ -538,7 +538,7 @@ class Classifier3d(Conv3d):
     (softmax, one-hot Dice, cross-entropy) and ``predict_sliding_window_return_logits`` (which adds
     each tile into a channels-first accumulator) were 2-3x slower on channels-last logits
     (LoGoNet-S's output at 64^3, batch 2: loss forward and backward 166-223 ms vs 58-105 ms;
-    nnU-Net's sliding window alone over a 144^3 case with 96^3 tiles: 10.1-10.3 s vs 7.7-9.1 s).
+    nnU-Net's sliding window alone over a 240^3 case with 96^3 tiles: 10.1-10.3 s vs 7.7-9.1 s).
     As one batched matrix product ``W @ X^T`` over the channels-last rows the classifier writes
     channels-first directly, as fast as oneDNN's 1x1x1 convolution (16 -> 14 at 96^3, batch 2:
     63 vs 71 ms; converting oneDNN's output instead: 179 ms).
@@ -546,6 +546,8 @@ class Classifier3d(Conv3d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not (lever_enabled("channels_first_logits") and input.device.type == "cpu" and input.dim() == 5
+                and input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()
                 and input.is_contiguous(memory_format=torch.channels_last_3d) and self.groups == 1
                 and not isinstance(self.padding, str) and all(p == 0 for p in self.padding)
                 and all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)):
