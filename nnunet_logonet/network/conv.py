@@ -360,7 +360,7 @@ def _from_phases(y: torch.Tensor, dilation: Sequence[int], size: Sequence[int],
 
 
 def _same_depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            padding: Sequence[int], dilation: Sequence[int], phases: bool = True) -> torch.Tensor:
+                            padding: Sequence[int], dilation: Sequence[int], use_phases: bool = True) -> torch.Tensor:
     """oneDNN's stride-1 'same' depthwise convolution; a dilated one runs undilated on phases.
 
     oneDNN's dilated 3D depthwise kernel runs at 1-7 GMAC/s here, 10-30x below its undilated one
@@ -369,10 +369,10 @@ def _same_depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     the same kernel, one per phase ``x[a::d, b::d, c::d]`` (the space-to-batch identity behind atrous
     convolution): the phases go into the batch, one undilated call convolves them, and the result
     is interleaved back. Same products and sums as the dilated call; two copies of the map.
-    ``phases=False`` calls oneDNN's dilated kernel (the lever "dilated_phases" off).
+    ``use_phases=False`` calls oneDNN's dilated kernel (the lever "dilated_phases" off).
     """
     channels = x.shape[1]
-    if all(d == 1 for d in dilation) or not phases:
+    if all(d == 1 for d in dilation) or not use_phases:
         return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), dilation, channels)
     fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
     phases = _to_phases(x, dilation).contiguous(memory_format=torch.channels_last_3d)
@@ -588,7 +588,7 @@ class _ChannelsFirstLinear(torch.autograd.Function):
 
 
 def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
-    """True in eval mode for a BatchNorm with running statistics and the fast paths on."""
+    """True in eval mode for a BatchNorm with running statistics and the "batchnorm_folding" lever on."""
     return (
         not module.training
         and isinstance(norm, nn.BatchNorm3d)
