@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import shlex
 import sys
 import time
@@ -27,8 +26,8 @@ import torch
 from nnunet_logonet.network import conv as conv_module
 from nnunet_logonet.network.conv import LEVERS, reference_kernels
 
-from .efficiency import (_write_json_atomic, allocator_settings, default_settings, device_info, make_sliding_window,
-                         make_train_step)
+from .efficiency import (_sync, _write_json_atomic, allocator_settings, default_settings, device_info,
+                         make_sliding_window, make_train_step)
 from .models import MODELS, resolve_model
 
 FIGURES = {"forward": "fwd s/patch", "train": "train s/iter", "sw": "sw s/case"}
@@ -38,8 +37,8 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
                       device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Seconds of every call with ``levers`` on and off, alternating the order each round.
 
-    ``calls`` maps a figure name to (``prepare``-free) callables; each is run once on and once off
-    untimed first (oneDNN primitive caches, allocator).
+    ``calls`` maps a figure name to a callable; each is run once on and once off untimed first
+    (oneDNN's primitive caches, the allocator).
     """
     samples: dict[str, dict[str, list[float]]] = {}
     for figure, call in calls.items():
@@ -50,12 +49,10 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
         for r in range(rounds):
             for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
                 with _kernels(state, levers):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    _sync(device)
                     start = time.perf_counter()
                     call()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    _sync(device)
                     samples[figure][state].append(time.perf_counter() - start)
     return samples
 
