@@ -541,7 +541,8 @@ class Classifier3d(Conv3d):
     nnU-Net's sliding window alone over a 240^3 case with 96^3 tiles: 10.1-10.3 s vs 7.7-9.1 s).
     As one batched matrix product ``W @ X^T`` over the channels-last rows the classifier writes
     channels-first directly, as fast as oneDNN's 1x1x1 convolution (16 -> 14 at 96^3, batch 2:
-    63 vs 71 ms; converting oneDNN's output instead: 179 ms).
+    63 vs 71 ms; converting oneDNN's output instead: 179 ms). Figures from ad-hoc scripts; the
+    in-network effect: ``logonet_lever_ab --lever channels_first_logits`` (docs/speed.md).
     """
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
