@@ -53,6 +53,7 @@ def user_environment(base: Path) -> dict:
         env[name] = shlex.split(value)[0]
     env["nnUNet_extTrainer"] = f"{env['nnUNet_extTrainer']}{os.pathsep}{TEST_TRAINERS}"
     env["nnUNet_n_proc_DA"] = "1"
+    env["nnUNet_def_n_proc"] = "1"  # export/evaluation workers (nnU-Net's default: 8 spawned processes)
     env["nnUNet_compile"] = "f"
     return env
 
