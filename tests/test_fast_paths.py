@@ -159,6 +159,42 @@ def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, di
     assert _rel(chunked, one_call) < 1e-6
 
 
+@pytest.mark.parametrize("kernel, size, layout", [
+    (3, (8, 8, 8), CL), (3, (5, 9, 7), CL), (3, (2, 4, 3), CL), (3, (1, 6, 6), CL),  # fewer slices than taps
+    (5, (6, 8, 10), CL), (5, (3, 9, 8), CL), (3, (6, 8, 10), torch.contiguous_format), ((3, 5, 5), (4, 8, 9), CL),
+])
+def test_depthwise_weight_gradient_by_depth_slices_equals_the_3d_one(kernel, size, layout):
+    """The 2D kernel over depth slices: oneDNN's 3D depthwise weight gradient, up to rounding, for
+    maps thinner than the kernel, odd sizes, anisotropic kernels and a channels-first input."""
+    from nnunet_logonet.network.conv import _depth_slices_pay, _depthwise_weight_grad_by_slices
+
+    torch.manual_seed(0)
+    k = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    pad = [v // 2 for v in k]
+    x = torch.randn(2, 40, *size).contiguous(memory_format=layout)
+    g = torch.randn(2, 40, *size).contiguous(memory_format=layout)
+    w = torch.randn(40, 1, *k).contiguous(memory_format=CL)
+    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], pad, [1, 1, 1], False, [0, 0, 0], 40,
+                                                   [False, True, False])[1]
+    by_slices = _depthwise_weight_grad_by_slices(g, x, w, pad)
+    assert by_slices.shape == w.shape
+    assert _rel(by_slices, one_call) < 1e-5
+    assert not _depth_slices_pay(g, x, w, (2, 2, 2))  # dilated: the 3D kernel (or the phases) instead
+
+
+def test_depthwise_weight_gradient_by_slices_only_where_it_pays():
+    from nnunet_logonet.network.conv import _depth_slices_pay
+
+    small = torch.empty(2, 512, 4, 4, 4)
+    assert _depth_slices_pay(small, small, torch.empty(512, 1, 3, 3, 3), (1, 1, 1))
+    assert not _depth_slices_pay(small, small, torch.empty(512, 1, 5, 5, 5), (1, 1, 1))  # 5 x 5 on 4 x 4 planes
+    tiny = torch.empty(2, 128, 4, 4, 4)  # the calls would cost more than the 3D kernel
+    assert not _depth_slices_pay(tiny, tiny, torch.empty(128, 1, 3, 3, 3), (1, 1, 1))
+    big = torch.empty(2, 64, 4, 16, 16)
+    assert _depth_slices_pay(big, big, torch.empty(64, 1, 5, 5, 5), (1, 1, 1))
+    assert not _depth_slices_pay(big, big, torch.empty(64, 1, 7, 7, 7), (3, 3, 3))
+
+
 @pytest.mark.parametrize("groups, widths, stride, size", [
     (1, [3, 5], 1, (6, 8, 8)), (4, [2, 3], 1, (6, 8, 8)), (2, [1, 2, 3], 2, (6, 8, 8)),
     (1, [3, 5], 1, (2, 2, 2)),  # fewer activation elements than weights: the concatenation is built
@@ -536,6 +572,7 @@ LEVER_MARKERS = {
     "onednn": (torch, "mkldnn_convolution", "none"),
     "depthwise_input_grad": (conv_module, "_same_depthwise_forward", "fewer"),  # the forward still calls it
     "depthwise_weight_grad": (conv_module, "_depthwise_weight_grad", "none"),
+    "depthwise_weight_slices": (conv_module, "_depthwise_weight_grad_by_slices", "none"),
     "dilated_phases": (conv_module, "_to_phases", "none"),
     "narrowing_weight_grad": (conv_module._NarrowingConv3d, "apply", "none"),
     "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part

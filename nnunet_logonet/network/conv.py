@@ -77,6 +77,7 @@ LEVERS: dict[str, str] = {
     "onednn": "every CPU float32 convolution sent to oneDNN directly (no slow_conv3d, layout kept)",
     "depthwise_input_grad": "depthwise input gradient as the forward convolution with the flipped kernel",
     "depthwise_weight_grad": "depthwise weight gradient from 16-channel grouped blocks, 512 channels per call",
+    "depthwise_weight_slices": "undilated depthwise weight gradient as oneDNN's 2D depthwise one over depth slices",
     "dilated_phases": "dilated depthwise convolutions run undilated on the d^3 phases of their input",
     "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
     "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
@@ -230,11 +231,63 @@ DEPTHWISE_GRAD_CHUNK = 512
 DEPTHWISE_GRAD_BLOCK = 16
 
 
+#: smallest in-plane size at which kernels wider than 3 take the depth-slice path (below it the 2D
+#: kernel over a few 4 x 4 planes was slower than the 3D one: 5^3 on [2, 128-256, 4^3])
+DEPTHWISE_SLICES_MIN_PLANE = 8
+#: smallest channels x voxels per sample for the depth-slice path: its 2 x (kernel depth) oneDNN calls
+#: cost ~1.2 ms, more than the whole 3D weight gradient of small maps ([2, 128, 4^3]: 1.25 vs 1.05 ms;
+#: [2, 512, 4^3]: 1.3 vs 4.3 ms; AMD EPYC, ad-hoc script)
+DEPTHWISE_SLICES_MIN_ELEMENTS = 16384
+
+
+def _depth_slices_pay(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      dilation: Sequence[int]) -> bool:
+    """Undilated 'same' depthwise convolutions of at least DEPTHWISE_SLICES_MIN_ELEMENTS per sample:
+    3^3 always, wider kernels on planes of 8 x 8 or more. Dilated ones lose (7^3, dilation 3,
+    [2, 64, 16^3]: 42 -> 136 ms) and keep the 3D kernel."""
+    if any(d != 1 for d in dilation) or grad_out.shape != x.shape or x[0].numel() < DEPTHWISE_SLICES_MIN_ELEMENTS:
+        return False
+    return max(weight.shape[3:]) <= 3 or min(x.shape[3:]) >= DEPTHWISE_SLICES_MIN_PLANE
+
+
+def _depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                     padding: Sequence[int]) -> torch.Tensor:
+    """An undilated 'same' depthwise weight gradient from oneDNN's 2D depthwise kernel.
+
+    Depth tap ``a`` of the kernel pairs output slice z with input slice z + a - padding, so its
+    (kh, kw) weight gradient is the 2D depthwise weight gradient over every such pair of slices,
+    taken as a batch: the same products and sums, only grouped per depth tap. A channels-last
+    sample ``[C, D, H, W]`` seen as ``[D, C, H, W]`` is a channels-last batch of slices (a view),
+    so nothing is copied. oneDNN's 2D depthwise kernel is far faster than its 3D one (AMD EPYC,
+    3^3, [2, 512, 8^3]: 15.7 ms 3D, 14.4 ms grouped blocks, 1.9 ms by slices; [2, 512, 16^3]: 83 ->
+    20 ms; [2, 16, 32^3]: 36 -> 2.5 ms; ad-hoc script).
+    """
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    channels, _, kd, kh, kw = weight.shape
+    depth = x.shape[2]
+    plane_weight = torch.empty((channels, 1, kh, kw), dtype=weight.dtype, device=weight.device,
+                               memory_format=torch.channels_last)
+    taps = []
+    for a in range(kd):
+        shift = a - padding[0]
+        lo, hi = max(0, -shift), min(depth, depth - shift)
+        tap = torch.zeros((channels, 1, kh, kw), dtype=weight.dtype, device=weight.device)
+        for n in range(x.shape[0]) if lo < hi else ():
+            tap += torch.ops.aten.convolution_backward(
+                grad_out[n].transpose(0, 1)[lo:hi], x[n].transpose(0, 1)[lo + shift:hi + shift], plane_weight, None,
+                [1, 1], list(padding[1:]), [1, 1], False, [0, 0], channels, [False, True, False])[1]
+        taps.append(tap)
+    return torch.stack(taps, 2).contiguous(memory_format=torch.channels_last_3d)
+
+
 def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                           padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+                           padding: Sequence[int], dilation: Sequence[int], slices: bool = True) -> torch.Tensor:
     """The weight gradient of a depthwise convolution from oneDNN's faster kernels.
 
-    oneDNN's depthwise weight gradient runs at 2-5 GMAC/s here. Two exact detours:
+    oneDNN's 3D depthwise weight gradient runs at 1-5 GMAC/s here. With ``slices`` (the lever
+    "depthwise_weight_slices") undilated ones where that pays (``_depth_slices_pay``) come from its
+    2D kernel over depth slices (``_depthwise_weight_grad_by_slices``); the others take two exact detours:
 
     * Undilated: it is the diagonal of the weight gradient of a grouped convolution with
       DEPTHWISE_GRAD_BLOCK channels per group (entry (c, c) of a group sums grad_out[c] times
@@ -246,6 +299,8 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
       over a small volume (the grouped local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs
       14 ms); channels are independent, so the chunks are exact.
     """
+    if slices and _depth_slices_pay(grad_out, x, weight, dilation):
+        return _depthwise_weight_grad_by_slices(grad_out, x, weight, padding)
     channels = x.shape[1]
     k = weight.shape[2:]
     block = math.gcd(DEPTHWISE_GRAD_BLOCK, channels) if all(d == 1 for d in dilation) else 1
@@ -394,6 +449,7 @@ class _SameDepthwiseConv3d(torch.autograd.Function):
         ctx.phases = lever_enabled("dilated_phases")
         ctx.flipped_input_grad = lever_enabled("depthwise_input_grad")
         ctx.blocked_weight_grad = lever_enabled("depthwise_weight_grad")
+        ctx.weight_grad_slices = lever_enabled("depthwise_weight_slices")
         return _same_depthwise_forward(x, weight, bias, padding, dilation, ctx.phases)
 
     @staticmethod
@@ -408,7 +464,7 @@ class _SameDepthwiseConv3d(torch.autograd.Function):
         else:
             plain[0] = ctx.needs_input_grad[0]
         if ctx.needs_input_grad[1] and ctx.blocked_weight_grad:
-            grad_w = _depthwise_weight_grad(grad_out, x, weight, ctx.padding, ctx.dilation)
+            grad_w = _depthwise_weight_grad(grad_out, x, weight, ctx.padding, ctx.dilation, ctx.weight_grad_slices)
         else:
             plain[1] = ctx.needs_input_grad[1]
         if any(plain):
