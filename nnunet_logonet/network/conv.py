@@ -77,7 +77,8 @@ LEVERS: dict[str, str] = {
     "onednn": "every CPU float32 convolution sent to oneDNN directly (no slow_conv3d, layout kept)",
     "depthwise_input_grad": "depthwise input gradient as the forward convolution with the flipped kernel",
     "depthwise_weight_grad": "depthwise weight gradient from 16-channel grouped blocks, 512 channels per call",
-    "depthwise_weight_slices": "undilated depthwise weight gradient as oneDNN's 2D depthwise one over depth slices",
+    "depthwise_weight_slices": "undilated depthwise weight gradients (a part of depthwise_weight_grad) from "
+                               "oneDNN's 2D depthwise kernel over depth slices",
     "dilated_phases": "dilated depthwise convolutions run undilated on the d^3 phases of their input",
     "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
     "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
