@@ -5,7 +5,9 @@
 Training step (the benchmark's: DC+CE loss, SGD, GradScaler, fp16 autocast, batch 2) and batch-1
 forward at 96^3 for: the defaults; the forward and backward captured as CUDA graphs
 (torch.cuda.make_graphed_callables); channels-first layout; the 8 local paths as a loop instead of
-one grouped network; the defaults again (the spread between the two default rows is the noise).
+one grouped network; the defaults again (the spread between the two default rows is the noise);
+then, on CUDA, torch.compile in its default mode and in "reduce-overhead" (CUDA graphs), whose
+first step (compilation) is printed apart.
 AB_BUDGET seconds (default 150) bounds the run; AB_DEV=cpu AB_PATCH=32 AB_N=1 is a CPU dry run.
 """
 import json, os, sys, time, traceback
@@ -37,7 +39,7 @@ def timed(fn, n=N, warm=3):
 def ac(**kw):
     return torch.autocast(dev.type, dtype=torch.float16, enabled=cuda, **kw)
 
-def run(name, layout=torch.channels_last_3d, kernels=None, graphs=False):
+def run(name, layout=torch.channels_last_3d, kernels=None, graphs=False, compile_mode=None):
     if time.time() - T0 > BUDGET:
         print("skip", name, "(budget)"); return
     try:
@@ -53,6 +55,12 @@ def run(name, layout=torch.channels_last_3d, kernels=None, graphs=False):
         ctx = reference_kernels(*kernels) if kernels else None
         if ctx: ctx.__enter__()
         fwd_net = net
+        if compile_mode:  # the first (warm-up) steps include the compilation
+            fwd_net = torch.compile(net, mode=compile_mode)
+            t = time.perf_counter()
+            with ac():
+                loss_fn(fwd_net(x), target).backward()
+            sync(); print(name, f"first compiled step {time.perf_counter() - t:.0f} s", flush=True)
         if graphs:
             with ac(cache_enabled=False):
                 fwd_net = torch.cuda.make_graphed_callables(net, (x,), num_warmup_iters=3)
@@ -68,7 +76,7 @@ def run(name, layout=torch.channels_last_3d, kernels=None, graphs=False):
             net.eval(); x1 = x[:1].clone(memory_format=layout)
             def fwd():
                 with torch.no_grad(), ac():
-                    net(x1)
+                    fwd_net(x1)
             r["fwd_ms"] = timed(fwd)
         if ctx: ctx.__exit__(None, None, None)
         if cuda: r["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -84,3 +92,7 @@ run("cuda_graphs", graphs=cuda)
 run("contiguous", layout=torch.contiguous_format)
 run("loop_local_paths", kernels=("grouped_local_paths",))
 run("default_again")
+# torch.compile (minutes to compile): inductor's fused kernels, then also CUDA graphs
+if cuda:
+    run("compile_default", compile_mode="default")
+    run("compile_reduce_overhead", compile_mode="reduce-overhead")
