@@ -407,6 +407,37 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
     _assert_training_equals_reference(net, torch.randn(2, 1, *patch))
 
 
+def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(monkeypatch):
+    """The grouped paths keep their concatenated BatchNorm statistics from one step to the next: every
+    path's own buffers must still equal what the loop of paths gives, step after step, and a
+    ``load_state_dict`` between steps (nnU-Net resuming, a fold switch) must be taken up."""
+    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 1 << 40)  # grouped for this patch too
+    patch = PATCHES[0]
+    net = _tiny(LoGoNet, patch).train()
+    loop = copy.deepcopy(net)
+
+    def statistics(m):
+        return {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+
+    cached = [m for m in net.modules() if "_grouped_running_stats" in m.__dict__]
+    for step in range(4):
+        x = torch.randn(2, 1, *patch)
+        net(x)
+        with reference_kernels("grouped_local_paths"):
+            loop(x)
+        if step == 0:
+            cached = [m for m in net.modules() if "_grouped_running_stats" in m.__dict__]
+            assert cached  # the concatenation is kept for the next step
+        if step == 1:
+            state = {k: v + 0.5 if "running_mean" in k else v for k, v in loop.state_dict().items()}
+            net.load_state_dict(state)
+            loop.load_state_dict(state)
+        fast, ref = statistics(net), statistics(loop)
+        assert fast.keys() == ref.keys()
+        for key, value in ref.items():
+            assert torch.allclose(fast[key].float(), value.float(), rtol=1e-4, atol=1e-5), (step, key)
+
+
 def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:
     fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without)
     ref_out, ref_gx, ref_grads, ref_state = _outputs_and_grads(net, x, reference=True)

@@ -115,6 +115,31 @@ def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d],
     return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups, activation)
 
 
+def _stats_key(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paths' running means and variances, concatenated; F.batch_norm updates these in place.
+
+    The concatenation is kept on ``owner`` while every path's statistics are those written back from
+    it (same storage and version counter), so a training step does not concatenate them again; any
+    other change to a path's statistics (``load_state_dict``, ``.to()``, an edit) rebuilds it.
+    """
+    if not torch.compiler.is_compiling():
+        cached = owner.__dict__.get("_grouped_running_stats")
+        if cached is not None and cached[0] == _stats_key(means + variances):
+            return cached[1], cached[2]
+    return torch.cat(means), torch.cat(variances)
+
+
+def _remember_running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor],
+                            mean: torch.Tensor, var: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        owner.__dict__["_grouped_running_stats"] = (_stats_key(means + variances), mean, var)
+
+
 def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
     first = norms[0]
     weight = _cat(first, "_grouped_weight", [n.weight for n in norms])
@@ -123,8 +148,8 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
         if first.running_mean is None:  # track_running_stats=False: always batch statistics
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
         use_batch_stats = training
-        mean = torch.cat([n.running_mean for n in norms])
-        var = torch.cat([n.running_var for n in norms])
+        means, variances = [n.running_mean for n in norms], [n.running_var for n in norms]
+        mean, var = _running_stats(first, means, variances)
         momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked + 1)
         out = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, momentum, first.eps)
         if use_batch_stats and first.track_running_stats:
@@ -132,9 +157,10 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.
             # per-path copies were a third of the training step's operations, docs/speed.md)
             with torch.no_grad():
                 n_paths = len(norms)
-                torch._foreach_copy_([n.running_mean for n in norms], list(mean.chunk(n_paths)))
-                torch._foreach_copy_([n.running_var for n in norms], list(var.chunk(n_paths)))
+                torch._foreach_copy_(means, list(mean.chunk(n_paths)))
+                torch._foreach_copy_(variances, list(var.chunk(n_paths)))
                 torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
+            _remember_running_stats(first, means, variances, mean, var)
         return out
     return F.instance_norm(x, None, None, weight, bias, True, 0.0, first.eps)
 
