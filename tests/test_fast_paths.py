@@ -436,6 +436,13 @@ def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(
         assert fast.keys() == ref.keys()
         for key, value in ref.items():
             assert torch.allclose(fast[key].float(), value.float(), rtol=1e-4, atol=1e-5), (step, key)
+    # a network made under torch.inference_mode has statistics without version counters: no cache
+    with torch.inference_mode():
+        made_there = _tiny(LoGoNet, patch).train()
+        before = statistics(made_there)
+        made_there(torch.randn(2, 1, *patch))
+        made_there(torch.randn(2, 1, *patch))
+    assert any(not torch.equal(before[k], v) for k, v in statistics(made_there).items())
 
 
 def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:

@@ -115,7 +115,9 @@ def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d],
     return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups, activation)
 
 
-def _stats_key(tensors: Sequence[torch.Tensor]) -> tuple:
+def _stats_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None  # inference tensors have no version counter to key on
     return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
 
 
@@ -127,17 +129,18 @@ def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[
     it (same storage and version counter), so a training step does not concatenate them again; any
     other change to a path's statistics (``load_state_dict``, ``.to()``, an edit) rebuilds it.
     """
-    if not torch.compiler.is_compiling():
-        cached = owner.__dict__.get("_grouped_running_stats")
-        if cached is not None and cached[0] == _stats_key(means + variances):
-            return cached[1], cached[2]
+    cached = owner.__dict__.get("_grouped_running_stats")
+    key = _stats_key(means + variances)
+    if cached is not None and key is not None and cached[0] == key:
+        return cached[1], cached[2]
     return torch.cat(means), torch.cat(variances)
 
 
 def _remember_running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor],
                             mean: torch.Tensor, var: torch.Tensor) -> None:
-    if not torch.compiler.is_compiling():
-        owner.__dict__["_grouped_running_stats"] = (_stats_key(means + variances), mean, var)
+    key = _stats_key(means + variances)
+    if key is not None:
+        owner.__dict__["_grouped_running_stats"] = (key, mean, var)
 
 
 def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
