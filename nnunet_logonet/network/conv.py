@@ -712,6 +712,15 @@ def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor,
     return derived_tensors(conv, "_folded_batchnorm", sources, lambda: _fold(conv, norm))
 
 
+def version_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """Each tensor's storage, in-place version counter, device and dtype: a key that changes when any
+    of them is replaced or edited in place. None where that cannot be followed: under torch.compile
+    (the compiler should see plain ops) or for inference tensors (no version counter)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
 def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | None], make: Callable[[], T]) -> T:
     """``make()``, cached on ``owner`` under ``name`` while no autograd is recording.
 
@@ -720,10 +729,9 @@ def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | N
     ``.to(device)``. With autograd on (training) or under ``torch.compile`` it is not used, so
     gradients reach the original parameters and the compiler sees plain ops.
     """
-    present = [t for t in sources if t is not None]
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in present):
-        return make()  # inference tensors have no version counter to key on
-    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in present)
+    key = None if torch.is_grad_enabled() else version_key([t for t in sources if t is not None])
+    if key is None:
+        return make()
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         cached = (key, make())

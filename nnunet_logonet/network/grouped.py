@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Activation, _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm
+from .conv import Activation, _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm, version_key
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -115,12 +115,6 @@ def _conv(x: torch.Tensor | Sequence[torch.Tensor], convs: Sequence[nn.Conv3d],
     return conv3d(x, weight, bias, first.stride, padding, first.dilation, groups, activation)
 
 
-def _stats_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-        return None  # inference tensors have no version counter to key on
-    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-
-
 def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paths' running means and variances, concatenated; F.batch_norm updates these in place.
@@ -130,7 +124,7 @@ def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[
     other change to a path's statistics (``load_state_dict``, ``.to()``, an edit) rebuilds it.
     """
     cached = owner.__dict__.get("_grouped_running_stats")
-    key = _stats_key(means + variances)
+    key = version_key(means + variances)
     if cached is not None and key is not None and cached[0] == key:
         return cached[1], cached[2]
     return torch.cat(means), torch.cat(variances)
@@ -138,7 +132,7 @@ def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[
 
 def _remember_running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor],
                             mean: torch.Tensor, var: torch.Tensor) -> None:
-    key = _stats_key(means + variances)
+    key = version_key(means + variances)
     if key is not None:
         owner.__dict__["_grouped_running_stats"] = (key, mean, var)
 
