@@ -278,3 +278,54 @@ def test_lever_ab_command_writes_both_states_of_each_figure(tmp_path, capsys):
     assert "off/on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         lever_ab(["--lever", "narrowing"])
+
+
+def test_interleave_rotates_the_order_each_round_inside_each_models_fast_paths():
+    from nnunet_logonet.benchmark.interleaved import interleaved_rounds
+    from nnunet_logonet.network.conv import lever_enabled, reference_kernels
+
+    seen = []
+    calls = {name: (lambda name=name: seen.append((name, lever_enabled("post_ops")))) for name in "abc"}
+    samples = interleaved_rounds(calls, 4, torch.device("cpu"), warmup=1,
+                                 contexts={"b": lambda: reference_kernels("post_ops")})
+    # one warm-up each, then rounds a b c / b c a / c a b / a b c
+    assert "".join(name for name, _ in seen) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert all(post_ops == (name != "b") for name, post_ops in seen)
+    assert {name: len(v) for name, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_interleaved_ratios_are_medians_of_the_per_round_ratios():
+    """A machine that slows down between rounds moves both models' times, not their paired ratio."""
+    from nnunet_logonet.benchmark.interleaved import _add_paired_ratios
+
+    entries = {"nnunet": {"figures": {"parameters": 10, "train_step_s": 3.0}, "samples": {"train_step_s": [1.0, 3.0, 9.0]}},
+               "logonet_s": {"figures": {"parameters": 40, "train_step_s": 2.7},
+                             "samples": {"train_step_s": [0.8, 2.7, 9.9]}}}
+    _add_paired_ratios(entries)
+    assert entries["logonet_s"]["ratios"]["parameters"] == 4.0
+    assert entries["logonet_s"]["ratios"]["train_step_s"] == pytest.approx(0.9)  # per round 0.8, 0.9, 1.1
+    assert entries["logonet_s"]["ratio_ranges"]["train_step_s"] == pytest.approx([0.8, 1.1])
+    assert entries["nnunet"]["ratios"]["train_step_s"] == 1.0
+
+
+@pytest.mark.slow
+def test_interleave_command_times_every_model_in_rounds(tmp_path, capsys):
+    out = tmp_path / "interleaved.json"
+    argv = ["--device", "cpu", "--models", "nnunet", "logonet_tiny", "--patch-size", *PATCH, "--batch-size", "1",
+            "--case-size", *PATCH, "--interleave", "2", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["interleave_rounds"] == 2
+    for name, entry in report["models"].items():
+        assert entry["status"] == "ok"
+        assert entry["figures"]["parameters"] > 0 and entry["figures"]["macs"] > 0
+        assert "peak_memory_mb" not in entry["figures"]  # one process: no honest peak
+        for figure in ("forward_s", "sliding_window_s", "train_step_s"):
+            assert len(entry["samples"][figure]) == 2 and min(entry["samples"][figure]) > 0
+            lo, hi = entry["ratio_ranges"][figure]
+            assert lo <= entry["ratios"][figure] <= hi
+    assert report["models"]["logonet_tiny"]["details"]["layout"] == "channels_last_3d"
+    printed = capsys.readouterr().out
+    assert "interleaved rounds" in printed and "logonet_tiny: per-round ratios" in printed
+    assert main([a if a != "2" else "0" for a in argv]) == 2  # --interleave 0: a usage error
+    assert "--interleave must be >= 1" in capsys.readouterr().err

@@ -23,7 +23,8 @@ Each time is the median of ``--repeats`` runs after ``--warmup`` runs, and every
 given as a ratio to nnU-Net's default network (``nnunet``) measured in the same run. The default
 patch is the paper's 96^3 on CUDA and 64^3 on CPU (the six-model 96^3 run takes ~15 min on 2 cores).
 Each model runs in a fresh Python process (``--no-isolate`` to run in-process), so its memory peak is
-its own.
+its own. ``--interleave ROUNDS`` instead times all models in one process in alternating rounds and
+gives paired ratios, which a shared machine's drift does not move (``benchmark.interleaved``).
 
 ``--reference-kernels`` runs LoGoNet/ULKANet with every fast path off (the "before" of docs/speed.md);
 ``--without LEVER ...`` adds a row per LoGoNet/ULKANet model with only those levers off, measured in
@@ -583,6 +584,10 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(row)
         for note in ([entry["note"]] if entry.get("note") else []) + entry.get("details", {}).get("notes", []):
             notes.append(f"{name}: {note}")
+        ranges = {k: v for k, v in entry.get("ratio_ranges", {}).items() if name != REFERENCE_MODEL}
+        if ranges:
+            notes.append(f"{name}: per-round ratios " + ", ".join(
+                f"{FIGURES[k][0].split()[0]} {lo:.2f}x-{hi:.2f}x" for k, (lo, hi) in ranges.items()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -591,13 +596,17 @@ def format_table(report: dict[str, Any]) -> str:
     tiles = next((e["details"].get("sliding_window_tiles") for e in report["models"].values()
                   if e.get("details", {}).get("sliding_window_tiles")), "?")
     where = info.get("gpu") or info["cpu_model"]
+    timing = (f"times: median of {s['interleave_rounds']} interleaved rounds (every model once per round, order "
+              f"rotating); ratios (x): medians of the per-round ratios to {REFERENCE_MODEL}; no memory peak"
+              if s.get("interleave_rounds") else
+              f"times: median of {s['repeats']} after {s['warmup']} warm-up (sliding window: {s['sw_repeats']} after "
+              f"{s['sw_warmup']}); ratios (x) to {REFERENCE_MODEL}")
     intro = [
         f"device {info['device']} ({where}), {info['torch_threads']} threads, torch {info['torch']}, "
         f"load average {', '.join(f'{v:.1f}' for v in info.get('load_average_start') or [])}",
         f"patch {report['patch_size']}{_patch_note(report)}, training batch {s['batch_size']}, case {s['case_size']} ({tiles} tiles, "
         f"step {s['tile_step_size']}, mirroring {'on' if s['mirroring'] else 'off'}), amp {'on' if s['amp'] else 'off'}",
-        f"times: median of {s['repeats']} after {s['warmup']} warm-up (sliding window: {s['sw_repeats']} after "
-        f"{s['sw_warmup']}); ratios (x) to {REFERENCE_MODEL}; GMACs counted by fvcore (multiply-accumulates)",
+        f"{timing}; GMACs counted by fvcore (multiply-accumulates)",
         *([describe_allocator(info.get("allocator") or {})] if info["device"] == "cpu" else []),
         "",
     ]
@@ -647,6 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile every network first (nnU-Net compiles on CUDA by default); the warm-up "
                              "runs include the compilation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                        help="time the models in alternation in one process: ROUNDS rounds per figure, every "
+                             "model once per round in a rotating order; ratios are the medians of the per-round "
+                             "ratios to nnunet, so a drifting shared machine hits all models alike. No memory "
+                             "peak (docs/speed.md)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="one fresh process per model, for honest memory peaks (default on)")
     parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
@@ -681,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return _usage_error("--device cuda but torch sees no CUDA device; use --device cpu")
-    for flag in ("batch_size", "repeats", "sw_repeats", "threads", "num_classes", "input_channels"):
+    for flag in ("batch_size", "repeats", "sw_repeats", "threads", "num_classes", "input_channels", "interleave"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             return _usage_error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -747,8 +761,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_classes": num_classes,
         "dataset": {"name": plans.name, "plans_file": plans.plans_file} if plans else None,
     }
-    report = run_benchmark(specs, settings, isolate=args.isolate, memory_check=args.memory_check,
-                           json_path=args.json, meta=meta, progress=not args.no_progress)
+    if args.interleave is not None:
+        from .interleaved import run_interleaved
+
+        report = run_interleaved(specs, settings, args.interleave, memory_check=args.memory_check,
+                                 json_path=args.json, meta=meta, progress=not args.no_progress)
+    else:
+        report = run_benchmark(specs, settings, isolate=args.isolate, memory_check=args.memory_check,
+                               json_path=args.json, meta=meta, progress=not args.no_progress)
     print(format_table(report))
     if args.json:
         print(f"\nwrote {args.json}")
