@@ -329,3 +329,5 @@ def test_interleave_command_times_every_model_in_rounds(tmp_path, capsys):
     assert "interleaved rounds" in printed and "logonet_tiny: per-round ratios" in printed
     assert main([a if a != "2" else "0" for a in argv]) == 2  # --interleave 0: a usage error
     assert "--interleave must be >= 1" in capsys.readouterr().err
+    assert main(argv + ["--repeats", "3"]) == 2
+    assert "drop --repeats" in capsys.readouterr().err

@@ -699,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             return _usage_error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.interleave is not None and (args.repeats or args.sw_repeats or args.warmup is not None):
+        return _usage_error("--interleave ROUNDS times every figure ROUNDS times after one warm-up run; "
+                            "drop --repeats, --sw-repeats and --warmup")
     if args.warmup is not None and args.warmup < 0:
         return _usage_error(f"--warmup must be >= 0, got {args.warmup}")
     if not 0 < args.tile_step_size <= 1:
