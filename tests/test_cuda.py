@@ -72,3 +72,19 @@ def test_torch_compile_matches_eager():
     y = compiled(x)
     y.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_interleaved_benchmark_runs_on_cuda_with_mixed_precision(tmp_path):
+    """``logonet_benchmark --interleave`` on the GPU: synchronised timings, fp16 autocast, paired ratios."""
+    import json
+
+    from nnunet_logonet.benchmark.efficiency import main
+
+    out = tmp_path / "interleaved.json"
+    assert main(["--device", "cuda", "--models", "nnunet", "logonet_tiny", "--patch-size", "32", "32", "32",
+                 "--batch-size", "1", "--interleave", "2", "--json", str(out), "--no-progress"]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert models["logonet_tiny"]["details"]["amp"] is True
+    for entry in models.values():
+        assert all(len(v) == 2 and min(v) > 0 for v in entry["samples"].values())
+        assert entry["ratios"]["train_step_s"] > 0
