@@ -53,7 +53,7 @@ import warnings
 from pathlib import Path
 from statistics import median
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -303,17 +303,21 @@ def measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_training
 
     ``skip_training``: a reason not to run the training iteration (e.g. it would not fit in memory).
     """
-    levers = tuple(spec.without_levers)
-    if getattr(settings, "reference_kernels", False):
-        kernels, label = reference_kernels(), "reference"
-    elif levers:
-        kernels, label = reference_kernels(*levers), f"fast without {', '.join(levers)}"
-    else:
-        kernels, label = contextlib.nullcontext(), "fast"
-    with kernels:
+    kernels, label = kernels_for(spec, settings)
+    with kernels():
         result = _measure_model(spec, settings, skip_training=skip_training)
     result["details"]["kernels"] = label
     return result
+
+
+def kernels_for(spec: ModelSpec, settings: BenchmarkSettings) -> tuple[Callable[[], ContextManager], str]:
+    """The context (a factory: enter a fresh one per use) that sets ``spec``'s fast paths, and its label."""
+    levers = tuple(spec.without_levers)
+    if getattr(settings, "reference_kernels", False):
+        return reference_kernels, "reference"
+    if levers:
+        return (lambda: reference_kernels(*levers)), f"fast without {', '.join(levers)}"
+    return contextlib.nullcontext, "fast"
 
 
 def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_training: str | None) -> dict[str, Any]:

@@ -21,10 +21,8 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from nnunet_logonet.network.conv import reference_kernels
-
 from .efficiency import (BenchmarkSettings, _autocast, _available_memory_mb, _sync, _write_json_atomic, add_ratios,
-                         count_macs, device_info, estimate_memory_mb, make_sliding_window, make_train_step,
+                         count_macs, device_info, estimate_memory_mb, kernels_for, make_sliding_window, make_train_step,
                          trainer_optimizer_kwargs)
 from .models import REFERENCE_MODEL, ModelSpec, count_parameters
 
@@ -69,15 +67,6 @@ def paired_ratios(samples: Sequence[float], reference: Sequence[float]) -> list[
     return [s / r for s, r in zip(samples, reference)]
 
 
-def _kernels(spec: ModelSpec, settings: BenchmarkSettings) -> tuple[Callable[[], ContextManager], str]:
-    levers = tuple(spec.without_levers)
-    if getattr(settings, "reference_kernels", False):
-        return reference_kernels, "reference"
-    if levers:
-        return (lambda: reference_kernels(*levers)), f"fast without {', '.join(levers)}"
-    return contextlib.nullcontext, "fast"
-
-
 class _Model:
     """One built model with the calls each figure times."""
 
@@ -85,7 +74,7 @@ class _Model:
         self.spec = spec
         channels_last = settings.channels_last and spec.prefers_channels_last
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-        self.kernels, kernels_label = _kernels(spec, settings)
+        self.kernels, kernels_label = kernels_for(spec, settings)
         with self.kernels():
             self.module = spec.build().to(device).to(memory_format=self.memory_format)
         self.net = torch.compile(self.module) if getattr(settings, "compile", False) else self.module
