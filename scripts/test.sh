@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# README's test command: set up ./.venv, then run the whole test suite (slow end-to-end tests included).
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# README's test command: set up ./.venv, then run the test suite as CI does: every test not marked
+# slow, the real end-to-end pass through nnU-Net's commands included (setup.cfg's addopts).
+# Extra arguments go to pytest: `-m slow` runs the long end-to-end runs left out (the quick demo, the
+# learning check, ...), `-m "slow or not slow"` everything, `-m "not e2e"` only the in-process tests.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/setup_env.sh"

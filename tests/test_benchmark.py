@@ -23,7 +23,7 @@ def small_run(tmp_path_factory):
     return main(argv), out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_figure_present_and_positive(small_run):
     code, out = small_run
     assert code == 0
@@ -46,7 +46,7 @@ def test_every_figure_present_and_positive(small_run):
     assert report["models"]["logonet_tiny"]["details"]["trainer"] == "LoGoNetTrainer"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_reference_kernels_run_is_labelled_and_counts_the_same_macs(small_run, tmp_path):
     """--reference-kernels gives the 'before' of docs/speed.md: same architecture, plain PyTorch ops."""
     out = tmp_path / "reference.json"
@@ -61,7 +61,7 @@ def test_reference_kernels_run_is_labelled_and_counts_the_same_macs(small_run, t
     assert reference["figures"]["parameters"] == fast["figures"]["parameters"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_without_adds_a_row_per_model_with_those_levers_off(tmp_path):
     """--without LEVER: the before/after of one lever in the same run, next to the model as shipped."""
     out = tmp_path / "without.json"
@@ -95,7 +95,7 @@ def test_without_rejects_unknown_levers_and_other_models(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ratios_are_to_nnunet(small_run):
     report = json.loads(small_run[1].read_text())
     ref, tiny = report["models"]["nnunet"], report["models"]["logonet_tiny"]
@@ -104,7 +104,7 @@ def test_ratios_are_to_nnunet(small_run):
         assert tiny["ratios"][key] == pytest.approx(tiny["figures"][key] / ref["figures"][key])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_json_round_trips_with_device_info(small_run):
     text = small_run[1].read_text()
     report = json.loads(text)
@@ -263,7 +263,7 @@ def test_lever_ab_alternates_the_order_and_switches_only_the_levers():
     assert len(samples["f"]["on"]) == len(samples["f"]["off"]) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lever_ab_command_writes_both_states_of_each_figure(tmp_path, capsys):
     from nnunet_logonet.benchmark.lever_ab import main as lever_ab
 
@@ -308,7 +308,7 @@ def test_interleaved_ratios_are_medians_of_the_per_round_ratios():
     assert entries["nnunet"]["ratios"]["train_step_s"] == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_interleave_command_times_every_model_in_rounds(tmp_path, capsys):
     out = tmp_path / "interleaved.json"
     argv = ["--device", "cpu", "--models", "nnunet", "logonet_tiny", "--patch-size", *PATCH, "--batch-size", "1",

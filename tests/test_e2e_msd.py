@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from test_e2e_nnunet import BIN, run, user_environment
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 TRAINER = "LoGoNetTrainer_ciMSD"
 PLANS = "LoGoNetTinyPlans"

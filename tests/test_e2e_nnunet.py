@@ -1,8 +1,10 @@
-"""End to end through nnU-Net's own commands, as a user types them.
+"""End to end through nnU-Net's own commands, as a user types them: CI's real pass.
 
 logonet_env -> logonet_phantom -> logonet_plan_and_preprocess -> nnUNetv2_train (killed after a
 checkpoint, continued with --c) -> nnUNetv2_predict -> nnUNetv2_evaluate_folder, then model export
-and re-import. One training serves every check, so the module costs a few minutes on 2 cores.
+and re-import. One short training (4 epochs x 10 iterations) serves every check: this module is
+about the workflow, so it runs in every CI run (~3.5 min on 2 cores). Whether that training
+segments anything is tests/test_e2e_learning.py's question (750 iterations, marked slow).
 """
 
 from __future__ import annotations
@@ -21,19 +23,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 TEST_TRAINERS = Path(__file__).parent / "ext_trainers"
 DATASET = "Dataset900_Phantom"
-TRAINER = "LoGoNetTrainer_ciE2E"  # 30 epochs x 25 iterations, a checkpoint every epoch
+TRAINER = "LoGoNetTrainer_ciE2E"  # 4 epochs x 10 iterations, a checkpoint every epoch
+EPOCHS = 4
 PLANS = "LoGoNetTinyPlans"
-#: Dice of the liver (largest organ) that an untrained network does not reach: a random
-#: initialisation predicts ~0.0-0.1 on it, and every network, nnU-Net's included, sits at the
-#: all-background solution (Dice 0) for its first ~100-250 iterations on this phantom. Measured
-#: on this data (docs/training_recipe.md): take-off after 10 and 16 epochs of 25 iterations in two
-#: runs, fold-0 validation liver Dice 0.57 and 0.31 after 20 epochs; the test trains 30.
-LIVER_DICE_FLOOR = 0.25
 
 
 def run(cmd: list[str], env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -124,8 +121,8 @@ def test_training_writes_nnunet_outputs(trained):
 
 def test_killed_training_continues_where_it_stopped(trained):
     final = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["current_epoch"] == 30
-    assert 1 <= trained["killed_at_epoch"] < 30
+    assert final["current_epoch"] == EPOCHS
+    assert 1 <= trained["killed_at_epoch"] < EPOCHS
     assert trained["resumed_logs"], "the --c run wrote no training log"
     log = trained["resumed_logs"][-1].read_text()
     epochs = [int(line.rsplit("Epoch ", 1)[1]) for line in log.splitlines() if line.rstrip().split(" ")[-2:-1] == ["Epoch"]]
@@ -144,11 +141,25 @@ def test_predictions_have_the_input_geometry(trained):
         np.testing.assert_allclose(pred.GetDirection(), image.GetDirection(), atol=1e-6)
 
 
-def test_short_training_segments_the_liver(trained):
+def test_loss_goes_down_over_the_killed_and_resumed_run(trained):
+    """nnU-Net's Dice + CE falls by a third or more within 4 x 10 iterations on the phantom (1.6-2.5
+    -> 0.55-0.9 after 3 x 10 in the quick demo's runs); the resumed run continues nnU-Net's log."""
+    logging = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["logging"]
+    train, val = logging["train_losses"], logging["val_losses"]
+    assert len(train) == len(val) == EPOCHS, "the resumed run lost the epochs before the kill"
+    assert train[-1] < 0.7 * train[0], train
+    assert val[-1] < val[0], val
+
+
+def test_evaluation_scores_every_organ_of_every_test_case(trained):
     labels = json.loads((trained["raw"] / "dataset.json").read_text())["labels"]
     summary = json.loads((trained["pred"] / "summary.json").read_text())
-    liver = summary["mean"][str(labels["liver"])]["Dice"]
-    assert liver > LIVER_DICE_FLOOR, f"liver Dice {liver:.3f} after a short training"
+    organs = {str(v) for k, v in labels.items() if k != "background"}
+    assert set(summary["mean"]) == organs
+    assert len(summary["metric_per_case"]) == len(list((trained["raw"] / "imagesTs").glob("*_0000.nii.gz")))
+    for scores in summary["mean"].values():
+        assert 0.0 <= scores["Dice"] <= 1.0 or np.isnan(scores["Dice"])
 
 
 def test_export_then_install_gives_the_same_predictions(trained, tmp_path):

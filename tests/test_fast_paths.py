@@ -7,6 +7,7 @@ network (the reference itself differs that much from a float64 computation; see 
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -445,9 +446,29 @@ def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(
     assert any(not torch.equal(before[k], v) for k, v in statistics(made_there).items())
 
 
+_REFERENCE_STEPS: dict[str, tuple] = {}
+
+
+def _reference_steps(net: nn.Module, x: torch.Tensor) -> tuple:
+    """The float32 and float64 reference training steps of ``net`` on ``x``. Every lever's test and
+    both groupings of one network and input share them, and they take most of each test's time,
+    so each is computed once per test session (keyed by the class, the mode, every state-dict
+    tensor and the input, bit for bit)."""
+    digest = hashlib.sha256(f"{type(net).__name__} {net.training}".encode())
+    for name, tensor in [*net.state_dict().items(), ("input", x)]:
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    key = digest.hexdigest()
+    if key not in _REFERENCE_STEPS:
+        ref = _outputs_and_grads(net, x, reference=True)
+        _, exact_gx, exact_grads, _ = _outputs_and_grads(copy.deepcopy(net).double(), x.double(), reference=True)
+        _REFERENCE_STEPS[key] = (ref, exact_gx, exact_grads)
+    return _REFERENCE_STEPS[key]
+
+
 def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:
+    (ref_out, ref_gx, ref_grads, ref_state), exact_gx, exact_grads = _reference_steps(net, x)
     fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without)
-    ref_out, ref_gx, ref_grads, ref_state = _outputs_and_grads(net, x, reference=True)
     # BatchNorm running statistics (the grouped local paths write them back to every path)
     assert fast_state.keys() == ref_state.keys()
     for key, value in ref_state.items():
@@ -461,7 +482,6 @@ def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: 
     # early-layer gradients carry ~1e-3 relative noise. The fast path must be as close to the
     # exact gradients as the float32 reference is; a real mistake (a wrong slice, a missing term)
     # gives errors of order one.
-    _, exact_gx, exact_grads, _ = _outputs_and_grads(copy.deepcopy(net).double(), x.double(), reference=True)
     exact_grads = {k: v.float() for k, v in exact_grads.items()}
     scale = max(g.abs().max() for g in exact_grads.values())
 

@@ -299,7 +299,8 @@ def test_msd_task_accepted_by_nnunet_converter(tmp_path):
     assert converted_meta["numTraining"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI plans the phantom with nnU-Net's machinery in test_e2e_nnunet.py
+@pytest.mark.e2e
 def test_nnunet_plans_and_preprocesses_the_phantom(tmp_path):
     env = _nnunet_env(tmp_path)
     write_dataset(Path(env["nnUNet_raw"]), 900, num_train=4, num_test=0, num_unlabeled=0)

@@ -154,7 +154,7 @@ def _final(fold: Path) -> dict:
     return torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pretraining_dataset_is_built_once_with_the_labeled_plans(workspace):
     import json
 
@@ -171,7 +171,7 @@ def test_pretraining_dataset_is_built_once_with_the_labeled_plans(workspace):
     assert len(list(data.glob("*.pkl"))) == 4 + 3  # labeled images and unlabeled scans
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpoint_has_no_classifier_and_keeps_head_and_bank(workspace):
     fold = workspace["fold"]
     checkpoint = _final(fold)
@@ -184,7 +184,7 @@ def test_checkpoint_has_no_classifier_and_keeps_head_and_bank(workspace):
     assert list(bank.ks) == checkpoint["ssl"]["ks"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeypatch):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -204,7 +204,7 @@ def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeyp
     assert all(torch.equal(state[k], pretrained[k]) for k in transferred)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_weights_of_another_preset_are_reported_in_full(workspace):
     ckpt = workspace["fold"] / "checkpoint_final.pth"
     small = LoGoNet.from_preset("S", 1, 3, (64, 64, 64))
@@ -231,7 +231,7 @@ def _resume(workspace, monkeypatch, epochs: int):
     return trainer
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_resume_reuses_the_clusterers_and_never_reads_labels(workspace, monkeypatch):
     fold = workspace["fold"]
     cache = fold / "clusterers.npz"
@@ -261,7 +261,7 @@ def _scores_on_fixed_batches(trainer, batches) -> tuple[float, float]:
     return float(np.mean(losses)), float(np.mean(accuracies))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -305,7 +305,7 @@ def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
     assert not (fold / "validation").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch):
     fold = workspace["fold"]
     cache = fold / "clusterers.npz"
@@ -319,7 +319,7 @@ def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch):
     assert "equal the checkpoint's" in log or "head restarts from random weights" in log
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("setting, value, match", [
     ("cluster_k_range", (64, 16), "k_range"), ("cluster_num", 0, "num_clusterers"),
     ("mask_phi1", 1.5, "phi1"), ("cluster_fit_patches", 0, "cluster_fit_patches")])

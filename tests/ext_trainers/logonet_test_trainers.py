@@ -1,9 +1,14 @@
 """Test-only trainer variants, found by nnU-Net through nnUNet_extTrainer like the real ones.
-Their budget is the one the end-to-end test is calibrated for, independent of the demo's."""
+Their budgets are the ones the end-to-end tests are calibrated for, independent of the demo's."""
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer, with_budget
 
-LoGoNetTrainer_ciE2E = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciE2E", 30, 25, 3, __name__, save_every=1)
+#: CI's end-to-end pass checks the workflow (resume, outputs, geometry, export), not accuracy: 4 short
+#: epochs, a checkpoint after each, so that a run killed after the first one has epochs left to resume
+LoGoNetTrainer_ciE2E = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciE2E", 4, 10, 2, __name__, save_every=1)
+
+#: the learning check (tests/test_e2e_learning.py, slow): long enough for the liver to take off
+LoGoNetTrainer_ciLearning = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciLearning", 30, 25, 3, __name__)
 
 #: the MSD workflow test checks names, geometry and labels, not accuracy: one short epoch
 LoGoNetTrainer_ciMSD = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciMSD", 1, 4, 1, __name__)
