@@ -55,6 +55,26 @@ def user_environment(base: Path) -> dict:
     return env
 
 
+def write_and_plan_phantom(env: dict) -> None:
+    """Dataset900_Phantom (10 training, 2 held-out cases at 32 voxels), planned for LoGoNet-tiny."""
+    run(["logonet_phantom", "-d", "900", "--num-train", "10", "--num-test", "2", "--num-unlabeled", "0",
+         "--size", "32", "--seed", "0", "-q"], env)
+    run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
+         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+
+
+def predict_and_evaluate(env: dict, trainer: str, pred: Path) -> dict:
+    """nnUNetv2_predict (fold 0) on the held-out images, nnUNetv2_evaluate_folder against their labels:
+    nnU-Net's summary.json, also left in ``pred``."""
+    raw = Path(env["nnUNet_raw"]) / DATASET
+    run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "900", "-c", "3d_fullres",
+         "-f", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    preprocessed = Path(env["nnUNet_preprocessed"]) / DATASET
+    run(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(preprocessed / "dataset.json"),
+         "-pfile", str(preprocessed / f"{PLANS}.json"), "-np", "1"], env)
+    return json.loads((pred / "summary.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
@@ -62,10 +82,7 @@ def trained(tmp_path_factory):
     raw = Path(env["nnUNet_raw"]) / DATASET
     results = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
 
-    run(["logonet_phantom", "-d", "900", "--num-train", "10", "--num-test", "2", "--num-unlabeled", "0",
-         "--size", "32", "--seed", "0"], env)
-    run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
-         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+    write_and_plan_phantom(env)
 
     train = ["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
     # start, wait for the first checkpoint, kill hard (as a crash or a lost job would)
@@ -88,11 +105,8 @@ def trained(tmp_path_factory):
     run(train + ["--val", "--npz"], env)  # validation only, exporting softmax probabilities
 
     pred = base / "pred"
-    run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", "900", "-c", "3d_fullres",
-         "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    predict_and_evaluate(env, TRAINER, pred)
     preprocessed = Path(env["nnUNet_preprocessed"]) / DATASET
-    run(["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(preprocessed / "dataset.json"),
-         "-pfile", str(preprocessed / f"{PLANS}.json"), "-np", "1"], env)
     return {"env": env, "base": base, "raw": raw, "results": results, "pred": pred, "preprocessed": preprocessed,
             "killed_at_epoch": killed_at_epoch, "resumed_logs": resumed_logs}
 
