@@ -273,7 +273,7 @@ def test_finished_stages_are_reused_and_a_rerun_stage_makes_dependants_rerun(tmp
 
 
 # ----------------------------------------------------------------------- end to end
-@pytest.mark.slow  # ~6.5 min: outside CI's 15 minutes; `bash scripts/test.sh -m slow`
+@pytest.mark.slow  # ~7 min: outside CI's 15 minutes; `bash scripts/test.sh -m slow`
 @pytest.mark.e2e
 def test_quick_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     base, out = tmp_path / "work", tmp_path / "results"
