@@ -117,12 +117,10 @@ def test_rank_module_imports_neither_torch_nor_nnunet():
             "print(sorted(m for m in ('torch', 'nnunetv2', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    from nnunet_logonet.demo import main, run_demo  # the command's names still import on first use
+    import nnunet_logonet.demo as demo
 
-    assert callable(main) and callable(run_demo)
-    with pytest.raises(AttributeError):
-        import nnunet_logonet.demo as demo
-
+    assert callable(demo.main) and callable(demo.run_demo)  # the command's names import on first use
+    with pytest.raises(AttributeError, match="no_such_name"):
         demo.no_such_name
 
 

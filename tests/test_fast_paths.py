@@ -452,9 +452,12 @@ _REFERENCE_STEPS: dict[str, tuple] = {}
 def _reference_steps(net: nn.Module, x: torch.Tensor) -> tuple:
     """The float32 and float64 reference training steps of ``net`` on ``x``. Every lever's test and
     both groupings of one network and input share them, and they take most of each test's time,
-    so each is computed once per test session (keyed by the class, the mode, every state-dict
-    tensor and the input, bit for bit)."""
-    digest = hashlib.sha256(f"{type(net).__name__} {net.training}".encode())
+    so each is computed once per test session, keyed by the architecture (the module tree's repr
+    and every module's plain attributes, e.g. the decoder's deep supervision), the mode, every
+    state-dict tensor and the input, bit for bit."""
+    flags = [(name, k, v) for name, module in net.named_modules() for k, v in vars(module).items()
+             if isinstance(v, (bool, int, float, str, tuple))]
+    digest = hashlib.sha256(f"{net!r} {flags}".encode())
     for name, tensor in [*net.state_dict().items(), ("input", x)]:
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
