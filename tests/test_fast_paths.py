@@ -449,14 +449,21 @@ def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(
 _REFERENCE_STEPS: dict[str, tuple] = {}
 
 
+def _is_setting(value) -> bool:
+    """A plain value (or a tuple of them) that a module was built with."""
+    if isinstance(value, tuple):
+        return all(_is_setting(v) for v in value)
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
 def _reference_steps(net: nn.Module, x: torch.Tensor) -> tuple:
     """The float32 and float64 reference training steps of ``net`` on ``x``. Every lever's test and
     both groupings of one network and input share them, and they take most of each test's time,
     so each is computed once per test session, keyed by the architecture (the module tree's repr
-    and every module's plain attributes, e.g. the decoder's deep supervision), the mode, every
-    state-dict tensor and the input, bit for bit."""
+    and every module's public settings, e.g. the decoder's deep supervision, not the caches a
+    forward pass leaves behind), the mode, every state-dict tensor and the input, bit for bit."""
     flags = [(name, k, v) for name, module in net.named_modules() for k, v in vars(module).items()
-             if isinstance(v, (bool, int, float, str, tuple))]
+             if not k.startswith("_") and _is_setting(v)]
     digest = hashlib.sha256(f"{net!r} {flags}".encode())
     for name, tensor in [*net.state_dict().items(), ("input", x)]:
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
