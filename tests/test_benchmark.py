@@ -110,7 +110,7 @@ def test_json_round_trips_with_device_info(small_run):
     report = json.loads(text)
     assert json.loads(json.dumps(report)) == report
     info = report["device_info"]
-    for key in ("cpu_model", "torch_threads", "torch", "load_average_start", "load_average_end"):
+    for key in ("cpu_model", "torch_cpu_capability", "torch_threads", "torch", "load_average_start", "load_average_end"):
         assert info[key] is not None, key
     assert report["command"].startswith("logonet_benchmark ") and "--patch-size 32 32 32" in report["command"]
     assert report["date"] and report["patch_size"] == [32, 32, 32]

@@ -192,8 +192,72 @@ def test_depthwise_weight_gradient_by_slices_only_where_it_pays():
     tiny = torch.empty(2, 128, 4, 4, 4)  # the calls would cost more than the 3D kernel
     assert not _depth_slices_pay(tiny, tiny, torch.empty(128, 1, 3, 3, 3), (1, 1, 1))
     big = torch.empty(2, 64, 4, 16, 16)
-    assert _depth_slices_pay(big, big, torch.empty(64, 1, 5, 5, 5), (1, 1, 1))
     assert not _depth_slices_pay(big, big, torch.empty(64, 1, 7, 7, 7), (3, 3, 3))
+
+
+def test_wide_depthwise_kernels_take_the_slices_only_where_measured_faster(monkeypatch):
+    """5^3 by slices: 2.5x faster than the grouped blocks on AVX2 (AMD EPYC), 2x slower on AVX-512
+    (Xeon Cascade Lake); 3^3 is faster by slices on both."""
+    from nnunet_logonet.network.conv import _depth_slices_pay
+
+    assert conv_module.DEPTHWISE_SLICES_WIDE_KERNELS == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+    big = torch.empty(2, 64, 4, 16, 16)
+    for wide_kernels in (True, False):
+        monkeypatch.setattr(conv_module, "DEPTHWISE_SLICES_WIDE_KERNELS", wide_kernels)
+        assert _depth_slices_pay(big, big, torch.empty(64, 1, 5, 5, 5), (1, 1, 1)) == wide_kernels
+        assert _depth_slices_pay(big, big, torch.empty(64, 1, 3, 3, 3), (1, 1, 1))
+
+
+@pytest.mark.parametrize("kernel, dilation, size", [
+    (7, (3, 3, 3), (16, 13, 14)),  # LKA's 7^3 on the global path's stage-1 map; sizes not multiples of 3
+    (5, (3, 3, 3), (12, 10, 11)),  # live taps cropped to 5^3 on a smaller map
+    (3, (3, 3, 3), (8, 9, 7)),
+    (5, (2, 2, 2), (10, 9, 8)),
+    (5, (1, 3, 2), (6, 12, 9)),  # anisotropic dilation, undilated in depth
+])
+def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kernel, dilation, size, monkeypatch):
+    """Where the phases are wide enough the dilated weight gradient is taken on them (undilated):
+    oneDNN's dilated 3D depthwise weight gradient, up to rounding, through conv3d's backward too."""
+    from nnunet_logonet.network.conv import _depthwise_weight_grad, _dilated_phases_pay
+
+    torch.manual_seed(0)
+    k = (kernel,) * 3
+    pad = [d * (kernel // 2) for d in dilation]
+    x = torch.randn(2, 24, *size).contiguous(memory_format=CL)
+    g = torch.randn(2, 24, *size).contiguous(memory_format=CL)
+    w = torch.randn(24, 1, *k).contiguous(memory_format=CL)
+    assert _dilated_phases_pay(x, w, dilation)
+    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], pad, list(dilation), False, [0, 0, 0],
+                                                   24, [False, True, False])[1]
+    on_phases = _depthwise_weight_grad(g, x, w, pad, dilation)
+    assert on_phases.shape == w.shape
+    assert _rel(on_phases, one_call) < 1e-5
+    assert _rel(_depthwise_weight_grad(g, x, w, pad, dilation, phases=False), one_call) < 1e-6
+
+    phase_calls = []
+    real = conv_module._to_phases
+    monkeypatch.setattr(conv_module, "_to_phases", lambda t, d: phase_calls.append(tuple(t.shape)) or real(t, d))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    conv3d(xg, wg, None, 1, pad, dilation, 24).backward(g)
+    assert len(phase_calls) == 4  # the forward (x), the input gradient (g), the weight gradient (g and x)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.conv3d(xr, wr, None, 1, pad, dilation, 24).backward(g)
+    assert _rel(wg.grad, wr.grad) < 1e-5 and _rel(xg.grad, xr.grad) < 1e-5
+
+
+def test_dilated_weight_gradient_on_phases_only_where_it_pays():
+    """Phases at least k // 2 + 2 wide (measured on the Xeon and the AMD EPYC: narrower phases make
+    oneDNN's grouped kernel spend its time on padding, 2-5x slower than the dilated 3D one)."""
+    from nnunet_logonet.network.conv import _dilated_phases_pay
+
+    def pays(size, kernel, dilation=3):
+        return _dilated_phases_pay(torch.empty(2, 64, *size), torch.empty(64, 1, *(kernel,) * 3), (dilation,) * 3)
+
+    assert pays((16, 16, 16), 7) and pays((13, 13, 13), 7) and pays((24, 24, 24), 7)
+    assert not pays((12, 12, 12), 7) and not pays((16, 16, 12), 7)  # 4-wide phases for a 7^3 kernel
+    assert pays((12, 12, 12), 5) and not pays((8, 8, 8), 5)
+    assert pays((8, 8, 8), 3) and not pays((6, 6, 6), 3)
+    assert not pays((16, 16, 16), 7, dilation=1)  # undilated: nothing to split
 
 
 @pytest.mark.parametrize("groups, widths, stride, size", [

@@ -475,11 +475,16 @@ def describe_allocator(settings: dict[str, str]) -> str:
 
 def device_info(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
+    # "Intel(R) Xeon(R) Processor" names several generations: family/model and the ISA tell them apart
+    cpuinfo: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # end of the first processor's block
+            cpuinfo.setdefault(key.strip(), value.strip())
+    cpu = cpuinfo.get("model name", cpu)
+    wide_isa = sorted(f for f in cpuinfo.get("flags", "").split() if f.startswith(("avx512", "amx")))
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(name: str) -> str | None:
@@ -489,7 +494,10 @@ def device_info(device: torch.device) -> dict[str, Any]:
             return None
 
     info: dict[str, Any] = {
-        "device": str(device), "cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device), "cpu_model": cpu, "cpu_family": cpuinfo.get("cpu family"),
+        "cpu_model_number": cpuinfo.get("model"), "cpu_isa_extensions": wide_isa,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "nnunetv2": _version("nnunetv2"), "fvcore": _version("fvcore"),
         "nnunet_logonet": _version("nnunet-logonet"), "python": platform.python_version(),
         "platform": platform.platform(), "memory_available_mb": _available_memory_mb(torch.device("cpu")),

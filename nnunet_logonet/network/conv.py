@@ -235,6 +235,11 @@ DEPTHWISE_GRAD_BLOCK = 16
 #: smallest in-plane size at which kernels wider than 3 take the depth-slice path (below it the 2D
 #: kernel over a few 4 x 4 planes was slower than the 3D one: 5^3 on [2, 128-256, 4^3])
 DEPTHWISE_SLICES_MIN_PLANE = 8
+#: kernels wider than 3 take the depth-slice path on AVX2 only. Measured (16-channel blocks -> slices,
+#: 5^3): AMD EPYC (AVX2) [2, 64, 16^3] 36 -> 14 ms; Xeon Cascade Lake (AVX-512) [2, 64, 16^3]
+#: 11.6 -> 22.6 ms, [2, 64, 32^3] 70 -> 126 ms, [2, 512, 8^3] 10 -> 34 ms: oneDNN's 2D depthwise
+#: weight gradient for 5 x 5 is the slower one there, so wide kernels keep the blocks
+DEPTHWISE_SLICES_WIDE_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX2"
 #: smallest channels x voxels per sample for the depth-slice path: its 2 x (kernel depth) oneDNN calls
 #: cost ~1.2 ms, more than the whole 3D weight gradient of small maps ([2, 128, 4^3]: 1.25 vs 1.05 ms;
 #: [2, 512, 4^3]: 1.3 vs 4.3 ms; AMD EPYC, ad-hoc script)
@@ -244,11 +249,31 @@ DEPTHWISE_SLICES_MIN_ELEMENTS = 16384
 def _depth_slices_pay(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       dilation: Sequence[int]) -> bool:
     """Undilated 'same' depthwise convolutions of at least DEPTHWISE_SLICES_MIN_ELEMENTS per sample:
-    3^3 always, wider kernels on planes of 8 x 8 or more. Dilated ones lose (7^3, dilation 3,
-    [2, 64, 16^3]: 42 -> 136 ms) and keep the 3D kernel."""
+    3^3 always, wider kernels on planes of 8 x 8 or more where DEPTHWISE_SLICES_WIDE_KERNELS. Dilated
+    ones lose (7^3, dilation 3, [2, 64, 16^3]: 42 -> 136 ms) and go elsewhere."""
     if any(d != 1 for d in dilation) or grad_out.shape != x.shape or x[0].numel() < DEPTHWISE_SLICES_MIN_ELEMENTS:
         return False
-    return max(weight.shape[3:]) <= 3 or min(x.shape[3:]) >= DEPTHWISE_SLICES_MIN_PLANE
+    if max(weight.shape[3:]) <= 3:
+        return True
+    return DEPTHWISE_SLICES_WIDE_KERNELS and min(x.shape[3:]) >= DEPTHWISE_SLICES_MIN_PLANE
+
+
+def _dilated_phases_pay(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence[int]) -> bool:
+    """A dilated depthwise weight gradient is computed on the input's phases (``_to_phases``) where
+    each phase is at least ``k // 2 + 2`` voxels wide in every dimension, k the kernel size there.
+
+    On the phases it is an undilated weight gradient (16-channel grouped blocks) over a batch of
+    d^3 x N small volumes, against oneDNN's dilated 3D depthwise kernel on the original map. Xeon
+    Cascade Lake, batch 2, dilation 3 (3D -> phases, ms): 7^3 on [64, 16^3] 82 -> 31, [64, 24^3]
+    213 -> 60, [32, 32^3] 312 -> 130, [512, 16^3] 794 -> 337, [64, 13^3] (phases 5 wide) 56 -> 24;
+    5^3 on [64, 12^3] (4 wide) 18 -> 6; 3^3 on [512, 8^3] (3 wide) 30 -> 10. Where the phases are
+    narrower the padding dominates and it loses: 7^3 on [64, 12^3] (4 wide) 37 -> 150, 5^3 on
+    [64, 8^3] (3 wide) 7.7 -> 38, 3^3 on [128, 6^3] (2 wide) 2.3 -> 6.9 (ad-hoc script). AMD EPYC:
+    [64, 24^3] 83 -> 37, [64, 16^3] 22.5 -> 20.4, [128, 8^3] (5^3, 3 wide) 3.2 -> 20 ms.
+    """
+    if all(d == 1 for d in dilation):
+        return False
+    return all(-(-size // d) >= k // 2 + 2 for size, d, k in zip(x.shape[2:], dilation, weight.shape[2:]))
 
 
 def _depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -283,10 +308,15 @@ def _depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, we
 
 
 def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                           padding: Sequence[int], dilation: Sequence[int], slices: bool = True) -> torch.Tensor:
+                           padding: Sequence[int], dilation: Sequence[int], slices: bool = True,
+                           phases: bool = True) -> torch.Tensor:
     """The weight gradient of a depthwise convolution from oneDNN's faster kernels.
 
-    oneDNN's 3D depthwise weight gradient runs at 1-5 GMAC/s here. With ``slices`` (the lever
+    oneDNN's 3D depthwise weight gradient runs at 1-5 GMAC/s here. With ``phases`` (the lever
+    "dilated_phases") a dilated one where that pays (``_dilated_phases_pay``) is the undilated
+    weight gradient over the d^3 phases of its input and output gradient: a dilation-d convolution
+    pairs only voxels of the same phase, d apart, so the products and sums are the same (the zero
+    padding of the phases pairs with zero gradients). With ``slices`` (the lever
     "depthwise_weight_slices") undilated ones where that pays (``_depth_slices_pay``) come from its
     2D kernel over depth slices (``_depthwise_weight_grad_by_slices``); the others take two exact detours:
 
@@ -300,6 +330,11 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
       over a small volume (the grouped local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs
       14 ms); channels are independent, so the chunks are exact.
     """
+    if phases and grad_out.shape == x.shape and _dilated_phases_pay(x, weight, dilation):
+        undilated = [p // d for p, d in zip(padding, dilation)]
+        # blocks, not slices: on the phases' batch of d^3 x N small volumes the slices were slower
+        return _depthwise_weight_grad(_to_phases(grad_out, dilation), _to_phases(x, dilation), weight, undilated,
+                                      [1, 1, 1], slices=False)
     if slices and _depth_slices_pay(grad_out, x, weight, dilation):
         return _depthwise_weight_grad_by_slices(grad_out, x, weight, padding)
     channels = x.shape[1]
@@ -465,7 +500,8 @@ class _SameDepthwiseConv3d(torch.autograd.Function):
         else:
             plain[0] = ctx.needs_input_grad[0]
         if ctx.needs_input_grad[1] and ctx.blocked_weight_grad:
-            grad_w = _depthwise_weight_grad(grad_out, x, weight, ctx.padding, ctx.dilation, ctx.weight_grad_slices)
+            grad_w = _depthwise_weight_grad(grad_out, x, weight, ctx.padding, ctx.dilation, ctx.weight_grad_slices,
+                                            ctx.phases)
         else:
             plain[1] = ctx.needs_input_grad[1]
         if any(plain):
