@@ -15,7 +15,9 @@ docs/speed.md has the figures):
   channels per call (on the wide, small volumes of the grouped local paths one call over all
   channels is 2-5x slower than the chunks).
 * oneDNN's dilated 3D depthwise kernel is 10-30x slower than its undilated one; LKA's 7^3
-  dilation-3 convolution runs undilated on the d^3 phases of its input instead (exact).
+  dilation-3 convolution runs undilated on the d^3 phases of its input instead (exact), and so does
+  its weight gradient where the phases are wide enough. Which weight-gradient route wins depends on
+  the CPU; ``python -m nnunet_logonet.benchmark.depthwise_grad`` times them all on this one.
 * On AVX2 CPUs oneDNN's weight gradient of a narrowing convolution (fewer output than input
   channels, e.g. the 64 -> 16 final units at full resolution) runs at 20-25 GMAC/s, a third of its
   forward. It equals the flipped, transposed weight gradient of the widening convolution that
