@@ -26,8 +26,8 @@ def test_prints_every_applicable_route_with_the_one_conv_takes_and_its_error(cap
 
 @pytest.mark.parametrize("channels, size, kernel, dilation", [
     (16, 8, 3, 1), (16, 4, 5, 1), (16, 12, 5, 3), (16, 8, 5, 3), (128, 4, 3, 1), (8, 16, 7, 3)])
-def test_the_route_shown_is_the_route_conv_takes(channels, size, kernel, dilation, monkeypatch):
-    """The table's star must follow conv._depthwise_weight_grad's own choice, or it misleads."""
+def test_the_route_named_is_the_route_taken(channels, size, kernel, dilation, monkeypatch):
+    """The route named (the table's star) is the route the weight gradient really takes."""
     taken = []
     real_phases, real_slices = conv_module._to_phases, conv_module._depthwise_weight_grad_by_slices
     monkeypatch.setattr(conv_module, "_to_phases", lambda *a: taken.append("phases") or real_phases(*a))
@@ -39,7 +39,7 @@ def test_the_route_shown_is_the_route_conv_takes(channels, size, kernel, dilatio
     pad = [dilation * (kernel // 2)] * 3
     conv_module._depthwise_weight_grad(g, x, w, pad, [dilation] * 3)
     expected = taken[0] if taken else ("blocks" if dilation == 1 else "3d")
-    assert depthwise_grad.chosen_route(g, x, w, dilation) == expected
+    assert conv_module.depthwise_weight_grad_route(g, x, w, [dilation] * 3) == expected
 
 
 def test_bad_shape_is_refused_with_the_values(capsys):

@@ -1,8 +1,8 @@
 """Which route for a depthwise weight gradient: oneDNN's 3D kernel, grouped blocks, depth slices, phases.
 
 ``conv.py`` computes the weight gradient of LKA's depthwise convolutions by one of four exact
-routes and picks one by rules measured on this project's CPUs (``_depth_slices_pay``,
-``_dilated_phases_pay``, ``DEPTHWISE_SLICES_WIDE_KERNELS``). The fastest route depends on the CPU
+routes and picks one by rules measured on this project's CPUs (``conv.depthwise_weight_grad_route``:
+``_depth_slices_pay``, ``_dilated_phases_pay``, ``DEPTHWISE_SLICES_WIDE_KERNELS``). The fastest route depends on the CPU
 (5^3 kernels by depth slices: 2.5x faster than the blocks on an AVX2 AMD EPYC, 2x slower on an
 AVX-512 Xeon Cascade Lake), so this command times every route on the machine it runs on, beside
 the route the rules pick, and checks each against oneDNN's own kernel:
@@ -55,16 +55,6 @@ def routes(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilati
     return found
 
 
-def chosen_route(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> str:
-    """The route ``conv._depthwise_weight_grad`` takes with every lever on."""
-    dil = [dilation] * 3
-    if conv._dilated_phases_pay(x, weight, dil):
-        return "phases"
-    if conv._depth_slices_pay(grad_out, x, weight, dil):
-        return "slices"
-    return "blocks" if dilation == 1 else "3d"
-
-
 def time_ms(call: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` calls after two untimed ones (oneDNN's primitive cache)."""
     call()
@@ -107,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = routes(g, x, w, d)
         reference = found["3d"]()
         error = max(float((call() - reference).abs().max() / reference.abs().max()) for call in found.values())
-        pick = chosen_route(g, x, w, d)
+        pick = conv.depthwise_weight_grad_route(g, x, w, [d] * 3)
         cells = []
         for name in ("3d", "blocks", "slices", "phases"):
             cells.append(f"{time_ms(found[name], args.repeats):8.2f}{'*' if name == pick else ' '}"

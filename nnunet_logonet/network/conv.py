@@ -66,6 +66,7 @@ __all__ = [
     "fold_batchnorm",
     "foldable_batchnorm",
     "derived_tensors",
+    "depthwise_weight_grad_route",
 ]
 
 _state = threading.local()
@@ -309,6 +310,18 @@ def _depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, we
     return torch.stack(taps, 2).contiguous(memory_format=torch.channels_last_3d)
 
 
+def depthwise_weight_grad_route(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                dilation: Sequence[int], slices: bool = True, phases: bool = True) -> str:
+    """The route ``_depthwise_weight_grad`` takes: "phases" (dilated, ``_dilated_phases_pay``), "slices"
+    (undilated, ``_depth_slices_pay``), else "blocks" (undilated) or "3d" (oneDNN's dilated kernel).
+    ``python -m nnunet_logonet.benchmark.depthwise_grad`` times each route beside this choice."""
+    if phases and grad_out.shape == x.shape and _dilated_phases_pay(x, weight, dilation):
+        return "phases"
+    if slices and _depth_slices_pay(grad_out, x, weight, dilation):
+        return "slices"
+    return "blocks" if all(d == 1 for d in dilation) else "3d"
+
+
 def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                            padding: Sequence[int], dilation: Sequence[int], slices: bool = True,
                            phases: bool = True) -> torch.Tensor:
@@ -332,12 +345,13 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
       over a small volume (the grouped local paths' MLP at 8 x 1024 channels on 4^3: 62 ms vs
       14 ms); channels are independent, so the chunks are exact.
     """
-    if phases and grad_out.shape == x.shape and _dilated_phases_pay(x, weight, dilation):
+    route = depthwise_weight_grad_route(grad_out, x, weight, dilation, slices, phases)
+    if route == "phases":
         undilated = [p // d for p, d in zip(padding, dilation)]
         # blocks, not slices: on the phases' batch of d^3 x N small volumes the slices were slower
         return _depthwise_weight_grad(_to_phases(grad_out, dilation), _to_phases(x, dilation), weight, undilated,
                                       [1, 1, 1], slices=False)
-    if slices and _depth_slices_pay(grad_out, x, weight, dilation):
+    if route == "slices":
         return _depthwise_weight_grad_by_slices(grad_out, x, weight, padding)
     channels = x.shape[1]
     k = weight.shape[2:]
