@@ -340,30 +340,39 @@ def test_depthwise_backward_with_frozen_input_or_weight():
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-weights"])
-@pytest.mark.parametrize("channels, size, kernel, layout", [
-    (8, 4, 5, CL), (32, 2, 3, CL), (64, 6, 7, CL), (8, 4, 5, torch.contiguous_format), (16, 3, 5, CL)])
-def test_cpu_bfloat16_depthwise_on_maps_smaller_than_the_kernel(channels, size, kernel, layout, autocast):
-    """PyTorch 2.14's CPU bfloat16 depthwise weight gradient is wrong (NaN, 1e30 or just wrong, from
-    uninitialised memory) where the kernel is larger than the map: the deep LKA blocks of a small
-    patch under CPU autocast. CI once saw NaN gradients there. conv3d must give float32's answer
-    to bfloat16 precision, whatever the freed memory holds."""
-    g = torch.Generator().manual_seed(channels + size)
-    x = torch.randn(2, channels, size, size, size, generator=g).contiguous(memory_format=layout)
-    w = torch.randn(channels, 1, kernel, kernel, kernel, generator=g)
-    grad_out = torch.randn(2, channels, size, size, size, generator=g)
+@pytest.mark.parametrize("channels, out_channels, size, kernel, layout", [
+    # depthwise (out_channels None): the deep LKA blocks
+    (8, None, (4, 4, 4), 5, CL), (32, None, (2, 2, 2), 3, CL), (64, None, (6, 6, 6), 7, CL),
+    (8, None, (4, 4, 4), 5, torch.contiguous_format), (16, None, (3, 3, 3), 5, CL),
+    # dense: the deepest decoder units of a small patch (CI's NaN: 4 -> 4 on 2^3)
+    (4, 4, (2, 2, 2), 3, CL), (32, 32, (2, 4, 4), 3, CL), (8, 16, (2, 2, 2), 3, torch.contiguous_format),
+])
+def test_cpu_bfloat16_conv_on_maps_smaller_than_the_kernel(channels, out_channels, size, kernel, layout, autocast):
+    """PyTorch 2.14's CPU bfloat16 weight gradient is wrong (NaN, 1e30 or just wrong, from
+    uninitialised memory) where the kernel is larger than the map, depthwise and dense: the deep
+    LKA blocks and decoder units of a small patch under CPU autocast. CI saw NaN gradients there
+    twice. conv3d must give float32's answer to bfloat16 precision, whatever the freed memory holds."""
+    g = torch.Generator().manual_seed(channels + sum(size))
+    groups = channels if out_channels is None else 1
+    out_channels = out_channels or channels
+    x = torch.randn(2, channels, *size, generator=g).contiguous(memory_format=layout)
+    w = torch.randn(out_channels, channels // groups, kernel, kernel, kernel, generator=g)
+    w = w.contiguous(memory_format=layout)
+    grad_out = torch.randn(2, out_channels, *size, generator=g)
     pad = kernel // 2
     w64 = w.double().requires_grad_()
     x64 = x.double().requires_grad_()
-    F.conv3d(x64, w64, None, 1, pad, 1, channels).backward(grad_out.double())
+    F.conv3d(x64, w64, None, 1, pad, 1, groups).backward(grad_out.double())
     for _ in range(3):
         torch.full((1 << 21,), float("nan"))  # freed memory full of NaN, as a busy process has
+        torch.full((4096,), 1e30)
         xb = x.clone().requires_grad_() if autocast else x.bfloat16().requires_grad_()
         wb = w.clone().requires_grad_() if autocast else w.bfloat16().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = conv3d(xb, wb, None, 1, pad, 1, channels)
+            y = conv3d(xb, wb, None, 1, pad, 1, groups)
         assert y.dtype == torch.bfloat16
         y.backward(grad_out.bfloat16())
-        assert _rel(y.double(), F.conv3d(x.double(), w.double(), None, 1, pad, 1, channels)) < 0.02
+        assert _rel(y.double(), F.conv3d(x.double(), w.double(), None, 1, pad, 1, groups)) < 0.02
         assert _rel(wb.grad.double(), w64.grad) < 0.05
         assert _rel(xb.grad.double(), x64.grad) < 0.05
 
