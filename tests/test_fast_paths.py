@@ -600,6 +600,41 @@ def test_local_paths_are_grouped_on_cpu_only_where_that_is_faster(preset, patch,
         assert bool(calls) is grouped
 
 
+@pytest.mark.parametrize("grid, size", [((2, 2, 2), (8, 12, 6)), ((1, 2, 2), (5, 8, 8)), ((2, 1, 4), (6, 3, 8))])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_adding_ungrouped_subcrops_in_place_equals_adding_the_stitched_copy(grid, size, batch):
+    """``stitch_in_place``: the same additions as ``global + ungroup_subcrops(local)``, bit for bit."""
+    n = grid[0] * grid[1] * grid[2]
+    out = torch.randn(batch, 3, *size).contiguous(memory_format=CL)
+    grouped = torch.randn(batch, n * 3, *(s // g for s, g in zip(size, grid))).contiguous(memory_format=CL)
+    expected = out + grouped_module.ungroup_subcrops(grouped, grid)
+    storage = out.data_ptr()
+    result = grouped_module.add_ungrouped_subcrops_(out, grouped, grid)
+    assert result is out and out.data_ptr() == storage
+    assert torch.equal(result, expected)
+
+
+def test_local_features_are_added_in_place_only_without_autograd(monkeypatch):
+    """In inference the global features take the local ones in place (same outputs, deep supervision
+    included); under autograd they are saved for the backward, so the sum is a new tensor."""
+    net = _tiny(LoGoNet, (32, 32, 32), deep_supervision=True).eval()
+    x = torch.randn(1, 1, 32, 32, 32).contiguous(memory_format=CL)
+    calls = []
+    real = logonet_module.add_ungrouped_subcrops_
+    monkeypatch.setattr(logonet_module, "add_ungrouped_subcrops_", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = net(x)
+        assert len(calls) == 1
+        with reference_kernels("stitch_in_place"):
+            plain = net(x)
+        assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    with torch.enable_grad():
+        out = net(x.requires_grad_())
+        out[0].float().mean().backward()
+    assert len(calls) == 1 and x.grad is not None
+
+
 def test_fast_paths_are_on_by_default_and_avoid_slow_conv3d():
     """A plain forward (as nnUNetv2_predict runs it) takes oneDNN for every conv, never slow_conv3d."""
     assert fast_paths_enabled()
@@ -720,6 +755,7 @@ LEVER_MARKERS = {
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
     "batchnorm_folding": (conv_module, "fold_batchnorm", "none"),
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
+    "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
     "channels_first_logits": (torch, "baddbmm", "none"),
 }
 

@@ -88,6 +88,7 @@ LEVERS: dict[str, str] = {
     "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
     "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
     "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
+    "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
     "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
                              "sliding window read fastest",
 }

@@ -25,7 +25,8 @@ from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
 
-__all__ = ["group_subcrops", "ungroup_subcrops", "grouped_local_features", "can_group", "grouping_pays"]
+__all__ = ["group_subcrops", "ungroup_subcrops", "add_ungrouped_subcrops_", "grouped_local_features", "can_group",
+           "grouping_pays"]
 
 CL = torch.channels_last_3d
 
@@ -77,6 +78,23 @@ def ungroup_subcrops(y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     t = y.permute(0, 2, 3, 4, 1).reshape(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
     t = t.reshape(b, gd * td, gh * th, gw * tw, c)
     return t.permute(0, 4, 1, 2, 3)
+
+
+def add_ungrouped_subcrops_(out: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``out += ungroup_subcrops(y, grid)`` in one pass, without building the ungrouped tensor.
+
+    Both channels-last (``out`` (B, C, D, H, W), ``y`` (B, n*C, d, h, w)); ``out`` is returned. For
+    inference (``LoGoNet`` adds the local features into the global ones this way when no gradient
+    is recorded): the copy of ``ungroup_subcrops`` and the new tensor of the sum were two passes
+    over fresh full-resolution memory. Same additions, so the same floats as ``out + ungrouped``.
+    """
+    b, c, d, h, w = out.shape
+    gd, gh, gw = grid
+    td, th, tw = d // gd, h // gh, w // gw
+    target = out.permute(0, 2, 3, 4, 1).view(b, gd, td, gh, th, gw, tw, c)
+    source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    target.add_(source)
+    return out
 
 
 # ----------------------------------------------------------------------------- grouped ops

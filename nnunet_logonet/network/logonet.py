@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from .conv import Classifier3d, Conv3d, conv_norm_act, lever_enabled
-from .grouped import can_group, group_subcrops, grouped_local_features, grouping_pays, ungroup_subcrops
+from .grouped import (
+    add_ungrouped_subcrops_,
+    can_group,
+    group_subcrops,
+    grouped_local_features,
+    grouping_pays,
+    ungroup_subcrops,
+)
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
 from .partition import split_subcrops, stitch_subcrops
@@ -29,6 +36,23 @@ from .shapes import as_triple, check_patch_size, positive_int, required_patch_mu
 from .ulkanet import ULKAPath, check_input_tensor, validate_arch
 
 __all__ = ["LoGoHead", "LoGoNet"]
+
+
+def _stitch_in_place_pays(out: torch.Tensor, grouped: torch.Tensor) -> bool:
+    """The ``stitch_in_place`` lever: CPU, no autograd, both channels-last (``add_ungrouped_subcrops_``).
+
+    On CUDA the copy and the add are two fast kernels either way; under autograd the global
+    features are saved for the backward of the activation that made them and must not change.
+    """
+    return (
+        out.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and out.dtype == grouped.dtype
+        and out.is_contiguous(memory_format=torch.channels_last_3d)
+        and grouped.is_contiguous(memory_format=torch.channels_last_3d)
+        and lever_enabled("stitch_in_place")
+    )
 
 
 class LoGoHead(nn.Module):
@@ -150,25 +174,34 @@ class LoGoNet(nn.Module):
         """What nnU-Net's ``set_deep_supervision_enabled`` sets ``deep_supervision`` on."""
         return self.head
 
-    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_local(self, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Full-resolution local features: every sub-crop through its own path, stitched back.
 
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
         sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
         network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, CPU inference,
         CPU training of small paths); ``reference_kernels()`` runs the plain loop.
+
+        With ``add_to`` (the global features) the result is ``add_to + local features``; without
+        autograd on the CPU the grouped local features are added into ``add_to`` in place
+        (lever ``stitch_in_place``), which then holds the result.
         """
         if lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
-            return ungroup_subcrops(grouped, self.local_grid)
-        tiles = split_subcrops(x, self.local_grid)
-        outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
-        return stitch_subcrops(torch.stack(outs), self.local_grid)
+            if add_to is not None and _stitch_in_place_pays(add_to, grouped):
+                return add_ungrouped_subcrops_(add_to, grouped, self.local_grid)
+            local = ungroup_subcrops(grouped, self.local_grid)
+        else:
+            tiles = split_subcrops(x, self.local_grid)
+            outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
+            local = stitch_subcrops(torch.stack(outs), self.local_grid)
+        return local if add_to is None else add_to + local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
         global_features = self.global_path(x)
-        fused = global_features[0] + self.forward_local(x)
+        # the global full-resolution features are only read here (deep supervision reads the others)
+        fused = self.forward_local(x, add_to=global_features[0])
         return self.head(fused, global_features)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
