@@ -99,8 +99,10 @@ def test_conv3d_equals_torch_conv3d_with_gradients(shape, out_channels, kernel, 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_narrowing_convolution_weight_gradient_through_the_widening_one(shape, out_channels, kernel, padding,
                                                                         dilation, bias, channels_last, monkeypatch):
-    """The swapped weight gradient (on by default on AVX2) equals F.conv3d's; all gradients checked."""
+    """The swapped weight gradient (on by default on AVX2) equals F.conv3d's; all gradients checked.
+    (A channels-last 1x1x1 convolution takes ``pointwise_gemm`` first; switched off here to reach it.)"""
     monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(conv_module, "_pointwise_gemm_pays", lambda *a: False)
     torch.manual_seed(0)
     fmt = CL if channels_last else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
@@ -123,6 +125,74 @@ def test_narrowing_convolution_weight_gradient_through_the_widening_one(shape, o
     x_frozen = x.detach()
     (gw,) = torch.autograd.grad(conv3d(x_frozen, w, None, 1, padding, dilation), [w], grad)
     assert _rel(gw, torch.autograd.grad(F.conv3d(x_frozen, w, None, 1, padding, dilation), [w], grad)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("shape, out_channels", [
+    ((2, 64, 8, 8, 8), 32),  # 1024 rows: forward by the product
+    ((2, 16, 8, 8, 9), 24),  # 1152 rows: forward by oneDNN, backward by the products
+    ((1, 12, 1, 1, 1), 5),  # one voxel
+    ((3, 8, 2, 5, 3), 8),  # odd sizes, batch 3
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_convolution_as_matrix_products_equals_torch_conv3d(shape, out_channels, bias):
+    """``pointwise_gemm``: forward, all gradients (also with the input or the weight frozen, and for a
+    channels-first output gradient), with and without autograd, against F.conv3d."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(out_channels, shape[1], 1, 1, 1).contiguous(memory_format=CL).requires_grad_()
+    b = torch.randn(out_channels, requires_grad=True) if bias else None
+    ours, ref = conv3d(x, w, b), F.conv3d(x, w, b)
+    assert type(ours.grad_fn).__name__ == "_PointwiseConv3dBackward"
+    assert ours.is_contiguous(memory_format=CL) and _rel(ours, ref) < 1e-5
+    with torch.no_grad():
+        assert _rel(conv3d(x, w, b), ref) < 1e-5
+        assert _rel(conv3d(x, w, b, activation=Activation("gelu")), F.gelu(ref)) < 1e-5
+    inputs = [x, w] + ([b] if bias else [])
+    for grad in (torch.randn_like(ref), torch.randn(ref.shape)):  # channels-last and channels-first
+        ours_grads = torch.autograd.grad(conv3d(x, w, b), inputs, grad)
+        for g_ours, g_ref, source in zip(ours_grads, torch.autograd.grad(ref, inputs, grad, retain_graph=True), inputs):
+            assert g_ours.shape == source.shape and _rel(g_ours, g_ref) < 1e-5
+        assert ours_grads[0].is_contiguous(memory_format=CL)  # the layers before keep channels-last
+    grad = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(conv3d(x, w.detach(), None), [x], grad)
+    assert _rel(gx, torch.autograd.grad(F.conv3d(x, w.detach()), [x], grad)[0]) < 1e-5
+    (gw,) = torch.autograd.grad(conv3d(x.detach(), w, None), [w], grad)
+    assert _rel(gw, torch.autograd.grad(F.conv3d(x.detach(), w), [w], grad)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("shape, weight_shape, stride, padding, groups, fmt, taken", [
+    ((2, 8, 4, 4, 4), (16, 8, 1, 1, 1), 1, 0, 1, CL, True),
+    ((2, 8, 4, 4, 4), (16, 8, 1, 1, 1), 1, 0, 1, torch.contiguous_format, False),  # rows are not a view
+    ((2, 8, 4, 4, 4), (16, 4, 1, 1, 1), 1, 0, 2, CL, False),  # grouped
+    ((2, 8, 4, 4, 4), (16, 8, 1, 1, 1), 2, 0, 1, CL, False),  # strided
+    ((2, 8, 4, 4, 4), (16, 8, 3, 3, 3), 1, 1, 1, CL, False),  # not 1x1x1
+])
+def test_pointwise_products_only_for_dense_unstrided_channels_last_1x1x1(shape, weight_shape, stride, padding, groups,
+                                                                          fmt, taken):
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(weight_shape).contiguous(memory_format=fmt).requires_grad_()
+    y = conv3d(x, w, None, stride, padding, 1, groups)
+    assert (type(y.grad_fn).__name__ == "_PointwiseConv3dBackward") is taken
+    assert _rel(y, F.conv3d(x, w, None, stride, padding, 1, groups)) < 1e-5
+    with reference_kernels("pointwise_gemm"):
+        assert type(conv3d(x, w, None, stride, padding, 1, groups).grad_fn).__name__ != "_PointwiseConv3dBackward"
+
+
+def test_pointwise_forward_by_products_only_on_small_maps(monkeypatch):
+    """The measured rule: the forward is a product up to ``POINTWISE_GEMM_MAX_ROWS`` rows, oneDNN above."""
+    limit = conv_module.POINTWISE_GEMM_MAX_ROWS
+    assert conv_module.pointwise_forward_route(torch.empty(2, 4, 8, 8, 8)) == ("gemm" if 1024 <= limit else "onednn")
+    assert conv_module.pointwise_forward_route(torch.empty(1, 4, limit, 1, 1)) == "gemm"
+    assert conv_module.pointwise_forward_route(torch.empty(1, 4, limit + 1, 1, 1)) == "onednn"
+    calls = []
+    real = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = torch.randn(6, 4, 1, 1, 1).contiguous(memory_format=CL)
+    with torch.no_grad():
+        conv3d(torch.randn(1, 4, limit, 1, 1).contiguous(memory_format=CL), w)
+        assert not calls
+        conv3d(torch.randn(1, 4, limit + 1, 1, 1).contiguous(memory_format=CL), w)
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize("shape, out_channels, stride, groups, why", [
@@ -751,6 +821,7 @@ LEVER_MARKERS = {
     "depthwise_weight_slices": (conv_module, "_depthwise_weight_grad_by_slices", "none"),
     "dilated_phases": (conv_module, "_to_phases", "none"),
     "narrowing_weight_grad": (conv_module._NarrowingConv3d, "apply", "none"),
+    "pointwise_gemm": (conv_module, "_pointwise_forward", "none"),
     "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
     "batchnorm_folding": (conv_module, "fold_batchnorm", "none"),
