@@ -293,8 +293,10 @@ def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
     # after 2 epochs may still sit above a fresh model's near-uniform one (measured 3.70 vs 3.63
     # while its training loss fell 3.55 -> 3.44), so there only its accuracy is compared to chance
     # (lowest later epoch: the tempered loss of one 10-iteration epoch is spiky; a CI run logged
-    # 3.58 -> 3.20 -> 3.71 while the pseudo-label accuracy went 0.05 -> 0.21 -> 0.12, chance 0.033)
-    assert min(logging["train_losses"][1:]) < logging["train_losses"][0] - 0.05, logging["train_losses"]
+    # 3.58 -> 3.20 -> 3.71 while the pseudo-label accuracy went 0.05 -> 0.21 -> 0.12, chance 0.033).
+    # It is compared with the untrained model's loss, not with the first epoch's mean, which already
+    # includes that epoch's learning: a full-suite run logged 3.35 -> 3.50 -> 3.30 (fresh model ~3.6)
+    assert min(logging["train_losses"][1:]) < fresh_loss - 0.05, (logging["train_losses"], fresh_loss)
     assert logging["ssl_train_accuracy"][-1] > 1.5 * chance, (logging["ssl_train_accuracy"], chance)
     assert trained_accuracy > chance, (trained_accuracy, fresh_accuracy, trained_loss, fresh_loss, chance)
 

@@ -638,7 +638,8 @@ def conv3d(
     if pointwise and needs_grad:
         y = _PointwiseConv3d.apply(x, weight, bias)
         return y if activation is None else activation(y)
-    if pointwise and pointwise_forward_route(x) == "gemm":
+    if pointwise and pointwise_forward_route(x) == "gemm" and (activation is None or _CONV_POINTWISE is None
+                                                               or not lever_enabled("post_ops")):
         y = _pointwise_forward(x, weight, bias)
         return y if activation is None else activation(y)
     if (activation is not None and not needs_grad and _CONV_POINTWISE is not None and lever_enabled("post_ops")
