@@ -454,11 +454,12 @@ def _pointwise_gemm_pays(x: torch.Tensor, weight: torch.Tensor, stride, padding,
     matrix (a view), the output (rows, C_out) is ``x @ W^T + b``, the input gradient ``g @ W`` and the
     weight gradient ``g^T @ x``. oneDNN's 1x1x1 convolution pays a fixed cost per call that LoGoNet's
     LKA blocks (five 1x1x1 convolutions each, on maps of 2^3 to 16^3) meet hundreds of times per step:
-    on the 2-core Xeon Cascade Lake (batch 2, forward+backward as ``convolution_backward`` vs three
-    products; ``python -m nnunet_logonet.benchmark.pointwise_gemm``) the backward was 1.0-9.8x faster as
-    products in every shape measured ([2, 1024, 4^3] -> 128: 1.11 vs 0.30 ms; [2, 512, 16^3] -> 64: 7.3
-    vs 7.4 ms; [2, 512, 16^3] -> 2048: 201 vs 145 ms), the forward 1.1-3.5x faster up to 2 x 8^3 rows
-    and 0.7-1.0x above 2 x 12^3 rows (``POINTWISE_GEMM_MAX_ROWS``).
+    on the 2-core Xeon Cascade Lake (``python -m nnunet_logonet.benchmark.pointwise_gemm``, batch 2;
+    ``convolution_backward`` vs three products) the backward took, in ms, [2, 1024, 4^3] -> 128: 1.02
+    -> 0.33; [2, 2048, 2^3] -> 512: 4.33 -> 0.51; [2, 128, 8^3] -> 1024: 5.24 -> 2.84, and within 5 %
+    either way on the widest 16^3 maps ([2, 64, 16^3] -> 512: 7.99 vs 8.43), so it always takes the
+    products; the forward was 1.1-3x faster up to 2 x 8^3 rows and 0.7-0.9x on 16^3 maps
+    (``POINTWISE_GEMM_MAX_ROWS``). Measured on AVX-512 only.
     """
     return (
         groups == 1
