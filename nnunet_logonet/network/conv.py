@@ -639,13 +639,12 @@ def conv3d(
     if pointwise and needs_grad:
         y = _PointwiseConv3d.apply(x, weight, bias)
         return y if activation is None else activation(y)
-    if pointwise and pointwise_forward_route(x) == "gemm" and (activation is None or _CONV_POINTWISE is None
-                                                               or not lever_enabled("post_ops")):
-        y = _pointwise_forward(x, weight, bias)
-        return y if activation is None else activation(y)
     if (activation is not None and not needs_grad and _CONV_POINTWISE is not None and lever_enabled("post_ops")
             and not (dilated_depthwise and lever_enabled("dilated_phases"))):
         return _CONV_POINTWISE(x, weight, bias, padding, stride, dilation, groups, *activation.onednn())
+    if pointwise and pointwise_forward_route(x) == "gemm":
+        y = _pointwise_forward(x, weight, bias)
+        return y if activation is None else activation(y)
     if same_depthwise and needs_grad:
         y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
     elif same_depthwise:
