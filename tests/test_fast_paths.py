@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 
 import pytest
 import torch
@@ -193,6 +194,64 @@ def test_pointwise_forward_by_products_only_on_small_maps(monkeypatch):
         assert not calls
         conv3d(torch.randn(1, 4, limit + 1, 1, 1).contiguous(memory_format=CL), w)
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("shape, out_channels, kernel, bias, weight_channels_last", [
+    ((2, 200, 2, 2, 2), 192, (3, 3, 3), False, True),  # the bottleneck's kind: 2^3, wide
+    ((1, 256, 3, 2, 4), 160, (3, 3, 3), True, True),  # batch 1, anisotropic map
+    ((2, 130, 4, 4, 4), 520, (3, 3, 3), True, False),  # 64 voxels, widening, channels-first weight
+    ((2, 192, 1, 3, 2), 192, (1, 3, 3), False, True),  # anisotropic kernel on a map thinner than it
+    ((2, 192, 2, 3, 2), 192, (5, 5, 5), True, True),  # every row mostly padding
+])
+def test_small_map_convolution_backward_by_products_equals_torch_conv3d(shape, out_channels, kernel, bias,
+                                                                      weight_channels_last):
+    """``small_map_gemm``: the backward as products over im2col rows gives F.conv3d's gradients (also
+    with the input or the weight frozen, and for a channels-first output gradient), in the layouts
+    the layers before and the optimizer expect."""
+    torch.manual_seed(0)
+    padding = [k // 2 for k in kernel]
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(out_channels, shape[1], *kernel) / (shape[1] * math.prod(kernel)) ** 0.5
+    w = w.contiguous(memory_format=CL if weight_channels_last else torch.contiguous_format).requires_grad_()
+    b = torch.randn(out_channels, requires_grad=True) if bias else None
+    ours, ref = conv3d(x, w, b, 1, padding), F.conv3d(x, w, b, 1, padding)
+    assert type(ours.grad_fn).__name__ == "_SmallMapConv3dBackward"
+    assert ours.is_contiguous(memory_format=CL) and _rel(ours, ref) < 1e-5
+    inputs = [x, w] + ([b] if bias else [])
+    for grad in (torch.randn_like(ref), torch.randn(ref.shape)):  # channels-last and channels-first
+        ours_grads = torch.autograd.grad(conv3d(x, w, b, 1, padding), inputs, grad)
+        ref_grads = torch.autograd.grad(ref, inputs, grad, retain_graph=True)
+        for g_ours, g_ref, source in zip(ours_grads, ref_grads, inputs):
+            assert g_ours.shape == source.shape and _rel(g_ours, g_ref) < 1e-5
+        assert ours_grads[0].is_contiguous(memory_format=CL)
+        assert ours_grads[1].stride() == w.stride()  # the weight's own layout: no reorder for the optimizer
+    grad = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(conv3d(x, w.detach(), None, 1, padding), [x], grad)
+    assert _rel(gx, torch.autograd.grad(F.conv3d(x, w.detach(), None, 1, padding), [x], grad)[0]) < 1e-5
+    (gw,) = torch.autograd.grad(conv3d(x.detach(), w, None, 1, padding), [w], grad)
+    assert _rel(gw, torch.autograd.grad(F.conv3d(x.detach(), w, None, 1, padding), [w], grad)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("shape, weight_shape, stride, padding, dilation, groups, fmt, taken", [
+    ((2, 192, 3, 3, 3), (192, 192, 3, 3, 3), 1, 1, 1, 1, CL, True),  # 27 voxels, 192 x 192
+    ((2, 256, 4, 4, 4), (256, 256, 3, 3, 3), 1, 1, 1, 1, CL, True),  # 64 voxels, 256 x 256
+    ((2, 192, 4, 4, 4), (192, 192, 3, 3, 3), 1, 1, 1, 1, CL, False),  # 64 voxels: measured slower at 192
+    ((2, 128, 2, 2, 2), (128, 128, 3, 3, 3), 1, 1, 1, 1, CL, False),  # too narrow: measured slower
+    ((2, 256, 5, 5, 5), (256, 256, 3, 3, 3), 1, 1, 1, 1, CL, False),  # 125 voxels: oneDNN's own
+    ((2, 256, 3, 3, 3), (256, 256, 3, 3, 3), 1, 1, 1, 1, torch.contiguous_format, False),  # rows not a view
+    ((2, 256, 3, 3, 3), (256, 128, 3, 3, 3), 1, 1, 1, 2, CL, False),  # grouped
+    ((2, 256, 4, 4, 4), (256, 256, 3, 3, 3), 2, 1, 1, 1, CL, False),  # strided
+    ((2, 256, 3, 3, 3), (256, 256, 3, 3, 3), 1, 2, 2, 1, CL, False),  # dilated
+    ((2, 256, 3, 3, 3), (256, 256, 3, 3, 3), 1, 0, 1, 1, CL, False),  # not 'same'
+])
+def test_small_map_products_only_where_they_pay(shape, weight_shape, stride, padding, dilation, groups, fmt, taken):
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(weight_shape).contiguous(memory_format=fmt).requires_grad_()
+    y = conv3d(x, w, None, stride, padding, dilation, groups)
+    assert (type(y.grad_fn).__name__ == "_SmallMapConv3dBackward") is taken
+    with reference_kernels("small_map_gemm"):
+        y = conv3d(x, w, None, stride, padding, dilation, groups)
+        assert type(y.grad_fn).__name__ != "_SmallMapConv3dBackward"
 
 
 @pytest.mark.parametrize("shape, out_channels, stride, groups, why", [
@@ -543,8 +602,10 @@ def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool, without
 @pytest.mark.parametrize("cls, grouping", [(LoGoNet, True), (LoGoNet, False), (ULKANet, True)])
 def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, monkeypatch):
     """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU);
-    narrowing convolutions' weight gradients swapped (AVX2's default) on every CPU."""
+    narrowing convolutions' weight gradients swapped (AVX2's default) on every CPU, and the small-map
+    products taken on every small map (the rule wants wider layers than tiny has)."""
     monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny is narrower than the rule
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()
@@ -800,6 +861,7 @@ def test_each_lever_off_alone_gives_the_reference_results(lever, monkeypatch):
     """``logonet_benchmark --without LEVER`` runs the network with one fast path off; the others then
     meet inputs they never meet with all on (unfolded BatchNorm, unfused activations, the loop)."""
     monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny is narrower than the rule
     patch = (32, 32, 32)
     net = _tiny(LoGoNet, patch, deep_supervision=True)
     x = torch.randn(2, 1, *patch)
@@ -822,6 +884,7 @@ LEVER_MARKERS = {
     "dilated_phases": (conv_module, "_to_phases", "none"),
     "narrowing_weight_grad": (conv_module._NarrowingConv3d, "apply", "none"),
     "pointwise_gemm": (conv_module, "_pointwise_forward", "none"),
+    "small_map_gemm": (conv_module._SmallMapConv3d, "apply", "none"),
     "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
     "batchnorm_folding": (conv_module, "fold_batchnorm", "none"),
@@ -856,6 +919,7 @@ def test_switching_a_lever_off_changes_what_runs(lever, monkeypatch):
     """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running."""
     assert set(LEVER_MARKERS) == set(LEVERS)
     monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny is narrower than the rule
     net = _tiny(LoGoNet, (32, 64, 32), deep_supervision=True)
     x = torch.randn(2, 1, 32, 64, 32)
     on = _marker_calls(net, x, monkeypatch, ())

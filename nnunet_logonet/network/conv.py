@@ -39,6 +39,7 @@ named ones (``LEVERS``), for the before/after of one lever.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -86,6 +87,8 @@ LEVERS: dict[str, str] = {
     "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
     "pointwise_gemm": "1x1x1 convolutions as matrix products over channels-last rows: the backward always, "
                       "the forward on small maps",
+    "small_map_gemm": "the backward of wide dense convolutions on maps of at most 64 voxels as matrix products "
+                      "over im2col rows",
     "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
     "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
     "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
@@ -522,6 +525,105 @@ class _PointwiseConv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+#: voxels per sample up to which a dense 3D convolution's backward may run as matrix products
+#: (``small_map_gemm``); from 4^3 up, oneDNN's backward wins for all but the widest layers
+SMALL_MAP_GEMM_MAX_VOXELS = 64
+#: smallest C_in x C_out for those products on maps of up to 27 voxels, and on larger ones (<= 64)
+SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT = (192 * 192, 256 * 256)
+
+
+def _small_map_gemm_pays(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """A dense, stride-1 'same' convolution of a wide, channels-last map of at most 64 voxels per sample
+    (``small_map_gemm``).
+
+    On such maps most of a 3^3 kernel's taps fall on the zero padding (8 of 27 at 2^3 reach a voxel),
+    and oneDNN's backward runs at 2-6 GMAC/s: Xeon Cascade Lake, batch 2, ``convolution_backward`` vs
+    the products of ``_SmallMapConv3d`` (ms): [2, 512 -> 256, 2^3] 34.4 -> 3.9; [2, 256 -> 256, 2^3]
+    16.5 -> 2.3; [2, 448 -> 192, 2^3] 23.0 -> 2.8; [2, 192 -> 192, 3^3] 5.2 -> 3.4; [2, 512 -> 256, 4^3]
+    28.2 -> 18.7; but [2, 64 -> 64, 4^3] 1.0 -> 2.4, [2, 128 -> 128, 4^3] 3.2 -> 4.2 and [2, 192 -> 192,
+    4^3] 6.8 -> 7.2 (``python -m nnunet_logonet.benchmark.small_map_gemm``), hence the channel rule
+    (``SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT``). The forward stays oneDNN's (1-2x either way, a few ms per
+    step). Measured on AVX-512 only.
+    """
+    if groups != 1 or x.dim() != 5 or not lever_enabled("small_map_gemm"):
+        return False
+    voxels = x.shape[2:].numel()
+    small, large = SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT
+    return (
+        voxels <= SMALL_MAP_GEMM_MAX_VOXELS
+        and weight.shape[0] * weight.shape[1] >= (small if voxels <= 27 else large)
+        and tuple(stride) == (1, 1, 1)
+        and _is_same_padding(weight, stride, padding, dilation)
+        and all(d == 1 for d in dilation)
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def _im2col(x: torch.Tensor, kernel: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N*D*H*W, kd*kh*kw*C): row v holds the zero-padded input under every tap of a
+    stride-1 kernel centred on voxel v, tap-major and channel-minor, the order of a channels-last
+    weight's (C_out, kd, kh, kw, C_in) memory."""
+    n, c, d, h, w = x.shape
+    kd, kh, kw = kernel
+    p0, p1, p2 = padding
+    padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, p2, p2, p1, p1, p0, p0)).contiguous()
+    sn, sd, sh, sw, sc = padded.stride()
+    windows = padded.as_strided((n, d, h, w, kd, kh, kw, c), (sn, sd, sh, sw, sd, sh, sw, sc))
+    return windows.reshape(n * d * h * w, kd * kh * kw * c)
+
+
+def _col2im(cols: torch.Tensor, like: torch.Tensor, kernel: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """The adjoint of ``_im2col``: each row's per-tap entries added back onto the voxels they came from
+    (those on the padding dropped); channels-last, shaped like ``like``."""
+    n, c, d, h, w = like.shape
+    kd, kh, kw = kernel
+    taps = cols.view(n, d, h, w, kd, kh, kw, c)
+    out = torch.zeros((n, d, h, w, c), dtype=cols.dtype, device=cols.device)
+    size = (d, h, w)
+    for tap in itertools.product(range(kd), range(kh), range(kw)):
+        shifts = [t - p for t, p in zip(tap, padding)]  # output voxel v reads input voxel v + shift
+        ranges = [(max(0, -s), min(m, m - s)) for s, m in zip(shifts, size)]
+        if any(lo >= hi for lo, hi in ranges):
+            continue
+        (z0, z1), (y0, y1), (x0, x1) = ranges
+        (sz, sy, sx) = shifts
+        out[:, z0 + sz:z1 + sz, y0 + sy:y1 + sy, x0 + sx:x1 + sx] += taps[:, z0:z1, y0:y1, x0:x1, tap[0], tap[1], tap[2]]
+    return out.permute(0, 4, 1, 2, 3)
+
+
+class _SmallMapConv3d(torch.autograd.Function):
+    """oneDNN's convolution forward; the backward as matrix products over the input's im2col rows
+    (``_small_map_gemm_pays``): grad_W = G^T @ cols, grad_cols = G @ W, folded back by ``_col2im``.
+    The same products as oneDNN's backward, without the taps that only meet padding being looped over
+    in its kernel; the weight gradient comes out in the weight's channels-last layout, no reorder."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        kernel = weight.shape[2:]
+        grad_rows = _rows(grad_out.contiguous(memory_format=torch.channels_last_3d))
+        # (C_out, kd, kh, kw, C_in): a view for a channels-last weight
+        weight_rows = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _col2im(grad_rows @ weight_rows, x, kernel, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_rows.t() @ _im2col(x, kernel, ctx.padding)).view(
+                weight.shape[0], *kernel, weight.shape[1]).permute(0, 4, 1, 2, 3)
+            if not weight.is_contiguous(memory_format=torch.channels_last_3d):
+                grad_w = grad_w.contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_rows.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
 def _to_phases(x: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
     """(N, C, D, H, W) -> (N*d0*d1*d2, C, ceil(D/d0), ...), channels-last: sample n's phase (a, b, c)
     holds x[n, :, a::d0, b::d1, c::d2], zero-padded at the far end to a whole number of steps."""
@@ -649,6 +751,8 @@ def conv3d(
         y = _SameDepthwiseConv3d.apply(x, weight, bias, padding, dilation)
     elif same_depthwise:
         y = _same_depthwise_forward(x, weight, bias, padding, dilation, lever_enabled("dilated_phases"))
+    elif needs_grad and _small_map_gemm_pays(x, weight, stride, padding, dilation, groups):
+        y = _SmallMapConv3d.apply(x, weight, bias, padding)
     elif needs_grad and _swapped_weight_grad_pays(x, weight, stride, padding, dilation, groups):
         y = _NarrowingConv3d.apply(x, weight, bias, padding, dilation)
     else:
