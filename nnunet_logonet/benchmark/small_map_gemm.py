@@ -2,7 +2,7 @@
 
 On maps of a few voxels most of a 3^3 kernel's taps meet only the zero padding, and oneDNN's backward of
 a wide dense convolution there ran 5-10x slower than the same products as two matrix multiplications
-over the input's im2col rows (``conv._SmallMapConv3d``). ``conv.py`` takes the products for the shapes
+over the input's im2col rows (``conv.small_map_backward``). ``conv.py`` takes the products for the shapes
 ``conv._small_map_gemm_pays`` accepts; this command times both on the machine it runs on, marks the
 route taken, and checks the products against oneDNN:
 
@@ -30,12 +30,6 @@ DEFAULT_SHAPES = [
 ]
 
 
-def _backward_by_products(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor):
-    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    y = conv._SmallMapConv3d.apply(x, weight, None, (1, 1, 1))
-    return torch.autograd.grad(y, (x, weight), grad_out)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.small_map_gemm",
                                      description=__doc__.split("\n\n")[0])
@@ -61,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grad_out = torch.randn(n, c_out, size, size, size).contiguous(memory_format=cl)
         reference = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
             grad_out, x, weight, None, one, one, one, False, [0, 0, 0], 1, [True, True, False])[:2]
-        products = lambda: _backward_by_products(x, weight, grad_out)  # noqa: E731
+        products = lambda: conv.small_map_backward(grad_out, x, weight, one, (True, True, False))[:2]  # noqa: E731
         error = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(products(), reference()))
         takes = conv._small_map_gemm_pays(x, weight, one, one, one, 1)
         cells = [f"{time_ms(reference, args.repeats):8.2f}{' ' if takes else '*'}",

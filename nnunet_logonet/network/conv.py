@@ -537,13 +537,12 @@ def _small_map_gemm_pays(x: torch.Tensor, weight: torch.Tensor, stride, padding,
     (``small_map_gemm``).
 
     On such maps most of a 3^3 kernel's taps fall on the zero padding (8 of 27 at 2^3 reach a voxel),
-    and oneDNN's backward runs at 2-6 GMAC/s: Xeon Cascade Lake, batch 2, ``convolution_backward`` vs
-    the products of ``_SmallMapConv3d`` (ms): [2, 512 -> 256, 2^3] 34.4 -> 3.9; [2, 256 -> 256, 2^3]
-    16.5 -> 2.3; [2, 448 -> 192, 2^3] 23.0 -> 2.8; [2, 192 -> 192, 3^3] 5.2 -> 3.4; [2, 512 -> 256, 4^3]
-    28.2 -> 18.7; but [2, 64 -> 64, 4^3] 1.0 -> 2.4, [2, 128 -> 128, 4^3] 3.2 -> 4.2 and [2, 192 -> 192,
-    4^3] 6.8 -> 7.2 (``python -m nnunet_logonet.benchmark.small_map_gemm``), hence the channel rule
-    (``SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT``). The forward stays oneDNN's (1-2x either way, a few ms per
-    step). Measured on AVX-512 only.
+    and oneDNN's backward ran at 2-6 GMAC/s. Xeon Cascade Lake, batch 2, ``convolution_backward`` ->
+    ``small_map_backward`` (ms; ``python -m nnunet_logonet.benchmark.small_map_gemm``): [512 -> 256, 2^3]
+    49.7 -> 5.0; [256 -> 256, 2^3] 22.1 -> 3.3; [512 -> 256, 3^3] 30.9 -> 9.8; [448 -> 192, 4^3] 15.2 ->
+    12.3; but [192 -> 192, 4^3] 6.7 vs 6.2, [128 -> 128, 4^3] 3.0 vs 3.4, [64 -> 64, 4^3] 0.8 vs 1.9:
+    hence the channel rule (``SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT``). The forward stays oneDNN's (1-2x
+    either way, a few ms per step). Measured on AVX-512 only.
     """
     if groups != 1 or x.dim() != 5 or not lever_enabled("small_map_gemm"):
         return False
@@ -607,21 +606,30 @@ class _SmallMapConv3d(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        kernel = weight.shape[2:]
-        grad_rows = _rows(grad_out.contiguous(memory_format=torch.channels_last_3d))
+        return (*small_map_backward(grad_out, x, weight, ctx.padding, ctx.needs_input_grad[:3]), None)
+
+
+def small_map_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: Sequence[int],
+                       needs: Sequence[bool] = (True, True, True)
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Input, weight and bias gradients of a stride-1 dense convolution as matrix products over
+    im2col rows (those ``needs`` asks for; the others None): grad_W = G^T @ cols(x), grad_x =
+    col2im(G @ W), grad_b = the sum of G's rows, G the output gradient's channels-last rows."""
+    kernel = weight.shape[2:]
+    grad_rows = _rows(grad_out.contiguous(memory_format=torch.channels_last_3d))
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
         # (C_out, kd, kh, kw, C_in): a view for a channels-last weight
         weight_rows = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _col2im(grad_rows @ weight_rows, x, kernel, ctx.padding)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_rows.t() @ _im2col(x, kernel, ctx.padding)).view(
-                weight.shape[0], *kernel, weight.shape[1]).permute(0, 4, 1, 2, 3)
-            if not weight.is_contiguous(memory_format=torch.channels_last_3d):
-                grad_w = grad_w.contiguous()
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_rows.sum(0)
-        return grad_x, grad_w, grad_b, None
+        grad_x = _col2im(grad_rows @ weight_rows, x, kernel, padding)
+    if needs[1]:
+        grad_w = (grad_rows.t() @ _im2col(x, kernel, padding)).view(
+            weight.shape[0], *kernel, weight.shape[1]).permute(0, 4, 1, 2, 3)
+        if not weight.is_contiguous(memory_format=torch.channels_last_3d):
+            grad_w = grad_w.contiguous()
+    if needs[2]:
+        grad_b = grad_rows.sum(0)
+    return grad_x, grad_w, grad_b
 
 
 def _to_phases(x: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
