@@ -21,7 +21,7 @@ import torch
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
 from nnunet_logonet.network import conv
 
-__all__ = ["DEFAULT_SHAPES", "routes", "main"]
+__all__ = ["DEFAULT_SHAPES", "routes", "layer_shape_parser", "checked_shapes", "main"]
 
 #: (batch, C_in, C_out, size): LoGoNet-S's 1x1x1 convolutions in a training step at 64^3 (batch 2;
 #: global path on 16^3 .. 2^3, the local paths on 8^3 and 4^3) and in inference (batch 1)
@@ -58,24 +58,36 @@ def _error(found: dict[str, Callable[[], object]]) -> float:
     return max(worst, rel(gx, rx), rel(gw.reshape(rw.shape), rw), rel(gb, rb))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.pointwise_gemm",
-                                     description=__doc__.split("\n\n")[0])
+def layer_shape_parser(prog: str, description: str, repeats: int, kernel: str = "") -> argparse.ArgumentParser:
+    """The ``--shape N C_IN C_OUT SIZE`` (repeatable) and ``--repeats`` options of the convolution studies."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("N", "C_IN", "C_OUT", "SIZE"),
-                        help="batch, input and output channels, cubic map size (repeat for several; "
+                        help=f"batch, input and output channels, cubic map size{kernel} (repeat for several; "
                              "default: LoGoNet-S's shapes)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per route (default 10)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed calls per route (default {repeats})")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    shapes = [tuple(s) for s in args.shape] if args.shape else DEFAULT_SHAPES
+def checked_shapes(args: argparse.Namespace, defaults: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
+    """The shapes ``args`` asks for (else ``defaults``); None, after saying which one, if any value is < 1."""
+    shapes = [tuple(s) for s in args.shape] if args.shape else list(defaults)
     for shape in shapes:
         if min(*shape, args.repeats) < 1:
             print(f"error: shape {' '.join(map(str, shape))}: batch, channels, size and repeats must be >= 1",
                   file=sys.stderr)
-            return 2
+            return None
+    return shapes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return layer_shape_parser("python -m nnunet_logonet.benchmark.pointwise_gemm", __doc__.split("\n\n")[0], 10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    shapes = checked_shapes(args, DEFAULT_SHAPES)
+    if shapes is None:
+        return 2
     cl = torch.channels_last_3d
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; ms per call, "
           f"median of {args.repeats}; * = the route conv.py takes")

@@ -11,13 +11,13 @@ route taken, and checks the products against oneDNN:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
 import torch
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
+from nnunet_logonet.benchmark.pointwise_gemm import checked_shapes, layer_shape_parser
 from nnunet_logonet.network import conv
 
 __all__ = ["DEFAULT_SHAPES", "main"]
@@ -31,19 +31,11 @@ DEFAULT_SHAPES = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.small_map_gemm",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("N", "C_IN", "C_OUT", "SIZE"),
-                        help="batch, input and output channels, cubic map size, 3^3 kernel (repeat for several; "
-                             "default: LoGoNet-S's shapes)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per route (default 7)")
-    args = parser.parse_args(argv)
-    shapes = [tuple(s) for s in args.shape] if args.shape else DEFAULT_SHAPES
-    for shape in shapes:
-        if min(*shape, args.repeats) < 1:
-            print(f"error: shape {' '.join(map(str, shape))}: batch, channels, size and repeats must be >= 1",
-                  file=sys.stderr)
-            return 2
+    args = layer_shape_parser("python -m nnunet_logonet.benchmark.small_map_gemm", __doc__.split("\n\n")[0], 7,
+                              ", 3^3 kernel").parse_args(argv)
+    shapes = checked_shapes(args, DEFAULT_SHAPES)
+    if shapes is None:
+        return 2
     cl, one = torch.channels_last_3d, [1, 1, 1]
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; backward (input and "
           f"weight gradients), ms per call, median of {args.repeats}; * = the route conv.py takes")

@@ -39,7 +39,7 @@ named ones (``LEVERS``), for the before/after of one lever.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import functools
 import math
 import threading
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -525,24 +525,26 @@ class _PointwiseConv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-#: voxels per sample up to which a dense 3D convolution's backward may run as matrix products
-#: (``small_map_gemm``); from 4^3 up, oneDNN's backward wins for all but the widest layers
+#: voxels per sample up to which a dense 3D convolution's backward runs as matrix products
+#: (``small_map_gemm``); on 8^3 maps oneDNN's backward was 2x faster, on 5^3-6^3 within 0-30 %
 SMALL_MAP_GEMM_MAX_VOXELS = 64
 #: smallest C_in x C_out for those products on maps of up to 27 voxels, and on larger ones (<= 64)
-SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT = (192 * 192, 256 * 256)
+SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT = (1, 64 * 128)
 
 
 def _small_map_gemm_pays(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
-    """A dense, stride-1 'same' convolution of a wide, channels-last map of at most 64 voxels per sample
+    """A dense, stride-1 'same' convolution of a channels-last map of at most 64 voxels per sample
     (``small_map_gemm``).
 
     On such maps most of a 3^3 kernel's taps fall on the zero padding (8 of 27 at 2^3 reach a voxel),
-    and oneDNN's backward ran at 2-6 GMAC/s. Xeon Cascade Lake, batch 2, ``convolution_backward`` ->
-    ``small_map_backward`` (ms; ``python -m nnunet_logonet.benchmark.small_map_gemm``): [512 -> 256, 2^3]
-    49.7 -> 5.0; [256 -> 256, 2^3] 22.1 -> 3.3; [512 -> 256, 3^3] 30.9 -> 9.8; [448 -> 192, 4^3] 15.2 ->
-    12.3; but [192 -> 192, 4^3] 6.7 vs 6.2, [128 -> 128, 4^3] 3.0 vs 3.4, [64 -> 64, 4^3] 0.8 vs 1.9:
-    hence the channel rule (``SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT``). The forward stays oneDNN's (1-2x
-    either way, a few ms per step). Measured on AVX-512 only.
+    and oneDNN's backward ran at 2-6 GMAC/s. Xeon Cascade Lake, ``convolution_backward`` ->
+    ``small_map_backward`` (ms; ``python -m nnunet_logonet.benchmark.small_map_gemm``): [2, 512 -> 256,
+    2^3] 42.1 -> 3.8; [2, 256 -> 256, 2^3] 21.1 -> 1.7; [2, 512 -> 256, 3^3] 16.1 -> 8.5; [2, 448 -> 192,
+    4^3] 14.1 -> 10.4; [2, 128 -> 128, 2^3] 3.2 -> 0.6; [2, 32 -> 32, 2^3] 0.42 -> 0.20; [2, 64 -> 128,
+    4^3] 1.62 -> 1.24; but [2, 64 -> 64, 4^3] 0.64 vs 0.68, [2, 32 -> 32, 4^3] 0.35 vs 0.42, and on 8^3
+    maps ([2, 256 -> 128, 8^3] 16.6 vs 32.1) oneDNN's is faster: hence products on every map of up to
+    27 voxels, and on up to 64 where C_in x C_out >= 64 x 128 (``SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT``).
+    The forward stays oneDNN's (1-2x either way, a few ms per step). Measured on AVX-512 only.
     """
     if groups != 1 or x.dim() != 5 or not lever_enabled("small_map_gemm"):
         return False
@@ -571,23 +573,32 @@ def _im2col(x: torch.Tensor, kernel: Sequence[int], padding: Sequence[int]) -> t
     return windows.reshape(n * d * h * w, kd * kh * kw * c)
 
 
+@functools.lru_cache(maxsize=64)
+def _padded_voxel_index(n: int, size: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[int, ...]
+                        ) -> torch.Tensor:
+    """For every (sample, voxel, tap) row of ``_im2col``'s output, in its order, the flat index of the
+    padded input voxel that entry was read from."""
+    padded = [m + 2 * p for m, p in zip(size, padding)]
+    index = torch.arange(n).view(n, 1, 1, 1, 1, 1, 1)
+    for axis in range(3):  # index * padded size + voxel + tap, axis by axis
+        voxel = [1] * 7
+        voxel[1 + axis] = size[axis]
+        tap = [1] * 7
+        tap[4 + axis] = kernel[axis]
+        index = index * padded[axis] + torch.arange(size[axis]).view(voxel) + torch.arange(kernel[axis]).view(tap)
+    return index.reshape(-1)
+
+
 def _col2im(cols: torch.Tensor, like: torch.Tensor, kernel: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
     """The adjoint of ``_im2col``: each row's per-tap entries added back onto the voxels they came from
-    (those on the padding dropped); channels-last, shaped like ``like``."""
+    (one ``index_add_``; those on the padding dropped), channels-last, shaped like ``like``."""
     n, c, d, h, w = like.shape
-    kd, kh, kw = kernel
-    taps = cols.view(n, d, h, w, kd, kh, kw, c)
-    out = torch.zeros((n, d, h, w, c), dtype=cols.dtype, device=cols.device)
-    size = (d, h, w)
-    for tap in itertools.product(range(kd), range(kh), range(kw)):
-        shifts = [t - p for t, p in zip(tap, padding)]  # output voxel v reads input voxel v + shift
-        ranges = [(max(0, -s), min(m, m - s)) for s, m in zip(shifts, size)]
-        if any(lo >= hi for lo, hi in ranges):
-            continue
-        (z0, z1), (y0, y1), (x0, x1) = ranges
-        (sz, sy, sx) = shifts
-        out[:, z0 + sz:z1 + sz, y0 + sy:y1 + sy, x0 + sx:x1 + sx] += taps[:, z0:z1, y0:y1, x0:x1, tap[0], tap[1], tap[2]]
-    return out.permute(0, 4, 1, 2, 3)
+    p0, p1, p2 = padding
+    index = _padded_voxel_index(n, (d, h, w), tuple(kernel), tuple(padding)).to(cols.device)
+    padded = torch.zeros((n * (d + 2 * p0) * (h + 2 * p1) * (w + 2 * p2), c), dtype=cols.dtype, device=cols.device)
+    padded.index_add_(0, index, cols.reshape(-1, c))
+    inner = padded.view(n, d + 2 * p0, h + 2 * p1, w + 2 * p2, c)[:, p0:p0 + d, p1:p1 + h, p2:p2 + w]
+    return inner.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
 
 
 class _SmallMapConv3d(torch.autograd.Function):
