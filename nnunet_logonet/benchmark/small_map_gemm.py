@@ -1,7 +1,7 @@
 """Dense convolutions on small maps: oneDNN's backward or matrix products over im2col rows, on this CPU.
 
 On maps of a few voxels most of a 3^3 kernel's taps meet only the zero padding, and oneDNN's backward of
-a wide dense convolution there ran 5-10x slower than the same products as two matrix multiplications
+a dense convolution there ran up to 18x slower than the same products as two matrix multiplications
 over the input's im2col rows (``conv.small_map_backward``). ``conv.py`` takes the products for the shapes
 ``conv._small_map_gemm_pays`` accepts; this command times both on the machine it runs on, marks the
 route taken, and checks the products against oneDNN:

@@ -87,7 +87,7 @@ LEVERS: dict[str, str] = {
     "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
     "pointwise_gemm": "1x1x1 convolutions as matrix products over channels-last rows: the backward always, "
                       "the forward on small maps",
-    "small_map_gemm": "the backward of wide dense convolutions on maps of at most 64 voxels as matrix products "
+    "small_map_gemm": "the backward of dense convolutions on maps of at most 64 voxels as matrix products "
                       "over im2col rows",
     "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
     "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
@@ -604,8 +604,9 @@ def _col2im(cols: torch.Tensor, like: torch.Tensor, kernel: Sequence[int], paddi
 class _SmallMapConv3d(torch.autograd.Function):
     """oneDNN's convolution forward; the backward as matrix products over the input's im2col rows
     (``_small_map_gemm_pays``): grad_W = G^T @ cols, grad_cols = G @ W, folded back by ``_col2im``.
-    The same products as oneDNN's backward, without the taps that only meet padding being looped over
-    in its kernel; the weight gradient comes out in the weight's channels-last layout, no reorder."""
+    The same products as oneDNN's backward (the padding's zeros included), as two large matrix
+    products instead of its per-tap kernels, which ran at 2-6 GMAC/s on such maps; the weight gradient
+    comes out in the weight's channels-last layout, no reorder."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):  # type: ignore[override]
