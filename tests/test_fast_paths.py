@@ -675,42 +675,77 @@ def _reference_steps(net: nn.Module, x: torch.Tensor) -> tuple:
     key = digest.hexdigest()
     if key not in _REFERENCE_STEPS:
         ref = _outputs_and_grads(net, x, reference=True)
-        _, exact_gx, exact_grads, _ = _outputs_and_grads(copy.deepcopy(net).double(), x.double(), reference=True)
-        _REFERENCE_STEPS[key] = (ref, exact_gx, exact_grads)
+        exact_out, exact_gx, exact_grads, _ = _outputs_and_grads(copy.deepcopy(net).double(), x.double(), reference=True)
+        _REFERENCE_STEPS[key] = (ref, exact_out, exact_gx, exact_grads)
     return _REFERENCE_STEPS[key]
 
 
+#: How far a float32 training step may sit from the exact one through LeakyReLU kink flips alone.
+#: Any change of summation order moves pre-activations by ~1e-6 and sends the few that lie that close
+#: to zero to the other side of the kink (slope 1 <-> 0.01); such a voxel's gradient, and every
+#: gradient upstream of it, changes by about its share of the tensor's norm, 1/sqrt(elements). Measured
+#: on an AMD EPYC Zen 4 (2026-12-04): LoGoNet-tiny at 32^3, one voxel of a 16^3 decoder map at
+#: -6.1e-7 (fast) vs +7.7e-7 (reference) moved that map's gradient by 5.8e-3 and the full-resolution
+#: skip's weight gradient by 3.1e-3 (the reference's own error: 1.0e-4); another CPU's rounding flips
+#: other voxels. The fast kernels themselves are held to 1e-5 one by one
+#: (``test_conv3d_equals_torch_conv3d_with_gradients`` and the lever tests); this whole-network check is
+#: for the wiring (a wrong slice, a missing term, statistics not written back), whose errors are of
+#: order one.
+KINK_FLIP_TOLERANCE = 1e-2
+
+
 def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:
-    (ref_out, ref_gx, ref_grads, ref_state), exact_gx, exact_grads = _reference_steps(net, x)
+    (ref_out, ref_gx, ref_grads, ref_state), exact_out, exact_gx, exact_grads = _reference_steps(net, x)
     fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without)
-    # BatchNorm running statistics (the grouped local paths write them back to every path)
+    # BatchNorm running statistics (the grouped local paths write them back to every path); the
+    # bottleneck's BatchNorm over 2 values (1^3 maps, batch 2) magnifies float32 rounding to ~3e-5
     assert fast_state.keys() == ref_state.keys()
     for key, value in ref_state.items():
         if "running" in key or "num_batches" in key:
-            assert torch.allclose(fast_state[key].float(), value.float(), rtol=1e-4, atol=1e-5), key
-    for a, b in zip(fast_out, ref_out):
-        assert _rel(a, b) < 1e-4
+            assert torch.allclose(fast_state[key].float(), value.float(), rtol=1e-4, atol=1e-4), key
+    # Outputs within 1e-4 of the reference's; where the bottleneck's BatchNorm over 2 values magnifies
+    # rounding to that size (ULKANet-tiny at 32^3: the reference 5.7e-5 from the exact outputs, the
+    # fast path 2.4e-5 on the other side, 1.0e-4 apart), at least as close to the exact ones
+    for a, b, exact in zip(fast_out, ref_out, exact_out):
+        assert _rel(a, b) < 1e-4 or _rel(a.double(), exact) <= _rel(b.double(), exact), (_rel(a, b), _rel(b.double(), exact))
     assert fast_grads.keys() == ref_grads.keys()
     # Gradients are judged against a float64 computation: BatchNorm in training mode turns float32
-    # rounding into ~1e-4 (of the largest gradient) noise in both float32 paths, and the small
-    # early-layer gradients carry ~1e-3 relative noise. The fast path must be as close to the
-    # exact gradients as the float32 reference is; a real mistake (a wrong slice, a missing term)
-    # gives errors of order one.
+    # rounding into ~1e-4 (of the largest gradient) noise in both float32 paths, the small
+    # early-layer gradients carry ~1e-3 relative noise, and kink flips up to KINK_FLIP_TOLERANCE.
+    # The fast path must be about as close to the exact gradients as the float32 reference is.
     exact_grads = {k: v.float() for k, v in exact_grads.items()}
     scale = max(g.abs().max() for g in exact_grads.values())
 
     def worst(grads):
         return max(((grads[k] - exact_grads[k]).abs().max() / scale).item() for k in exact_grads)
 
-    assert worst(fast_grads) <= 2 * worst(ref_grads) + 1e-5, (worst(fast_grads), worst(ref_grads))
+    assert worst(fast_grads) <= 2 * worst(ref_grads) + 0.3 * KINK_FLIP_TOLERANCE, (worst(fast_grads), worst(ref_grads))
     for k, exact in exact_grads.items():
         if exact.norm() > 1e-3 * scale:  # (the bottleneck's BatchNorm on 2 values: ~2e-2 in both paths)
             fast_err = ((fast_grads[k] - exact).norm() / exact.norm()).item()
             ref_err = ((ref_grads[k] - exact).norm() / exact.norm()).item()
-            assert fast_err <= 3 * max(ref_err, 1e-3), (k, fast_err, ref_err)
-    assert _rel(fast_gx, exact_gx.float()) <= 2 * _rel(ref_gx, exact_gx.float()) + 1e-5
-    assert _rel(fast_gx, ref_gx) < 1e-3
+            assert fast_err <= 3 * max(ref_err, KINK_FLIP_TOLERANCE), (k, fast_err, ref_err)
+    assert _rel(fast_gx, exact_gx.float()) <= 2 * _rel(ref_gx, exact_gx.float()) + 0.1 * KINK_FLIP_TOLERANCE
+    assert _rel(fast_gx, ref_gx) < KINK_FLIP_TOLERANCE
 
+
+
+def test_whole_network_check_catches_a_gradient_off_by_five_percent(monkeypatch):
+    """The whole-network tolerance (``KINK_FLIP_TOLERANCE``) still fails a fast path whose 1x1x1
+    weight gradients are 5 % off, an error far smaller than a wrong slice or a missing term."""
+    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))
+    patch = (32, 32, 32)
+    net = _tiny(ULKANet, patch, deep_supervision=True).train()
+    x = torch.randn(2, 1, *patch)
+    backward = conv_module._PointwiseConv3d.backward
+
+    def off_by_five_percent(ctx, grad_out):
+        grad_x, grad_w, grad_b = backward(ctx, grad_out)
+        return grad_x, None if grad_w is None else 1.05 * grad_w, grad_b
+
+    monkeypatch.setattr(conv_module._PointwiseConv3d, "backward", staticmethod(off_by_five_percent))
+    with pytest.raises(AssertionError, match="pointwise|proj|fc|conv1"):
+        _assert_training_equals_reference(net, x)
 
 @pytest.mark.parametrize("preset, patch, grouped", [("tiny", (32, 64, 64), True), ("tiny", (96, 96, 96), False),
                                                     ("S", (64, 64, 64), False), ("S", (32, 32, 32), True)])
