@@ -68,6 +68,16 @@ def test_markdown_and_json_are_written(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_markdown_names_the_cpu_the_demo_ran_on(tmp_path):
+    results = synthetic_results()
+    results["machine"].update(cpu_model="AMD EPYC", cpu_family="25", cpu_model_number="17")
+    report.write_markdown(results, tmp_path / "results.md")
+    assert "2 CPU cores (AMD EPYC, family 25 model 17); load average" in (tmp_path / "results.md").read_text()
+    del results["machine"]["cpu_model"]  # a results.json written before the demo recorded it
+    report.write_markdown(results, tmp_path / "results.md")
+    assert "2 CPU cores; load average" in (tmp_path / "results.md").read_text()
+
+
 def test_markdown_adds_up_stage_times_when_stages_were_reused(tmp_path):
     results = synthetic_results()
     results["stages"] = {"a": {"reused": True, "stage_wall_s": 600.0}, "b": {"reused": False, "stage_wall_s": 60.0}}

@@ -58,6 +58,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
+from nnunet_logonet.machine import cpu_description
 from nnunet_logonet.network.conv import LEVERS, reference_kernels
 
 from nnunet_logonet.benchmark.models import (
@@ -474,17 +475,7 @@ def describe_allocator(settings: dict[str, str]) -> str:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    # "Intel(R) Xeon(R) Processor" names several generations: family/model and the ISA tell them apart
-    cpuinfo: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():
-                break  # end of the first processor's block
-            cpuinfo.setdefault(key.strip(), value.strip())
-    cpu = cpuinfo.get("model name", cpu)
-    wide_isa = sorted(f for f in cpuinfo.get("flags", "").split() if f.startswith(("avx512", "amx")))
+    """The machine and library versions a benchmark ran on, for its JSON record."""
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(name: str) -> str | None:
@@ -494,9 +485,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             return None
 
     info: dict[str, Any] = {
-        "device": str(device), "cpu_model": cpu, "cpu_family": cpuinfo.get("cpu family"),
-        "cpu_model_number": cpuinfo.get("model"), "cpu_isa_extensions": wide_isa,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device), **cpu_description(),
         "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "nnunetv2": _version("nnunetv2"), "fvcore": _version("fvcore"),
         "nnunet_logonet": _version("nnunet-logonet"), "python": platform.python_version(),

@@ -29,6 +29,7 @@ from nnunet_logonet.demo import report
 from nnunet_logonet.demo.settings import DEVICES, PRESETS, DemoError, DemoSettings, make_settings
 from nnunet_logonet.demo.stages import DemoContext, Stage, build_stages
 from nnunet_logonet.demo.state import STATE_FILE, DemoState
+from nnunet_logonet.machine import cpu_description
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "main", "run_demo"]
 
@@ -213,7 +214,7 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
                                     "best": records.get("rank", {}).get("best")},
         "stages": {s.name: {**records.get(s.name, {}), "reused": reused.get(s.name, False)} for s in stages},
         "versions": _versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), **cpu_description(), "cpu_count": os.cpu_count(),
                     "load_average_start": load_start},
         "paths": {"base": str(base), "out": str(out), **{v: env[v] for v in NNUNET_FOLDERS}},
     }

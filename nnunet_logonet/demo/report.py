@@ -98,6 +98,14 @@ def format_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _device_note(settings: Mapping, machine: Mapping) -> str:
+    cpu = machine.get("cpu_model")
+    family = (f", family {machine['cpu_family']} model {machine['cpu_model_number']}"
+              if machine.get("cpu_family") and machine.get("cpu_model_number") else "")
+    return (f"Device: {settings['device']}; {machine.get('cpu_count', '?')} CPU cores"
+            f"{f' ({cpu}{family})' if cpu else ''}; load average {machine.get('load_average_start', '?')} at start.")
+
+
 def table_notes(results: Mapping) -> list[str]:
     settings = results["settings"]
     budget = settings["budget"]
@@ -117,8 +125,7 @@ def table_notes(results: Mapping) -> list[str]:
         f"validation iterations).",
         f"peak mem: {peak}.",
         *_ssl_note(results),
-        f"Device: {settings['device']}; {results.get('machine', {}).get('cpu_count', '?')} CPU cores; load average "
-        f"{results.get('machine', {}).get('load_average_start', '?')} at start.",
+        _device_note(settings, results.get("machine", {})),
     ]
 
 
