@@ -5,7 +5,8 @@ a second OpenMP (libgomp) team, and while more OpenMP threads exist than cores, 
 sleep at once instead of spinning, so every parallel region of the forward in the main thread pays a
 wake-up: a network with many small convolutions pays more than one with a few large ones. This command
 times each network's inference forward (batch 1) alone and while such a thread is alive (one that has
-copied a tile and now waits, as nnU-Net's waits on its full queue), alternating in rounds in one process:
+copied a tile and now waits, as nnU-Net's waits on its full queue), in rounds in one process, the two
+figures in alternating order:
 
     python -m nnunet_logonet.benchmark.producer_thread            # nnunet and logonet_s at 64^3, ~1 min
     python -m nnunet_logonet.benchmark.producer_thread --models logonet_tiny --patch-size 32 32 32
@@ -18,13 +19,15 @@ import threading
 import time
 from queue import Queue
 from statistics import median
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from nnunet_logonet.benchmark.models import MODELS, resolve_model
 
-__all__ = ["forward_seconds", "main"]
+T = TypeVar("T")
+
+__all__ = ["forward_seconds", "main", "with_waiting_producer"]
 
 
 def forward_seconds(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -39,7 +42,7 @@ def forward_seconds(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> floa
     return median(times)
 
 
-def with_waiting_producer(tile: Sequence[int], call):
+def with_waiting_producer(tile: Sequence[int], call: Callable[[], T]) -> T:
     """``call()`` while a thread that has copied one tile, as nnU-Net's producer does, waits to be released."""
     copied: Queue = Queue(maxsize=1)
     release = threading.Event()
@@ -93,8 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios: dict[str, list[float]] = {name: [] for name in nets}
     for round_ in range(args.rounds):
         for name, (net, x) in nets.items():
-            alone = forward_seconds(net, x, args.repeats)
-            waiting = with_waiting_producer(args.patch_size, lambda: forward_seconds(net, x, args.repeats))
+            timed = lambda: forward_seconds(net, x, args.repeats)  # noqa: E731
+            if round_ % 2:  # the order alternates, so that neither figure always runs first
+                waiting = with_waiting_producer(args.patch_size, timed)
+                alone = timed()
+            else:
+                alone = timed()
+                waiting = with_waiting_producer(args.patch_size, timed)
             ratios[name].append(waiting / alone)
             print(f"round {round_ + 1}: {name:14s} alone {alone:8.3f}  with the producer thread {waiting:8.3f}  "
                   f"({waiting / alone:.3f}x)", flush=True)
