@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_logonet.benchmark.efficiency import ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main
+from nnunet_logonet.benchmark.efficiency import (ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main,
+                                                  time_runs)
 from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
 
 PATCH = ["32", "32", "32"]
@@ -44,6 +45,11 @@ def test_every_figure_present_and_positive(small_run):
     assert report["models"]["nnunet"]["details"]["layout"] == "contiguous"
     assert report["models"]["nnunet"]["details"]["trainer"] == "nnUNetTrainer"
     assert report["models"]["logonet_tiny"]["details"]["trainer"] == "LoGoNetTrainer"
+    for entry in report["models"].values():  # what the allocator cost each timed call
+        costs = entry["details"]["process_costs_per_call"]
+        assert set(costs) == {"forward_s", "sliding_window_s", "train_step_s"}
+        assert all(c["minor_page_faults"] >= 0 and c["system_s"] >= 0 for c in costs.values())
+    assert "minor page faults per training step" in format_table(report)
 
 
 @pytest.mark.e2e
@@ -116,6 +122,18 @@ def test_json_round_trips_with_device_info(small_run):
     assert report["date"] and report["patch_size"] == [32, 32, 32]
     assert "multiply-accumulate" in report["settings"]["flop_counter"]
     assert isinstance(info["allocator"], dict)
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="page faults are counted through getrusage on Linux")
+def test_time_runs_counts_the_page_faults_of_fresh_memory():
+    """A call that writes 64 MB of freshly mapped memory faults its pages in (4 KB each, or 2 MB huge pages)."""
+    costs: dict = {}
+    times = time_runs(lambda: torch.ones(16 * 2 ** 20), warmup=1, repeats=3, device=torch.device("cpu"), costs=costs)
+    assert len(times) == 3
+    assert costs["minor_page_faults"] >= 32 and costs["system_s"] >= 0
+    quiet: dict = {}
+    time_runs(lambda: None, warmup=0, repeats=3, device=torch.device("cpu"), costs=quiet)
+    assert quiet["minor_page_faults"] < costs["minor_page_faults"]
 
 
 def test_allocator_settings_are_recorded_and_printed(monkeypatch):

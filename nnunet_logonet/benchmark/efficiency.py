@@ -155,17 +155,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+def process_costs() -> tuple[int, float]:
+    """Minor page faults and system CPU seconds of this process so far (0, 0.0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def time_runs(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device,
+              costs: dict[str, float] | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls. With ``costs``, also
+    the timed calls' minor page faults and system seconds per call: on the CPU, glibc maps every block over
+    its threshold anew and the kernel zeroes its pages on first touch, so these say how much of a time is
+    the allocator's (docs/speed.md, "The allocator")."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
+    faults_before, system_before = process_costs()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+    if costs is not None and repeats:
+        faults, system = process_costs()
+        costs.update(minor_page_faults=(faults - faults_before) / repeats, system_s=(system - system_before) / repeats)
     return times
 
 
@@ -351,12 +369,14 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
         with torch.no_grad(), _autocast(device, settings.amp):
             net(x1)
 
-    samples["forward_s"] = time_runs(forward, settings.warmup, settings.repeats, device)
+    costs: dict[str, dict[str, float]] = {key: {} for key in ("forward_s", "sliding_window_s", "train_step_s")}
+    samples["forward_s"] = time_runs(forward, settings.warmup, settings.repeats, device, costs["forward_s"])
     figures["macs"], details["fvcore_uncounted_ops"] = count_macs(model, x1)
     del x1
 
     sliding_window, details["sliding_window_tiles"] = make_sliding_window(net, spec, settings, device)
-    samples["sliding_window_s"] = time_runs(sliding_window, settings.sw_warmup, settings.sw_repeats, device)
+    samples["sliding_window_s"] = time_runs(sliding_window, settings.sw_warmup, settings.sw_repeats, device,
+                                            costs["sliding_window_s"])
     del sliding_window
 
     if skip_training:
@@ -368,7 +388,7 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         rss.reset()
-        samples["train_step_s"] = time_runs(step, settings.warmup, settings.repeats, device)
+        samples["train_step_s"] = time_runs(step, settings.warmup, settings.repeats, device, costs["train_step_s"])
         if device.type == "cuda":
             figures["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 2
             details["memory_method"] = "torch.cuda.max_memory_allocated during the training iterations"
@@ -379,6 +399,7 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
                            memory_method=f"peak resident set minus resident set before building ({rss.method})")
     for key, values in samples.items():
         figures[key] = median(values)
+    details["process_costs_per_call"] = {key: value for key, value in costs.items() if value}
     details["wall_s"] = time.perf_counter() - started
     return {"status": "ok", "figures": figures, "samples": samples, "details": details}
 
@@ -585,6 +606,10 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(row)
         for note in ([entry["note"]] if entry.get("note") else []) + entry.get("details", {}).get("notes", []):
             notes.append(f"{name}: {note}")
+        step_costs = entry.get("details", {}).get("process_costs_per_call", {}).get("train_step_s")
+        if step_costs and report["device_info"]["device"] == "cpu":
+            notes.append(f"{name}: {step_costs['minor_page_faults'] / 1e6:.2f} M minor page faults per training "
+                         f"step ({step_costs['system_s']:.2f} s system time)")
         ranges = {k: v for k, v in entry.get("ratio_ranges", {}).items() if name != REFERENCE_MODEL}
         if ranges:
             notes.append(f"{name}: per-round ratios " + ", ".join(
