@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 from queue import Queue
 from statistics import median
 from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from nnunet_logonet.benchmark.efficiency import time_runs
 from nnunet_logonet.benchmark.models import MODELS, resolve_model
 
 T = TypeVar("T")
@@ -32,14 +32,8 @@ __all__ = ["forward_seconds", "main", "with_waiting_producer"]
 
 def forward_seconds(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     """Median of ``repeats`` timed inference forwards, after one untimed."""
-    times = []
     with torch.inference_mode():
-        net(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            net(x)
-            times.append(time.perf_counter() - start)
-    return median(times)
+        return median(time_runs(lambda: net(x), warmup=1, repeats=repeats, device=x.device))
 
 
 def with_waiting_producer(tile: Sequence[int], call: Callable[[], T]) -> T:
