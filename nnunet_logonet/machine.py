@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -34,3 +34,35 @@ def cpu_description(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
         "cpu_isa_extensions": sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx512", "amx"))),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+#: (vendor word, cpu family, model number) -> generation, for the CPUs this project's records came from
+#: and their neighbours; /proc/cpuinfo's "model name" alone ("AMD EPYC", "Intel(R) Xeon(R) Processor")
+#: does not say which.
+CPU_GENERATIONS = {
+    ("Xeon", "6", "85"): "Xeon Skylake-SP",  # Cascade Lake shares the model number; it has AVX-512 VNNI
+    ("Xeon", "6", "106"): "Xeon Ice Lake",
+    ("Xeon", "6", "143"): "Xeon Sapphire Rapids",
+    ("Xeon", "6", "207"): "Xeon Emerald Rapids",
+    ("EPYC", "23", "49"): "AMD EPYC Zen 2",
+    ("EPYC", "25", "1"): "AMD EPYC Zen 3",
+    ("EPYC", "25", "17"): "AMD EPYC Zen 4",
+}
+
+
+def cpu_kind(record: Mapping[str, Any]) -> str:
+    """A short name for the CPU of a ``cpu_description`` record: its generation where the family and
+    model number are known ("AMD EPYC Zen 4", "Xeon Cascade Lake"), else its model name, with the vector
+    width PyTorch dispatched to where recorded. Records written before the family was kept give the name."""
+    name = " ".join(str(record.get("cpu_model") or "unknown CPU").replace("(R)", "").replace("(TM)", "")
+                    .split("@")[0].replace(" Processor", "").split())
+    family, number = record.get("cpu_family"), record.get("cpu_model_number")
+    for (word, fam, num), generation in CPU_GENERATIONS.items():
+        if word in name and (str(family), str(number)) == (fam, num):
+            if generation == "Xeon Skylake-SP" and "avx512_vnni" in (record.get("cpu_isa_extensions") or ()):
+                generation = "Xeon Cascade Lake"
+            return generation
+    if family is not None and number is not None:
+        name += f" (family {family} model {number})"
+    capability = record.get("torch_cpu_capability")
+    return f"{name}, {capability.replace('AVX512', 'AVX-512')}" if capability else name

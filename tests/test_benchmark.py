@@ -124,6 +124,21 @@ def test_json_round_trips_with_device_info(small_run):
     assert isinstance(info["allocator"], dict)
 
 
+@pytest.mark.e2e
+def test_a_fresh_run_charts_with_this_machines_name(small_run, tmp_path, capsys):
+    from nnunet_logonet.benchmark import ratio_chart
+    from nnunet_logonet.machine import cpu_kind
+
+    report = json.loads(small_run[1].read_text())
+    chart = tmp_path / "ratios.png"
+    assert ratio_chart.main([str(small_run[1]), "--models", "logonet_tiny", "-o", str(chart)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| logonet_tiny |" in line)
+    assert row.startswith(f"| {cpu_kind(report['device_info'])}, 32^3, alone, {report['date'][:10]} |")
+    ratios = report["models"]["logonet_tiny"]["ratios"]
+    assert row.split("|")[3:6] == [f" {ratios[k]:.2f}x " for k in ("forward_s", "train_step_s", "sliding_window_s")]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="page faults are counted through getrusage on Linux")
 def test_time_runs_counts_the_page_faults_of_fresh_memory():
     """A call that writes 64 MB of freshly mapped memory faults its pages in (4 KB each, or 2 MB huge pages)."""

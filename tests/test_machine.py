@@ -1,9 +1,10 @@
 """The CPU a record names: the benchmark's and the demo's results say which machine they ran on."""
 import platform
 
+import pytest
 import torch
 
-from nnunet_logonet.machine import cpu_description
+from nnunet_logonet.machine import cpu_description, cpu_kind
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -32,3 +33,19 @@ def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):
     described = cpu_description(tmp_path / "missing")
     assert described["cpu_model"] == (platform.processor() or platform.machine())
     assert described["cpu_family"] is None and described["cpu_isa_extensions"] == []
+
+
+@pytest.mark.parametrize("record, kind", [
+    ({"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "17"}, "AMD EPYC Zen 4"),
+    ({"cpu_model": "AMD EPYC 7B13", "cpu_family": "25", "cpu_model_number": "1"}, "AMD EPYC Zen 3"),
+    ({"cpu_model": "Intel(R) Xeon(R) Processor @ 2.50GHz", "cpu_family": "6", "cpu_model_number": "85",
+      "cpu_isa_extensions": ["avx512_vnni", "avx512f"]}, "Xeon Cascade Lake"),
+    ({"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_family": "6", "cpu_model_number": "85",
+      "cpu_isa_extensions": ["avx512f"]}, "Xeon Skylake-SP"),
+    ({"cpu_model": "Intel(R) Core(TM) i7-1185G7 @ 3.00GHz", "cpu_family": "6", "cpu_model_number": "140",
+      "torch_cpu_capability": "AVX512"}, "Intel Core i7-1185G7 (family 6 model 140), AVX-512"),
+    ({"cpu_model": "Intel(R) Xeon(R) Processor"}, "Intel Xeon"),  # a record from before the family was kept
+    ({}, "unknown CPU"),
+])
+def test_cpu_kind_names_the_generation_where_the_record_allows(record, kind):
+    assert cpu_kind(record) == kind
