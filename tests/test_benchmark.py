@@ -20,7 +20,7 @@ def small_run(tmp_path_factory):
     sliding-window tile and batch 1 so it stays short."""
     out = tmp_path_factory.mktemp("benchmark") / "result.json"
     argv = ["--device", "cpu", "--models", "nnunet", "logonet_tiny", "--patch-size", *PATCH, "--repeats", "1",
-            "--warmup", "0", "--batch-size", "1", "--case-size", *PATCH, "--json", str(out), "--no-progress"]
+            "--warmup", "0", "--batch-size", "1", "--case-size", *PATCH, "--json", str(out), "--chart", str(out.with_suffix(".png")), "--no-progress"]
     return main(argv), out
 
 
@@ -137,6 +137,13 @@ def test_a_fresh_run_charts_with_this_machines_name(small_run, tmp_path, capsys)
     ratios = report["models"]["logonet_tiny"]["ratios"]
     assert row.split("|")[3:6] == [f" {ratios[k]:.2f}x " for k in ("forward_s", "train_step_s", "sliding_window_s")]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert small_run[1].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the run's own --chart
+
+
+def test_chart_needs_the_reference_model_in_the_run(tmp_path, capsys):
+    assert main(["--models", "logonet_tiny", "--patch-size", *PATCH, "--chart", str(tmp_path / "c.png")]) == 2
+    assert "add nnunet to --models" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="page faults are counted through getrusage on Linux")

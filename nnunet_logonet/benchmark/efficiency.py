@@ -692,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                         help="skip what the feature-map estimate says cannot fit in free memory (default on)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write every figure and the device info here")
+    parser.add_argument("--chart", default=None, metavar="PNG",
+                        help="also draw each model's time ratios to nnunet here (the chart of "
+                             "`python -m nnunet_logonet.benchmark.ratio_chart`, which puts several runs' JSONs side by side)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -770,6 +773,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.without and len(specs) == len(models):  # nothing was added
         return _usage_error(f"--without applies to LoGoNet/ULKANet models; --models has none ({', '.join(models)})")
 
+    if args.chart and REFERENCE_MODEL not in models:
+        return _usage_error(f"--chart draws each model's time as a ratio to {REFERENCE_MODEL}'s in the same run; "
+                            f"add {REFERENCE_MODEL} to --models")
     if args.amp and device.type != "cuda":
         print("logonet_benchmark: --amp applies to CUDA only; the CPU runs fp32 as nnU-Net does", file=sys.stderr)
     if args.case_size and any(c < 1 for c in args.case_size):
@@ -801,7 +807,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(report))
     if args.json:
         print(f"\nwrote {args.json}")
+    if args.chart:
+        _draw_chart(report, args.json, args.chart)
     return 0
+
+
+def _draw_chart(report: dict[str, Any], json_path: str | None, chart: str) -> None:
+    from .ratio_chart import BenchmarkRecordError, plot_ratios, run_ratios
+
+    try:
+        run = run_ratios(report, Path(json_path or chart))
+    except BenchmarkRecordError as error:  # e.g. the reference model could not run here
+        print(f"no chart: {error}", file=sys.stderr)
+        return
+    if not run.ratios:
+        print(f"no chart: nothing to compare with {REFERENCE_MODEL} in this run", file=sys.stderr)
+        return
+    plot_ratios([run], list(run.ratios), chart)
+    print(f"wrote {chart}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 from nnunet_logonet.benchmark.efficiency import REFERENCE_MODEL
 from nnunet_logonet.machine import cpu_kind
 
-__all__ = ["FIGURES", "BenchmarkRecordError", "RunRatios", "load_run", "run_label", "format_table", "plot_ratios",
-           "main"]
+__all__ = ["FIGURES", "BenchmarkRecordError", "RunRatios", "load_run", "run_ratios", "run_label", "format_table",
+           "plot_ratios", "main"]
 
 #: the figures a chart can show: command-line name -> (key in the record, title)
 FIGURES = {
@@ -67,6 +67,8 @@ def run_label(report: Mapping[str, Any]) -> str:
     size = f"{patch[0]}^3" if patch and len(set(patch)) == 1 else "x".join(map(str, patch)) or "patch ?"
     rounds = settings.get("interleave_rounds")
     parts = [machine, size, f"interleaved x{rounds}" if rounds else "alone"]
+    if settings.get("mirroring"):
+        parts.append("mirroring")
     if settings.get("reference_kernels"):
         parts.append("reference kernels")
     if settings.get("amp"):
@@ -105,7 +107,11 @@ def _read(path: Path) -> dict[str, Any]:
 def load_run(path: str | os.PathLike) -> RunRatios:
     """The ratios of every model in one ``logonet_benchmark`` JSON to the run's reference model."""
     path = Path(path)
-    report = _read(path)
+    return run_ratios(_read(path), path)
+
+
+def run_ratios(report: Mapping[str, Any], path: Path) -> RunRatios:
+    """The ratios of every model in a ``logonet_benchmark`` report (read from ``path``) to its reference model."""
     reference = (report.get("settings") or {}).get("reference_model") or REFERENCE_MODEL
     entries = report["models"]
     ref_figures = (entries.get(reference) or {}).get("figures") or {}
@@ -196,6 +202,8 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
                 xerr = [[value - span[0]], [span[1] - value]] if span else None
                 ax.errorbar(value, y, xerr=xerr, fmt="o", color=colours(j), markersize=5, capsize=2,
                             label=model if i == next(k for k, r in enumerate(runs) if model in r.ratios) else None)
+                ax.annotate(f"{value:.2f}", (value, y), xytext=(0, 4), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=6.5, color=colours(j))
         ax.axvline(TARGET, color="black", linewidth=1)
         ax.axvline(AIM, color="grey", linewidth=1, linestyle="--")
         ax.set_xscale("log")
