@@ -114,3 +114,14 @@ def test_models_no_run_timed_are_refused_listing_those_it_did(capsys):
     assert ratio_chart.main([str(RECORDS / "cpu_96_epyc_zen4.json"), "--models", "logonet_l"]) == 2
     err = capsys.readouterr().err
     assert "none of the 1 runs timed logonet_l" in err and "logonet_s" in err
+
+
+def test_the_chart_command_in_the_benchmarks_readme_names_records_that_exist(capsys):
+    text = (RECORDS / "README.md").read_text()
+    block = text.split("## All runs at a glance", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    args = block.replace("\\\n", " ").split()
+    assert args[:3] == ["python", "-m", "nnunet_logonet.benchmark.ratio_chart"]
+    records = [a for a in args if a.endswith(".json")]
+    assert len(records) >= 10 and all((RECORDS / r).is_file() for r in records)
+    assert ratio_chart.main([str(RECORDS / r) for r in records]) == 0  # the table, without redrawing ratios.png
+    assert len(_table_rows(capsys.readouterr().out)) >= len(records)
