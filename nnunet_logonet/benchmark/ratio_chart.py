@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from nnunet_logonet.benchmark.efficiency import REFERENCE_MODEL
+from nnunet_logonet.benchmark.models import REFERENCE_MODEL
 from nnunet_logonet.machine import cpu_kind
 
 __all__ = ["FIGURES", "BenchmarkRecordError", "RunRatios", "load_run", "run_ratios", "run_label", "format_table",
