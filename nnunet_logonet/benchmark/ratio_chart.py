@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nnunet_logonet.benchmark.models import REFERENCE_MODEL
+from nnunet_logonet.figures import save_figure
 from nnunet_logonet.machine import cpu_kind
 
 __all__ = ["FIGURES", "BenchmarkRecordError", "RunRatios", "load_run", "run_ratios", "run_label", "format_table",
@@ -221,15 +222,7 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("Time relative to nnU-Net's default network timed in the same run (lower is faster)", fontsize=11)
     fig.tight_layout(rect=(0, 0.35 / fig_height, 1, 1))  # room for the legend: a third of an inch
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def build_parser() -> argparse.ArgumentParser:

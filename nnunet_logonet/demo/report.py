@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_logonet.figures import save_figure
+
 __all__ = ["ORGAN_COLOURS", "assemble_models", "format_table", "pick_slice", "plot_dice", "plot_overlay",
            "write_json", "write_markdown"]
 
@@ -201,14 +203,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 # -------------------------------------------------------------------------------- figures
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_dice(results: Mapping, path: Path) -> None:

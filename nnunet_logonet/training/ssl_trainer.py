@@ -35,6 +35,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnunet_logonet.figures import save_figure
 from nnunet_logonet.ssl.clusterers import ClusterCacheError, SliceClusterBank, StaleClusterCacheError
 from nnunet_logonet.ssl.features import PreClassifierFeatures, unwrap_network
 from nnunet_logonet.ssl.head import SlicePseudoLabelHead
@@ -428,11 +429,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         for ax in (ax_loss, ax_acc, ax_time):
             ax.legend(loc="best")
         fig.tight_layout()
-        target = os.path.join(self.output_folder, "progress.png")
-        tmp = f"{target}.tmp{os.getpid()}.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, target)
+        save_figure(fig, os.path.join(self.output_folder, "progress.png"))
 
     def on_train_end(self):
         if self._run_start is not None:

@@ -1,0 +1,31 @@
+"""figures.save_figure: a complete PNG or the previous one, never half of one; the figure is closed."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from nnunet_logonet.figures import save_figure  # noqa: E402
+
+
+def test_writes_the_png_into_a_new_folder_and_closes_the_figure(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    target = tmp_path / "new" / "progress.png"
+    save_figure(fig, target, dpi=50)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in target.parent.iterdir()] == ["progress.png"]
+    assert fig.number not in plt.get_fignums()
+
+
+def test_a_failed_save_leaves_the_previous_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "progress.png"
+    target.write_bytes(b"previous")
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError):
+        save_figure(fig, target, format="no-such-format")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.png"]
+    assert fig.number not in plt.get_fignums()
