@@ -192,6 +192,7 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
     height = 0.8 / max(1, len(present))
     fig_height = 0.42 * len(runs) * max(1, len(present)) ** 0.5 + 1.8
     fig, axes = plt.subplots(1, len(keys), sharey=True, squeeze=False, figsize=(3.3 * len(keys) + 4.5, fig_height))
+    labelled: set[str] = set()  # each model once in the legend
     for ax, (key, title) in zip(axes[0], keys):
         for j, model in enumerate(present):
             for i, run in enumerate(runs):
@@ -202,7 +203,8 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
                 span = run.ranges.get(model, {}).get(key)
                 xerr = [[value - span[0]], [span[1] - value]] if span else None
                 ax.errorbar(value, y, xerr=xerr, fmt="o", color=colours(j), markersize=5, capsize=2,
-                            label=model if i == next(k for k, r in enumerate(runs) if model in r.ratios) else None)
+                            label=None if model in labelled else model)
+                labelled.add(model)
                 ax.annotate(f"{value:.2f}", (value, y), xytext=(0, 4), textcoords="offset points", ha="center",
                             va="bottom", fontsize=6.5, color=colours(j))
         ax.axvline(TARGET, color="black", linewidth=1)
@@ -216,7 +218,11 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(runs)), [run.label for run in runs][::-1], fontsize=8)
     axes[0][0].set_ylim(-0.6, len(runs) - 0.4)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.append(handle)
+            labels.append(label)
     handles += [plt.Line2D([], [], color="black", linewidth=1), plt.Line2D([], [], color="grey", linestyle="--")]
     labels += ["nnU-Net's default network (1.0x)", f"aim ({AIM}x)"]
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
