@@ -13,7 +13,7 @@ AB_BUDGET seconds (default 150) bounds the run; AB_DEV=cpu AB_PATCH=32 AB_N=1 is
 import json, os, sys, time, traceback
 import torch
 from nnunet_logonet.benchmark.models import resolve_model
-from nnunet_logonet.network.conv import reference_kernels
+from nnunet_logonet.network.levers import reference_kernels
 
 out = sys.argv[1]
 dev = torch.device(os.environ.get("AB_DEV", "cuda"))

@@ -292,7 +292,7 @@ def test_training_step_uses_the_optimizer_of_the_models_trainer(name, trainer_cl
 
 def test_lever_ab_alternates_the_order_and_switches_only_the_levers():
     from nnunet_logonet.benchmark.lever_ab import interleaved_times
-    from nnunet_logonet.network.conv import lever_enabled
+    from nnunet_logonet.network.levers import lever_enabled
 
     seen = []
     samples = interleaved_times({"f": lambda: seen.append((lever_enabled("post_ops"), lever_enabled("onednn")))},
@@ -322,7 +322,7 @@ def test_lever_ab_command_writes_both_states_of_each_figure(tmp_path, capsys):
 
 def test_interleave_rotates_the_order_each_round_inside_each_models_fast_paths():
     from nnunet_logonet.benchmark.interleaved import interleaved_rounds
-    from nnunet_logonet.network.conv import lever_enabled, reference_kernels
+    from nnunet_logonet.network.levers import lever_enabled, reference_kernels
 
     seen = []
     calls = {name: (lambda name=name: seen.append((name, lever_enabled("post_ops")))) for name in "abc"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnunet_logonet.network import LoGoNet, ULKANet
-from nnunet_logonet.network.conv import reference_kernels
+from nnunet_logonet.network.levers import reference_kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,11 +1,11 @@
-"""``python -m nnunet_logonet.benchmark.depthwise_grad``: the route table behind conv.py's rules."""
+"""``python -m nnunet_logonet.benchmark.depthwise_grad``: the route table behind kernels/depthwise.py's rules."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from nnunet_logonet.benchmark import depthwise_grad
-from nnunet_logonet.network import conv as conv_module
+from nnunet_logonet.network.kernels import depthwise as depthwise_module
 
 CL = torch.channels_last_3d
 
@@ -29,17 +29,17 @@ def test_prints_every_applicable_route_with_the_one_conv_takes_and_its_error(cap
 def test_the_route_named_is_the_route_taken(channels, size, kernel, dilation, monkeypatch):
     """The route named (the table's star) is the route the weight gradient really takes."""
     taken = []
-    real_phases, real_slices = conv_module._to_phases, conv_module._depthwise_weight_grad_by_slices
-    monkeypatch.setattr(conv_module, "_to_phases", lambda *a: taken.append("phases") or real_phases(*a))
-    monkeypatch.setattr(conv_module, "_depthwise_weight_grad_by_slices",
+    real_phases, real_slices = depthwise_module.to_phases, depthwise_module.depthwise_weight_grad_by_slices
+    monkeypatch.setattr(depthwise_module, "to_phases", lambda *a: taken.append("phases") or real_phases(*a))
+    monkeypatch.setattr(depthwise_module, "depthwise_weight_grad_by_slices",
                         lambda *a: taken.append("slices") or real_slices(*a))
     x = torch.randn(2, channels, size, size, size).contiguous(memory_format=CL)
     g = torch.randn_like(x)
     w = torch.randn(channels, 1, kernel, kernel, kernel).contiguous(memory_format=CL)
     pad = [dilation * (kernel // 2)] * 3
-    conv_module._depthwise_weight_grad(g, x, w, pad, [dilation] * 3)
+    depthwise_module.depthwise_weight_grad(g, x, w, pad, [dilation] * 3)
     expected = taken[0] if taken else ("blocks" if dilation == 1 else "3d")
-    assert conv_module.depthwise_weight_grad_route(g, x, w, [dilation] * 3) == expected
+    assert depthwise_module.depthwise_weight_grad_route(g, x, w, [dilation] * 3) == expected
 
 
 def test_bad_shape_is_refused_with_the_values(capsys):

@@ -1,4 +1,6 @@
-"""LoGoNet's speed-ups (network/conv.py) give the reference results, and are on by default.
+"""LoGoNet's speed-ups give the reference results, and are on by default.
+
+The levers live in network/conv.py, network/kernels/, folding.py, classifier.py, grouped.py (docs/speed.md).
 
 Reference = plain PyTorch (``F.conv3d``, unfused BatchNorm), selected with ``reference_kernels()``.
 Outputs must agree within 1e-4 relative (float32); gradients within float32 rounding of a deep
@@ -17,10 +19,17 @@ from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network import conv as conv_module
+from nnunet_logonet.network import folding as folding_module
 from nnunet_logonet.network import grouped as grouped_module
 from nnunet_logonet.network import logonet as logonet_module
-from nnunet_logonet.network.conv import (LEVERS, Activation, Classifier3d, Conv3d, conv3d, fast_paths_enabled,
-                                         fold_batchnorm, lever_enabled, reference_kernels)
+from nnunet_logonet.network.kernels import depthwise as depthwise_module
+from nnunet_logonet.network.kernels import narrowing as narrowing_module
+from nnunet_logonet.network.kernels import pointwise as pointwise_module
+from nnunet_logonet.network.kernels import small_map as small_map_module
+from nnunet_logonet.network.classifier import Classifier3d
+from nnunet_logonet.network.conv import Activation, Conv3d, conv3d
+from nnunet_logonet.network.folding import fold_batchnorm
+from nnunet_logonet.network.levers import LEVERS, fast_paths_enabled, lever_enabled, reference_kernels
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit
 from nnunet_logonet.network.logonet import LoGoHead
@@ -102,15 +111,15 @@ def test_narrowing_convolution_weight_gradient_through_the_widening_one(shape, o
                                                                         dilation, bias, channels_last, monkeypatch):
     """The swapped weight gradient (on by default on AVX2) equals F.conv3d's; all gradients checked.
     (A channels-last 1x1x1 convolution takes ``pointwise_gemm`` first; switched off here to reach it.)"""
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
-    monkeypatch.setattr(conv_module, "_pointwise_gemm_pays", lambda *a: False)
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(conv_module, "pointwise_gemm_pays", lambda *a: False)
     torch.manual_seed(0)
     fmt = CL if channels_last else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(out_channels, shape[1], kernel, kernel, kernel).contiguous(memory_format=fmt).requires_grad_()
     b = torch.randn(out_channels, requires_grad=True) if bias else None
     ours = conv3d(x, w, b, 1, padding, dilation)
-    assert type(ours.grad_fn).__name__ == "_NarrowingConv3dBackward"
+    assert type(ours.grad_fn).__name__ == "NarrowingConv3dBackward"
     ref = F.conv3d(x, w, b, 1, padding, dilation)
     assert _rel(ours, ref) < 1e-5
     grad = torch.randn_like(ref)
@@ -143,7 +152,7 @@ def test_pointwise_convolution_as_matrix_products_equals_torch_conv3d(shape, out
     w = torch.randn(out_channels, shape[1], 1, 1, 1).contiguous(memory_format=CL).requires_grad_()
     b = torch.randn(out_channels, requires_grad=True) if bias else None
     ours, ref = conv3d(x, w, b), F.conv3d(x, w, b)
-    assert type(ours.grad_fn).__name__ == "_PointwiseConv3dBackward"
+    assert type(ours.grad_fn).__name__ == "PointwiseConv3dBackward"
     assert ours.is_contiguous(memory_format=CL) and _rel(ours, ref) < 1e-5
     with torch.no_grad():
         assert _rel(conv3d(x, w, b), ref) < 1e-5
@@ -173,18 +182,18 @@ def test_pointwise_products_only_for_dense_unstrided_channels_last_1x1x1(shape, 
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(weight_shape).contiguous(memory_format=fmt).requires_grad_()
     y = conv3d(x, w, None, stride, padding, 1, groups)
-    assert (type(y.grad_fn).__name__ == "_PointwiseConv3dBackward") is taken
+    assert (type(y.grad_fn).__name__ == "PointwiseConv3dBackward") is taken
     assert _rel(y, F.conv3d(x, w, None, stride, padding, 1, groups)) < 1e-5
     with reference_kernels("pointwise_gemm"):
-        assert type(conv3d(x, w, None, stride, padding, 1, groups).grad_fn).__name__ != "_PointwiseConv3dBackward"
+        assert type(conv3d(x, w, None, stride, padding, 1, groups).grad_fn).__name__ != "PointwiseConv3dBackward"
 
 
 def test_pointwise_forward_by_products_only_on_small_maps(monkeypatch):
     """The measured rule: the forward is a product up to ``POINTWISE_GEMM_MAX_ROWS`` rows, oneDNN above."""
-    limit = conv_module.POINTWISE_GEMM_MAX_ROWS
-    assert conv_module.pointwise_forward_route(torch.empty(2, 4, 8, 8, 8)) == ("gemm" if 1024 <= limit else "onednn")
-    assert conv_module.pointwise_forward_route(torch.empty(1, 4, limit, 1, 1)) == "gemm"
-    assert conv_module.pointwise_forward_route(torch.empty(1, 4, limit + 1, 1, 1)) == "onednn"
+    limit, route = pointwise_module.POINTWISE_GEMM_MAX_ROWS, pointwise_module.pointwise_forward_route
+    assert route(torch.empty(2, 4, 8, 8, 8)) == ("gemm" if 1024 <= limit else "onednn")
+    assert route(torch.empty(1, 4, limit, 1, 1)) == "gemm"
+    assert route(torch.empty(1, 4, limit + 1, 1, 1)) == "onednn"
     calls = []
     real = torch.mkldnn_convolution
     monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -215,7 +224,7 @@ def test_small_map_convolution_backward_by_products_equals_torch_conv3d(shape, o
     w = w.contiguous(memory_format=CL if weight_channels_last else torch.contiguous_format).requires_grad_()
     b = torch.randn(out_channels, requires_grad=True) if bias else None
     ours, ref = conv3d(x, w, b, 1, padding), F.conv3d(x, w, b, 1, padding)
-    assert type(ours.grad_fn).__name__ == "_SmallMapConv3dBackward"
+    assert type(ours.grad_fn).__name__ == "SmallMapConv3dBackward"
     assert ours.is_contiguous(memory_format=CL) and _rel(ours, ref) < 1e-5
     inputs = [x, w] + ([b] if bias else [])
     for grad in (torch.randn_like(ref), torch.randn(ref.shape)):  # channels-last and channels-first
@@ -248,10 +257,10 @@ def test_small_map_products_only_where_they_pay(shape, weight_shape, stride, pad
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(weight_shape).contiguous(memory_format=fmt).requires_grad_()
     y = conv3d(x, w, None, stride, padding, dilation, groups)
-    assert (type(y.grad_fn).__name__ == "_SmallMapConv3dBackward") is taken
+    assert (type(y.grad_fn).__name__ == "SmallMapConv3dBackward") is taken
     with reference_kernels("small_map_gemm"):
         y = conv3d(x, w, None, stride, padding, dilation, groups)
-        assert type(y.grad_fn).__name__ != "_SmallMapConv3dBackward"
+        assert type(y.grad_fn).__name__ != "SmallMapConv3dBackward"
 
 
 @pytest.mark.parametrize("shape, out_channels, stride, groups, why", [
@@ -261,21 +270,21 @@ def test_small_map_products_only_where_they_pay(shape, weight_shape, stride, pad
     ((2, 16, 6, 6, 6), 4, 1, 2, "grouped (narrowing within each group)"),
 ])
 def test_weight_gradient_swap_only_where_it_holds_and_pays(shape, out_channels, stride, groups, why, monkeypatch):
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
     w = torch.randn(out_channels, shape[1] // groups, 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
-    assert type(conv3d(x, w, None, stride, 1, 1, groups).grad_fn).__name__ != "_NarrowingConv3dBackward", why
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", False)  # other CPUs: oneDNN's own
+    assert type(conv3d(x, w, None, stride, 1, 1, groups).grad_fn).__name__ != "NarrowingConv3dBackward", why
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", False)  # other CPUs: oneDNN's own
     narrowing = torch.randn(2, 16, 6, 6, 6).contiguous(memory_format=CL).requires_grad_()
     w16 = torch.randn(8, 16, 3, 3, 3).contiguous(memory_format=CL).requires_grad_()
-    assert type(conv3d(narrowing, w16, None, 1, 1).grad_fn).__name__ != "_NarrowingConv3dBackward"
+    assert type(conv3d(narrowing, w16, None, 1, 1).grad_fn).__name__ != "NarrowingConv3dBackward"
 
 
 @pytest.mark.parametrize("channels, dilation", [(48, 1), (512, 1), (513, 1), (1300, 1), (600, 2)])
 def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, dilation):
     """16-channel grouped blocks (48, 512, 1300 = 4 x 325) and 512-channel chunks change only the
     speed: oneDNN's own depthwise weight gradient over every channel, up to rounding."""
-    from nnunet_logonet.network.conv import _depthwise_weight_grad
+    from nnunet_logonet.network.kernels.depthwise import depthwise_weight_grad
 
     torch.manual_seed(0)
     x = torch.randn(2, channels, 4, 5, 6).contiguous(memory_format=CL)
@@ -284,7 +293,7 @@ def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, di
     pad = 2 * dilation
     one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], [pad] * 3, [dilation] * 3, False,
                                                    [0, 0, 0], channels, [False, True, False])[1]
-    chunked = _depthwise_weight_grad(g, x, w, (pad,) * 3, (dilation,) * 3)
+    chunked = depthwise_weight_grad(g, x, w, (pad,) * 3, (dilation,) * 3)
     assert chunked.shape == w.shape
     assert _rel(chunked, one_call) < 1e-6
 
@@ -296,7 +305,7 @@ def test_depthwise_weight_gradient_equals_one_onednn_depthwise_call(channels, di
 def test_depthwise_weight_gradient_by_depth_slices_equals_the_3d_one(kernel, size, layout):
     """The 2D kernel over depth slices: oneDNN's 3D depthwise weight gradient, up to rounding, for
     maps thinner than the kernel, odd sizes, anisotropic kernels and a channels-first input."""
-    from nnunet_logonet.network.conv import _depth_slices_pay, _depthwise_weight_grad_by_slices
+    from nnunet_logonet.network.kernels.depthwise import depth_slices_pay, depthwise_weight_grad_by_slices
 
     torch.manual_seed(0)
     k = (kernel,) * 3 if isinstance(kernel, int) else kernel
@@ -306,35 +315,35 @@ def test_depthwise_weight_gradient_by_depth_slices_equals_the_3d_one(kernel, siz
     w = torch.randn(40, 1, *k).contiguous(memory_format=CL)
     one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], pad, [1, 1, 1], False, [0, 0, 0], 40,
                                                    [False, True, False])[1]
-    by_slices = _depthwise_weight_grad_by_slices(g, x, w, pad)
+    by_slices = depthwise_weight_grad_by_slices(g, x, w, pad)
     assert by_slices.shape == w.shape
     assert _rel(by_slices, one_call) < 1e-5
-    assert not _depth_slices_pay(g, x, w, (2, 2, 2))  # dilated: the 3D kernel (or the phases) instead
+    assert not depth_slices_pay(g, x, w, (2, 2, 2))  # dilated: the 3D kernel (or the phases) instead
 
 
 def test_depthwise_weight_gradient_by_slices_only_where_it_pays():
-    from nnunet_logonet.network.conv import _depth_slices_pay
+    from nnunet_logonet.network.kernels.depthwise import depth_slices_pay
 
     small = torch.empty(2, 512, 4, 4, 4)
-    assert _depth_slices_pay(small, small, torch.empty(512, 1, 3, 3, 3), (1, 1, 1))
-    assert not _depth_slices_pay(small, small, torch.empty(512, 1, 5, 5, 5), (1, 1, 1))  # 5 x 5 on 4 x 4 planes
+    assert depth_slices_pay(small, small, torch.empty(512, 1, 3, 3, 3), (1, 1, 1))
+    assert not depth_slices_pay(small, small, torch.empty(512, 1, 5, 5, 5), (1, 1, 1))  # 5 x 5 on 4 x 4 planes
     tiny = torch.empty(2, 128, 4, 4, 4)  # the calls would cost more than the 3D kernel
-    assert not _depth_slices_pay(tiny, tiny, torch.empty(128, 1, 3, 3, 3), (1, 1, 1))
+    assert not depth_slices_pay(tiny, tiny, torch.empty(128, 1, 3, 3, 3), (1, 1, 1))
     big = torch.empty(2, 64, 4, 16, 16)
-    assert not _depth_slices_pay(big, big, torch.empty(64, 1, 7, 7, 7), (3, 3, 3))
+    assert not depth_slices_pay(big, big, torch.empty(64, 1, 7, 7, 7), (3, 3, 3))
 
 
 def test_wide_depthwise_kernels_take_the_slices_only_where_measured_faster(monkeypatch):
     """5^3 by slices: 2.5x faster than the grouped blocks on AVX2 (AMD EPYC), 2x slower on AVX-512
     (Xeon Cascade Lake); 3^3 is faster by slices on both."""
-    from nnunet_logonet.network.conv import _depth_slices_pay
+    from nnunet_logonet.network.kernels.depthwise import depth_slices_pay
 
-    assert conv_module.DEPTHWISE_SLICES_WIDE_KERNELS == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+    assert depthwise_module.DEPTHWISE_SLICES_WIDE_KERNELS == (torch.backends.cpu.get_cpu_capability() == "AVX2")
     big = torch.empty(2, 64, 4, 16, 16)
     for wide_kernels in (True, False):
-        monkeypatch.setattr(conv_module, "DEPTHWISE_SLICES_WIDE_KERNELS", wide_kernels)
-        assert _depth_slices_pay(big, big, torch.empty(64, 1, 5, 5, 5), (1, 1, 1)) == wide_kernels
-        assert _depth_slices_pay(big, big, torch.empty(64, 1, 3, 3, 3), (1, 1, 1))
+        monkeypatch.setattr(depthwise_module, "DEPTHWISE_SLICES_WIDE_KERNELS", wide_kernels)
+        assert depth_slices_pay(big, big, torch.empty(64, 1, 5, 5, 5), (1, 1, 1)) == wide_kernels
+        assert depth_slices_pay(big, big, torch.empty(64, 1, 3, 3, 3), (1, 1, 1))
 
 
 @pytest.mark.parametrize("kernel, dilation, size", [
@@ -347,7 +356,7 @@ def test_wide_depthwise_kernels_take_the_slices_only_where_measured_faster(monke
 def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kernel, dilation, size, monkeypatch):
     """Where the phases are wide enough the dilated weight gradient is taken on them (undilated):
     oneDNN's dilated 3D depthwise weight gradient, up to rounding, through conv3d's backward too."""
-    from nnunet_logonet.network.conv import _depthwise_weight_grad, _dilated_phases_pay
+    from nnunet_logonet.network.kernels.depthwise import depthwise_weight_grad, dilated_phases_pay
 
     torch.manual_seed(0)
     k = (kernel,) * 3
@@ -355,17 +364,17 @@ def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kern
     x = torch.randn(2, 24, *size).contiguous(memory_format=CL)
     g = torch.randn(2, 24, *size).contiguous(memory_format=CL)
     w = torch.randn(24, 1, *k).contiguous(memory_format=CL)
-    assert _dilated_phases_pay(x, w, dilation)
+    assert dilated_phases_pay(x, w, dilation)
     one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], pad, list(dilation), False, [0, 0, 0],
                                                    24, [False, True, False])[1]
-    on_phases = _depthwise_weight_grad(g, x, w, pad, dilation)
+    on_phases = depthwise_weight_grad(g, x, w, pad, dilation)
     assert on_phases.shape == w.shape
     assert _rel(on_phases, one_call) < 1e-5
-    assert _rel(_depthwise_weight_grad(g, x, w, pad, dilation, phases=False), one_call) < 1e-6
+    assert _rel(depthwise_weight_grad(g, x, w, pad, dilation, phases=False), one_call) < 1e-6
 
     phase_calls = []
-    real = conv_module._to_phases
-    monkeypatch.setattr(conv_module, "_to_phases", lambda t, d: phase_calls.append(tuple(t.shape)) or real(t, d))
+    real = depthwise_module.to_phases
+    monkeypatch.setattr(depthwise_module, "to_phases", lambda t, d: phase_calls.append(tuple(t.shape)) or real(t, d))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     conv3d(xg, wg, None, 1, pad, dilation, 24).backward(g)
     assert len(phase_calls) == 4  # the forward (x), the input gradient (g), the weight gradient (g and x)
@@ -377,10 +386,10 @@ def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kern
 def test_dilated_weight_gradient_on_phases_only_where_it_pays():
     """Phases at least k // 2 + 2 wide (measured on the Xeon and the AMD EPYC: narrower phases make
     oneDNN's grouped kernel spend its time on padding, 2-5x slower than the dilated 3D one)."""
-    from nnunet_logonet.network.conv import _dilated_phases_pay
+    from nnunet_logonet.network.kernels.depthwise import dilated_phases_pay
 
     def pays(size, kernel, dilation=3):
-        return _dilated_phases_pay(torch.empty(2, 64, *size), torch.empty(64, 1, *(kernel,) * 3), (dilation,) * 3)
+        return dilated_phases_pay(torch.empty(2, 64, *size), torch.empty(64, 1, *(kernel,) * 3), (dilation,) * 3)
 
     assert pays((16, 16, 16), 7) and pays((13, 13, 13), 7) and pays((24, 24, 24), 7)
     assert not pays((12, 12, 12), 7) and not pays((16, 16, 12), 7)  # 4-wide phases for a 7^3 kernel
@@ -604,8 +613,8 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
     """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU);
     narrowing convolutions' weight gradients swapped (AVX2's default) on every CPU, and the small-map
     products taken on every small map (the rule leaves tiny's narrow 4^3 maps to oneDNN)."""
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
-    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()
@@ -732,17 +741,17 @@ def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: 
 def test_whole_network_check_catches_a_gradient_off_by_five_percent(monkeypatch):
     """The whole-network tolerance (``KINK_FLIP_TOLERANCE``) still fails a fast path whose 1x1x1
     weight gradients are 5 % off, an error far smaller than a wrong slice or a missing term."""
-    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))
+    monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))
     patch = (32, 32, 32)
     net = _tiny(ULKANet, patch, deep_supervision=True).train()
     x = torch.randn(2, 1, *patch)
-    backward = conv_module._PointwiseConv3d.backward
+    backward = pointwise_module.PointwiseConv3d.backward
 
     def off_by_five_percent(ctx, grad_out):
         grad_x, grad_w, grad_b = backward(ctx, grad_out)
         return grad_x, None if grad_w is None else 1.05 * grad_w, grad_b
 
-    monkeypatch.setattr(conv_module._PointwiseConv3d, "backward", staticmethod(off_by_five_percent))
+    monkeypatch.setattr(pointwise_module.PointwiseConv3d, "backward", staticmethod(off_by_five_percent))
     with pytest.raises(AssertionError):  # (outputs and statistics are untouched: the gradients fail)
         _assert_training_equals_reference(net, x)
 
@@ -895,8 +904,8 @@ def test_reference_kernels_switches_named_levers_alone_and_restores_them():
 def test_each_lever_off_alone_gives_the_reference_results(lever, monkeypatch):
     """``logonet_benchmark --without LEVER`` runs the network with one fast path off; the others then
     meet inputs they never meet with all on (unfolded BatchNorm, unfused activations, the loop)."""
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
-    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
     patch = (32, 32, 32)
     net = _tiny(LoGoNet, patch, deep_supervision=True)
     x = torch.randn(2, 1, *patch)
@@ -913,16 +922,16 @@ def test_each_lever_off_alone_gives_the_reference_results(lever, monkeypatch):
 #: lever -> (owner, attribute) that the lever calls, and how the calls change with the lever off
 LEVER_MARKERS = {
     "onednn": (torch, "mkldnn_convolution", "none"),
-    "depthwise_input_grad": (conv_module, "_same_depthwise_forward", "fewer"),  # the forward still calls it
-    "depthwise_weight_grad": (conv_module, "_depthwise_weight_grad", "none"),
-    "depthwise_weight_slices": (conv_module, "_depthwise_weight_grad_by_slices", "none"),
-    "dilated_phases": (conv_module, "_to_phases", "none"),
-    "narrowing_weight_grad": (conv_module._NarrowingConv3d, "apply", "none"),
-    "pointwise_gemm": (conv_module, "_pointwise_forward", "none"),
-    "small_map_gemm": (conv_module._SmallMapConv3d, "apply", "none"),
+    "depthwise_input_grad": (depthwise_module, "same_depthwise_forward", "fewer"),  # the forward still calls it
+    "depthwise_weight_grad": (depthwise_module, "depthwise_weight_grad", "none"),
+    "depthwise_weight_slices": (depthwise_module, "depthwise_weight_grad_by_slices", "none"),
+    "dilated_phases": (depthwise_module, "to_phases", "none"),
+    "narrowing_weight_grad": (narrowing_module.NarrowingConv3d, "apply", "none"),
+    "pointwise_gemm": (pointwise_module, "pointwise_forward", "none"),
+    "small_map_gemm": (small_map_module.SmallMapConv3d, "apply", "none"),
     "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
-    "batchnorm_folding": (conv_module, "fold_batchnorm", "none"),
+    "batchnorm_folding": (folding_module, "fold_batchnorm", "none"),
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
     "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
     "channels_first_logits": (torch, "baddbmm", "none"),
@@ -953,8 +962,8 @@ def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[s
 def test_switching_a_lever_off_changes_what_runs(lever, monkeypatch):
     """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running."""
     assert set(LEVER_MARKERS) == set(LEVERS)
-    monkeypatch.setattr(conv_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
-    monkeypatch.setattr(conv_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
+    monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
     net = _tiny(LoGoNet, (32, 64, 32), deep_supervision=True)
     x = torch.randn(2, 1, 32, 64, 32)
     on = _marker_calls(net, x, monkeypatch, ())

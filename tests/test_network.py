@@ -23,7 +23,7 @@ from nnunet_logonet.network import (
     check_patch_size,
     required_patch_multiple,
 )
-from nnunet_logonet.network.conv import reference_kernels
+from nnunet_logonet.network.levers import reference_kernels
 from nnunet_logonet.network.grouped import group_subcrops, ungroup_subcrops
 from nnunet_logonet.network.lka import LiveTapConv3d, LKABlock
 from nnunet_logonet.network.memory import trace_feature_map_size

@@ -1,10 +1,10 @@
-"""``python -m nnunet_logonet.benchmark.pointwise_gemm``: the table behind conv.py's 1x1x1 rule."""
+"""``python -m nnunet_logonet.benchmark.pointwise_gemm``: the table behind kernels/pointwise.py's rule."""
 from __future__ import annotations
 
 import torch
 
 from nnunet_logonet.benchmark import pointwise_gemm
-from nnunet_logonet.network import conv as conv_module
+from nnunet_logonet.network.kernels import pointwise as pointwise_module
 
 
 def test_prints_both_routes_marks_the_ones_conv_takes_and_their_error(capsys):
@@ -15,8 +15,8 @@ def test_prints_both_routes_marks_the_ones_conv_takes_and_their_error(capsys):
     small, large = rows
     assert small.startswith("[2, 16, 4^3] -> 32") and large.startswith("[2, 16, 12^3] -> 8")
     # forward: the product on the small map (128 rows), oneDNN on the large one (3456 rows)
-    assert conv_module.pointwise_forward_route(torch.empty(2, 16, 4, 4, 4)) == "gemm"
-    assert conv_module.pointwise_forward_route(torch.empty(2, 16, 12, 12, 12)) == "onednn"
+    assert pointwise_module.pointwise_forward_route(torch.empty(2, 16, 4, 4, 4)) == "gemm"
+    assert pointwise_module.pointwise_forward_route(torch.empty(2, 16, 12, 12, 12)) == "onednn"
     cells = [row.split()[-5:-1] for row in rows]
     assert [c.endswith("*") for c in cells[0]] == [False, True, False, True]
     assert [c.endswith("*") for c in cells[1]] == [True, False, False, True]

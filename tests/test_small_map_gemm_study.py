@@ -1,4 +1,4 @@
-"""``python -m nnunet_logonet.benchmark.small_map_gemm``: the table behind conv.py's small-map rule."""
+"""``python -m nnunet_logonet.benchmark.small_map_gemm``: the table behind kernels/small_map.py's rule."""
 from __future__ import annotations
 
 from nnunet_logonet.benchmark import small_map_gemm

@@ -1,8 +1,8 @@
 """Which route for a depthwise weight gradient: oneDNN's 3D kernel, grouped blocks, depth slices, phases.
 
-``conv.py`` computes the weight gradient of LKA's depthwise convolutions by one of four exact
-routes and picks one by rules measured on this project's CPUs (``conv.depthwise_weight_grad_route``:
-``_depth_slices_pay``, ``_dilated_phases_pay``, ``DEPTHWISE_SLICES_WIDE_KERNELS``). The fastest route depends on the CPU
+``conv3d`` computes the weight gradient of LKA's depthwise convolutions by one of four exact
+routes and picks one by rules measured on this project's CPUs (``kernels.depthwise.depthwise_weight_grad_route``:
+``depth_slices_pay``, ``dilated_phases_pay``, ``DEPTHWISE_SLICES_WIDE_KERNELS``). The fastest route depends on the CPU
 (5^3 kernels by depth slices: 2.5x faster than the blocks on an AVX2 AMD EPYC, 2x slower on an
 AVX-512 Xeon Cascade Lake), so this command times every route on the machine it runs on, beside
 the route the rules pick, and checks each against oneDNN's own kernel:
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from nnunet_logonet.network import conv
+from nnunet_logonet.network.kernels import depthwise
 
 __all__ = ["DEFAULT_SHAPES", "routes", "time_ms", "main"]
 
@@ -47,11 +47,12 @@ def routes(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilati
         "3d": lambda: torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1, 1], padding, dil, False,
                                                           [0, 0, 0], x.shape[1], [False, True, False])[1]}
     if dilation == 1:
-        found["blocks"] = lambda: conv._depthwise_weight_grad(grad_out, x, weight, padding, dil, slices=False)
-        found["slices"] = lambda: conv._depthwise_weight_grad_by_slices(grad_out, x, weight, padding)
+        found["blocks"] = lambda: depthwise.depthwise_weight_grad(grad_out, x, weight, padding, dil, slices=False)
+        found["slices"] = lambda: depthwise.depthwise_weight_grad_by_slices(grad_out, x, weight, padding)
     else:
-        found["phases"] = lambda: conv._depthwise_weight_grad(
-            conv._to_phases(grad_out, dil), conv._to_phases(x, dil), weight, [k // 2] * 3, [1, 1, 1], slices=False)
+        found["phases"] = lambda: depthwise.depthwise_weight_grad(
+            depthwise.to_phases(grad_out, dil), depthwise.to_phases(x, dil), weight, [k // 2] * 3, [1, 1, 1],
+            slices=False)
     return found
 
 
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     cl = torch.channels_last_3d
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; ms per weight "
-          f"gradient, median of {args.repeats}; * = the route conv.py takes")
+          f"gradient, median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':26s} {'3d':>9s} {'blocks':>9s} {'slices':>9s} {'phases':>9s}  max rel. error")
     torch.manual_seed(0)
     for n, c, size, k, d in shapes:
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = routes(g, x, w, d)
         reference = found["3d"]()
         error = max(float((call() - reference).abs().max() / reference.abs().max()) for call in found.values())
-        pick = conv.depthwise_weight_grad_route(g, x, w, [d] * 3)
+        pick = depthwise.depthwise_weight_grad_route(g, x, w, [d] * 3)
         cells = []
         for name in ("3d", "blocks", "slices", "phases"):
             cells.append(f"{time_ms(found[name], args.repeats):8.2f}{'*' if name == pick else ' '}"

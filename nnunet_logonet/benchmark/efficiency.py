@@ -28,7 +28,7 @@ gives paired ratios, which a shared machine's drift does not move (``benchmark.i
 
 ``--reference-kernels`` runs LoGoNet/ULKANet with every fast path off (the "before" of docs/speed.md);
 ``--without LEVER ...`` adds a row per LoGoNet/ULKANet model with only those levers off, measured in
-the same run, for the before/after of single levers (``network.conv.LEVERS``).
+the same run, for the before/after of single levers (``network.levers.LEVERS``).
 
     logonet_benchmark --device cpu --patch-size 32 64 64 --json docs/benchmarks/cpu_32x64x64.json
     logonet_benchmark --models nnunet logonet_s --without narrowing_weight_grad
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from nnunet_logonet.machine import cpu_description
-from nnunet_logonet.network.conv import LEVERS, reference_kernels
+from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
 from nnunet_logonet.benchmark.models import (
     MODELS,
@@ -123,7 +123,7 @@ class BenchmarkSettings(SimpleNamespace):
     case_size: list[int]
     threads: int
     seed: int
-    #: run LoGoNet/ULKANet with plain PyTorch ops (``network.conv.reference_kernels``): the "before"
+    #: run LoGoNet/ULKANet with plain PyTorch ops (``network.levers.reference_kernels``): the "before"
     reference_kernels: bool = False
     #: wrap every network in ``torch.compile`` (nnU-Net's default for training on CUDA)
     compile: bool = False

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nnunet_logonet.network import conv as conv_module
-from nnunet_logonet.network.conv import LEVERS, reference_kernels
+from nnunet_logonet.network.kernels import narrowing
+from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
 from .efficiency import (_sync, _write_json_atomic, allocator_settings, default_settings, device_info,
                          make_sliding_window, make_train_step)
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     if args.swap_narrowing_weight_grad:
-        conv_module.SWAP_NARROWING_WEIGHT_GRAD = True
+        narrowing.SWAP_NARROWING_WEIGHT_GRAD = True
     try:
         spec = resolve_model(args.model, patch_size=args.patch_size)
     except ValueError as error:

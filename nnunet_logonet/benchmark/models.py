@@ -85,7 +85,7 @@ class ModelSpec:
     #: the nnU-Net trainer that trains this network; its optimizer is the one the benchmark steps
     trainer: str = "nnUNetTrainer"
     notes: list[str] = field(default_factory=list)
-    #: fast paths of LoGoNet/ULKANet switched off for this row (``network.conv.LEVERS``; ``--without``)
+    #: fast paths of LoGoNet/ULKANet switched off for this row (``network.levers.LEVERS``; ``--without``)
     without_levers: tuple[str, ...] = ()
 
     def build(self, *, deep_supervision: bool = False, init: bool = True) -> nn.Module:

@@ -1,11 +1,11 @@
 """1x1x1 convolutions: oneDNN's convolution or matrix products, forward and backward, on this CPU.
 
 In channels-last memory a dense 1x1x1 convolution is one matrix product over the (voxels, channels)
-rows of its input, and its two gradients are two more. ``conv.py`` computes the backward of
+rows of its input, and its two gradients are two more. ``conv3d`` computes the backward of
 LoGoNet's 1x1x1 convolutions (the LKA blocks' projections and MLPs) as those products, and the
-forward too on small maps (``POINTWISE_GEMM_MAX_ROWS``; ``conv.pointwise_forward_route``), because
+forward too on small maps (``POINTWISE_GEMM_MAX_ROWS``; ``kernels.pointwise.pointwise_forward_route``), because
 oneDNN's fixed cost per call dominated there on the CPU it was measured on. This command times both
-on the machine it runs on, marks the route conv.py takes, and checks the products against oneDNN:
+on the machine it runs on, marks the route conv3d takes, and checks the products against oneDNN:
 
     python -m nnunet_logonet.benchmark.pointwise_gemm                        # LoGoNet-S's shapes, ~30 s
     python -m nnunet_logonet.benchmark.pointwise_gemm --shape 2 512 64 8     # batch C_in C_out size
@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
-from nnunet_logonet.network import conv
+from nnunet_logonet.network.kernels import pointwise
+from nnunet_logonet.network.kernels.geometry import from_rows, to_rows
 
 __all__ = ["DEFAULT_SHAPES", "routes", "layer_shape_parser", "checked_shapes", "main"]
 
@@ -37,14 +38,14 @@ def routes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: 
            ) -> dict[str, Callable[[], object]]:
     """Forward and backward (input, weight and bias gradients) by oneDNN and by products."""
     one, zero = [1, 1, 1], [0, 0, 0]
-    rows, w = conv._rows(x), weight.reshape(weight.shape[0], weight.shape[1])
-    grad_rows = conv._rows(grad_out)
+    rows, w = to_rows(x), weight.reshape(weight.shape[0], weight.shape[1])
+    grad_rows = to_rows(grad_out)
     return {
         "forward onednn": lambda: torch.mkldnn_convolution(x, weight, bias, zero, one, one, 1),
-        "forward gemm": lambda: conv._from_rows(torch.addmm(bias, rows, w.t()), x),
+        "forward gemm": lambda: from_rows(torch.addmm(bias, rows, w.t()), x),
         "backward onednn": lambda: torch.ops.aten.convolution_backward(
             grad_out, x, weight, [weight.shape[0]], one, zero, one, False, zero, 1, [True, True, True]),
-        "backward gemm": lambda: (conv._from_rows(grad_rows @ w, x), grad_rows.t() @ rows, grad_rows.sum(0)),
+        "backward gemm": lambda: (from_rows(grad_rows @ w, x), grad_rows.t() @ rows, grad_rows.sum(0)),
     }
 
 
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cl = torch.channels_last_3d
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; ms per call, "
-          f"median of {args.repeats}; * = the route conv.py takes")
+          f"median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':28s} {'fwd onednn':>11s} {'fwd gemm':>10s} {'bwd onednn':>11s} {'bwd gemm':>10s}  "
           f"max rel. error")
     torch.manual_seed(0)
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bias = torch.randn(c_out)
         grad_out = torch.randn(n, c_out, size, size, size).contiguous(memory_format=cl)
         found = routes(x, weight, bias, grad_out)
-        forward = conv.pointwise_forward_route(x)
+        forward = pointwise.pointwise_forward_route(x)
         cells = []
         for name, width in (("forward onednn", 11), ("forward gemm", 10), ("backward onednn", 11),
                             ("backward gemm", 10)):

@@ -2,8 +2,8 @@
 
 On maps of a few voxels most of a 3^3 kernel's taps meet only the zero padding, and oneDNN's backward of
 a dense convolution there ran up to 18x slower than the same products as two matrix multiplications
-over the input's im2col rows (``conv.small_map_backward``). ``conv.py`` takes the products for the shapes
-``conv._small_map_gemm_pays`` accepts; this command times both on the machine it runs on, marks the
+over the input's im2col rows (``small_map.small_map_backward``). ``conv3d`` takes the products for the shapes
+``small_map.small_map_gemm_pays`` accepts; this command times both on the machine it runs on, marks the
 route taken, and checks the products against oneDNN:
 
     python -m nnunet_logonet.benchmark.small_map_gemm                       # LoGoNet-S's shapes, ~20 s
@@ -18,7 +18,7 @@ import torch
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
 from nnunet_logonet.benchmark.pointwise_gemm import checked_shapes, layer_shape_parser
-from nnunet_logonet.network import conv
+from nnunet_logonet.network.kernels import small_map
 
 __all__ = ["DEFAULT_SHAPES", "main"]
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cl, one = torch.channels_last_3d, [1, 1, 1]
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; backward (input and "
-          f"weight gradients), ms per call, median of {args.repeats}; * = the route conv.py takes")
+          f"weight gradients), ms per call, median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':30s} {'onednn':>9s} {'products':>9s}  max rel. error")
     torch.manual_seed(0)
     for n, c_in, c_out, size in shapes:
@@ -47,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         grad_out = torch.randn(n, c_out, size, size, size).contiguous(memory_format=cl)
         reference = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
             grad_out, x, weight, None, one, one, one, False, [0, 0, 0], 1, [True, True, False])[:2]
-        products = lambda: conv.small_map_backward(grad_out, x, weight, one, (True, True, False))[:2]  # noqa: E731
+        products = lambda: small_map.small_map_backward(grad_out, x, weight, one, (True, True, False))[:2]  # noqa: E731
         error = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(products(), reference()))
-        takes = conv._small_map_gemm_pays(x, weight, one, one, one, 1)
+        takes = small_map.small_map_gemm_pays(x, weight, one, one, one, 1)
         cells = [f"{time_ms(reference, args.repeats):8.2f}{' ' if takes else '*'}",
                  f"{time_ms(products, args.repeats):8.2f}{'*' if takes else ' '}"]
         label = f"[{n}, {c_in} -> {c_out}, {size}^3]"

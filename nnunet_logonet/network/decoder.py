@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Classifier3d
+from .classifier import Classifier3d
 from .layers import ConvUnit, Upsample3d
 from .shapes import Triple
 

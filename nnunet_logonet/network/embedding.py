@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv_norm
+from .conv import Conv3d
+from .folding import conv_norm
 from .layers import make_norm
 from .shapes import as_triple, embedding_kernel
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Activation, _fold, conv3d, conv3d_concat, derived_tensors, foldable_batchnorm, version_key
+from .conv import Activation, conv3d, conv3d_concat
+from .folding import derived_tensors, fold_uncached, foldable_batchnorm, version_key
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -110,7 +111,7 @@ def _folded(owner: nn.Module, pairs: Sequence[tuple[nn.Conv3d, nn.BatchNorm3d]])
                for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)]
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        folded = [_fold(conv, norm) for conv, norm in pairs]
+        folded = [fold_uncached(conv, norm) for conv, norm in pairs]
         return torch.cat([w for w, _ in folded]), torch.cat([b for _, b in folded])
 
     return derived_tensors(owner, "_grouped_folded", sources, make)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv3d, conv_norm_act
+from .conv import Conv3d
+from .folding import conv_norm_act
 
 __all__ = [
     "NORMS",

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .conv import Conv3d, conv3d, conv_act
+from .conv import Conv3d, conv3d
+from .folding import conv_act
 from .layers import DropPath, LayerScale3d, make_norm
 
 __all__ = ["LiveTapConv3d", "live_taps", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]

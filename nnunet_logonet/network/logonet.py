@@ -19,7 +19,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .conv import Classifier3d, Conv3d, conv_norm_act, lever_enabled
+from .classifier import Classifier3d
+from .conv import Conv3d
+from .folding import conv_norm_act
+from .levers import lever_enabled
 from .grouped import (
     add_ungrouped_subcrops_,
     can_group,

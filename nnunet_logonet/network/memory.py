@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .conv import reference_kernels
+from .levers import reference_kernels
 from .layers import Upsample3d
 from .shapes import Triple, as_triple, nearest_valid_patch_sizes
 

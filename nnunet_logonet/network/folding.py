@@ -1,0 +1,133 @@
+"""Conv -> BatchNorm -> activation units, with the BatchNorm folded into the convolution in eval mode.
+
+Lever ``batchnorm_folding`` (docs/speed.md): in eval mode a BatchNorm after a convolution is an
+affine map, moved into the convolution's weight and bias (one pass over the activation less); the
+activation then runs as the convolution's post-op (``conv.Activation``). The folded weights are
+cached for inference (``derived_tensors``) and rebuilt whenever a source tensor changes, so
+nnUNetPredictor loading fold after fold into one network is safe.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from .conv import Activation, Conv3d, conv3d, conv3d_concat
+from .levers import lever_enabled
+
+__all__ = ["conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
+           "version_key", "fold_uncached"]
+
+T = TypeVar("T")
+
+
+def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
+    """True in eval mode for a BatchNorm with running statistics and the "batchnorm_folding" lever on."""
+    return (
+        not module.training
+        and isinstance(norm, nn.BatchNorm3d)
+        and norm.track_running_stats
+        and norm.running_mean is not None
+        and lever_enabled("batchnorm_folding")
+    )
+
+
+def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
+              x: torch.Tensor | Sequence[torch.Tensor], activation: Activation | None = None) -> torch.Tensor:
+    """``activation(norm(conv(x)))``; one convolution with the BatchNorm folded in (and the activation
+    fused, without autograd) when ``module`` is in eval mode.
+
+    ``x`` may be a sequence of tensors: the parts of a channel concatenation, convolved without
+    building it (:func:`conv3d_concat`).
+    """
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    if foldable_batchnorm(module, norm):
+        weight, bias = fold_batchnorm(conv, norm)
+        return conv3d_concat(parts, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
+    if len(parts) == 1 or not lever_enabled("concat_sum") or isinstance(conv.padding, str):
+        y = norm(conv(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
+    else:
+        y = norm(conv3d_concat(parts, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+    return y if activation is None else activation(y)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook watches any of ``modules`` (then they are called as modules: e.g. the
+    SSL feature tap on ``head.act``)."""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def conv_norm_act(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, act: nn.Module,
+                  x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """``act(norm(conv(x)))``: in eval mode one oneDNN convolution with the BatchNorm folded in and
+    the activation (GELU or LeakyReLU) as its post-op; otherwise the modules as they are."""
+    activation = Activation.of(act) if foldable_batchnorm(module, norm) and not _hooked(act) else None
+    if activation is None:
+        return act(conv_norm(module, conv, norm, x))
+    return conv_norm(module, conv, norm, x, activation)
+
+
+def conv_act(conv: nn.Conv3d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(conv(x))``, with the activation fused into the convolution where nothing needs gradients
+    (LKA's ``proj_1`` -> GELU and the MLP's depthwise conv -> GELU)."""
+    activation = Activation.of(act)
+    if (activation is None or not lever_enabled("post_ops") or not isinstance(conv, Conv3d)
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or _hooked(conv, act)):
+        return act(conv(x))
+    return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
+
+
+def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` followed by ``norm`` (eval statistics) as one convolution.
+
+    Cached for inference (see :func:`derived_tensors`).
+    """
+    sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    return derived_tensors(conv, "_folded_batchnorm", sources, lambda: fold_uncached(conv, norm))
+
+
+def version_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """Each tensor's storage, in-place version counter, device and dtype: a key that changes when any
+    of them is replaced or edited in place. None where that cannot be followed: under torch.compile
+    (the compiler should see plain ops) or for inference tensors (no version counter)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | None], make: Callable[[], T]) -> T:
+    """``make()``, cached on ``owner`` under ``name`` while no autograd is recording.
+
+    The cache is keyed on every source tensor's storage and in-place version counter, so it is
+    rebuilt after ``load_state_dict`` (nnUNetv2_predict switching folds), an optimizer step or
+    ``.to(device)``. With autograd on (training) or under ``torch.compile`` it is not used, so
+    gradients reach the original parameters and the compiler sees plain ops.
+    """
+    key = None if torch.is_grad_enabled() else version_key([t for t in sources if t is not None])
+    if key is None:
+        return make()
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def fold_uncached(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fold_batchnorm`` computed afresh (the grouped local paths cache their concatenation instead)."""
+    scale = norm.running_var.add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    if conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+    return weight, shift

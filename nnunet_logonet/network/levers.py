@@ -1,0 +1,71 @@
+"""LoGoNet's fast paths by name, and the switch that turns them off (``reference_kernels``).
+
+Every speed-up of docs/speed.md is a lever here; the network code asks ``lever_enabled(name)``
+before it takes one, so ``reference_kernels()`` gives the plain-PyTorch reference (the "before" of
+the benchmarks and the equivalence tests), and ``reference_kernels(name, ...)`` switches off only
+the named ones. Thread-local, so a benchmark thread cannot change another thread's network.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+__all__ = ["LEVERS", "fast_paths_enabled", "lever_enabled", "reference_kernels"]
+
+_state = threading.local()
+
+
+#: The fast paths by name (docs/speed.md's lever table), each of which ``reference_kernels(name)``
+#: switches off on its own. "onednn" is the base of the convolution levers: without it every
+#: convolution is ``F.conv3d``, so the depthwise, dilated, narrowing and post-op levers are off too.
+LEVERS: dict[str, str] = {
+    "onednn": "every CPU float32 convolution sent to oneDNN directly (no slow_conv3d, layout kept)",
+    "depthwise_input_grad": "depthwise input gradient as the forward convolution with the flipped kernel",
+    "depthwise_weight_grad": "depthwise weight gradient from 16-channel grouped blocks, 512 channels per call",
+    "depthwise_weight_slices": "undilated depthwise weight gradients (a part of depthwise_weight_grad) from "
+                               "oneDNN's 2D depthwise kernel over depth slices",
+    "dilated_phases": "dilated depthwise convolutions run undilated on the d^3 phases of their input",
+    "narrowing_weight_grad": "a narrowing convolution's weight gradient as the widening one's (AVX2 CPUs)",
+    "pointwise_gemm": "1x1x1 convolutions as matrix products over channels-last rows: the backward always, "
+                      "the forward on small maps",
+    "small_map_gemm": "the backward of dense convolutions on maps of at most 64 voxels as matrix products "
+                      "over im2col rows",
+    "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
+    "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
+    "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
+    "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
+    "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
+    "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
+                             "sliding window read fastest",
+}
+
+
+def fast_paths_enabled() -> bool:
+    """Whether LoGoNet's fast kernels are on (they are, unless inside ``reference_kernels()``)."""
+    return getattr(_state, "enabled", True)
+
+
+def lever_enabled(name: str) -> bool:
+    """Whether fast path ``name`` (a key of ``LEVERS``) is on in this thread."""
+    return fast_paths_enabled() and name not in getattr(_state, "disabled", frozenset())
+
+
+@contextlib.contextmanager
+def reference_kernels(*levers: str) -> Iterator[None]:
+    """Run LoGoNet/ULKANet with plain PyTorch ops inside this block (thread-local), for comparison.
+
+    With lever names (keys of ``LEVERS``) only those fast paths are switched off, the others stay on.
+    """
+    unknown = [name for name in levers if name not in LEVERS]
+    if unknown:
+        raise ValueError(f"unknown lever(s) {', '.join(map(repr, unknown))}; valid levers: {', '.join(LEVERS)}")
+    previous = fast_paths_enabled(), getattr(_state, "disabled", frozenset())
+    if levers:
+        _state.disabled = previous[1] | frozenset(levers)
+    else:
+        _state.enabled = False
+    try:
+        yield
+    finally:
+        _state.enabled, _state.disabled = previous
