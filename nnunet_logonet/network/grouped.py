@@ -252,7 +252,6 @@ def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the paths
 def grouped_local_features(paths: Sequence[ULKAPath], x: torch.Tensor) -> torch.Tensor:
     """Full-resolution decoder features of every path on its channel group of ``x`` (grouped layout)."""
-    n = len(paths)
     encoders = [p.encoder for p in paths]
     stem = _units(x, [e.stem for e in encoders])
     features = []
