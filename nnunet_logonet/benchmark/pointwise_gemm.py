@@ -3,8 +3,8 @@
 In channels-last memory a dense 1x1x1 convolution is one matrix product over the (voxels, channels)
 rows of its input, and its two gradients are two more. ``conv3d`` computes the backward of
 LoGoNet's 1x1x1 convolutions (the LKA blocks' projections and MLPs) as those products, and the
-forward too on small maps (``POINTWISE_GEMM_MAX_ROWS``; ``kernels.pointwise.pointwise_forward_route``), because
-oneDNN's fixed cost per call dominated there on the CPU it was measured on. This command times both
+forward too on small maps (``POINTWISE_GEMM_MAX_ROWS``; ``kernels.pointwise.pointwise_forward_route``),
+because oneDNN's fixed cost per call dominated there on the CPU it was measured on. This command times both
 on the machine it runs on, marks the route conv3d takes, and checks the products against oneDNN:
 
     python -m nnunet_logonet.benchmark.pointwise_gemm                        # LoGoNet-S's shapes, ~30 s

@@ -1,0 +1,176 @@
+"""Where each network's CPU time goes, by kind of operation, side by side with nnU-Net's network.
+
+    python -m nnunet_logonet.benchmark.step_profile --patch-size 64 64 64 --models nnunet logonet_s
+    python -m nnunet_logonet.benchmark.step_profile --figure forward --patch-size 96 96 96
+
+``logonet_benchmark`` says how long a step takes; this says what the time is spent on, which is what
+decides the next lever (docs/speed.md). Each model is built as the benchmark builds it (its layout,
+its trainer's optimizer), warmed up, then ``torch.profiler`` records one training step
+(``efficiency.make_train_step``: nnU-Net's Dice + cross-entropy, backward, gradient clipping, SGD)
+or one inference forward (batch 1, eval mode, no autograd). The self time of every operator is
+summed into the categories of ``CATEGORIES`` (first matching rule wins; ``other`` is the framework's
+own work: allocations, views, autograd bookkeeping), printed per model in seconds and as a share
+of its total, with each category's ratio to the reference model (``nnunet``). The profiler adds
+overhead per operator, so the totals exceed ``logonet_benchmark``'s times, more so for the model
+with more operators; the table also gives the unprofiled median of the same call and the number of
+operator calls. CPU only (on CUDA, ``.ci/gpu_profile.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step
+from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
+
+__all__ = ["CATEGORIES", "category", "profile_model", "format_table", "main"]
+
+EXIT_USAGE = 2
+
+#: (category, regular expression over the profiler's operator name), in order: the first match wins
+CATEGORIES: list[tuple[str, str]] = [
+    ("convolution backward", r"convolution_backward|conv.*backward|Conv3dBackward"),
+    ("convolution forward", r"convolution|conv3d|slow_conv"),
+    ("matrix products", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$"),
+    ("normalization", r"batch_?norm|instance_?norm|layer_?norm|group_?norm"),
+    ("activations", r"gelu|leaky_?relu|relu|silu|sigmoid|tanh"),
+    ("loss", r"softmax|nll_loss|cross_entropy|one_hot|scatter"),
+    ("upsampling", r"upsample|interpolate"),
+    ("copies and layout", r"^aten::(copy_|clone|contiguous|cat|stack|flip|index_add_|constant_pad_nd|pad|_to_copy"
+                          r"|to|repeat|index_select|gather)$"),
+    ("optimizer and clipping", r"sgd|_foreach_|linalg_vector_norm|Optimizer|clip_grad"),
+    ("elementwise and reductions", r"^aten::(add|add_|mul|mul_|sub|sub_|div|div_|sum|mean|fill_|zero_|zeros|"
+                                   r"addcmul_|addcdiv_|lerp_|rsqrt|sqrt|pow|neg|where|clamp|maximum|minimum|"
+                                   r"ones_like|zeros_like|full|rsub)$"),
+]
+OTHER = "other (allocation, views, autograd)"
+ROWS = [name for name, _ in CATEGORIES] + [OTHER]
+_COMPILED = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in CATEGORIES]
+
+
+def category(operator: str) -> str:
+    """The category of a profiler operator name (``aten::mm``, ``mkldnn::_convolution_pointwise``, ...)."""
+    for name, pattern in _COMPILED:
+        if pattern.search(operator):
+            return name
+    return OTHER
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *, warmup: int = 1,
+                  repeats: int = 3, seed: int = 0) -> dict[str, object]:
+    """Seconds of profiled self time per category for one training step or forward of model ``name``,
+    with the operator calls, the profiled total and the unprofiled median of ``repeats`` calls."""
+    device = torch.device("cpu")
+    spec = resolve_model(name, patch_size=patch_size)
+    torch.manual_seed(seed)
+    layout = torch.channels_last_3d if spec.prefers_channels_last else torch.contiguous_format
+    net = spec.build().to(memory_format=layout)
+    if figure == "train":
+        settings = default_settings(device, patch_size)
+        net.train()
+        run: Callable[[], object] = make_train_step(net, spec, settings, device, layout)
+    else:
+        net.eval()
+        x = torch.randn(1, spec.input_channels, *patch_size).contiguous(memory_format=layout)
+
+        def run() -> object:
+            with torch.no_grad():
+                return net(x)
+    for _ in range(warmup):
+        run()
+    unprofiled = _median_s(run, repeats)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    seconds = dict.fromkeys(ROWS, 0.0)
+    calls = 0
+    for event in prof.key_averages():
+        seconds[category(event.key)] += event.self_cpu_time_total / 1e6
+        calls += event.count
+    return {"seconds": seconds, "total_s": sum(seconds.values()), "unprofiled_s": unprofiled, "calls": calls}
+
+
+def format_table(results: dict[str, dict[str, object]], figure: str, patch_size: Sequence[int],
+                 reference: str = REFERENCE_MODEL) -> str:
+    """A markdown table: a row per category, per model its seconds and share, and the ratio to ``reference``."""
+    models = list(results)
+    others = [m for m in models if m != reference] if reference in results else []
+    head = ["category"] + [f"{m} s (share)" for m in models] + [f"{m} / {reference}" for m in others]
+    lines = [f"One {'training step (batch 2)' if figure == 'train' else 'forward (batch 1, no autograd)'} at "
+             f"{'x'.join(map(str, patch_size))}, torch.profiler self time on {torch.get_num_threads()} CPU threads",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b > 0 else "-"
+
+    for row in ROWS + ["total (profiled)"]:
+        cells = [row]
+        for m in models:
+            sec = results[m]["seconds"]  # type: ignore[index]
+            value = results[m]["total_s"] if row.startswith("total") else sec[row]  # type: ignore[index]
+            cells.append(f"{value:.3f} ({value / results[m]['total_s']:.0%})")  # type: ignore[operator]
+        for m in others:
+            key = (lambda r: r["total_s"]) if row.startswith("total") else (lambda r, row=row: r["seconds"][row])
+            cells.append(ratio(key(results[m]), key(results[reference])))  # type: ignore[arg-type]
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, key, fmt in (("unprofiled median, s", "unprofiled_s", "{:.3f}"), ("operator calls", "calls", "{:d}")):
+        cells = [label] + [fmt.format(results[m][key]) for m in models]
+        cells += [ratio(float(results[m][key]), float(results[reference][key])) for m in others]  # type: ignore
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.step_profile",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"),
+                        help="patch size (default 64 64 64)")
+    parser.add_argument("--models", nargs="+", default=[REFERENCE_MODEL, "logonet_s"], metavar="NAME",
+                        help=f"models (default: nnunet logonet_s): {', '.join(MODELS)}")
+    parser.add_argument("--figure", choices=["train", "forward"], default="train",
+                        help="one training step (default) or one inference forward")
+    parser.add_argument("--repeats", type=int, default=3, help="unprofiled calls timed for the median (default 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "step_profile"
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        print(f"{prog}: error: unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.repeats < 1:
+        print(f"{prog}: error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return EXIT_USAGE
+    for name in args.models:  # every patch checked before anything runs
+        try:
+            resolve_model(name, patch_size=args.patch_size)
+        except ValueError as error:
+            print(f"{prog}: error: --patch-size {' '.join(map(str, args.patch_size))}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    results = {}
+    for name in dict.fromkeys(args.models):
+        print(f"profiling {name} ...", file=sys.stderr, flush=True)
+        results[name] = profile_model(name, args.patch_size, args.figure, repeats=args.repeats)
+    print(format_table(results, args.figure, args.patch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
