@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
-import time
 from typing import Callable, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step
+from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
 
 __all__ = ["CATEGORIES", "category", "profile_model", "format_table", "main"]
@@ -62,15 +62,6 @@ def category(operator: str) -> str:
     return OTHER
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *, warmup: int = 1,
                   repeats: int = 3, seed: int = 0) -> dict[str, object]:
     """Seconds of profiled self time per category for one training step or forward of model ``name``,
@@ -91,9 +82,7 @@ def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *
         def run() -> object:
             with torch.no_grad():
                 return net(x)
-    for _ in range(warmup):
-        run()
-    unprofiled = _median_s(run, repeats)
+    unprofiled = statistics.median(time_runs(run, warmup, repeats, device))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     seconds = dict.fromkeys(ROWS, 0.0)
