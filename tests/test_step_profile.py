@@ -65,3 +65,12 @@ def test_shares_add_up_to_the_profiled_total():
 def test_bad_input_is_refused_before_anything_runs(argv, named, capsys):
     assert step_profile.main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+def test_chart_draws_every_model(tmp_path, capsys):
+    chart = tmp_path / "charts" / "profile.png"
+    assert step_profile.main(["--patch-size", "16", "32", "32", "--models", "nnunet", "logonet_tiny",
+                              "--figure", "forward", "--repeats", "1", "--chart", str(chart)]) == 0
+    assert f"wrote {chart}" in capsys.readouterr().out
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in chart.parent.iterdir()] == ["profile.png"]  # no temporary file left

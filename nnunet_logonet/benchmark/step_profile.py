@@ -2,6 +2,7 @@
 
     python -m nnunet_logonet.benchmark.step_profile --patch-size 64 64 64 --models nnunet logonet_s
     python -m nnunet_logonet.benchmark.step_profile --figure forward --patch-size 96 96 96
+    python -m nnunet_logonet.benchmark.step_profile --chart step_profile.png   # also a stacked-bar chart
 
 ``logonet_benchmark`` says how long a step takes; this says what the time is spent on, which is what
 decides the next lever (docs/speed.md). Each model is built as the benchmark builds it (its layout,
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
 
-__all__ = ["CATEGORIES", "category", "profile_model", "format_table", "main"]
+__all__ = ["CATEGORIES", "category", "profile_model", "format_table", "plot_profile", "main"]
 
 EXIT_USAGE = 2
 
@@ -123,6 +124,38 @@ def format_table(results: dict[str, dict[str, object]], figure: str, patch_size:
     return "\n".join(lines)
 
 
+def plot_profile(results: dict[str, dict[str, object]], figure: str, patch_size: Sequence[int],
+                 path: str) -> None:
+    """A horizontal stacked bar per model: its profiled seconds by category, the total at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_logonet.figures import save_figure
+
+    models = list(results)[::-1]  # the first model on top
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.7 * len(models)))
+    palette = plt.get_cmap("tab10").colors
+    left = [0.0] * len(models)
+    for i, row in enumerate(ROWS):
+        color = "0.88" if row == OTHER else palette[i % len(palette)]  # grey for the framework's own work
+        widths = [float(results[m]["seconds"][row]) for m in models]  # type: ignore[index]
+        ax.barh(models, widths, left=left, color=color, label=row, edgecolor="white", linewidth=0.5)
+        left = [a + b for a, b in zip(left, widths)]
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.2f} s", va="center")
+    ax.set_xlim(0, max(left) * 1.15)
+    ax.set_xlabel("profiled self time, s (torch.profiler)")
+    what = "training step, batch 2" if figure == "train" else "forward, batch 1"
+    ax.set_title(f"Where the time goes: one {what}, {'x'.join(map(str, patch_size))}, "
+                 f"{torch.get_num_threads()} CPU threads")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45 if len(models) < 3 else -0.25), ncol=4,
+              fontsize="small", frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.step_profile",
                                      description=__doc__.split("\n\n")[0])
@@ -133,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure", choices=["train", "forward"], default="train",
                         help="one training step (default) or one inference forward")
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled calls timed for the median (default 3)")
+    parser.add_argument("--chart", default=None, metavar="PNG", help="also draw the table as stacked bars here")
     return parser
 
 
@@ -158,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"profiling {name} ...", file=sys.stderr, flush=True)
         results[name] = profile_model(name, args.patch_size, args.figure, repeats=args.repeats)
     print(format_table(results, args.figure, args.patch_size))
+    if args.chart:
+        plot_profile(results, args.figure, args.patch_size, args.chart)
+        print(f"wrote {args.chart}")
     return 0
 
 
