@@ -9,8 +9,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from nnunet_logonet.env import environment, trainers_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -439,8 +439,6 @@ def _draw_case(rng: np.random.Generator, size: int) -> PhantomCase:
                 (-10, y_front_spine - 35, z_panc), (-45, y_front_spine - 30, z_panc - 20)]
     panc_r = [rng.uniform(8, 12), rng.uniform(10, 14), rng.uniform(11, 15), rng.uniform(15, 22)]
     b = grid.box(*_tube_box(panc_pts, panc_r))
-    portal_pts = [(-10, y_front_spine - 28, z_panc), (-45, y_front_spine - 40, z_panc + 40),
-                  (-70, y_front_spine - 20, z_panc + 70)]
     if b is not None:
         bsl, bZ, bY, bX = b
         sd = _tube(bZ, bY, bX, panc_pts, panc_r) + 4 * fields["lobes"](bZ, bY, bX)
