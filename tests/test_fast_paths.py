@@ -33,6 +33,7 @@ from nnunet_logonet.network.levers import LEVERS, fast_paths_enabled, lever_enab
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit
 from nnunet_logonet.network.logonet import LoGoHead
+from nnunet_logonet.network.partition import add_subcrops, stitch_subcrops
 
 CL = torch.channels_last_3d
 
@@ -789,6 +790,59 @@ def test_adding_ungrouped_subcrops_in_place_equals_adding_the_stitched_copy(grid
     assert torch.equal(result, expected)
 
 
+@pytest.mark.parametrize("grid, size", [((2, 2, 2), (8, 12, 6)), ((1, 2, 2), (5, 8, 8)), ((2, 1, 4), (6, 3, 8))])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_adding_subcrops_in_one_pass_equals_the_stitched_sum_with_gradients(grid, size, batch):
+    """``stitch_add``: the loop's tiles and the grouped local features added into the global ones
+    without the stacked, stitched or ungrouped copies: the same sums bit for bit, and the same
+    gradients (each tile gets its region of the incoming gradient, the grouped tensor all of it regrouped)."""
+    torch.manual_seed(0)
+    n = grid[0] * grid[1] * grid[2]
+    tile_size = [s // g for s, g in zip(size, grid)]
+    base = torch.randn(batch, 3, *size).contiguous(memory_format=CL).requires_grad_()
+    tiles = [torch.randn(batch, 3, *tile_size).contiguous(memory_format=CL).requires_grad_() for _ in range(n)]
+    grouped = torch.randn(batch, n * 3, *tile_size).contiguous(memory_format=CL).requires_grad_()
+    grad = torch.randn(batch, 3, *size).contiguous(memory_format=CL)
+    cases = [
+        (lambda b: add_subcrops(b, tiles, grid), lambda b: b + stitch_subcrops(torch.stack(tiles), grid), tiles),
+        (lambda b: grouped_module.add_ungrouped_subcrops(b, grouped, grid),
+         lambda b: b + grouped_module.ungroup_subcrops(grouped, grid), [grouped]),
+    ]
+    for fast, plain, inputs in cases:
+        leaves = [base, *inputs]
+        out = fast(base)
+        assert out.is_contiguous(memory_format=CL)
+        fast_grads = torch.autograd.grad(out, leaves, grad)
+        expected = plain(base)
+        plain_grads = torch.autograd.grad(expected, leaves, grad)
+        assert torch.equal(out, expected)
+        assert all(torch.equal(a, b) for a, b in zip(fast_grads, plain_grads))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_local_features_are_added_without_the_stitched_copy_in_training(grouped, monkeypatch):
+    """Under autograd (training) the loop's tiles or the grouped local features go into the sum
+    without the stitched copy (``stitch_add``); with the lever off the plain sum gives the same step."""
+    net = _tiny(LoGoNet, (32, 32, 32), deep_supervision=True).train()
+    x = torch.randn(2, 1, 32, 32, 32).contiguous(memory_format=CL)
+    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 2 ** 40 if grouped else 0)
+    name = "add_ungrouped_subcrops" if grouped else "add_subcrops"
+    calls = []
+    real = getattr(logonet_module, name)
+    monkeypatch.setattr(logonet_module, name, lambda *a: calls.append(1) or real(*a))
+    results = []
+    for levers_off in [(), ("stitch_add",)]:
+        net.zero_grad(set_to_none=True)
+        with reference_kernels(*levers_off) if levers_off else torch.enable_grad():
+            out = net(x)
+            sum(o.square().mean() for o in out).backward()
+        results.append(([o.detach() for o in out], [p.grad.clone() for p in net.parameters()]))
+    assert len(calls) == 1
+    (fast_out, fast_grads), (plain_out, plain_grads) = results
+    assert all(torch.equal(a, b) for a, b in zip(fast_out, plain_out))
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, plain_grads))
+
+
 def test_local_features_are_added_in_place_only_without_autograd(monkeypatch):
     """In inference the global features take the local ones in place (same outputs, deep supervision
     included); under autograd they are saved for the backward, so the sum is a new tensor."""
@@ -934,6 +988,7 @@ LEVER_MARKERS = {
     "batchnorm_folding": (folding_module, "fold_batchnorm", "none"),
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
     "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
+    "stitch_add": (logonet_module, "add_ungrouped_subcrops", "none"),  # training, grouped (tiny)
     "channels_first_logits": (torch, "baddbmm", "none"),
 }
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .conv import Activation, conv3d, conv3d_concat
 from .folding import derived_tensors, fold_uncached, foldable_batchnorm, version_key
@@ -26,8 +27,8 @@ from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
 
-__all__ = ["group_subcrops", "ungroup_subcrops", "add_ungrouped_subcrops_", "grouped_local_features", "can_group",
-           "grouping_pays"]
+__all__ = ["group_subcrops", "ungroup_subcrops", "add_ungrouped_subcrops_", "add_ungrouped_subcrops",
+           "grouped_local_features", "can_group", "grouping_pays"]
 
 CL = torch.channels_last_3d
 
@@ -96,6 +97,43 @@ def add_ungrouped_subcrops_(out: torch.Tensor, y: torch.Tensor, grid: Sequence[i
     source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
     target.add_(source)
     return out
+
+
+def add_ungrouped_subcrops(base: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``base + ungroup_subcrops(y, grid)`` in one pass, as a new tensor, with autograd.
+
+    Both channels-last. For training, where ``add_ungrouped_subcrops_`` cannot be used (``base`` is
+    saved for the backward of the activation that made it): the sum is written straight from the
+    grouped layout into a new tensor in ``base``'s layout, without the ungrouped copy. The backward
+    hands ``base`` the incoming gradient and ``y`` that gradient regrouped (``group_subcrops``, the one
+    copy the backward of ``ungroup_subcrops`` made too). The same additions, so the same floats.
+    """
+    return _AddUngrouped.apply(base, y, tuple(grid))
+
+
+def _eight_d(out: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` (B, C, D, H, W) and ``y`` (B, n*C, d, h, w), channels-last, as matching 8-D views."""
+    b, c, d, h, w = out.shape
+    gd, gh, gw = grid
+    td, th, tw = d // gd, h // gh, w // gw
+    target = out.permute(0, 2, 3, 4, 1).view(b, gd, td, gh, th, gw, tw, c)
+    source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return target, source
+
+
+class _AddUngrouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, y, grid):  # type: ignore[override]
+        ctx.grid = grid
+        out = torch.empty_like(base, memory_format=CL)
+        target, source = _eight_d(out, y, grid)
+        torch.add(_eight_d(base, y, grid)[0], source, out=target)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, group_subcrops(grad, ctx.grid), None
 
 
 # ----------------------------------------------------------------------------- grouped ops

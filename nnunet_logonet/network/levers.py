@@ -36,6 +36,8 @@ LEVERS: dict[str, str] = {
     "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
     "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
     "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
+    "stitch_add": "the local features added into the global ones in one pass, without the stacked and stitched "
+                  "copies (training, and wherever stitch_in_place does not apply)",
     "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
                              "sliding window read fastest",
 }

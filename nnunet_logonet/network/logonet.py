@@ -24,6 +24,7 @@ from .conv import Conv3d
 from .folding import conv_norm_act
 from .levers import lever_enabled
 from .grouped import (
+    add_ungrouped_subcrops,
     add_ungrouped_subcrops_,
     can_group,
     group_subcrops,
@@ -33,7 +34,7 @@ from .grouped import (
 )
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
-from .partition import split_subcrops, stitch_subcrops
+from .partition import add_subcrops, split_subcrops, stitch_subcrops
 from .presets import arch_kwargs_for_preset, jsonable
 from .shapes import as_triple, check_patch_size, positive_int, required_patch_multiple
 from .ulkanet import ULKAPath, check_input_tensor, validate_arch
@@ -55,6 +56,19 @@ def _stitch_in_place_pays(out: torch.Tensor, grouped: torch.Tensor) -> bool:
         and out.is_contiguous(memory_format=torch.channels_last_3d)
         and grouped.is_contiguous(memory_format=torch.channels_last_3d)
         and lever_enabled("stitch_in_place")
+    )
+
+
+def _stitch_add_pays(out: torch.Tensor, *local: torch.Tensor) -> bool:
+    """The ``stitch_add`` lever: CPU, all channels-last and of one dtype (``add_subcrops``,
+    ``add_ungrouped_subcrops``). On CUDA the copies are fast kernels, and the change is not timed there.
+    """
+    return (
+        out.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and all(t.dtype == out.dtype for t in local)
+        and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (out, *local))
+        and lever_enabled("stitch_add")
     )
 
 
@@ -187,16 +201,22 @@ class LoGoNet(nn.Module):
 
         With ``add_to`` (the global features) the result is ``add_to + local features``; without
         autograd on the CPU the grouped local features are added into ``add_to`` in place
-        (lever ``stitch_in_place``), which then holds the result.
+        (lever ``stitch_in_place``), which then holds the result; otherwise on the CPU the sum is
+        written in one pass into a new tensor, without building the stitched local features
+        (lever ``stitch_add``).
         """
         if lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
             if add_to is not None and _stitch_in_place_pays(add_to, grouped):
                 return add_ungrouped_subcrops_(add_to, grouped, self.local_grid)
+            if add_to is not None and _stitch_add_pays(add_to, grouped):
+                return add_ungrouped_subcrops(add_to, grouped, self.local_grid)
             local = ungroup_subcrops(grouped, self.local_grid)
         else:
             tiles = split_subcrops(x, self.local_grid)
             outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
+            if add_to is not None and _stitch_add_pays(add_to, *outs):
+                return add_subcrops(add_to, outs, self.local_grid)
             local = stitch_subcrops(torch.stack(outs), self.local_grid)
         return local if add_to is None else add_to + local
 
