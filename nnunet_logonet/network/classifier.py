@@ -59,7 +59,9 @@ class _ChannelsFirstLinear(torch.autograd.Function):
         rows, weight = ctx.saved_tensors
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = torch.matmul(grad.transpose(1, 2), weight)
+            # per sample (V, O) @ (O, C) with the (V, O) operand read transposed in place: ``matmul``
+            # folded the batch into the rows, which needed a (N, V, O) copy of the gradient first
+            grad_rows = torch.bmm(grad.transpose(1, 2), weight.expand(grad.shape[0], *weight.shape))
         if ctx.needs_input_grad[1]:
             grad_weight = torch.bmm(grad, rows).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
