@@ -82,6 +82,16 @@ def ungroup_subcrops(y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return t.permute(0, 4, 1, 2, 3)
 
 
+def _eight_d(out: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` (B, C, D, H, W) and ``y`` (B, n*C, d, h, w), channels-last, as matching 8-D views."""
+    b, c, d, h, w = out.shape
+    gd, gh, gw = grid
+    td, th, tw = d // gd, h // gh, w // gw
+    target = out.permute(0, 2, 3, 4, 1).view(b, gd, td, gh, th, gw, tw, c)
+    source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return target, source
+
+
 def add_ungrouped_subcrops_(out: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """``out += ungroup_subcrops(y, grid)`` in one pass, without building the ungrouped tensor.
 
@@ -90,11 +100,7 @@ def add_ungrouped_subcrops_(out: torch.Tensor, y: torch.Tensor, grid: Sequence[i
     is recorded): the copy of ``ungroup_subcrops`` and the new tensor of the sum were two passes
     over fresh full-resolution memory. Same additions, so the same floats as ``out + ungrouped``.
     """
-    b, c, d, h, w = out.shape
-    gd, gh, gw = grid
-    td, th, tw = d // gd, h // gh, w // gw
-    target = out.permute(0, 2, 3, 4, 1).view(b, gd, td, gh, th, gw, tw, c)
-    source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    target, source = _eight_d(out, y, grid)
     target.add_(source)
     return out
 
@@ -111,23 +117,14 @@ def add_ungrouped_subcrops(base: torch.Tensor, y: torch.Tensor, grid: Sequence[i
     return _AddUngrouped.apply(base, y, tuple(grid))
 
 
-def _eight_d(out: torch.Tensor, y: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` (B, C, D, H, W) and ``y`` (B, n*C, d, h, w), channels-last, as matching 8-D views."""
-    b, c, d, h, w = out.shape
-    gd, gh, gw = grid
-    td, th, tw = d // gd, h // gh, w // gw
-    target = out.permute(0, 2, 3, 4, 1).view(b, gd, td, gh, th, gw, tw, c)
-    source = y.permute(0, 2, 3, 4, 1).view(b, td, th, tw, gd, gh, gw, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
-    return target, source
-
-
 class _AddUngrouped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, y, grid):  # type: ignore[override]
         ctx.grid = grid
         out = torch.empty_like(base, memory_format=CL)
         target, source = _eight_d(out, y, grid)
-        torch.add(_eight_d(base, y, grid)[0], source, out=target)
+        region, _ = _eight_d(base, y, grid)
+        torch.add(region, source, out=target)
         return out
 
     @staticmethod

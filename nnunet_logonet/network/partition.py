@@ -6,9 +6,8 @@ batched computation on the stacked tiles.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import itertools
+from typing import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
