@@ -42,33 +42,22 @@ from .ulkanet import ULKAPath, check_input_tensor, validate_arch
 __all__ = ["LoGoHead", "LoGoNet"]
 
 
-def _stitch_in_place_pays(out: torch.Tensor, grouped: torch.Tensor) -> bool:
-    """The ``stitch_in_place`` lever: CPU, no autograd, both channels-last (``add_ungrouped_subcrops_``).
+def _stitch_pays(lever: str, out: torch.Tensor, *local: torch.Tensor) -> bool:
+    """Whether the local features go into ``out`` without a stitched copy (levers ``stitch_in_place``,
+    ``stitch_add``): on the CPU, every tensor channels-last and of ``out``'s dtype, the lever on.
 
-    On CUDA the copy and the add are two fast kernels either way; under autograd the global
-    features are saved for the backward of the activation that made them and must not change.
+    ``stitch_in_place`` (``add_ungrouped_subcrops_``) also needs no autograd: in training the global
+    features are saved for the backward of the activation that made them and must not change, so
+    ``stitch_add`` (``add_subcrops``, ``add_ungrouped_subcrops``) writes the sum to a new tensor. On
+    CUDA the copies are fast kernels, and neither change was timed there.
     """
     return (
         out.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and out.dtype == grouped.dtype
-        and out.is_contiguous(memory_format=torch.channels_last_3d)
-        and grouped.is_contiguous(memory_format=torch.channels_last_3d)
-        and lever_enabled("stitch_in_place")
-    )
-
-
-def _stitch_add_pays(out: torch.Tensor, *local: torch.Tensor) -> bool:
-    """The ``stitch_add`` lever: CPU, all channels-last and of one dtype (``add_subcrops``,
-    ``add_ungrouped_subcrops``). On CUDA the copies are fast kernels, and the change is not timed there.
-    """
-    return (
-        out.device.type == "cpu"
+        and not (lever == "stitch_in_place" and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
         and all(t.dtype == out.dtype for t in local)
         and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (out, *local))
-        and lever_enabled("stitch_add")
+        and lever_enabled(lever)
     )
 
 
@@ -207,15 +196,15 @@ class LoGoNet(nn.Module):
         """
         if lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
-            if add_to is not None and _stitch_in_place_pays(add_to, grouped):
+            if add_to is not None and _stitch_pays("stitch_in_place", add_to, grouped):
                 return add_ungrouped_subcrops_(add_to, grouped, self.local_grid)
-            if add_to is not None and _stitch_add_pays(add_to, grouped):
+            if add_to is not None and _stitch_pays("stitch_add", add_to, grouped):
                 return add_ungrouped_subcrops(add_to, grouped, self.local_grid)
             local = ungroup_subcrops(grouped, self.local_grid)
         else:
             tiles = split_subcrops(x, self.local_grid)
             outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
-            if add_to is not None and _stitch_add_pays(add_to, *outs):
+            if add_to is not None and _stitch_pays("stitch_add", add_to, *outs):
                 return add_subcrops(add_to, outs, self.local_grid)
             local = stitch_subcrops(torch.stack(outs), self.local_grid)
         return local if add_to is None else add_to + local
