@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network import buffers as buffers_module
 from nnunet_logonet.network import conv as conv_module
 from nnunet_logonet.network import folding as folding_module
 from nnunet_logonet.network import grouped as grouped_module
@@ -843,6 +844,74 @@ def test_local_features_are_added_without_the_stitched_copy_in_training(grouped,
     assert all(torch.equal(a, b) for a, b in zip(fast_grads, plain_grads))
 
 
+def _pool_shapes(net: nn.Module) -> dict:
+    return {key: [t.data_ptr() for t in kept] for key, kept in buffers_module.pool_of(net)._buffers.items()}
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_inference_into_reused_buffers_equals_fresh_outputs(cls, monkeypatch):
+    """``output_buffers``: forwards that write into the buffers of the forward before give the outputs
+    of fresh memory bit for bit, one input after another (a stale buffer would show), under
+    ``torch.no_grad`` and ``torch.inference_mode`` (nnUNetv2_predict's) in turn, deep supervision
+    included; the buffers are the same ones each time."""
+    monkeypatch.setattr(buffers_module, "MIN_BYTES", 0)  # every convolution and upsampling it may take
+    net = _tiny(cls, (32, 64, 32), deep_supervision=True).eval()
+    xs = [torch.randn(1, 1, 32, 64, 32).contiguous(memory_format=CL) for _ in range(3)]
+    kept = None
+    for round, mode in enumerate([torch.no_grad, torch.inference_mode, torch.no_grad, torch.inference_mode]):
+        with mode():
+            fast = [net(x) for x in xs]
+            with reference_kernels("output_buffers"):
+                plain = [net(x) for x in xs]
+        for a, b in zip(fast, plain):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+        if round == 1:
+            kept = _pool_shapes(net)
+    assert _pool_shapes(net) == kept and len(kept) >= 4  # no buffer added after the first two rounds
+    assert {inference for _, inference in kept} == {False, True}
+
+
+def test_outputs_someone_keeps_are_never_overwritten(monkeypatch):
+    """A forward hook that keeps a pooled output (or a view of one) across forwards still holds what
+    it kept: the pool hands a buffer out again only when nothing else refers to it."""
+    monkeypatch.setattr(buffers_module, "MIN_BYTES", 0)
+    net = _tiny(LoGoNet, (32, 32, 32)).eval()
+    kept = []
+    net.global_path.encoder.stem[1].register_forward_hook(lambda m, i, o: kept.append(o))
+    net.global_path.decoder.final[0].register_forward_hook(lambda m, i, o: kept.append(o[:, :2]))
+    x1, x2 = (torch.randn(1, 1, 32, 32, 32).contiguous(memory_format=CL) for _ in range(2))
+    with torch.no_grad():
+        net(x1)
+        first = [k.clone() for k in kept]
+        out2 = net(x2)
+        net(x1)
+        with reference_kernels("output_buffers"):
+            plain2 = net(x2)
+    assert torch.equal(out2, plain2)
+    assert all(torch.equal(k, f) for k, f in zip(kept[:2], first))
+    assert not any(torch.equal(kept[i], kept[i + 2]) for i in range(2))  # x2 gave other outputs
+    assert len({k.data_ptr() for k in kept}) == len(kept)
+
+
+def test_output_buffers_only_in_inference_and_freed_by_train():
+    """Training (autograd) and eval-mode forwards that record gradients never touch the pool; the
+    buffers of an inference forward (at the default threshold: LoGoNet-tiny's full-resolution
+    outputs of a 2 x 32x64x32 batch) go away with ``train()``, as nnU-Net calls it after validating."""
+    net = _tiny(LoGoNet, (32, 64, 32)).eval()
+    x = torch.randn(2, 1, 32, 64, 32).contiguous(memory_format=CL)
+    net(x).sum().backward()  # eval mode, autograd on
+    assert buffers_module.pool_of(net).nbytes == 0
+    with torch.no_grad():
+        net(x)
+    pool = buffers_module.pool_of(net)
+    assert pool.nbytes >= 4 * buffers_module.MIN_BYTES
+    net.train()
+    assert pool.nbytes == 0
+    net(x).sum().backward()
+    assert pool.nbytes == 0
+    assert copy.deepcopy(net.eval()).__dict__.get("_output_pool") is not pool
+
+
 def test_local_features_are_added_in_place_only_without_autograd(monkeypatch):
     """In inference the global features take the local ones in place (same outputs, deep supervision
     included); under autograd they are saved for the backward, so the sum is a new tensor."""
@@ -989,6 +1058,7 @@ LEVER_MARKERS = {
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
     "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
     "stitch_add": (logonet_module, "add_ungrouped_subcrops", "none"),  # training, grouped (tiny)
+    "output_buffers": (buffers_module.OutputPool, "take", "none"),  # inference
     "channels_first_logits": (torch, "baddbmm", "none"),
 }
 

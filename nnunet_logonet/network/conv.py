@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffers import active_pool
 from .kernels.depthwise import SameDepthwiseConv3d, same_depthwise_forward
 from .kernels.geometry import is_same_depthwise, triple
 from .kernels.narrowing import NarrowingConv3d, swapped_weight_grad_pays
@@ -136,6 +137,26 @@ def _bf16_on_map_smaller_than_kernel(x: torch.Tensor, weight: torch.Tensor) -> b
     return bf16 and x.device.type == "cpu" and any(k > size for k, size in zip(weight.shape[2:], x.shape[2:]))
 
 
+def _conv_into_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple,
+                    padding: tuple, dilation: tuple, groups: int) -> torch.Tensor | None:
+    """The convolution written into a reused buffer of the running network (``buffers``), else None.
+
+    oneDNN adds the convolution into a given tensor (its sum post-op); into a zeroed buffer that is
+    the convolution itself, float for float, without the page faults of fresh memory.
+    """
+    if _CONV_ADD_INPLACE is None:
+        return None
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    shape = (x.shape[0], weight.shape[0], *spatial)
+    pool = active_pool(x, shape)
+    if pool is None:
+        return None
+    out = pool.take(shape).zero_()
+    _CONV_ADD_INPLACE(out, x, weight, bias, padding, stride, dilation, groups, "add", None, None, [], None)
+    return out
+
+
 def conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -166,6 +187,12 @@ def conv3d(
         return y if activation is None else activation(y)
     if (activation is not None and not needs_grad and _CONV_POINTWISE is not None and lever_enabled("post_ops")
             and not (dilated_depthwise and lever_enabled("dilated_phases"))):
+        # LeakyReLU may run as its own pass over a reused buffer (oneDNN fuses none after its sum post-op);
+        # GELU stays fused: its separate pass would cost more than the page faults it saves
+        if activation.name == "leaky_relu" and not same_depthwise:
+            y = _conv_into_pool(x, weight, bias, stride, padding, dilation, groups)
+            if y is not None:
+                return activation(y)
         return _CONV_POINTWISE(x, weight, bias, padding, stride, dilation, groups, *activation.onednn())
     if pointwise and pointwise_forward_route(x) == "gemm":
         y = pointwise_forward(x, weight, bias)
@@ -179,7 +206,9 @@ def conv3d(
     elif needs_grad and swapped_weight_grad_pays(x, weight, stride, padding, dilation, groups):
         y = NarrowingConv3d.apply(x, weight, bias, padding, dilation)
     else:
-        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        y = None if needs_grad else _conv_into_pool(x, weight, bias, stride, padding, dilation, groups)
+        if y is None:
+            y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return y if activation is None else activation(y)
 
 

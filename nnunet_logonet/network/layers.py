@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffers import active_pool
 from .conv import Conv3d
 from .folding import conv_norm_act
 
@@ -118,7 +119,12 @@ class Upsample3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == (1, 1, 1):
             return x
-        return F.interpolate(x, scale_factor=[float(s) for s in self.scale], mode="trilinear", align_corners=False)
+        scales = [float(s) for s in self.scale]
+        shape = (*x.shape[:2], *(size * s for size, s in zip(x.shape[2:], self.scale)))
+        pool = active_pool(x, shape)
+        if pool is not None:  # inference: into a buffer the network reuses (buffers.py), same floats
+            return torch._C._nn.upsample_trilinear3d(x, shape[2:], False, *scales, out=pool.take(shape))
+        return F.interpolate(x, scale_factor=scales, mode="trilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"

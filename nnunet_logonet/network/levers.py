@@ -38,6 +38,8 @@ LEVERS: dict[str, str] = {
     "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
     "stitch_add": "the local features added into the global ones in one pass, without the stacked and stitched "
                   "copies (training, and wherever stitch_in_place does not apply)",
+    "output_buffers": "in CPU inference the large convolution and upsampling outputs written into buffers the "
+                      "network keeps from one forward to the next, instead of fresh (page-faulting) memory",
     "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
                              "sliding window read fastest",
 }

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .buffers import ReusesOutputBuffers, pooled_outputs
 from .classifier import Classifier3d
 from .conv import Conv3d
 from .folding import conv_norm_act
@@ -86,7 +87,7 @@ class LoGoHead(nn.Module):
         return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]
 
 
-class LoGoNet(nn.Module):
+class LoGoNet(ReusesOutputBuffers):
     """Global + local ULKANets with a shared head, buildable by nnU-Net from plans.
 
     Args:
@@ -211,10 +212,11 @@ class LoGoNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        global_features = self.global_path(x)
-        # the global full-resolution features are only read here (deep supervision reads the others)
-        fused = self.forward_local(x, add_to=global_features[0])
-        return self.head(fused, global_features)
+        with pooled_outputs(self):  # inference: large outputs into reused buffers (buffers.py)
+            global_features = self.global_path(x)
+            # the global full-resolution features are only read here (deep supervision reads the others)
+            fused = self.forward_local(x, add_to=global_features[0])
+            return self.head(fused, global_features)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Voxels x channels of all conv/norm/upsampling outputs for one sample (nnU-Net planner).

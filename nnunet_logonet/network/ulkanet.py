@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .buffers import ReusesOutputBuffers, pooled_outputs
 from .decoder import ULKADecoder
 from .encoder import ULKAEncoder
 from .layers import check_norm, init_weights
@@ -167,7 +168,7 @@ class ULKAPath(nn.Module):
     forward = forward_features
 
 
-class ULKANet(ULKAPath):
+class ULKANet(ReusesOutputBuffers, ULKAPath):
     """Single-path ULKANet for segmentation, buildable by nnU-Net from plans.
 
     Args:
@@ -227,8 +228,9 @@ class ULKANet(ULKAPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        stem, features = self.encoder(x)
-        return self.decoder(stem, features)
+        with pooled_outputs(self):  # inference: large outputs into reused buffers (buffers.py)
+            stem, features = self.encoder(x)
+            return self.decoder(stem, features)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Voxels x channels of all conv/norm/upsampling outputs for one sample (nnU-Net planner).

@@ -1,0 +1,143 @@
+"""Output tensors that LoGoNet's CPU inference reuses from one forward to the next (lever ``output_buffers``).
+
+Why: a forward of LoGoNet-S on a 64^3 patch writes ~270 MB of fresh full-resolution outputs (the
+stems' convolutions, global and local, and the decoder's last upsampling). glibc serves every block
+above 32 MiB (and many smaller ones) as fresh ``mmap`` pages, which the kernel faults in and zeroes
+4 KiB at a time on first touch: ~20 ms per 67 MB on the 2-core AMD EPYC, 10-15 % of the forward
+(docs/speed.md, "The allocator"). PyTorch's CUDA allocator caches such blocks; its CPU allocator does
+not. nnU-Net's sliding window calls the network hundreds of times with one tile shape, so the network
+keeps its large outputs in an :class:`OutputPool` and writes the next ones into them: oneDNN's
+convolution adds into a given tensor (its sum post-op; on a zeroed buffer that is ``conv + 0``, the
+same floats), the trilinear upsampling has an ``out=`` variant.
+
+Only where no autograd records (inference), on CPU float32 channels-last tensors of at least
+:data:`MIN_BYTES`, and only while a network's forward runs (:func:`pooled_outputs`, thread-local). A
+buffer is handed out again only when nothing outside the pool refers to it (no tensor, view or Python
+reference), so an output a caller keeps (a forward hook, returned features) is never overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from .levers import lever_enabled
+
+__all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "pooled_outputs", "release_output_buffers"]
+
+#: Smallest output (bytes) taken from the pool. Below it glibc mostly serves blocks from memory it
+#: already holds, and zeroing a buffer plus oneDNN reading it back would cost more than a fresh block.
+MIN_BYTES = 8 * 2 ** 20
+
+#: Buffers kept per shape: the most a forward needs at once (LoGoNet-S: 2); beyond it outputs are fresh.
+MAX_PER_SHAPE = 4
+
+_CL = torch.channels_last_3d
+_state = threading.local()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class OutputPool:
+    """Channels-last float32 CPU tensors by shape, handed out while nothing else refers to them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()  # two threads running one network never get the same buffer
+
+    def take(self, shape: Sequence[int]) -> torch.Tensor:
+        """A free buffer of ``shape`` (contents undefined), or a new one, kept for the next forward."""
+        # inference tensors (torch.inference_mode, nnUNetv2_predict) cannot be written outside it
+        key = (tuple(shape), torch.is_inference_mode_enabled())
+        with self._lock:
+            kept = self._buffers.setdefault(key, [])
+            for i in range(len(kept)):
+                if _is_free(kept, i):
+                    return kept[i]
+            buffer = torch.empty(shape, dtype=torch.float32).contiguous(memory_format=_CL)
+            if len(kept) < MAX_PER_SHAPE:
+                kept.append(buffer)
+            return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kept in self._buffers.values() for t in kept)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def __deepcopy__(self, memo: dict) -> "OutputPool":
+        return OutputPool()  # a copied network starts with no buffers (nor shares the original's)
+
+    def __getstate__(self) -> dict:
+        return {}  # pickled (torch.save of a whole network) without buffers
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __repr__(self) -> str:
+        return f"OutputPool({sum(map(len, self._buffers.values()))} buffers, {self.nbytes / 2 ** 20:.0f} MiB)"
+
+
+def _is_free(kept: list[torch.Tensor], i: int) -> bool:
+    # references while checking: the pool's list and getrefcount's argument; storage users: the
+    # tensor and the temporary storage object (a view of the buffer, held anywhere, adds one)
+    return sys.getrefcount(kept[i]) == 2 and _storage_use_count(kept[i].untyped_storage()._cdata) == 2
+
+
+def pool_of(module: torch.nn.Module) -> OutputPool:
+    """The pool a network keeps its inference outputs in (made on first use)."""
+    pool = module.__dict__.get("_output_pool")
+    if pool is None:
+        pool = module.__dict__["_output_pool"] = OutputPool()
+    return pool
+
+
+def release_output_buffers(module: torch.nn.Module) -> None:
+    """Free the buffers a network kept (its ``train()`` does this: training never uses them)."""
+    pool = module.__dict__.get("_output_pool")
+    if pool is not None:
+        pool.clear()
+
+
+@contextlib.contextmanager
+def pooled_outputs(module: torch.nn.Module) -> Iterator[None]:
+    """While the body runs (``module``'s forward), inference outputs may come from ``module``'s pool.
+
+    Nested networks (LoGoNet's local paths) use the outermost network's pool.
+    """
+    if getattr(_state, "pool", None) is not None or torch.is_grad_enabled():
+        yield
+        return
+    _state.pool = pool_of(module)
+    try:
+        yield
+    finally:
+        _state.pool = None
+
+
+def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:
+    """The pool an output of ``out_shape`` computed from ``x`` should be written into, else None."""
+    pool = getattr(_state, "pool", None)
+    if (pool is None or _storage_use_count is None or torch.is_grad_enabled()
+            or x.device.type != "cpu" or x.dtype != torch.float32
+            or not x.is_contiguous(memory_format=_CL) or torch.compiler.is_compiling()
+            or not lever_enabled("output_buffers")):
+        return None
+    nbytes = 4
+    for size in out_shape:
+        nbytes *= int(size)
+    return pool if nbytes >= MIN_BYTES else None
+
+
+class ReusesOutputBuffers(torch.nn.Module):
+    """Base of a whole network (LoGoNet, ULKANet) whose inference forward runs in :func:`pooled_outputs`:
+    its ``train()`` frees the kept buffers, which training never uses (nnU-Net calls it every epoch,
+    after the validation forwards that filled them)."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            release_output_buffers(self)
+        return super().train(mode)
