@@ -853,10 +853,12 @@ def test_inference_into_reused_buffers_equals_fresh_outputs(cls, monkeypatch):
     """``output_buffers``: forwards that write into the buffers of the forward before give the outputs
     of fresh memory bit for bit, one input after another (a stale buffer would show), under
     ``torch.no_grad`` and ``torch.inference_mode`` (nnUNetv2_predict's) in turn, deep supervision
-    included; the buffers are the same ones each time."""
+    included, a strided tile as nnU-Net's sliding window cuts it too; the buffers are the same ones
+    each time."""
     monkeypatch.setattr(buffers_module, "MIN_BYTES", 0)  # every convolution and upsampling it may take
     net = _tiny(cls, (32, 64, 32), deep_supervision=True).eval()
-    xs = [torch.randn(1, 1, 32, 64, 32).contiguous(memory_format=CL) for _ in range(3)]
+    xs = [torch.randn(1, 1, 32, 64, 32).contiguous(memory_format=CL) for _ in range(2)]
+    xs.append(torch.randn(1, 1, 40, 70, 36)[:, :, 3:35, 5:69, 2:34])  # a sliding-window tile: a strided view
     kept = None
     for round, mode in enumerate([torch.no_grad, torch.inference_mode, torch.no_grad, torch.inference_mode]):
         with mode():

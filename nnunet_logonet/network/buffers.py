@@ -103,17 +103,21 @@ def release_output_buffers(module: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def pooled_outputs(module: torch.nn.Module) -> Iterator[None]:
-    """While the body runs (``module``'s forward), inference outputs may come from ``module``'s pool.
+def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """While the body runs (``module``'s forward on ``x``), inference outputs may come from ``module``'s
+    pool. Yields the input to use: ``x`` channels-last where the pool may take the first convolution's
+    output (a tile of nnU-Net's sliding window is a strided view, from which oneDNN would write that
+    output channels-first; the copy of a one-channel tile is ~1 MB).
 
     Nested networks (LoGoNet's local paths) use the outermost network's pool.
     """
     if getattr(_state, "pool", None) is not None or torch.is_grad_enabled():
-        yield
+        yield x
         return
     _state.pool = pool_of(module)
     try:
-        yield
+        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and lever_enabled("output_buffers")
+        yield x.contiguous(memory_format=_CL) if cpu_float and x.dim() == 5 else x
     finally:
         _state.pool = None
 
