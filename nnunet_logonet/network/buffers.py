@@ -18,6 +18,7 @@ reference), so an output a caller keeps (a forward hook, returned features) is n
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 from typing import Iterator, Sequence
@@ -32,8 +33,8 @@ __all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "poo
 #: already holds, and zeroing a buffer plus oneDNN reading it back would cost more than a fresh block.
 MIN_BYTES = 8 * 2 ** 20
 
-#: Buffers kept per shape: the most a forward needs at once (LoGoNet-S: 2); beyond it outputs are fresh.
-MAX_PER_SHAPE = 4
+#: Blocks kept per size: the most a forward needs at once (LoGoNet-S: 3); beyond it outputs are fresh.
+MAX_PER_SIZE = 4
 
 _CL = torch.channels_last_3d
 _state = threading.local()
@@ -41,25 +42,31 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class OutputPool:
-    """Channels-last float32 CPU tensors by shape, handed out while nothing else refers to them."""
+    """Flat float32 CPU blocks by size, handed out as channels-last tensors of any shape of that size
+    while nothing else refers to them (so a [1, 32, 64^3] and a [1, 256, 32^3] output share one)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # two threads running one network never get the same buffer
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
-        """A free buffer of ``shape`` (contents undefined), or a new one, kept for the next forward."""
+        """A channels-last tensor of ``shape`` (contents undefined) on a free kept block, or on a new one."""
+        n, c, *spatial = (int(size) for size in shape)
+        numel = n * c * math.prod(spatial)
         # inference tensors (torch.inference_mode, nnUNetv2_predict) cannot be written outside it
-        key = (tuple(shape), torch.is_inference_mode_enabled())
+        key = (numel, torch.is_inference_mode_enabled())
         with self._lock:
             kept = self._buffers.setdefault(key, [])
-            for i in range(len(kept)):
-                if _is_free(kept, i):
-                    return kept[i]
-            buffer = torch.empty(shape, dtype=torch.float32).contiguous(memory_format=_CL)
-            if len(kept) < MAX_PER_SHAPE:
-                kept.append(buffer)
-            return buffer
+            block = next((kept[i] for i in range(len(kept)) if _is_free(kept, i)), None)
+            if block is None:
+                block = torch.empty(numel, dtype=torch.float32)
+                if len(kept) < MAX_PER_SIZE:
+                    kept.append(block)
+            strides, step = [], c
+            for size in reversed(spatial):
+                strides.insert(0, step)
+                step *= size
+            return block.as_strided((n, c, *spatial), (step, 1, *strides))
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +90,8 @@ class OutputPool:
 
 def _is_free(kept: list[torch.Tensor], i: int) -> bool:
     # references while checking: the pool's list and getrefcount's argument; storage users: the
-    # tensor and the temporary storage object (a view of the buffer, held anywhere, adds one)
+    # block and the temporary storage object (every tensor handed out on it, and every view of
+    # those, adds one while it lives)
     return sys.getrefcount(kept[i]) == 2 and _storage_use_count(kept[i].untyped_storage()._cdata) == 2
 
 
