@@ -914,6 +914,27 @@ def test_output_buffers_only_in_inference_and_freed_by_train():
     assert copy.deepcopy(net.eval()).__dict__.get("_output_pool") is not pool
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_sees_the_network_as_one_graph(training, monkeypatch):
+    """``nnUNet_compile=t`` on CUDA compiles the whole network: dynamo traces LoGoNet's grouped code
+    path (the CUDA one) in one graph, in training and in inference, every lever on: the CPU-only fast
+    paths (oneDNN's availability check, the output pool and its lock, the folded-weight cache) step
+    aside while compiling instead of breaking the graph."""
+    import torch._dynamo
+
+    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 2 ** 40)  # the grouped paths, as on CUDA
+    net = _tiny(LoGoNet, (32, 32, 32), deep_supervision=True).train(training)
+    x = torch.randn(2, 1, 32, 32, 32).contiguous(memory_format=CL)
+    torch._dynamo.reset()
+    try:
+        with torch.set_grad_enabled(training):
+            explained = torch._dynamo.explain(net)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_local_features_are_added_in_place_only_without_autograd(monkeypatch):
     """In inference the global features take the local ones in place (same outputs, deep supervision
     included); under autograd they are saved for the backward, so the sum is a new tensor."""

@@ -119,8 +119,8 @@ def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.T
 
     Nested networks (LoGoNet's local paths) use the outermost network's pool.
     """
-    if getattr(_state, "pool", None) is not None or torch.is_grad_enabled():
-        yield x
+    if torch.compiler.is_compiling() or getattr(_state, "pool", None) is not None or torch.is_grad_enabled():
+        yield x  # compiled: inductor plans the memory itself (and the pool's lock would break the graph)
         return
     _state.pool = pool_of(module)
     try:

@@ -110,13 +110,13 @@ def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
+        and not torch.compiler.is_compiling()  # first: dynamo cannot trace mkldnn.is_available()
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and lever_enabled("onednn")
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
