@@ -301,6 +301,11 @@ def test_lever_ab_alternates_the_order_and_switches_only_the_levers():
     assert [post_ops for post_ops, _ in seen] == [True, False, True, False, False, True, True, False]
     assert all(onednn for _, onednn in seen)
     assert len(samples["f"]["on"]) == len(samples["f"]["off"]) == 3
+    seen.clear()  # in blocks: each state's calls in a row, the first of each block untimed
+    samples = interleaved_times({"f": lambda: seen.append((lever_enabled("post_ops"), None))},
+                                ["post_ops"], 2, torch.device("cpu"), block=3)
+    assert [post_ops for post_ops, _ in seen] == [True, False] + [True] * 3 + [False] * 6 + [True] * 3
+    assert len(samples["f"]["on"]) == len(samples["f"]["off"]) == 4
 
 
 @pytest.mark.e2e

@@ -34,11 +34,14 @@ FIGURES = {"forward": "fwd s/patch", "train": "train s/iter", "sw": "sw s/case"}
 
 
 def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str], rounds: int,
-                      device: torch.device) -> dict[str, dict[str, list[float]]]:
+                      device: torch.device, block: int = 1) -> dict[str, dict[str, list[float]]]:
     """Seconds of every call with ``levers`` on and off, alternating the order each round.
 
     ``calls`` maps a figure name to a callable; each is run once on and once off untimed first
-    (oneDNN's primitive caches, the allocator).
+    (oneDNN's primitive caches, the allocator). With ``block`` > 1 each state runs ``block`` calls in
+    a row per round and the first of them is not timed, so every timed call follows one in the same
+    state: for levers that change what the allocator holds (``output_buffers``), where a call right
+    after the switch inherits the other state's heap.
     """
     samples: dict[str, dict[str, list[float]]] = {}
     for figure, call in calls.items():
@@ -49,11 +52,13 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
         for r in range(rounds):
             for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
                 with _kernels(state, levers):
-                    _sync(device)
-                    start = time.perf_counter()
-                    call()
-                    _sync(device)
-                    samples[figure][state].append(time.perf_counter() - start)
+                    for i in range(block):
+                        _sync(device)
+                        start = time.perf_counter()
+                        call()
+                        _sync(device)
+                        if block == 1 or i > 0:
+                            samples[figure][state].append(time.perf_counter() - start)
     return samples
 
 
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=list(FIGURES),
                         help="what to time (default: forward train sw)")
     parser.add_argument("--rounds", type=int, default=3, help="timed on/off pairs per figure (default 3)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="calls in a row per state and round, the first untimed (default 1: one timed call); "
+                             "e.g. 4 for levers that change what the allocator holds, such as output_buffers")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch size (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--swap-narrowing-weight-grad", action="store_true",
@@ -84,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.rounds < 1 or args.batch_size < 1 or min(args.patch_size) < 1:
-        print("logonet_lever_ab: error: --rounds, --batch-size and --patch-size must be >= 1", file=sys.stderr)
+    if args.rounds < 1 or args.block < 1 or args.batch_size < 1 or min(args.patch_size) < 1:
+        print("logonet_lever_ab: error: --rounds, --block, --batch-size and --patch-size must be >= 1", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if args.swap_narrowing_weight_grad:
@@ -115,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "sw" in args.figures:
         sliding_window, _ = make_sliding_window(net, spec, settings, device)
         calls["sw"] = lambda: (net.eval(), sliding_window())
-    samples = interleaved_times(calls, args.lever, args.rounds, device)
+    samples = interleaved_times(calls, args.lever, args.rounds, device, args.block)
 
     print(f"{spec.name} at {list(spec.patch_size)}, {device_info(device)['cpu_model'] if device.type == 'cpu' else device}, "
-          f"levers off: {', '.join(args.lever)}; medians of {args.rounds}, interleaved")
+          f"levers off: {', '.join(args.lever)}; medians of {len(next(iter(samples.values()))['on'])}, interleaved"
+          + (f" in blocks of {args.block} calls (first untimed)" if args.block > 1 else ""))
     print(f"{'figure':14s} {'on':>9s} {'off':>9s} {'off/on':>7s}")
     for figure, by_state in samples.items():
         on, off = median(by_state["on"]), median(by_state["off"])
@@ -127,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {"command": shlex.join(["logonet_lever_ab", *argv]),
                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "model": spec.name, "patch_size": list(spec.patch_size), "levers_off": list(args.lever),
-                  "rounds": args.rounds, "batch_size": args.batch_size,
+                  "rounds": args.rounds, "block": args.block, "batch_size": args.batch_size,
                   "device_info": device_info(device), "allocator": allocator_settings(),
                   "samples_s": samples,
                   "medians_s": {f: {s: median(v) for s, v in by.items()} for f, by in samples.items()}}
