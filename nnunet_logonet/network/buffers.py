@@ -85,7 +85,7 @@ class OutputPool:
         self.__init__()
 
     def __repr__(self) -> str:
-        return f"OutputPool({sum(map(len, self._buffers.values()))} buffers, {self.nbytes / 2 ** 20:.0f} MiB)"
+        return f"OutputPool({sum(map(len, self._buffers.values()))} blocks, {self.nbytes / 2 ** 20:.0f} MiB)"
 
 
 def _is_free(kept: list[torch.Tensor], i: int) -> bool:
@@ -138,10 +138,7 @@ def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:
             or not x.is_contiguous(memory_format=_CL) or torch.compiler.is_compiling()
             or not lever_enabled("output_buffers")):
         return None
-    nbytes = 4
-    for size in out_shape:
-        nbytes *= int(size)
-    return pool if nbytes >= MIN_BYTES else None
+    return pool if 4 * math.prod(out_shape) >= MIN_BYTES else None
 
 
 class ReusesOutputBuffers(torch.nn.Module):
