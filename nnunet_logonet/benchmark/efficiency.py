@@ -229,6 +229,20 @@ class ResidentSetPeak:
         hwm = self._status_mb("VmHWM") if self.method.startswith("VmHWM") else None
         return hwm if hwm is not None else self._maxrss_mb()
 
+    @staticmethod
+    def release_free_memory() -> None:
+        """Hand freed heap memory back to the OS (glibc's ``malloc_trim``, where there is one), so that
+        what an earlier model of the same process freed is not counted as the next one's baseline."""
+        import ctypes
+        import ctypes.util
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            pass
+
 
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16) if enabled and device.type == "cuda" else contextlib.nullcontext()
@@ -346,6 +360,7 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rss = ResidentSetPeak()
+    rss.release_free_memory()
     rss_before_model = rss.current_mb()
     started = time.perf_counter()
 
@@ -394,7 +409,12 @@ def _measure_model(spec: ModelSpec, settings: BenchmarkSettings, *, skip_trainin
             details["memory_method"] = "torch.cuda.max_memory_allocated during the training iterations"
         else:
             peak = rss.peak_mb()
-            figures["peak_memory_mb"] = peak - rss_before_model
+            # in-process (--no-isolate) the model may reuse heap memory an earlier one freed, which
+            # does not raise the resident set: no figure rather than a wrong one
+            figures["peak_memory_mb"] = peak - rss_before_model if peak > rss_before_model else None
+            if figures["peak_memory_mb"] is None:
+                details["notes"].append("peak memory not measured: the resident set did not grow (memory an "
+                                        "earlier model freed in this process was reused; run with --isolate)")
             details.update(peak_rss_mb=peak, rss_before_model_mb=rss_before_model,
                            memory_method=f"peak resident set minus resident set before building ({rss.method})")
     for key, values in samples.items():
