@@ -62,11 +62,7 @@ class OutputPool:
                 block = torch.empty(numel, dtype=torch.float32)
                 if len(kept) < MAX_PER_SIZE:
                     kept.append(block)
-            strides, step = [], c
-            for size in reversed(spatial):
-                strides.insert(0, step)
-                step *= size
-            return block.as_strided((n, c, *spatial), (step, 1, *strides))
+            return block.view(n, *spatial, c).permute(0, 4, 1, 2, 3)  # channels-last (N, C, D, H, W)
 
     @property
     def nbytes(self) -> int:
