@@ -323,6 +323,35 @@ def test_depthwise_weight_gradient_by_depth_slices_equals_the_3d_one(kernel, siz
     assert not depth_slices_pay(g, x, w, (2, 2, 2))  # dilated: the 3D kernel (or the phases) instead
 
 
+@pytest.mark.parametrize("size", [(2, 2, 2), (3, 2, 4)])
+def test_depthwise_weight_gradient_by_slices_on_narrow_planes_takes_the_channels_in_chunks(size, monkeypatch):
+    """oneDNN's 2D depthwise weight gradient falls off a cliff on planes 2 voxels wide beyond ~3000
+    channels (the grouped local paths' bottleneck, 8 x 1024 channels on 2^3: 172 ms in one call,
+    9.6 ms in 2048-channel calls), so there the channels go in chunks, a ragged last one included,
+    with the same result as one 3D call."""
+    from nnunet_logonet.network.kernels.depthwise import depthwise_weight_grad
+
+    torch.manual_seed(0)
+    channels = 2 * depthwise_module.DEPTHWISE_SLICES_NARROW_CHUNK + 104
+    x = torch.randn(2, channels, *size).contiguous(memory_format=CL)
+    g = torch.randn(2, channels, *size).contiguous(memory_format=CL)
+    w = torch.randn(channels, 1, 3, 3, 3).contiguous(memory_format=CL)
+    one_call = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
+                                                   [0, 0, 0], channels, [False, True, False])[1]
+    widths = []
+    real = depthwise_module.depthwise_weight_grad_by_slices
+    monkeypatch.setattr(depthwise_module, "depthwise_weight_grad_by_slices",
+                        lambda g_, x_, w_, pad: widths.append(w_.shape[0]) or real(g_, x_, w_, pad))
+    grad = depthwise_weight_grad(g, x, w, (1, 1, 1), (1, 1, 1))
+    assert widths == [channels, 2048, 2048, 104]
+    assert grad.shape == w.shape and grad.is_contiguous(memory_format=CL)
+    assert _rel(grad, one_call) < 1e-5
+    wide_planes = torch.randn(2, channels, 2, 4, 4).contiguous(memory_format=CL)
+    widths.clear()
+    depthwise_weight_grad(wide_planes, wide_planes, w, (1, 1, 1), (1, 1, 1))
+    assert widths == [channels]  # 4 x 4 planes: one call is fast
+
+
 def test_depthwise_weight_gradient_by_slices_only_where_it_pays():
     from nnunet_logonet.network.kernels.depthwise import depth_slices_pay
 

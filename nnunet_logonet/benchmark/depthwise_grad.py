@@ -29,9 +29,10 @@ from nnunet_logonet.network.kernels import depthwise
 __all__ = ["DEFAULT_SHAPES", "routes", "time_ms", "main"]
 
 #: (batch, channels, size, kernel, dilation): LoGoNet-S's depthwise convolutions in a training step
-#: at 64^3 and 96^3 (global path and the 8 local paths), plus the shapes quoted in docs/speed.md
+#: at 64^3 and 96^3 (global path and the 8 local paths), the grouped local paths' bottleneck at 32^3
+#: (8 x 1024 channels on 2^3), plus the shapes quoted in docs/speed.md
 DEFAULT_SHAPES = [
-    (2, 512, 16, 3, 1), (2, 512, 8, 3, 1), (2, 1024, 4, 3, 1), (2, 64, 64, 3, 1), (2, 128, 32, 3, 1),
+    (2, 512, 16, 3, 1), (2, 512, 8, 3, 1), (2, 1024, 4, 3, 1), (2, 8192, 2, 3, 1), (2, 64, 64, 3, 1), (2, 128, 32, 3, 1),
     (2, 64, 16, 5, 1), (2, 64, 32, 5, 1), (2, 512, 8, 5, 1), (2, 64, 8, 5, 1),
     (2, 64, 16, 7, 3), (2, 64, 24, 7, 3), (2, 64, 12, 7, 3), (2, 64, 12, 5, 3), (2, 64, 8, 5, 3), (2, 128, 4, 3, 3),
 ]

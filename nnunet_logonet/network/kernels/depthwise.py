@@ -45,6 +45,14 @@ DEPTHWISE_SLICES_WIDE_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX2
 #: cost ~1.2 ms, more than the whole 3D weight gradient of small maps ([2, 128, 4^3]: 1.25 vs 1.05 ms;
 #: [2, 512, 4^3]: 1.3 vs 4.3 ms; AMD EPYC, ad-hoc script)
 DEPTHWISE_SLICES_MIN_ELEMENTS = 16384
+#: planes this narrow (an in-plane side of at most 2 voxels) take at most DEPTHWISE_SLICES_NARROW_CHUNK
+#: channels per 2D call: oneDNN's 2D depthwise weight gradient falls off a cliff there beyond ~3000
+#: channels (AMD EPYC Zen 4, 3^3, ms, one call -> 2048-channel calls: [2, 8192, 2^3] 172 -> 9.6,
+#: [2, 4096, 2^3] 93 -> 4.7, [2, 6144, 2^3] 120 -> 7.2, [2, 8192, 2x2x4] 164 -> 11, [2, 8192, 2x1x2]
+#: 143 -> 9.6; 4 x 4 and 3 x 3 planes do not: [2, 8192, 2x4x4] 1.0 ms in one call; the 3D kernel
+#: took 13-23 ms on those maps; ad-hoc script): the grouped local paths' bottleneck, 8 x 1024 channels
+DEPTHWISE_SLICES_NARROW_PLANE = 2
+DEPTHWISE_SLICES_NARROW_CHUNK = 2048
 
 
 def depth_slices_pay(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -87,8 +95,16 @@ def depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, wei
     sample ``[C, D, H, W]`` seen as ``[D, C, H, W]`` is a channels-last batch of slices (a view),
     so nothing is copied. oneDNN's 2D depthwise kernel is far faster than its 3D one (AMD EPYC,
     3^3, [2, 512, 8^3]: 15.7 ms 3D, 14.4 ms grouped blocks, 1.9 ms by slices; [2, 512, 16^3]: 83 ->
-    20 ms; [2, 16, 32^3]: 36 -> 2.5 ms; ad-hoc script).
+    20 ms; [2, 16, 32^3]: 36 -> 2.5 ms; ad-hoc script). On planes with a side of at most
+    DEPTHWISE_SLICES_NARROW_PLANE voxels the channels go DEPTHWISE_SLICES_NARROW_CHUNK per call
+    (channels are independent, so the chunks are exact).
     """
+    channels = weight.shape[0]
+    if min(x.shape[3:]) <= DEPTHWISE_SLICES_NARROW_PLANE and channels > DEPTHWISE_SLICES_NARROW_CHUNK:
+        step = DEPTHWISE_SLICES_NARROW_CHUNK
+        return torch.cat([depthwise_weight_grad_by_slices(grad_out[:, i:i + step], x[:, i:i + step], weight[i:i + step],
+                                                          padding) for i in range(0, channels, step)]
+                         ).contiguous(memory_format=torch.channels_last_3d)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     channels, _, kd, kh, kw = weight.shape
