@@ -124,6 +124,31 @@ def test_json_round_trips_with_device_info(small_run):
     assert isinstance(info["allocator"], dict)
 
 
+def test_records_name_the_commit_of_the_code_and_uncommitted_changes(tmp_path):
+    """A record says which code gave its figures: the checkout's commit, marked when tracked files differ
+    from it (untracked files do not count); nothing outside a git checkout."""
+    import subprocess
+
+    from nnunet_logonet.benchmark.efficiency import code_revision
+
+    assert code_revision(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "module.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "module.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout
+    assert code_revision(tmp_path) == head.strip()
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert code_revision(tmp_path) == head.strip()
+    (tmp_path / "module.py").write_text("x = 2\n")
+    assert code_revision(tmp_path) == head.strip() + "+changes"
+    this_checkout = code_revision()
+    assert this_checkout is None or this_checkout.split("+")[0] == subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+        text=True).stdout.strip()
+
+
 @pytest.mark.e2e
 def test_a_fresh_run_charts_with_this_machines_name(small_run, tmp_path, capsys):
     from nnunet_logonet.benchmark import ratio_chart
@@ -133,7 +158,9 @@ def test_a_fresh_run_charts_with_this_machines_name(small_run, tmp_path, capsys)
     chart = tmp_path / "ratios.png"
     assert ratio_chart.main([str(small_run[1]), "--models", "logonet_tiny", "-o", str(chart)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "| logonet_tiny |" in line)
-    assert row.startswith(f"| {cpu_kind(report['device_info'])}, 32^3, alone, {report['date'][:10]} |")
+    revision = report["device_info"]["nnunet_logonet_revision"]
+    code = f"code {revision}, " if revision else ""
+    assert row.startswith(f"| {cpu_kind(report['device_info'])}, 32^3, alone, {code}{report['date'][:10]} |")
     ratios = report["models"]["logonet_tiny"]["ratios"]
     assert row.split("|")[3:6] == [f" {ratios[k]:.2f}x " for k in ("forward_s", "train_step_s", "sliding_window_s")]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,6 +42,8 @@ def test_every_committed_record_loads_with_its_stored_ratios_and_a_label_naming_
         assert (f"interleaved x{rounds}" if rounds else "alone") in run.label
         assert ("reference kernels" in run.label) == bool(report["settings"].get("reference_kernels"))
         assert ("GLIBC_TUNABLES" in run.label) == ("GLIBC_TUNABLES" in report["device_info"].get("allocator", {}))
+        revision = report["device_info"].get("nnunet_logonet_revision")
+        assert ("code " in run.label) == bool(revision) and (not revision or f"code {revision}" in run.label)
     labels = {p.name: ratio_chart.load_run(p).label for p in records}
     assert labels["cpu_64_epyc_zen4_faults.json"].startswith("AMD EPYC Zen 4, 64^3, alone")
     assert labels["cpu_64_xeon_cascadelake.json"].startswith("Xeon Cascade Lake, 64^3")  # family 6 model 85 + VNNI

@@ -515,6 +515,23 @@ def describe_allocator(settings: dict[str, str]) -> str:
     return "allocator: " + " ".join(f"{name}={value}" for name, value in settings.items())
 
 
+def code_revision(where: str | os.PathLike | None = None) -> str | None:
+    """The git commit this package's code came from (short hash, ``+changes`` when tracked files
+    differ from it), so that a record says which code gave its figures; None outside a git checkout
+    (an installed wheel) or without git. ``where``: a folder in the checkout (default: this package)."""
+    folder = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        changes = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changes.returncode == 0 and changes.stdout.strip() else "")
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     """The machine and library versions a benchmark ran on, for its JSON record."""
     from importlib.metadata import PackageNotFoundError, version
@@ -529,7 +546,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "device": str(device), **cpu_description(),
         "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "nnunetv2": _version("nnunetv2"), "fvcore": _version("fvcore"),
-        "nnunet_logonet": _version("nnunet-logonet"), "python": platform.python_version(),
+        "nnunet_logonet": _version("nnunet-logonet"), "nnunet_logonet_revision": code_revision(),
+        "python": platform.python_version(),
         "platform": platform.platform(), "memory_available_mb": _available_memory_mb(torch.device("cpu")),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "allocator": allocator_settings(),

@@ -57,7 +57,8 @@ class RunRatios:
 
 
 def run_label(report: Mapping[str, Any]) -> str:
-    """Machine, patch, timing mode and date of a run, plus whatever made it unlike a default run."""
+    """Machine, patch, timing mode and date of a run, plus whatever made it unlike a default run and the
+    commit of the code where the record has it (runs of one day on one machine told apart)."""
     info = report.get("device_info") or {}
     settings = report.get("settings") or {}
     if (info.get("device") or settings.get("device")) == "cuda":
@@ -79,6 +80,8 @@ def run_label(report: Mapping[str, Any]) -> str:
     allocator = info.get("allocator") or {}
     if allocator:
         parts.append(" ".join(f"{k}={v}" for k, v in allocator.items()))
+    if info.get("nnunet_logonet_revision"):
+        parts.append(f"code {info['nnunet_logonet_revision']}")
     date = str(report.get("date") or "")[:10]
     return ", ".join(parts + ([date] if date else []))
 
