@@ -39,7 +39,8 @@ def test_table_puts_both_networks_side_by_side_with_ratios(figure, capsys):
                               "--figure", figure, "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert set(step_profile.ROWS) | {"total (profiled)", "unprofiled median, s", "operator calls"} <= set(rows)
+    assert set(step_profile.ROWS) | {"total (profiled)", "unprofiled median, s", "operator calls",
+                                     "minor page faults per call", "system CPU s per call"} <= set(rows)
     for row in ("convolution forward", "total (profiled)", "operator calls"):
         cells = [c.strip() for c in rows[row].strip("| ").split(" | ")]
         assert len(cells) == 4  # category, nnunet, logonet_tiny, logonet_tiny / nnunet
@@ -55,6 +56,22 @@ def test_shares_add_up_to_the_profiled_total():
     result = step_profile.profile_model("logonet_tiny", (16, 32, 32), "forward", repeats=1)
     assert result["total_s"] == pytest.approx(sum(result["seconds"].values()))
     assert result["calls"] > 100 and result["unprofiled_s"] > 0
+    assert result["page_faults"] >= 0 and result["system_s"] >= 0
+
+
+def test_page_faults_of_the_timed_calls_reach_the_table(monkeypatch):
+    """The faults and system time come from the unprofiled calls (``time_runs``' costs) and are shown per model."""
+    def fake_time_runs(run, warmup, repeats, device, costs=None):
+        costs.update(minor_page_faults=1234.0, system_s=0.25)
+        return [0.5] * repeats
+
+    monkeypatch.setattr(step_profile, "time_runs", fake_time_runs)
+    result = step_profile.profile_model("logonet_tiny", (16, 32, 32), "forward", repeats=1)
+    assert (result["page_faults"], result["system_s"]) == (1234.0, 0.25)
+    reference = dict(result, page_faults=617.0, system_s=0.5)
+    table = step_profile.format_table({"nnunet": reference, "logonet_tiny": result}, "forward", (16, 32, 32))
+    assert "| minor page faults per call | 617 | 1,234 | 2.00x |" in table
+    assert "| system CPU s per call | 0.500 | 0.250 | 0.50x |" in table
 
 
 @pytest.mark.parametrize("argv, named", [

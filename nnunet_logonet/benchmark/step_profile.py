@@ -14,7 +14,10 @@ own work: allocations, views, autograd bookkeeping), printed per model in second
 of its total, with each category's ratio to the reference model (``nnunet``). The profiler adds
 overhead per operator, so the totals exceed ``logonet_benchmark``'s times, more so for the model
 with more operators; the table also gives the unprofiled median of the same call and the number of
-operator calls. CPU only (on CUDA, ``.ci/gpu_profile.py``).
+operator calls, and the minor page faults and system CPU time of those unprofiled calls: the profiler
+counts the kernel's zeroing of freshly mapped memory inside whichever operator first writes it, and on
+glibc's defaults that is a sizeable part of both networks' CPU time (docs/speed.md, "The allocator").
+CPU only (on CUDA, ``.ci/gpu_profile.py``).
 """
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *
         def run() -> object:
             with torch.no_grad():
                 return net(x)
-    unprofiled = statistics.median(time_runs(run, warmup, repeats, device))
+    costs: dict[str, float] = {}
+    unprofiled = statistics.median(time_runs(run, warmup, repeats, device, costs))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     seconds = dict.fromkeys(ROWS, 0.0)
@@ -91,7 +95,8 @@ def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *
     for event in prof.key_averages():
         seconds[category(event.key)] += event.self_cpu_time_total / 1e6
         calls += event.count
-    return {"seconds": seconds, "total_s": sum(seconds.values()), "unprofiled_s": unprofiled, "calls": calls}
+    return {"seconds": seconds, "total_s": sum(seconds.values()), "unprofiled_s": unprofiled, "calls": calls,
+            "page_faults": costs.get("minor_page_faults", 0.0), "system_s": costs.get("system_s", 0.0)}
 
 
 def format_table(results: dict[str, dict[str, object]], figure: str, patch_size: Sequence[int],
@@ -117,9 +122,12 @@ def format_table(results: dict[str, dict[str, object]], figure: str, patch_size:
             key = (lambda r: r["total_s"]) if row.startswith("total") else (lambda r, row=row: r["seconds"][row])
             cells.append(ratio(key(results[m]), key(results[reference])))  # type: ignore[arg-type]
         lines.append("| " + " | ".join(cells) + " |")
-    for label, key, fmt in (("unprofiled median, s", "unprofiled_s", "{:.3f}"), ("operator calls", "calls", "{:d}")):
-        cells = [label] + [fmt.format(results[m][key]) for m in models]
-        cells += [ratio(float(results[m][key]), float(results[reference][key])) for m in others]  # type: ignore
+    for label, key, fmt in (("unprofiled median, s", "unprofiled_s", "{:.3f}"), ("operator calls", "calls", "{:d}"),
+                            ("minor page faults per call", "page_faults", "{:,.0f}"),
+                            ("system CPU s per call", "system_s", "{:.3f}")):
+        cells = [label] + [fmt.format(results[m].get(key, 0)) for m in models]
+        cells += [ratio(float(results[m].get(key, 0)), float(results[reference].get(key, 0)))  # type: ignore
+                  for m in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
