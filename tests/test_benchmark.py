@@ -125,24 +125,27 @@ def test_json_round_trips_with_device_info(small_run):
 
 
 def test_records_name_the_commit_of_the_code_and_uncommitted_changes(tmp_path):
-    """A record says which code gave its figures: the checkout's commit, marked when tracked files differ
-    from it (untracked files do not count); nothing outside a git checkout."""
+    """A record says which code gave its figures: the commit its file was checked out from, marked when
+    tracked files differ from it (untracked files do not count); nothing for a file git does not track
+    (an installed copy, even one inside a checkout) or outside a repository."""
     import subprocess
 
     from nnunet_logonet.benchmark.efficiency import code_revision
 
-    assert code_revision(tmp_path) is None
+    module = tmp_path / "module.py"
+    module.write_text("x = 1\n")
+    assert code_revision(module) is None  # no repository
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
-    (tmp_path / "module.py").write_text("x = 1\n")
     subprocess.run([*git, "add", "module.py"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout
-    assert code_revision(tmp_path) == head.strip()
-    (tmp_path / "notes.txt").write_text("untracked\n")
-    assert code_revision(tmp_path) == head.strip()
-    (tmp_path / "module.py").write_text("x = 2\n")
-    assert code_revision(tmp_path) == head.strip() + "+changes"
+    assert code_revision(module) == head.strip()
+    (tmp_path / "installed.py").write_text("untracked\n")
+    assert code_revision(module) == head.strip()  # untracked files are not changes
+    assert code_revision(tmp_path / "installed.py") is None  # not the repository's code
+    module.write_text("x = 2\n")
+    assert code_revision(module) == head.strip() + "+changes"
     this_checkout = code_revision()
     assert this_checkout is None or this_checkout.split("+")[0] == subprocess.run(
         ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -332,7 +332,8 @@ def test_depthwise_weight_gradient_by_slices_on_narrow_planes_takes_the_channels
     from nnunet_logonet.network.kernels.depthwise import depthwise_weight_grad
 
     torch.manual_seed(0)
-    channels = 2 * depthwise_module.DEPTHWISE_SLICES_NARROW_CHUNK + 104
+    step = depthwise_module.DEPTHWISE_SLICES_NARROW_CHUNK
+    channels = 2 * step + 104
     x = torch.randn(2, channels, *size).contiguous(memory_format=CL)
     g = torch.randn(2, channels, *size).contiguous(memory_format=CL)
     w = torch.randn(channels, 1, 3, 3, 3).contiguous(memory_format=CL)
@@ -343,7 +344,7 @@ def test_depthwise_weight_gradient_by_slices_on_narrow_planes_takes_the_channels
     monkeypatch.setattr(depthwise_module, "depthwise_weight_grad_by_slices",
                         lambda g_, x_, w_, pad: widths.append(w_.shape[0]) or real(g_, x_, w_, pad))
     grad = depthwise_weight_grad(g, x, w, (1, 1, 1), (1, 1, 1))
-    assert widths == [channels, 2048, 2048, 104]
+    assert widths == [channels, step, step, 104]
     assert grad.shape == w.shape and grad.is_contiguous(memory_format=CL)
     assert _rel(grad, one_call) < 1e-5
     wide_planes = torch.randn(2, channels, 2, 4, 4).contiguous(memory_format=CL)

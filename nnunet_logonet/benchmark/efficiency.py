@@ -515,19 +515,22 @@ def describe_allocator(settings: dict[str, str]) -> str:
     return "allocator: " + " ".join(f"{name}={value}" for name, value in settings.items())
 
 
-def code_revision(where: str | os.PathLike | None = None) -> str | None:
-    """The git commit this package's code came from (short hash, ``+changes`` when tracked files
-    differ from it), so that a record says which code gave its figures; None outside a git checkout
-    (an installed wheel) or without git. ``where``: a folder in the checkout (default: this package)."""
-    folder = Path(where) if where is not None else Path(__file__).resolve().parent
+def code_revision(path: str | os.PathLike | None = None) -> str | None:
+    """The git commit the file ``path`` (default: this module) was checked out from (short hash,
+    ``+changes`` when tracked files differ from it), so that a record says which code gave its figures;
+    None where git does not track the file (an installed wheel, even inside a checkout) or git is missing."""
+    file = Path(path) if path is not None else Path(__file__).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(file.parent), *args], capture_output=True, text=True, timeout=10)
+
     try:
-        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
+        if git("ls-files", "--error-unmatch", file.name).returncode != 0:
             return None
-        changes = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10)
+        head, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
         return None
     return head.stdout.strip() + ("+changes" if changes.returncode == 0 and changes.stdout.strip() else "")
 

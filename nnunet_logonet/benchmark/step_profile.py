@@ -125,9 +125,8 @@ def format_table(results: dict[str, dict[str, object]], figure: str, patch_size:
     for label, key, fmt in (("unprofiled median, s", "unprofiled_s", "{:.3f}"), ("operator calls", "calls", "{:d}"),
                             ("minor page faults per call", "page_faults", "{:,.0f}"),
                             ("system CPU s per call", "system_s", "{:.3f}")):
-        cells = [label] + [fmt.format(results[m].get(key, 0)) for m in models]
-        cells += [ratio(float(results[m].get(key, 0)), float(results[reference].get(key, 0)))  # type: ignore
-                  for m in others]
+        cells = [label] + [fmt.format(results[m][key]) for m in models]
+        cells += [ratio(float(results[m][key]), float(results[reference][key])) for m in others]  # type: ignore
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

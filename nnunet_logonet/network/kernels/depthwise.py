@@ -99,11 +99,10 @@ def depthwise_weight_grad_by_slices(grad_out: torch.Tensor, x: torch.Tensor, wei
     DEPTHWISE_SLICES_NARROW_PLANE voxels the channels go DEPTHWISE_SLICES_NARROW_CHUNK per call
     (channels are independent, so the chunks are exact).
     """
-    channels = weight.shape[0]
-    if min(x.shape[3:]) <= DEPTHWISE_SLICES_NARROW_PLANE and channels > DEPTHWISE_SLICES_NARROW_CHUNK:
+    if min(x.shape[3:]) <= DEPTHWISE_SLICES_NARROW_PLANE and weight.shape[0] > DEPTHWISE_SLICES_NARROW_CHUNK:
         step = DEPTHWISE_SLICES_NARROW_CHUNK
         return torch.cat([depthwise_weight_grad_by_slices(grad_out[:, i:i + step], x[:, i:i + step], weight[i:i + step],
-                                                          padding) for i in range(0, channels, step)]
+                                                          padding) for i in range(0, weight.shape[0], step)]
                          ).contiguous(memory_format=torch.channels_last_3d)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d)
     x = x.contiguous(memory_format=torch.channels_last_3d)
