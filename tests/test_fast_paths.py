@@ -23,6 +23,7 @@ from nnunet_logonet.network import conv as conv_module
 from nnunet_logonet.network import folding as folding_module
 from nnunet_logonet.network import grouped as grouped_module
 from nnunet_logonet.network import logonet as logonet_module
+from nnunet_logonet.network import training_buffers as training_buffers_module
 from nnunet_logonet.network.kernels import depthwise as depthwise_module
 from nnunet_logonet.network.kernels import narrowing as narrowing_module
 from nnunet_logonet.network.kernels import pointwise as pointwise_module
@@ -32,7 +33,7 @@ from nnunet_logonet.network.conv import Activation, Conv3d, conv3d
 from nnunet_logonet.network.folding import fold_batchnorm
 from nnunet_logonet.network.levers import LEVERS, fast_paths_enabled, lever_enabled, reference_kernels
 from nnunet_logonet.network.embedding import PatchEmbed3d
-from nnunet_logonet.network.layers import ConvUnit
+from nnunet_logonet.network.layers import ConvUnit, Upsample3d
 from nnunet_logonet.network.logonet import LoGoHead
 from nnunet_logonet.network.partition import add_subcrops, stitch_subcrops
 
@@ -647,6 +648,7 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
     products taken on every small map (the rule leaves tiny's narrow 4^3 maps to oneDNN)."""
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)  # every conv unit of tiny's training
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
     net = _tiny(cls, patch, deep_supervision=True).train()
@@ -944,6 +946,138 @@ def test_output_buffers_only_in_inference_and_freed_by_train():
     assert copy.deepcopy(net.eval()).__dict__.get("_output_pool") is not pool
 
 
+def _unit_step(unit: ConvUnit, parts: list[torch.Tensor], grad: torch.Tensor, pooled: bool):
+    """One training forward and backward of a conv unit, in a training pool (``training_buffers``) or
+    as the plain modules; its output, the gradients of parameters and parts, and its BatchNorm's state."""
+    unit = copy.deepcopy(unit)
+    parts = [p.detach().clone().requires_grad_(p.requires_grad) for p in parts]
+    with buffers_module.pooled_outputs(unit, parts[0]):
+        with reference_kernels("training_buffers") if not pooled else torch.enable_grad():
+            out = unit(parts[0] if len(parts) == 1 else tuple(parts))
+    out.backward(grad)
+    grads = [unit.conv.weight.grad, unit.conv.bias.grad if unit.conv.bias is not None else None,
+             unit.norm.weight.grad, unit.norm.bias.grad] + [p.grad for p in parts]
+    return out.detach().clone(), grads, {k: v.clone() for k, v in unit.norm.state_dict().items()}, unit
+
+
+def _count_pooled_units(monkeypatch) -> list:
+    calls = []
+    apply = training_buffers_module.PooledConvNormAct.apply
+    monkeypatch.setattr(training_buffers_module.PooledConvNormAct, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("widths, momentum, head", [((1,), 0.1, False), ((6,), None, False), ((4, 6), 0.1, False),
+                                                    ((6,), 0.1, True)])
+def test_conv_unit_in_kept_buffers_equals_the_modules(widths, momentum, head, monkeypatch):
+    """``training_buffers``: a full-resolution conv unit (conv 3^3 -> BatchNorm -> LeakyReLU) as one
+    Function with its tensors in kept memory gives the modules' output and their gradients up to
+    float32 rounding (the BatchNorm's input gradient sums its terms in another order): for the
+    image's one channel (no input gradient), a wider input, the parts of a concatenation (the
+    decoder's last units) and the head's unit (a conv bias, GELU); running statistics and batch
+    count as ``nn.BatchNorm3d`` keeps them, cumulative averaging (``momentum=None``) included; over
+    an input offset by 50x its spread too."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    calls = _count_pooled_units(monkeypatch)
+    torch.manual_seed(0)
+    unit = ConvUnit(sum(widths), 8).to(memory_format=CL)
+    unit.norm.momentum = momentum
+    if head:  # LoGoHead's conv -> norm -> GELU
+        unit.conv = Conv3d(sum(widths), 8, kernel_size=3, padding=1).to(memory_format=CL)
+        unit.act = nn.GELU()
+    _randomise_batchnorm(unit)
+    for offset in (0.0, 50.0):
+        parts = [(torch.randn(2, w, 6, 7, 5) + offset).contiguous(memory_format=CL).requires_grad_(w > 1)
+                 for w in widths]
+        grad = torch.randn(2, 8, 6, 7, 5).contiguous(memory_format=CL)
+        fast, fast_grads, fast_state, fast_unit = _unit_step(unit, parts, grad, pooled=True)
+        plain, plain_grads, plain_state, _ = _unit_step(unit, parts, grad, pooled=False)
+        assert _rel(fast, plain) < 1e-6
+        scale = max(g.abs().max() for g in plain_grads if g is not None)
+        for i, (a, b) in enumerate(zip(fast_grads, plain_grads)):
+            assert (a is None) == (b is None)
+            if i == 1 and a is not None:  # a conv bias before a BatchNorm: zero up to rounding in both
+                assert a.abs().max() < 1e-5 * scale and b.abs().max() < 1e-5 * scale
+            elif a is not None:
+                assert a.shape == b.shape and _rel(a, b) < 1e-5, (i, _rel(a, b))
+        for key, value in plain_state.items():
+            assert torch.allclose(fast_state[key].float(), value.float(), rtol=1e-6, atol=1e-7), key
+        assert (fast_grads[4] is None) == (widths == (1,))  # the image needs no gradient
+        assert (fast_grads[1] is None) == (not head)
+        assert buffers_module.pool_of(fast_unit, training=True).nbytes > 0
+    assert len(calls) == 2
+
+
+def test_conv_unit_runs_in_kept_buffers_only_where_it_pays(monkeypatch):
+    """Outside a network's training forward, below the size threshold, with autograd off, the lever
+    off or in eval mode, the unit is the plain modules (no pool block is made)."""
+    calls = _count_pooled_units(monkeypatch)
+    unit = ConvUnit(4, 8).to(memory_format=CL)
+    x = torch.randn(2, 4, 6, 7, 5).contiguous(memory_format=CL)
+    unit(x)  # not inside a network's forward: no pool
+    with buffers_module.pooled_outputs(unit, x):
+        unit(x)  # 2 x 8 x 210 floats, far below MIN_BYTES
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    with buffers_module.pooled_outputs(unit, x):
+        with reference_kernels("training_buffers"):
+            unit(x)
+        with torch.no_grad():
+            unit(x)
+    with buffers_module.pooled_outputs(unit.eval(), x):
+        unit(x)
+    assert calls == [] and buffers_module.pool_of(unit, training=True).nbytes == 0
+    with buffers_module.pooled_outputs(unit.train(), x):
+        unit(x).sum().backward()
+    assert calls == [1] and buffers_module.pool_of(unit, training=True).nbytes > 0
+
+
+@pytest.mark.parametrize("scale", [(2, 2, 2), (1, 2, 2)])
+def test_upsampling_in_kept_buffers_equals_interpolate(scale, monkeypatch):
+    """``training_buffers``: the decoder's trilinear upsampling in training writes its output into a
+    kept block, the same floats as ``F.interpolate``, and gives its input the same gradient."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    up = Upsample3d(scale)
+    x = torch.randn(2, 5, 4, 6, 3).contiguous(memory_format=CL).requires_grad_()
+    grad = torch.randn(2, 5, *(n * s for n, s in zip(x.shape[2:], scale)))
+    with buffers_module.pooled_outputs(up, x):
+        y = up(x)
+    assert type(y.grad_fn).__name__ == "PooledUpsample3dBackward"
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.interpolate(x_ref, scale_factor=[float(s) for s in scale], mode="trilinear", align_corners=False)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    assert buffers_module.pool_of(up, training=True).nbytes == 4 * y.numel()
+
+
+def _training_pool_blocks(net: nn.Module) -> dict:
+    return {key: [t.data_ptr() for t in kept]
+            for key, kept in buffers_module.pool_of(net, training=True)._buffers.items()}
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_training_steps_in_kept_buffers_equal_reference(cls, monkeypatch):
+    """Whole-network training with every conv unit in the training pool equals the reference
+    (outputs, every gradient, running statistics); the next steps run in the same blocks, an output
+    the caller keeps is never written over, and ``eval()`` (nnU-Net's validation) frees the blocks."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    calls = _count_pooled_units(monkeypatch)
+    net = _tiny(cls, (32, 64, 32), deep_supervision=True).to(memory_format=CL).train()
+    x = torch.randn(2, 1, 32, 64, 32).contiguous(memory_format=CL)
+    _assert_training_equals_reference(net, x)
+    assert calls
+    kept_outputs, blocks = [], []
+    for _ in range(3):
+        out = net(x)
+        sum(o.square().mean() for o in out).backward()
+        kept_outputs.append((out[0], out[0].detach().clone()))
+        blocks.append(_training_pool_blocks(net))
+    assert blocks[0] and blocks[1] == blocks[2]
+    assert all(torch.equal(o.detach(), copy_) for o, copy_ in kept_outputs)
+    net.eval()
+    assert buffers_module.pool_of(net, training=True).nbytes == 0
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_compile_sees_the_network_as_one_graph(training, monkeypatch):
     """``nnUNet_compile=t`` on CUDA compiles the whole network: dynamo traces LoGoNet's grouped code
@@ -1082,6 +1216,7 @@ def test_each_lever_off_alone_gives_the_reference_results(lever, monkeypatch):
     meet inputs they never meet with all on (unfolded BatchNorm, unfused activations, the loop)."""
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)  # every conv unit of tiny's training
     patch = (32, 32, 32)
     net = _tiny(LoGoNet, patch, deep_supervision=True)
     x = torch.randn(2, 1, *patch)
@@ -1111,7 +1246,8 @@ LEVER_MARKERS = {
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
     "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
     "stitch_add": (logonet_module, "add_ungrouped_subcrops", "none"),  # training, grouped (tiny)
-    "output_buffers": (buffers_module.OutputPool, "take", "none"),  # inference
+    "output_buffers": (buffers_module.OutputPool, "take", "fewer"),  # inference (training_buffers takes too)
+    "training_buffers": (training_buffers_module.PooledConvNormAct, "apply", "none"),  # training
     "channels_first_logits": (torch, "baddbmm", "none"),
 }
 
@@ -1142,6 +1278,7 @@ def test_switching_a_lever_off_changes_what_runs(lever, monkeypatch):
     assert set(LEVER_MARKERS) == set(LEVERS)
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)  # every conv unit of tiny's training
     net = _tiny(LoGoNet, (32, 64, 32), deep_supervision=True)
     x = torch.randn(2, 1, 32, 64, 32)
     on = _marker_calls(net, x, monkeypatch, ())

@@ -27,7 +27,8 @@ import torch
 
 from .levers import lever_enabled
 
-__all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "pooled_outputs", "release_output_buffers"]
+__all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "active_training_pool", "pooled_outputs",
+           "release_output_buffers"]
 
 #: Smallest output (bytes) taken from the pool. Below it glibc mostly serves blocks from memory it
 #: already holds, and zeroing a buffer plus oneDNN reading it back would cost more than a fresh block.
@@ -35,6 +36,10 @@ MIN_BYTES = 8 * 2 ** 20
 
 #: Blocks kept per size: the most a forward needs at once (LoGoNet-S: 3); beyond it outputs are fresh.
 MAX_PER_SIZE = 4
+
+#: The same for training (``training_buffers``), where a unit's outputs live until its backward: LoGoNet-S
+#: at 64^3 holds up to 4 blocks of one size at once (2 units' outputs, 2 gradients).
+MAX_PER_SIZE_TRAINING = 8
 
 _CL = torch.channels_last_3d
 _state = threading.local()
@@ -45,8 +50,9 @@ class OutputPool:
     """Flat float32 CPU blocks by size, handed out as channels-last tensors of any shape of that size
     while nothing else refers to them (so a [1, 32, 64^3] and a [1, 256, 32^3] output share one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_per_size: int = MAX_PER_SIZE) -> None:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._max_per_size = max_per_size
         self._lock = threading.Lock()  # two threads running one network never get the same buffer
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
@@ -60,7 +66,7 @@ class OutputPool:
             block = next((kept[i] for i in range(len(kept)) if _is_free(kept, i)), None)
             if block is None:
                 block = torch.empty(numel, dtype=torch.float32)
-                if len(kept) < MAX_PER_SIZE:
+                if len(kept) < self._max_per_size:
                     kept.append(block)
             return block.view(n, *spatial, c).permute(0, 4, 1, 2, 3)  # channels-last (N, C, D, H, W)
 
@@ -72,13 +78,13 @@ class OutputPool:
         self._buffers.clear()
 
     def __deepcopy__(self, memo: dict) -> "OutputPool":
-        return OutputPool()  # a copied network starts with no buffers (nor shares the original's)
+        return OutputPool(self._max_per_size)  # a copied network starts with no buffers (nor shares the original's)
 
     def __getstate__(self) -> dict:
-        return {}  # pickled (torch.save of a whole network) without buffers
+        return {"max_per_size": self._max_per_size}  # pickled (torch.save of a whole network) without buffers
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(state.get("max_per_size", MAX_PER_SIZE))
 
     def __repr__(self) -> str:
         return f"OutputPool({sum(map(len, self._buffers.values()))} blocks, {self.nbytes / 2 ** 20:.0f} MiB)"
@@ -91,17 +97,20 @@ def _is_free(kept: list[torch.Tensor], i: int) -> bool:
     return sys.getrefcount(kept[i]) == 2 and _storage_use_count(kept[i].untyped_storage()._cdata) == 2
 
 
-def pool_of(module: torch.nn.Module) -> OutputPool:
-    """The pool a network keeps its inference outputs in (made on first use)."""
-    pool = module.__dict__.get("_output_pool")
+def pool_of(module: torch.nn.Module, training: bool = False) -> OutputPool:
+    """The pool a network keeps its inference outputs in, or with ``training`` the one its training
+    steps use (``training_buffers``); made on first use."""
+    name = "_training_pool" if training else "_output_pool"
+    pool = module.__dict__.get(name)
     if pool is None:
-        pool = module.__dict__["_output_pool"] = OutputPool()
+        pool = module.__dict__[name] = OutputPool(MAX_PER_SIZE_TRAINING if training else MAX_PER_SIZE)
     return pool
 
 
-def release_output_buffers(module: torch.nn.Module) -> None:
-    """Free the buffers a network kept (its ``train()`` does this: training never uses them)."""
-    pool = module.__dict__.get("_output_pool")
+def release_output_buffers(module: torch.nn.Module, training: bool = False) -> None:
+    """Free the buffers a network kept for inference (its ``train()`` does this: training never uses
+    them), or with ``training`` those of its training steps (its ``eval()`` does this)."""
+    pool = module.__dict__.get("_training_pool" if training else "_output_pool")
     if pool is not None:
         pool.clear()
 
@@ -113,10 +122,24 @@ def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.T
     output (a tile of nnU-Net's sliding window is a strided view, from which oneDNN would write that
     output channels-first; the copy of a one-channel tile is ~1 MB).
 
+    In training (autograd on, ``module.training``) the full-resolution conv units may run in
+    ``module``'s training pool instead (``training_buffers``).
+
     Nested networks (LoGoNet's local paths) use the outermost network's pool.
     """
-    if torch.compiler.is_compiling() or getattr(_state, "pool", None) is not None or torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or getattr(_state, "pool", None) is not None:
         yield x  # compiled: inductor plans the memory itself (and the pool's lock would break the graph)
+        return
+    if torch.is_grad_enabled():
+        if (not module.training or getattr(_state, "training_pool", None) is not None
+                or not lever_enabled("training_buffers")):
+            yield x
+            return
+        _state.training_pool = pool_of(module, training=True)
+        try:
+            yield x
+        finally:
+            _state.training_pool = None
         return
     _state.pool = pool_of(module)
     try:
@@ -137,12 +160,18 @@ def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:
     return pool if 4 * math.prod(out_shape) >= MIN_BYTES else None
 
 
+def active_training_pool() -> OutputPool | None:
+    """The training pool of the network whose forward is running in this thread, else None."""
+    if torch.compiler.is_compiling() or _storage_use_count is None:
+        return None
+    return getattr(_state, "training_pool", None)
+
+
 class ReusesOutputBuffers(torch.nn.Module):
-    """Base of a whole network (LoGoNet, ULKANet) whose inference forward runs in :func:`pooled_outputs`:
-    its ``train()`` frees the kept buffers, which training never uses (nnU-Net calls it every epoch,
-    after the validation forwards that filled them)."""
+    """Base of a whole network (LoGoNet, ULKANet) whose forward runs in :func:`pooled_outputs`: its
+    ``train()`` frees the inference buffers, which training never uses (nnU-Net calls it every epoch,
+    after the validation forwards that filled them), and its ``eval()`` those of the training steps."""
 
     def train(self, mode: bool = True):
-        if mode:
-            release_output_buffers(self)
+        release_output_buffers(self, training=not mode)
         return super().train(mode)

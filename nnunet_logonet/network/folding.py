@@ -16,6 +16,7 @@ from torch.nn.modules import module as _module_globals
 
 from .conv import Activation, Conv3d, conv3d, conv3d_concat
 from .levers import lever_enabled
+from .training_buffers import pooled_conv_norm_act, pooled_unit_pays
 
 __all__ = ["conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
            "version_key", "fold_uncached"]
@@ -64,9 +65,16 @@ def _hooked(*modules: nn.Module) -> bool:
 def conv_norm_act(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, act: nn.Module,
                   x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """``act(norm(conv(x)))``: in eval mode one oneDNN convolution with the BatchNorm folded in and
-    the activation (GELU or LeakyReLU) as its post-op; otherwise the modules as they are."""
+    the activation (GELU or LeakyReLU) as its post-op; in CPU training at full resolution one
+    autograd Function whose large tensors live in kept memory (``training_buffers``); otherwise the
+    modules as they are."""
     activation = Activation.of(act) if foldable_batchnorm(module, norm) and not _hooked(act) else None
     if activation is None:
+        if module.training and not _hooked(conv, norm, act):
+            parts = [x] if isinstance(x, torch.Tensor) else list(x)
+            pool = pooled_unit_pays(conv, norm, act, parts)
+            if pool is not None:  # CPU training at full resolution: no fresh memory (training_buffers.py)
+                return pooled_conv_norm_act(pool, conv, norm, act, parts)
         return act(conv_norm(module, conv, norm, x))
     return conv_norm(module, conv, norm, x, activation)
 

@@ -16,6 +16,7 @@ from torch import nn
 from .buffers import active_pool
 from .conv import Conv3d
 from .folding import conv_norm_act
+from .training_buffers import PooledUpsample3d, pooled_upsample_pays
 
 __all__ = [
     "NORMS",
@@ -124,6 +125,9 @@ class Upsample3d(nn.Module):
         pool = active_pool(x, shape)
         if pool is not None:  # inference: into a buffer the network reuses (buffers.py), same floats
             return torch._C._nn.upsample_trilinear3d(x, shape[2:], False, *scales, out=pool.take(shape))
+        pool = pooled_upsample_pays(x, shape)
+        if pool is not None:  # CPU training: the same, under autograd (training_buffers.py)
+            return PooledUpsample3d.apply(pool, x, scales)
         return F.interpolate(x, scale_factor=scales, mode="trilinear", align_corners=False)
 
     def extra_repr(self) -> str:
