@@ -136,8 +136,9 @@ def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.T
             yield x
             return
         _state.training_pool = pool_of(module, training=True)
-        try:
-            yield x
+        try:  # channels-last, as the pooled units take it (a copy only for a multi-channel image)
+            cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
+            yield x.contiguous(memory_format=_CL) if cpu_float else x
         finally:
             _state.training_pool = None
         return

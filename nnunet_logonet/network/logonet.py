@@ -212,7 +212,7 @@ class LoGoNet(ReusesOutputBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        with pooled_outputs(self, x) as x:  # inference: large outputs into reused buffers (buffers.py)
+        with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)
             global_features = self.global_path(x)
             # the global full-resolution features are only read here (deep supervision reads the others)
             fused = self.forward_local(x, add_to=global_features[0])

@@ -3,24 +3,26 @@
 Why: a LoGoNet-S training step at 64^3 allocated ~2 GB in blocks of 32 MiB and more, most of them
 by the full-resolution conv units (conv 3^3 -> BatchNorm -> LeakyReLU, and the head's -> GELU): the
 convolution's, the BatchNorm's (and the GELU's) outputs in the forward; the activation's, the
-BatchNorm's and the convolution's input gradients in the backward. glibc serves every block of 32 MiB or more as fresh ``mmap`` pages
-that the kernel faults in and zeroes 4 KiB at a time on first write (docs/speed.md, "The
-allocator"), so each step paid for ~1.5 GB of page faults. The inference pool (``buffers``) does not
-help there: under autograd PyTorch allocates these tensors itself. Here the whole unit is one
-autograd Function that writes all five into blocks its network keeps from one step to the next
-(:class:`buffers.OutputPool`, a pool of its own for training, freed by ``eval()``):
+BatchNorm's and the convolution's input gradients in the backward. glibc serves every block of
+32 MiB or more as fresh ``mmap`` pages that the kernel faults in and zeroes 4 KiB at a time on
+first write (docs/speed.md, "The allocator"), so each step paid for ~1.5 GB of page faults. The
+inference pool (``buffers``) does not help there: under autograd PyTorch allocates these tensors
+itself. Here the whole unit is one autograd Function that writes all of them into blocks its
+network keeps from one step to the next (:class:`buffers.OutputPool`, a pool of its own for
+training, freed by ``eval()``):
 
 * forward: the convolution into a zeroed kept block (oneDNN's sum post-op: ``0 + conv``, the same
   floats; over the parts of a concatenation, each part's convolution added by the same post-op),
   the BatchNorm (batch statistics, running statistics updated as ``nn.BatchNorm3d`` does) by its
   ``out=`` kernel into a second block, the LeakyReLU in place (a GELU, whose gradient needs its
   input, by its ``out=`` kernel into a third block);
-* backward: the activation's gradient by its ``out=`` kernel into a kept block; the BatchNorm's weight
-  and bias gradients by PyTorch's kernel, its input gradient from them in place (per channel
-  ``a * g + b * y + c``: two passes, PyTorch's own kernel would allocate its result); the
-  convolution's weight gradient by oneDNN (its bias's, if any, a sum), its input gradient as the forward convolution of that
-  gradient with the transposed, flipped kernel into a zeroed kept block (stride 1, 'same' padding:
-  exactly the transposed convolution; oneDNN's backward-data kernel gives the same floats).
+* backward: the activation's gradient by its ``out=`` kernel into a kept block; the BatchNorm's
+  weight and bias gradients by PyTorch's kernel, its input gradient from them in place (per channel
+  ``a * g + b * y + c``: two passes; PyTorch's own kernel would allocate its result); the
+  convolution's weight gradient by oneDNN (a bias's, if any, as a sum), its input gradient as the
+  forward convolution of that gradient with the transposed, flipped kernel into a zeroed kept block
+  (stride 1, 'same' padding: exactly the transposed convolution; oneDNN's backward-data kernel
+  gives the same floats).
 
 The decoder's last trilinear upsampling (its output is the last unit's input) writes into a kept
 block the same way (:class:`PooledUpsample3d`; its backward's result is 8x smaller).
@@ -28,7 +30,7 @@ block the same way (:class:`PooledUpsample3d`; its backward's result is 8x small
 Outputs equal the modules' float for float; gradients differ by float32 rounding (the BatchNorm
 input gradient sums its terms in another order). Taken for CPU float32 channels-last units with
 outputs of at least :data:`MIN_BYTES` while a LoGoNet or ULKANet trains (``buffers.pooled_outputs``);
-tests/test_fast_paths.py compares a whole training step with the reference.
+tests/test_fast_paths.py compares whole training steps with the reference.
 """
 from __future__ import annotations
 
@@ -188,7 +190,8 @@ class PooledUpsample3d(torch.autograd.Function):
     """Trilinear upsampling (align_corners=False) by integer ``scales``, its output in a block of ``pool``."""
 
     @staticmethod
-    def forward(ctx, pool: OutputPool, x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, pool: OutputPool, x: torch.Tensor,  # type: ignore[override]
+                scales: Sequence[float]) -> torch.Tensor:
         size = [int(n * s) for n, s in zip(x.shape[2:], scales)]
         ctx.sizes, ctx.scales = (size, list(x.shape)), list(scales)
         return torch._C._nn.upsample_trilinear3d(x, size, False, *scales,

@@ -228,7 +228,7 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        with pooled_outputs(self, x) as x:  # inference: large outputs into reused buffers (buffers.py)
+        with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)
             stem, features = self.encoder(x)
             return self.decoder(stem, features)
 
