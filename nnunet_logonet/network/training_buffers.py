@@ -64,7 +64,8 @@ def pooled_unit_pays(conv: nn.Conv3d, norm: nn.Module, act: nn.Module, parts: Se
     x = parts[0]
     if (not torch.is_grad_enabled() or not lever_enabled("training_buffers") or _CONV_ADD_INPLACE is None
             or type(norm) is not nn.BatchNorm3d or not norm.training or not norm.affine
-            or type(act) not in (nn.LeakyReLU, nn.GELU) or Activation.of(act) is None or conv.groups != 1
+            or type(act) not in (nn.LeakyReLU, nn.GELU) or Activation.of(act) is None
+            or getattr(act, "negative_slope", 1.0) <= 0 or conv.groups != 1  # (in place: the output gives the sign)
             or conv.padding_mode != "zeros" or tuple(conv.kernel_size) != (3, 3, 3)
             or tuple(conv.stride) != (1, 1, 1) or tuple(conv.padding) != (1, 1, 1)
             or tuple(conv.dilation) != (1, 1, 1) or not _use_onednn(x, conv.weight)):
@@ -122,7 +123,7 @@ class PooledConvNormAct(torch.autograd.Function):
             _conv_into(y, part, weight[:, start:start + part.shape[1]], bias if i == 0 else None)
             start += part.shape[1]
         z = pool.take(shape)
-        mean, invstd = torch.empty(channels), torch.empty(channels)
+        mean, invstd = y.new_empty(channels), y.new_empty(channels)
         torch.ops.aten.native_batch_norm.out(y, gamma, beta, running[0], running[1], True, momentum, eps,
                                              out=z, save_mean=mean, save_invstd=invstd)
         if activation.name == "gelu":
