@@ -40,9 +40,9 @@ LEVERS: dict[str, str] = {
                   "copies (training, and wherever stitch_in_place does not apply)",
     "output_buffers": "in CPU inference the large convolution and upsampling outputs written into buffers the "
                       "network keeps from one forward to the next, instead of fresh (page-faulting) memory",
-    "training_buffers": "in CPU training the full-resolution conv units (conv -> BatchNorm -> LeakyReLU) as one "
-                        "autograd Function whose outputs and backward temporaries live in buffers the network "
-                        "keeps from one step to the next",
+    "training_buffers": "in CPU training the full-resolution conv units (conv -> BatchNorm -> LeakyReLU or GELU) "
+                        "as one autograd Function each, and the last upsampling, whose outputs and backward "
+                        "temporaries live in buffers the network keeps from one step to the next",
     "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
                              "sliding window read fastest",
 }

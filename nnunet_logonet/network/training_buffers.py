@@ -21,8 +21,8 @@ training, freed by ``eval()``):
   ``a * g + b * y + c``: two passes; PyTorch's own kernel would allocate its result); the
   convolution's weight gradient by oneDNN (a bias's, if any, as a sum), its input gradient as the
   forward convolution of that gradient with the transposed, flipped kernel into a zeroed kept block
-  (stride 1, 'same' padding: exactly the transposed convolution; oneDNN's backward-data kernel
-  gives the same floats).
+  (stride 1, 'same' padding: the products of the transposed convolution that oneDNN's
+  backward-data kernel computes).
 
 The decoder's last trilinear upsampling (its output is the last unit's input) writes into a kept
 block the same way (:class:`PooledUpsample3d`; its backward's result is 8x smaller).
