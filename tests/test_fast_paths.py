@@ -1066,14 +1066,19 @@ def test_training_steps_in_kept_buffers_equal_reference(cls, monkeypatch):
     x = torch.randn(2, 1, 32, 64, 32).contiguous(memory_format=CL)
     _assert_training_equals_reference(net, x)
     assert calls
-    kept_outputs, blocks = [], []
-    for _ in range(3):
-        out = net(x)
-        sum(o.square().mean() for o in out).backward()
-        kept_outputs.append((out[0], out[0].detach().clone()))
+    blocks = []
+    for step in range(3):
+        sum(o.square().mean() for o in net(x + step)).backward()
         blocks.append(_training_pool_blocks(net))
     assert blocks[0] and blocks[1] == blocks[2]
-    assert all(torch.equal(o.detach(), copy_) for o, copy_ in kept_outputs)
+    kept = []  # the last upsampling's pooled output, kept by a hook across steps
+    decoder = net.global_path.decoder if cls is LoGoNet else net.decoder
+    decoder.upsamples[-1].register_forward_hook(lambda m, i, o: kept.append((o, o.detach().clone())))
+    for step in range(3):
+        sum(o.square().mean() for o in net(x + step)).backward()
+    assert all(type(o.grad_fn).__name__ == "PooledUpsample3dBackward" for o, _ in kept)
+    assert len({o.data_ptr() for o, _ in kept}) == 3  # a kept block is not handed out again
+    assert all(torch.equal(o.detach(), copy_) for o, copy_ in kept)
     net.eval()
     assert buffers_module.pool_of(net, training=True).nbytes == 0
 

@@ -127,27 +127,18 @@ def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.T
 
     Nested networks (LoGoNet's local paths) use the outermost network's pool.
     """
-    if torch.compiler.is_compiling() or getattr(_state, "pool", None) is not None:
+    training = torch.is_grad_enabled()
+    slot, lever = ("training_pool", "training_buffers") if training else ("pool", "output_buffers")
+    if (torch.compiler.is_compiling() or getattr(_state, "pool", None) is not None
+            or getattr(_state, "training_pool", None) is not None or (training and not module.training)):
         yield x  # compiled: inductor plans the memory itself (and the pool's lock would break the graph)
         return
-    if torch.is_grad_enabled():
-        if (not module.training or getattr(_state, "training_pool", None) is not None
-                or not lever_enabled("training_buffers")):
-            yield x
-            return
-        _state.training_pool = pool_of(module, training=True)
-        try:  # channels-last, as the pooled units take it (a copy only for a multi-channel image)
-            cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
-            yield x.contiguous(memory_format=_CL) if cpu_float else x
-        finally:
-            _state.training_pool = None
-        return
-    _state.pool = pool_of(module)
+    setattr(_state, slot, pool_of(module, training=training))
     try:
-        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and lever_enabled("output_buffers")
+        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and lever_enabled(lever)
         yield x.contiguous(memory_format=_CL) if cpu_float and x.dim() == 5 else x
     finally:
-        _state.pool = None
+        setattr(_state, slot, None)
 
 
 def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:
