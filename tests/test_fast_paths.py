@@ -1008,6 +1008,46 @@ def test_conv_unit_in_kept_buffers_equals_the_modules(widths, momentum, head, mo
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("head", [False, True])
+def test_conv_unit_backward_writes_into_the_forward_blocks(head, monkeypatch):
+    """The backward of a conv unit in the training pool puts its gradients into the blocks of the
+    forward's tensors (no new block) once nothing else refers to them, leaves an output the caller
+    keeps alone (then one new block for LeakyReLU, whose output it would have reused), gives the
+    same gradients as the modules either way, and a second backward through the same graph stops
+    with autograd's in-place error instead of reading overwritten values."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    torch.manual_seed(0)
+    unit = ConvUnit(6, 8).to(memory_format=CL)
+    if head:  # LoGoHead's conv -> norm -> GELU: the GELU's input is saved, its output is a third block
+        unit.conv = Conv3d(6, 8, kernel_size=3, padding=1).to(memory_format=CL)
+        unit.act = nn.GELU()
+    x = torch.randn(2, 6, 6, 7, 5).contiguous(memory_format=CL)
+    grad = torch.randn(2, 8, 6, 7, 5).contiguous(memory_format=CL)
+    _, plain_grads, _, _ = _unit_step(unit, [x.requires_grad_()], grad, pooled=False)
+    block = 4 * grad.numel()
+    for keep in (False, True):
+        trained = copy.deepcopy(unit)
+        x_in = x.detach().clone().requires_grad_()
+        with buffers_module.pooled_outputs(trained, x_in):
+            out = trained(x_in)
+        assert type(out.grad_fn).__name__ == "PooledConvNormActBackward"
+        pool = buffers_module.pool_of(trained, training=True)
+        assert pool.nbytes == (3 if head else 2) * block
+        kept = out.detach().clone() if keep else None
+        loss = (out * grad).sum()
+        if not keep:
+            del out
+        loss.backward(retain_graph=True)
+        assert pool.nbytes == (3 if head or keep else 2) * block
+        if keep:
+            assert torch.equal(out.detach(), kept)
+        grads = [trained.conv.weight.grad, trained.norm.weight.grad, trained.norm.bias.grad, x_in.grad]
+        for a, b in zip(grads, [plain_grads[0], plain_grads[2], plain_grads[3], plain_grads[4]]):
+            assert _rel(a, b) < 1e-5
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_conv_unit_runs_in_kept_buffers_only_where_it_pays(monkeypatch):
     """Outside a network's training forward, below the size threshold, with autograd off, the lever
     off or in eval mode, the unit is the plain modules (no pool block is made)."""

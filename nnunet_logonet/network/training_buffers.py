@@ -22,7 +22,14 @@ training, freed by ``eval()``):
   convolution's weight gradient by oneDNN (a bias's, if any, as a sum), its input gradient as the
   forward convolution of that gradient with the transposed, flipped kernel into a zeroed kept block
   (stride 1, 'same' padding: the products of the transposed convolution that oneDNN's
-  backward-data kernel computes).
+  backward-data kernel computes). The activation's gradient goes into the block of the tensor it is
+  computed from (the LeakyReLU's output, the GELU's input), the input gradient into the block of the
+  convolution's output once the BatchNorm's gradient has read it, wherever nothing but this Function
+  still refers to them (:func:`_only_saved_here`): the forward's blocks are still held when the
+  backward starts, so fresh ones would hold a second copy of the unit's tensors (LoGoNet-S at 96^3:
+  4.4 GB of blocks where at most 3.2 GB were in use at once). Writing there bumps the saved tensors'
+  version counters, so a second backward through the same graph (``retain_graph=True``) stops with
+  autograd's in-place error instead of reading overwritten values.
 
 The decoder's last trilinear upsampling (its output is the last unit's input) writes into a kept
 block the same way (:class:`PooledUpsample3d`; its backward's result is 8x smaller).
@@ -41,7 +48,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .buffers import OutputPool, active_training_pool
+from .buffers import OutputPool, _storage_use_count, active_training_pool
 from .conv import _CONV_ADD_INPLACE, Activation, _use_onednn
 from .kernels.narrowing import swapped_weight_grad_pays
 from .levers import lever_enabled
@@ -102,6 +109,25 @@ def pooled_conv_norm_act(pool: OutputPool, conv: nn.Conv3d, norm: nn.BatchNorm3d
                                    conv.weight, conv.bias, norm.weight, norm.bias, *parts)
 
 
+def _only_saved_here(t: torch.Tensor, is_output: bool) -> bool:
+    """Whether nothing but the pool's block and this Function's saved copy refers to the storage of
+    ``t`` (a tensor just unpacked from ``ctx.saved_tensors``), so its memory may take a gradient.
+
+    Users of the storage then: the pool's block, ``t`` and the temporary storage object; a saved
+    output adds the alias autograd keeps of it. Anything else (the caller keeping the unit's
+    output, a hook) adds one more, and the memory is left alone. A PyTorch that counts differently
+    only costs fresh blocks (tests/test_fast_paths.py checks that the reuse happens).
+    """
+    return _storage_use_count(t.untyped_storage()._cdata) == (4 if is_output else 3)
+
+
+def _channels_last_on(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A channels-last tensor of ``shape`` on the start of ``t``'s memory, as a view of ``t`` (so writing
+    it bumps ``t``'s version counter)."""
+    n, c, d, h, w = (int(v) for v in shape)
+    return t.as_strided((n, c, d, h, w), (c * d * h * w, 1, h * w * c, w * c, c), t.storage_offset())
+
+
 def _conv_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """``out += conv3d(x, weight, bias)`` (3^3, stride 1, padding 1) by oneDNN's sum post-op."""
     _CONV_ADD_INPLACE(out, x, weight, bias, _ONES, _ONES, _ONES, 1, "add", None, None, [], None)
@@ -140,7 +166,8 @@ class PooledConvNormAct(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         weight, gamma, y, z, mean, invstd, *parts = ctx.saved_tensors
         pool, activation = ctx.pool, ctx.activation
-        grad = pool.take(z.shape)
+        # z is the Function's output for LeakyReLU (in place): autograd saves it as a separate alias
+        grad = z if _only_saved_here(z, is_output=activation.name != "gelu") else pool.take(z.shape)
         if activation.name == "gelu":  # z: the GELU's input
             torch.ops.aten.gelu_backward.grad_input(grad_out, z, approximate="none", grad_input=grad)
         else:  # z: the LeakyReLU's output (same signs as its input)
@@ -157,6 +184,7 @@ class PooledConvNormAct(torch.autograd.Function):
         per_channel = (1, -1, 1, 1, 1)
         torch.addcmul(c.view(per_channel), grad, a.view(per_channel), out=grad)
         grad.addcmul_(y, b.view(per_channel))
+        spare = y if _only_saved_here(y, is_output=False) else None  # y is read no more
         grad_weights, grad_parts = [], []
         start = 0
         for i, part in enumerate(parts):
@@ -167,8 +195,11 @@ class PooledConvNormAct(torch.autograd.Function):
                     grad, part, w, None, _ONES, _ONES, _ONES, False, _ZEROS, 1, [False, True, False])[1])
             grad_part = None
             if ctx.needs_input_grad[9 + i]:
-                grad_part = pool.take(part.shape).zero_()
-                _conv_into(grad_part, grad, w.transpose(0, 1).flip((2, 3, 4)).contiguous(memory_format=_CL))
+                if spare is not None and spare.numel() >= part.numel():
+                    grad_part, spare = _channels_last_on(spare, part.shape), None
+                else:
+                    grad_part = pool.take(part.shape)
+                _conv_into(grad_part.zero_(), grad, w.transpose(0, 1).flip((2, 3, 4)).contiguous(memory_format=_CL))
             grad_parts.append(grad_part)
         grad_weight = None
         if grad_weights:
