@@ -355,6 +355,29 @@ def test_lever_ab_command_writes_both_states_of_each_figure(tmp_path, capsys):
         lever_ab(["--lever", "narrowing"])
 
 
+@pytest.mark.e2e
+def test_lever_memory_runs_each_setting_in_its_own_process(tmp_path, capsys):
+    """``python -m nnunet_logonet.benchmark.lever_memory``: each setting in a fresh process (a peak only
+    grows), the lever really off in the 'off' one (LoGoNet-tiny's 64^3 inference outputs of 16 MiB go
+    to the kept blocks with ``output_buffers`` on, nowhere with it off), figures in the JSON."""
+    from nnunet_logonet.benchmark.lever_memory import main as lever_memory
+
+    out = tmp_path / "memory.json"
+    assert lever_memory(["--model", "logonet_tiny", "--patch-size", "64", "64", "64", "--lever", "output_buffers",
+                         "--figure", "forward", "--calls", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    on, off = report["results"]["on"], report["results"]["off"]
+    assert on["kept_mib"] >= 16 and off["kept_mib"] == 0
+    assert min(on["peak_rss_mb"], off["peak_rss_mb"]) > 100
+    assert len(on["seconds"]) == len(off["seconds"]) == 2
+    assert report["levers_off"] == ["output_buffers"] and report["figure"] == "forward"
+    assert "peak RSS on/off" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        lever_memory(["--lever", "no_such_lever"])
+    assert lever_memory(["--lever", "output_buffers", "--calls", "0"]) == 2
+    assert "--calls" in capsys.readouterr().err
+
+
 def test_interleave_rotates_the_order_each_round_inside_each_models_fast_paths():
     from nnunet_logonet.benchmark.interleaved import interleaved_rounds
     from nnunet_logonet.network.levers import lever_enabled, reference_kernels

@@ -88,7 +88,7 @@ def measure(model: str, patch_size: Sequence[int], levers_off: Sequence[str], fi
 
 
 def _run_child(argv: Sequence[str], state: str) -> dict[str, Any]:
-    command = [sys.executable, "-m", __name__, *argv, "--child", state]
+    command = [sys.executable, "-m", "nnunet_logonet.benchmark.lever_memory", *argv, "--child", state]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the '{state}' process failed ({shlex.join(command)}):\n{done.stderr[-3000:]}")
