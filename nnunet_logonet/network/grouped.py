@@ -156,7 +156,7 @@ def pack_parameters(paths: Sequence[nn.Module]) -> None:
             first = group[0]
             if first.dim() == 0 or _packed(group) or any(
                     p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
-                    or p.stride() != first.stride() or p.is_inference() for p in group):
+                    or p.stride() != first.stride() for p in group):
                 continue
             packed = torch.cat([p.data for p in group])
             if packed.stride() != first.stride():
@@ -169,8 +169,8 @@ def _packed(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``tensors`` lie one after the other in one storage, so that their concatenation
     along dim 0 is a view (:func:`pack_parameters`)."""
     first = tensors[0]
-    if torch.compiler.is_compiling() or first.dim() == 0 or first.is_inference():
-        return False  # (a network made inside torch.inference_mode keeps the copying concatenation)
+    if torch.compiler.is_compiling() or first.dim() == 0:
+        return False
     storage, step = first.untyped_storage()._cdata, first.shape[0] * first.stride(0)
     return all(t.untyped_storage()._cdata == storage and t.shape == first.shape and t.stride() == first.stride()
                and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(tensors))
