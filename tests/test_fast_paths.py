@@ -693,55 +693,6 @@ def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(
     assert any(not torch.equal(before[k], v) for k, v in statistics(made_there).items())
 
 
-def _paths_packed(net: LoGoNet) -> bool:
-    return all(grouped_module._packed(g) for g in zip(*(list(p.parameters()) for p in net.local_paths)))
-
-
-def test_local_paths_read_their_packed_parameters_without_a_copy(monkeypatch):
-    """The local paths' parameters are slices of one tensor per name (after construction, ``.to()``,
-    ``copy.deepcopy``), so the grouped network takes their concatenation as a view: a training step
-    concatenates no parameter (on CUDA each concatenation was a kernel launch, .ci/op_count.py) and
-    gives the same outputs, gradients and statistics as copying them, which is what a network whose
-    parameters were replaced one by one falls back to; packing inside ``torch.inference_mode`` leaves
-    the parameters ordinary tensors."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 1 << 40)  # the grouped paths, as on CUDA
-    net = _tiny(LoGoNet, (32, 32, 32), deep_supervision=True).train()
-    assert _paths_packed(net) and _paths_packed(copy.deepcopy(net)) and _paths_packed(copy.deepcopy(net).double())
-    unpacked = copy.deepcopy(net)
-    with torch.no_grad():
-        for p in unpacked.parameters():
-            p.data = p.data.clone()  # memory of its own, as after a hand-made replacement
-    assert not _paths_packed(unpacked)
-    parameters = {p.data_ptr() for p in net.parameters()}
-    concatenated = []
-
-    class RecordConcatenations(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.cat:
-                concatenated.append({t.data_ptr() for t in args[0]})
-            return func(*args, **(kwargs or {}))
-
-    x = torch.randn(2, 1, 32, 32, 32)
-    results = []
-    for model, record in ((net, True), (unpacked, False)):
-        with RecordConcatenations() if record else torch.enable_grad():
-            outs = model(x)
-            sum(o.square().mean() for o in outs).backward()
-        results.append(([o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()},
-                         model.state_dict()))
-        if record:
-            assert concatenated and not any(c & parameters for c in concatenated)
-    (outs, grads, state), (outs_ref, grads_ref, state_ref) = results
-    assert all(torch.equal(a, b) for a, b in zip(outs, outs_ref))
-    assert grads.keys() == grads_ref.keys() and all(torch.equal(grads[k], grads_ref[k]) for k in grads)
-    assert state.keys() == state_ref.keys() and all(torch.equal(state[k], state_ref[k]) for k in state)
-    with torch.inference_mode():  # moved there (nnU-Net's predictor), packed again: still trainable after
-        unpacked.to(torch.device("cpu"))
-    assert _paths_packed(unpacked) and not any(p.is_inference() for p in unpacked.parameters())
-
-
 _REFERENCE_STEPS: dict[str, tuple] = {}
 
 

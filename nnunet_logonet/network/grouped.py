@@ -28,7 +28,7 @@ from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
 
 __all__ = ["group_subcrops", "ungroup_subcrops", "add_ungrouped_subcrops_", "add_ungrouped_subcrops",
-           "grouped_local_features", "can_group", "grouping_pays", "pack_parameters"]
+           "grouped_local_features", "can_group", "grouping_pays"]
 
 CL = torch.channels_last_3d
 
@@ -133,72 +133,10 @@ class _AddUngrouped(torch.autograd.Function):
         return grad, group_subcrops(grad, ctx.grid), None
 
 
-# ----------------------------------------------------------------------------- packed parameters
-def pack_parameters(paths: Sequence[nn.Module]) -> None:
-    """Put each parameter of the paths into one tensor per name, path after path along dim 0, and
-    make every path's parameter a slice of it (``.data``), so the grouped network reads the paths'
-    weights concatenated without copying them (:func:`_cat`).
-
-    Names, shapes, layouts and values stay, so checkpoints and optimizers see nothing new. Why: on
-    CUDA a training step is bound by launching its kernels, and the per-step concatenation of the
-    paths' parameters was 217 of LoGoNet-S's 1748 operations (``.ci/op_count.py``). ``LoGoNet``
-    calls this after construction, after every ``.to()``/``.cuda()``/``.half()`` (``_apply``, which
-    gives each parameter memory of its own again) and after ``copy.deepcopy`` or unpickling;
-    anything else that replaces a parameter (``load_state_dict(assign=True)``) only brings back the
-    copying concatenation.
-    """
-    if len(paths) < 2:
-        return
-    # parameters stay ordinary tensors when a network is moved or copied inside torch.inference_mode
-    # (nnU-Net's predictor), so that it can still be trained afterwards
-    with torch.no_grad(), torch.inference_mode(False):
-        for group in zip(*(list(path.parameters()) for path in paths)):
-            first = group[0]
-            if first.dim() == 0 or _packed(group) or any(
-                    p.shape != first.shape or p.dtype != first.dtype or p.device != first.device
-                    or p.stride() != first.stride() for p in group):
-                continue
-            packed = torch.cat([p.data for p in group])
-            if packed.stride() != first.stride():
-                continue  # a layout the slices would not keep
-            for i, p in enumerate(group):
-                p.data = packed.narrow(0, i * first.shape[0], first.shape[0])
-
-
-def _packed(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``tensors`` lie one after the other in one storage, so that their concatenation
-    along dim 0 is a view (:func:`pack_parameters`)."""
-    first = tensors[0]
-    if torch.compiler.is_compiling() or first.dim() == 0:
-        return False
-    storage, step = first.untyped_storage()._cdata, first.shape[0] * first.stride(0)
-    return all(t.untyped_storage()._cdata == storage and t.shape == first.shape and t.stride() == first.stride()
-               and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(tensors))
-
-
-class _PackedConcatenation(torch.autograd.Function):
-    """``torch.cat(tensors)`` of tensors that already lie one after the other in memory: a view of
-    their storage, and each tensor's gradient a slice of the incoming one."""
-
-    @staticmethod
-    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.count = len(tensors)
-        first = tensors[0]
-        return first.as_strided((len(tensors) * first.shape[0], *first.shape[1:]), first.stride(),
-                                first.storage_offset())
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad.chunk(ctx.count)
-
-
 # ----------------------------------------------------------------------------- grouped ops
 def _cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     if tensors[0] is None:
         return None
-    if _packed(tensors):
-        return _PackedConcatenation.apply(*tensors)
     return derived_tensors(owner, name, tensors, lambda: torch.cat(list(tensors)))
 
 

@@ -31,7 +31,6 @@ from .grouped import (
     group_subcrops,
     grouped_local_features,
     grouping_pays,
-    pack_parameters,
     ungroup_subcrops,
 )
 from .layers import init_weights, make_norm
@@ -176,17 +175,6 @@ class LoGoNet(ReusesOutputBuffers):
         self.to(memory_format=torch.channels_last_3d)
 
     initialize = staticmethod(init_weights)
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.cuda()/.half() give every parameter memory of its own: pack the local paths' again
-        result = super()._apply(fn, recurse)
-        pack_parameters(list(self.local_paths))
-        return result
-
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy and unpickling (torch.save of a whole network) copy parameter by parameter
-        super().__setstate__(state)
-        pack_parameters(list(self.local_paths))
 
     @property
     def decoder(self) -> LoGoHead:
