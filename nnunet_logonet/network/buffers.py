@@ -38,7 +38,7 @@ MIN_BYTES = 8 * 2 ** 20
 MAX_PER_SIZE = 4
 
 #: The same for training (``training_buffers``), where a unit's outputs live until its backward: LoGoNet-S
-#: holds up to 4 blocks of one size at once at 64^3, and 16 at 96^3 (its 8 local paths' 32 -> 64 units).
+#: holds up to 7 blocks of one size at once at 64^3, and 16 at 96^3 (its 8 local paths' 32 -> 64 units).
 MAX_PER_SIZE_TRAINING = 32
 
 _CL = torch.channels_last_3d
