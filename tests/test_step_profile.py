@@ -33,7 +33,7 @@ def test_operators_fall_into_the_category_a_reader_expects(operator, expected):
     assert step_profile.category(operator) == expected
 
 
-@pytest.mark.parametrize("figure", ["train", "forward"])
+@pytest.mark.parametrize("figure", ["train", "forward", "sliding_window"])
 def test_table_puts_both_networks_side_by_side_with_ratios(figure, capsys):
     assert step_profile.main(["--patch-size", "16", "32", "32", "--models", "nnunet", "logonet_tiny",
                               "--figure", figure, "--repeats", "1"]) == 0
@@ -57,6 +57,16 @@ def test_shares_add_up_to_the_profiled_total():
     assert result["total_s"] == pytest.approx(sum(result["seconds"].values()))
     assert result["calls"] > 100 and result["unprofiled_s"] > 0
     assert result["page_faults"] >= 0 and result["system_s"] >= 0
+
+
+def test_sliding_window_profiles_every_tile_of_nnunets_predictor():
+    """One case of 1.5x the patch per axis is 8 tiles at nnU-Net's step 0.5: at least 8 forwards' operators."""
+    forward = step_profile.profile_model("logonet_tiny", (16, 32, 32), "forward", repeats=1)
+    case = step_profile.profile_model("logonet_tiny", (16, 32, 32), "sliding_window", repeats=1)
+    assert case["calls"] >= 8 * forward["calls"]
+    assert case["seconds"]["convolution forward"] > 0 and case["seconds"]["convolution backward"] == 0
+    with pytest.raises(ValueError, match="sliding_window"):
+        step_profile.profile_model("logonet_tiny", (16, 32, 32), "inference")
 
 
 def test_page_faults_of_the_timed_calls_reach_the_table(monkeypatch):

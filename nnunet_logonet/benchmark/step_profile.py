@@ -2,13 +2,17 @@
 
     python -m nnunet_logonet.benchmark.step_profile --patch-size 64 64 64 --models nnunet logonet_s
     python -m nnunet_logonet.benchmark.step_profile --figure forward --patch-size 96 96 96
+    python -m nnunet_logonet.benchmark.step_profile --figure sliding_window   # nnU-Net's predictor, one case
     python -m nnunet_logonet.benchmark.step_profile --chart step_profile.png   # also a stacked-bar chart
 
 ``logonet_benchmark`` says how long a step takes; this says what the time is spent on, which is what
 decides the next lever (docs/speed.md). Each model is built as the benchmark builds it (its layout,
 its trainer's optimizer), warmed up, then ``torch.profiler`` records one training step
 (``efficiency.make_train_step``: nnU-Net's Dice + cross-entropy, backward, gradient clipping, SGD)
-or one inference forward (batch 1, eval mode, no autograd). The self time of every operator is
+or one inference forward (batch 1, eval mode, no autograd) or nnU-Net's sliding window over one case
+(``efficiency.make_sliding_window``: ``predict_sliding_window_return_logits``, the benchmark's case of
+1.5x the patch per axis, 8 tiles, no mirroring; nnU-Net's own work around the network, the Gaussian
+weighting and accumulation, shows up in the elementwise and copy rows). The self time of every operator is
 summed into the categories of ``CATEGORIES`` (first matching rule wins; ``other`` is the framework's
 own work: allocations, views, autograd bookkeeping), printed per model in seconds and as a share
 of its total, with each category's ratio to the reference model (``nnunet``). The profiler adds
@@ -30,12 +34,16 @@ from typing import Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step, time_runs
+from nnunet_logonet.benchmark.efficiency import default_settings, make_sliding_window, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
 
-__all__ = ["CATEGORIES", "category", "profile_model", "format_table", "plot_profile", "main"]
+__all__ = ["CATEGORIES", "FIGURES", "category", "profile_model", "format_table", "plot_profile", "main"]
 
 EXIT_USAGE = 2
+
+#: what ``--figure`` profiles, as the table and chart name it
+FIGURES = {"train": "training step (batch 2)", "forward": "forward (batch 1, no autograd)",
+           "sliding_window": "sliding window over one case (nnU-Net's predictor)"}
 
 #: (category, regular expression over the profiler's operator name), in order: the first match wins
 CATEGORIES: list[tuple[str, str]] = [
@@ -68,8 +76,11 @@ def category(operator: str) -> str:
 
 def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *, warmup: int = 1,
                   repeats: int = 3, seed: int = 0) -> dict[str, object]:
-    """Seconds of profiled self time per category for one training step or forward of model ``name``,
-    with the operator calls, the profiled total and the unprofiled median of ``repeats`` calls."""
+    """Seconds of profiled self time per category for one training step, forward or sliding-window case
+    (``figure``: a key of ``FIGURES``) of model ``name``, with the operator calls, the profiled total and
+    the unprofiled median of ``repeats`` calls."""
+    if figure not in FIGURES:
+        raise ValueError(f"figure must be one of {', '.join(FIGURES)}, got {figure!r}")
     device = torch.device("cpu")
     spec = resolve_model(name, patch_size=patch_size)
     torch.manual_seed(seed)
@@ -79,6 +90,9 @@ def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *
         settings = default_settings(device, patch_size)
         net.train()
         run: Callable[[], object] = make_train_step(net, spec, settings, device, layout)
+    elif figure == "sliding_window":
+        net.eval()
+        run, _ = make_sliding_window(net, spec, default_settings(device, patch_size), device)
     else:
         net.eval()
         x = torch.randn(1, spec.input_channels, *patch_size).contiguous(memory_format=layout)
@@ -105,7 +119,7 @@ def format_table(results: dict[str, dict[str, object]], figure: str, patch_size:
     models = list(results)
     others = [m for m in models if m != reference] if reference in results else []
     head = ["category"] + [f"{m} s (share)" for m in models] + [f"{m} / {reference}" for m in others]
-    lines = [f"One {'training step (batch 2)' if figure == 'train' else 'forward (batch 1, no autograd)'} at "
+    lines = [f"One {FIGURES[figure]} at "
              f"{'x'.join(map(str, patch_size))}, torch.profiler self time on {torch.get_num_threads()} CPU threads",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -154,8 +168,7 @@ def plot_profile(results: dict[str, dict[str, object]], figure: str, patch_size:
         ax.text(total, y, f" {total:.2f} s", va="center")
     ax.set_xlim(0, max(left) * 1.15)
     ax.set_xlabel("profiled self time, s (torch.profiler)")
-    what = "training step, batch 2" if figure == "train" else "forward, batch 1"
-    ax.set_title(f"Where the time goes: one {what}, {'x'.join(map(str, patch_size))}, "
+    ax.set_title(f"Where the time goes: one {FIGURES[figure]}, {'x'.join(map(str, patch_size))}, "
                  f"{torch.get_num_threads()} CPU threads")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45 if len(models) < 3 else -0.25), ncol=4,
               fontsize="small", frameon=False)
@@ -170,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="patch size (default 64 64 64)")
     parser.add_argument("--models", nargs="+", default=[REFERENCE_MODEL, "logonet_s"], metavar="NAME",
                         help=f"models (default: nnunet logonet_s): {', '.join(MODELS)}")
-    parser.add_argument("--figure", choices=["train", "forward"], default="train",
-                        help="one training step (default) or one inference forward")
+    parser.add_argument("--figure", choices=list(FIGURES), default="train",
+                        help="one training step (default), one inference forward or nnU-Net's sliding window "
+                             "over one case (1.5x the patch per axis)")
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled calls timed for the median (default 3)")
     parser.add_argument("--chart", default=None, metavar="PNG", help="also draw the table as stacked bars here")
     return parser
