@@ -29,11 +29,12 @@ from nnunet_logonet.network.kernels import narrowing as narrowing_module
 from nnunet_logonet.network.kernels import pointwise as pointwise_module
 from nnunet_logonet.network.kernels import small_map as small_map_module
 from nnunet_logonet.network.classifier import Classifier3d
-from nnunet_logonet.network.conv import Activation, Conv3d, conv3d
-from nnunet_logonet.network.folding import fold_batchnorm
+from nnunet_logonet.network.conv import Activation, Conv3d, conv3d, conv3d_add
+from nnunet_logonet.network.folding import fold_batchnorm, foldable_lka_block
 from nnunet_logonet.network.levers import LEVERS, fast_paths_enabled, lever_enabled, reference_kernels
 from nnunet_logonet.network.embedding import PatchEmbed3d
 from nnunet_logonet.network.layers import ConvUnit, Upsample3d
+from nnunet_logonet.network.lka import LKABlock
 from nnunet_logonet.network.logonet import LoGoHead
 from nnunet_logonet.network.partition import add_subcrops, stitch_subcrops
 
@@ -598,6 +599,135 @@ def test_instance_norm_is_not_folded_and_still_matches():
         with reference_kernels():
             ref = unit(x)
     assert _rel(fast, ref) < 1e-5
+
+
+def _lka_block(dim: int = 8, seed: int = 0, **kw) -> LKABlock:
+    """An LKA block with non-trivial statistics, layer scales of order 1 (not the 1e-2 init, which would
+    hide a wrong branch) and non-zero biases, in eval mode."""
+    torch.manual_seed(seed)
+    block = LKABlock(dim, mlp_ratio=2.0, **kw)
+    _randomise_batchnorm(block, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.Conv3d):
+                m.bias.copy_(torch.randn(m.out_channels, generator=g) * 0.3)
+        for scale in (block.ls1, block.ls2):
+            scale.gamma.copy_(torch.rand(dim, generator=g) * 2 - 1)
+    return block.eval()
+
+
+@pytest.mark.parametrize("size", [(6, 6, 6), (3, 8, 5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_lka_block_folding_equals_the_block_in_eval(size, layout):
+    """Lever ``lka_folding``: norms before and layer scales after the 1x1x1 convolutions folded into them,
+    the inner shortcut into one multiply-add; in no_grad and inference_mode, both layouts, maps smaller
+    than LKA's kernels (live taps) included."""
+    block = _lka_block().to(memory_format=layout)
+    assert foldable_lka_block(block)
+    x = torch.randn(2, 8, *size).contiguous(memory_format=layout)
+    with torch.no_grad(), reference_kernels("lka_folding"):
+        expected = block(x)
+    with torch.no_grad():
+        folded = block(x)
+    with torch.inference_mode():
+        again = block(x)
+    assert _rel(folded, expected) < 1e-5
+    assert torch.equal(folded, again)
+    assert folded.shape == expected.shape and torch.equal(x, x.clone())  # the input is not written
+
+
+def test_lka_block_folding_keeps_gradients_of_the_unfolded_parameters():
+    """Eval mode with autograd (e.g. a saliency map): gradients reach the block's own parameters."""
+    block = _lka_block()
+    x = torch.randn(1, 8, 5, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        block(x)  # fills the inference cache, which a grad-enabled call must not use
+    params = [block.norm1.weight, block.norm2.bias, block.ls1.gamma, block.ls2.gamma, block.attn.proj_1.weight,
+              block.attn.proj_2.bias, block.mlp.fc1.weight, block.mlp.fc2.weight, block.attn.lka.conv0.weight]
+    grads = torch.autograd.grad(block(x).square().sum(), [x, *params])
+    with reference_kernels("lka_folding"):
+        ref = torch.autograd.grad(block(x).square().sum(), [x, *params])
+    for g, r in zip(grads, ref):
+        assert _rel(g, r) < 1e-4
+
+
+def test_lka_block_folding_follows_load_state_dict():
+    block, other = _lka_block(seed=0), _lka_block(seed=5)
+    x = torch.randn(1, 8, 6, 6, 6)
+    with torch.inference_mode():
+        first = block(x)
+        block.load_state_dict(other.state_dict())
+        second = block(x)
+        with reference_kernels("lka_folding"):
+            expected = block(x)
+    assert _rel(second, expected) < 1e-5
+    assert _rel(first, second) > 1e-2
+
+
+def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks():
+    block = _lka_block()
+    assert foldable_lka_block(block)
+    assert not foldable_lka_block(block.train())
+    assert not foldable_lka_block(_lka_block(norm="instance"))
+    block.eval()
+    with reference_kernels("lka_folding"):
+        assert not foldable_lka_block(block)
+    seen = []
+    handle = block.norm2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not foldable_lka_block(block)  # a hook must see its module run
+    x = torch.randn(1, 8, 4, 4, 4)
+    with torch.no_grad():
+        hooked = block(x)
+    handle.remove()
+    assert seen == [x.shape] and foldable_lka_block(block)
+    with torch.no_grad():
+        assert _rel(block(x), hooked) < 1e-5
+    instance = _lka_block(norm="instance")
+    with torch.no_grad():
+        fast = instance(x)
+        with reference_kernels():
+            ref = instance(x)
+    assert _rel(fast, ref) < 1e-5
+
+
+def test_networks_run_no_batchnorm_in_inference(monkeypatch):
+    """Every BatchNorm of LoGoNet and ULKANet (conv units, patch embeddings, LKA blocks, global and grouped
+    local paths) is folded away in eval mode: nnUNetv2_predict runs none of them."""
+    calls = []
+    real = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for cls in (LoGoNet, ULKANet):
+        net = _tiny(cls, (32, 32, 32)).eval()
+        with torch.inference_mode():
+            net(torch.randn(1, 1, 32, 32, 32))
+        assert not calls, (cls.__name__, len(calls))
+        with torch.inference_mode(), reference_kernels("lka_folding"):
+            net(torch.randn(1, 1, 32, 32, 32))
+        assert calls  # the spy sees the LKA blocks' BatchNorms when they are not folded
+        calls.clear()
+
+
+@pytest.mark.parametrize("shape, weight_shape, groups", [
+    ((2, 8, 12, 12, 12), (8, 8, 1, 1, 1), 1),  # oneDNN with its sum post-op
+    ((1, 8, 4, 4, 4), (8, 8, 1, 1, 1), 1),  # small map: the matrix-product route, then an addition
+    ((2, 16, 6, 6, 6), (16, 4, 1, 1, 1), 4),  # grouped (the local paths)
+    ((1, 8, 6, 6, 6), (8, 1, 3, 3, 3), 8),  # depthwise: its own route, then an addition
+])
+def test_conv3d_add_equals_the_sum_and_writes_into_out_only_without_autograd(shape, weight_shape, groups):
+    torch.manual_seed(0)
+    x = torch.randn(*shape).contiguous(memory_format=CL)
+    weight, bias = torch.randn(*weight_shape), torch.randn(weight_shape[0])
+    padding = weight_shape[-1] // 2
+    out = torch.randn(shape[0], weight_shape[0], *shape[2:]).contiguous(memory_format=CL)
+    expected = out + F.conv3d(x, weight, bias, padding=padding, groups=groups)
+    before = out.clone()
+    with torch.enable_grad():
+        summed = conv3d_add(out, x, weight.requires_grad_(), bias, padding=padding, groups=groups)
+    assert torch.equal(out, before) and summed.requires_grad and _rel(summed, expected) < 1e-5
+    with torch.no_grad():
+        summed = conv3d_add(out, x, weight, bias, padding=padding, groups=groups)
+    assert summed.data_ptr() == out.data_ptr() and _rel(summed, expected) < 1e-5
 
 
 ANISOTROPIC = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -1288,6 +1418,7 @@ LEVER_MARKERS = {
     "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
     "batchnorm_folding": (folding_module, "fold_batchnorm", "none"),
+    "lka_folding": (folding_module, "fold_lka_block_uncached", "none"),  # global blocks and grouped paths
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
     "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
     "stitch_add": (logonet_module, "add_ungrouped_subcrops", "none"),  # training, grouped (tiny)

@@ -44,6 +44,7 @@ __all__ = [
     "Activation",
     "Conv3d",
     "conv3d",
+    "conv3d_add",
     "conv3d_concat",
     "cat_per_group",
     "LEVERS",
@@ -210,6 +211,34 @@ def conv3d(
         if y is None:
             y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return y if activation is None else activation(y)
+
+
+def conv3d_add(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``out + conv3d(x, weight, ...)``: a residual sum after a convolution.
+
+    Without autograd the sum is written into ``out``, which must be the caller's own tensor (an
+    LKA block's residual stream): on the oneDNN path by the convolution's sum post-op, so the
+    convolution's output never exists apart, elsewhere by one in-place addition.
+    """
+    if torch.is_grad_enabled() and (out.requires_grad or _needs_grad(x, weight, bias)):
+        return out + conv3d(x, weight, bias, stride, padding, dilation, groups)
+    stride, padding, dilation = triple(stride), triple(padding), triple(dilation)
+    if (_CONV_ADD_INPLACE is not None and _use_onednn(x, weight) and lever_enabled("post_ops")
+            and out.dtype == torch.float32 and not is_same_depthwise(x, weight, stride, padding, dilation, groups)
+            and not (pointwise_gemm_pays(x, weight, stride, padding, groups) and pointwise_forward_route(x) == "gemm")
+            and x.is_contiguous(memory_format=torch.channels_last_3d)
+            and out.is_contiguous(memory_format=torch.channels_last_3d)):
+        return _CONV_ADD_INPLACE(out, x, weight, bias, padding, stride, dilation, groups, "add", None, None, [], None)
+    return out.add_(conv3d(x, weight, bias, stride, padding, dilation, groups))
 
 
 def cat_per_group(parts: Sequence[torch.Tensor], groups: int = 1) -> torch.Tensor:

@@ -5,34 +5,45 @@ affine map, moved into the convolution's weight and bias (one pass over the acti
 activation then runs as the convolution's post-op (``conv.Activation``). The folded weights are
 cached for inference (``derived_tensors``) and rebuilt whenever a source tensor changes, so
 nnUNetPredictor loading fold after fold into one network is safe.
+
+Lever ``lka_folding``: in eval mode an LKA block's two BatchNorms sit *before* 1x1x1 convolutions
+(``proj_1``, ``fc1``), and its layer scales after others (``proj_2``, ``fc2``); all four are folded
+into those convolutions, and the attention branch's inner shortcut into one multiply-add
+(``fold_lka_block``, ``lka_block_folded``): per block seven elementwise passes (two BatchNorms, two
+scalings, three additions) become two, and on CUDA as many fewer kernel launches.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
-from .conv import Activation, Conv3d, conv3d, conv3d_concat
+from .conv import Activation, Conv3d, conv3d, conv3d_add, conv3d_concat
 from .levers import lever_enabled
 from .training_buffers import pooled_conv_norm_act, pooled_unit_pays
 
 __all__ = ["conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
-           "version_key", "fold_uncached"]
+           "version_key", "fold_uncached", "LKAFold", "foldable_lka_block", "lka_fold_sources", "fold_lka_block",
+           "fold_lka_block_uncached", "lka_block_folded"]
 
 T = TypeVar("T")
 
 
-def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
-    """True in eval mode for a BatchNorm with running statistics and the "batchnorm_folding" lever on."""
+def _eval_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
+    """``module`` in eval mode and ``norm`` a BatchNorm that normalises with its running statistics there."""
     return (
         not module.training
         and isinstance(norm, nn.BatchNorm3d)
         and norm.track_running_stats
         and norm.running_mean is not None
-        and lever_enabled("batchnorm_folding")
     )
+
+
+def foldable_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
+    """True in eval mode for a BatchNorm with running statistics and the "batchnorm_folding" lever on."""
+    return _eval_batchnorm(module, norm) and lever_enabled("batchnorm_folding")
 
 
 def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
@@ -139,3 +150,107 @@ def fold_uncached(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, 
     if conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
     return weight, shift
+
+
+# ----------------------------------------------------------------------------- LKA blocks
+class LKAFold(NamedTuple):
+    """An eval-mode LKA block as 1x1x1 convolutions with its BatchNorms and layer scales folded in.
+
+    With ``norm1(x) = a1 x + b1``, ``norm2(x) = a2 x + b2`` (running statistics) and layer scales
+    ``g1``, ``g2``, the block ``x + g1 (norm1(x) + proj_2(t)); x' + g2 fc2(m)`` becomes
+    ``proj_2'(t) + shortcut_scale * x`` then ``x' + fc2'(m)``, where ``proj_1' = proj_1 o norm1``,
+    ``fc1' = fc1 o norm2``, ``proj_2' = g1 (proj_2 + b1)``, ``fc2' = g2 fc2`` and
+    ``shortcut_scale = 1 + g1 a1``. Every field is per output channel first, so the folds of
+    several blocks concatenate along dim 0 into the grouped local paths' weights.
+    """
+
+    proj_1_weight: torch.Tensor
+    proj_1_bias: torch.Tensor
+    proj_2_weight: torch.Tensor
+    proj_2_bias: torch.Tensor
+    shortcut_scale: torch.Tensor
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+
+
+def foldable_lka_block(block: nn.Module) -> bool:
+    """An ``lka.LKABlock`` in eval mode whose norms are BatchNorms with running statistics, nothing
+    hooked inside it (a hook must see its module run), and the "lka_folding" lever on."""
+    return (
+        _eval_batchnorm(block, block.norm1)
+        and _eval_batchnorm(block, block.norm2)
+        and lever_enabled("lka_folding")
+        and not _hooked(*block.modules())
+    )
+
+
+def lka_fold_sources(block: nn.Module) -> list[torch.Tensor | None]:
+    """Every tensor ``fold_lka_block`` reads (the key of its cache)."""
+    attn, mlp = block.attn, block.mlp
+    norms = [t for n in (block.norm1, block.norm2) for t in (n.weight, n.bias, n.running_mean, n.running_var)]
+    convs = [t for c in (attn.proj_1, attn.proj_2, mlp.fc1, mlp.fc2) for t in (c.weight, c.bias)]
+    return norms + convs + [block.ls1.gamma, block.ls2.gamma]
+
+
+def fold_lka_block(block: nn.Module) -> LKAFold:
+    """``fold_lka_block_uncached``, cached for inference like ``fold_batchnorm``."""
+    return derived_tensors(block, "_lka_fold", lka_fold_sources(block), lambda: fold_lka_block_uncached(block))
+
+
+def _affine(norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with ``norm(x) = a x + b`` per channel (running statistics)."""
+    a = norm.running_var.add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        a = a * norm.weight
+    b = -norm.running_mean * a
+    if norm.bias is not None:
+        b = b + norm.bias
+    return a, b
+
+
+def _bias(conv: nn.Conv3d) -> torch.Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+
+
+def _after_affine(conv: nn.Conv3d, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the 1x1x1 ``conv`` applied to ``a x + b``."""
+    weight = conv.weight * a.view(1, -1, 1, 1, 1)
+    return weight, _bias(conv) + conv.weight.flatten(1) @ b
+
+
+def fold_lka_block_uncached(block: nn.Module) -> LKAFold:
+    """The block's ``LKAFold`` computed afresh (the grouped local paths cache their concatenation)."""
+    attn, mlp = block.attn, block.mlp
+    a1, b1 = _affine(block.norm1)
+    a2, b2 = _affine(block.norm2)
+    g1, g2 = block.ls1.gamma, block.ls2.gamma
+    proj_1_weight, proj_1_bias = _after_affine(attn.proj_1, a1, b1)
+    fc1_weight, fc1_bias = _after_affine(mlp.fc1, a2, b2)
+    return LKAFold(
+        proj_1_weight, proj_1_bias,
+        attn.proj_2.weight * g1.view(-1, 1, 1, 1, 1), g1 * (_bias(attn.proj_2) + b1),
+        torch.addcmul(torch.ones_like(g1), g1, a1),
+        fc1_weight, fc1_bias,
+        mlp.fc2.weight * g2.view(-1, 1, 1, 1, 1), g2 * _bias(mlp.fc2),
+    )
+
+
+def lka_block_folded(x: torch.Tensor, fold: LKAFold, gated: Callable[[torch.Tensor], torch.Tensor],
+                     depthwise_gelu: Callable[[torch.Tensor], torch.Tensor], groups: int = 1) -> torch.Tensor:
+    """An eval-mode LKA block (or ``groups`` of them side by side, the grouped local paths) from its fold.
+
+    ``gated(u)`` is LKA's ``u * conv1(conv_spatial(conv0(u)))`` and ``depthwise_gelu`` the MLP's
+    depthwise convolution and GELU: those stay the modules' own. Without autograd the two residual
+    sums are written into the block's own new tensors (the second by oneDNN's sum post-op).
+    """
+    u = conv3d(x, fold.proj_1_weight, fold.proj_1_bias, groups=groups, activation=Activation("gelu"))
+    branch = conv3d(gated(u), fold.proj_2_weight, fold.proj_2_bias, groups=groups)
+    scale = fold.shortcut_scale.view(1, -1, 1, 1, 1).to(x.dtype)
+    if torch.is_grad_enabled() or branch.dtype != x.dtype:
+        x = torch.addcmul(branch, x, scale)
+    else:  # ``branch`` is this block's own fresh tensor
+        x = branch.addcmul_(x, scale)
+    hidden = depthwise_gelu(conv3d(x, fold.fc1_weight, fold.fc1_bias, groups=groups))
+    return conv3d_add(x, hidden, fold.fc2_weight, fold.fc2_bias, groups=groups)

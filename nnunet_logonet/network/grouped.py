@@ -22,7 +22,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .conv import Activation, conv3d, conv3d_concat
-from .folding import derived_tensors, fold_uncached, foldable_batchnorm, version_key
+from .folding import (LKAFold, derived_tensors, fold_lka_block_uncached, fold_uncached, foldable_batchnorm,
+                      foldable_lka_block, lka_block_folded, lka_fold_sources, version_key)
 from .layers import ConvUnit, DropPath, LayerNorm3d
 from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
@@ -268,18 +269,33 @@ def _drop_path(x: torch.Tensor, drops: Sequence[nn.Module], training: bool) -> t
     return x * mask
 
 
+def _lka_fold(blocks: Sequence[LKABlock]) -> LKAFold:
+    """The blocks' folds (``folding.fold_lka_block``) concatenated; cached on the parameters."""
+    sources = [t for b in blocks for t in lka_fold_sources(b)]
+
+    def make() -> LKAFold:
+        return LKAFold(*(torch.cat(parts) for parts in zip(*(fold_lka_block_uncached(b) for b in blocks))))
+
+    return derived_tensors(blocks[0], "_grouped_lka_fold", sources, make)
+
+
 def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
     first = blocks[0]
     training = first.training
-    h = _norm(x, [b.norm1 for b in blocks], training)
     attn = [b.attn for b in blocks]
-    u = _conv(h, [a.proj_1 for a in attn], Activation("gelu"))
     lka = [a.lka for a in attn]
-    gate = _conv(_conv(_conv(u, [k.conv0 for k in lka]), [k.conv_spatial for k in lka]), [k.conv1 for k in lka])
-    branch = h + _conv(u * gate, [a.proj_2 for a in attn])
+
+    def gated(u: torch.Tensor) -> torch.Tensor:
+        return u * _conv(_conv(_conv(u, [k.conv0 for k in lka]), [k.conv_spatial for k in lka]), [k.conv1 for k in lka])
+
+    mlp = [b.mlp for b in blocks]
+    if all(foldable_lka_block(b) for b in blocks):  # eval (folding.py)
+        return lka_block_folded(x, _lka_fold(blocks), gated,
+                                lambda h: _conv(h, [m.dwconv for m in mlp], Activation("gelu")), groups=len(blocks))
+    h = _norm(x, [b.norm1 for b in blocks], training)
+    branch = h + _conv(gated(_conv(h, [a.proj_1 for a in attn], Activation("gelu"))), [a.proj_2 for a in attn])
     x = x + _drop_path(_scale(branch, [b.ls1 for b in blocks]), [b.drop_path1 for b in blocks], training)
     h = _norm(x, [b.norm2 for b in blocks], training)
-    mlp = [b.mlp for b in blocks]
     h = _conv(_conv(_conv(h, [m.fc1 for m in mlp]), [m.dwconv for m in mlp], Activation("gelu")), [m.fc2 for m in mlp])
     return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks], training)
 

@@ -34,6 +34,8 @@ LEVERS: dict[str, str] = {
     "concat_sum": "convolutions over channel concatenations as sums of one convolution per part",
     "post_ops": "activations and concatenation sums inside oneDNN's convolution (inference)",
     "batchnorm_folding": "BatchNorm folded into the preceding convolution in eval mode",
+    "lka_folding": "in eval mode the LKA blocks' BatchNorms folded into the 1x1x1 convolutions after them, their "
+                   "layer scales into the ones before, the residual sums into one multiply-add and a sum post-op",
     "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
     "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
     "stitch_add": "the local features added into the global ones in one pass, without the stacked and stitched "

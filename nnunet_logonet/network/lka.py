@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .conv import Conv3d, conv3d
-from .folding import conv_act
+from .folding import conv_act, fold_lka_block, foldable_lka_block, lka_block_folded
 from .layers import DropPath, LayerScale3d, make_norm
 
 __all__ = ["LiveTapConv3d", "live_taps", "LKA3d", "LKAAttention", "LKAMlp", "LKABlock"]
@@ -112,6 +112,10 @@ class LKABlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if foldable_lka_block(self):  # eval: norms and layer scales inside the 1x1x1 convolutions (folding.py)
+            mlp = self.mlp
+            return lka_block_folded(x, fold_lka_block(self), self.attn.lka,
+                                    lambda h: conv_act(mlp.dwconv, mlp.act, h))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
