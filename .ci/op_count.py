@@ -1,6 +1,9 @@
-"""Operations one training forward+backward dispatches, counted without a GPU.
+"""Operations one training forward+backward (or one inference forward) dispatches, counted without a GPU.
 
-    python .ci/op_count.py [MODEL] [PATCH]      # e.g. logonet_s 96 (the defaults)
+    python .ci/op_count.py [MODEL] [PATCH] [train|infer]    # e.g. logonet_s 96 train (the defaults)
+
+``infer``: one eval-mode forward of a batch-1 tile under torch.inference_mode, as nnUNetv2_predict's
+sliding window runs it.
 
 The network runs on PyTorch's meta device (shapes only, no arithmetic), where it takes the same
 code path as on CUDA (the CPU-only levers are off there). On CUDA a step of LoGoNet is bound by
@@ -20,6 +23,9 @@ NO_KERNEL = {"aten.view", "aten._unsafe_view", "aten.permute", "aten.t", "aten.e
              "aten.alias", "aten.detach", "aten.select", "aten.transpose", "aten.reshape", "aten.unbind",
              "aten.narrow", "aten.lift_fresh", "aten.empty", "aten.empty_like", "aten.new_empty",
              "aten.empty_strided", "aten.new_empty_strided", "aten.empty_permuted"}
+#: composite ops that inference mode dispatches as they are, and that copy only when they must
+RETURNS_INPUT_IF_NOTHING_TO_DO = {"aten.to", "aten.contiguous", "aten.type_as"}
+NO_KERNEL |= {f"{name} (returned its input)" for name in RETURNS_INPUT_IF_NOTHING_TO_DO}
 
 
 class _Count(TorchDispatchMode):
@@ -28,23 +34,40 @@ class _Count(TorchDispatchMode):
         self.ops = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if name in RETURNS_INPUT_IF_NOTHING_TO_DO and args and out is args[0]:
+            name += " (returned its input)"  # e.g. .to(x.dtype) of a tensor of that dtype: no kernel
+        self.ops[name] += 1
+        return out
 
 
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "logonet_s"
     p = int(sys.argv[2]) if len(sys.argv) > 2 else 96
+    mode = sys.argv[3] if len(sys.argv) > 3 else "train"
+    if mode not in ("train", "infer"):
+        sys.exit(f"op_count.py: the third argument is 'train' or 'infer', got {mode!r}")
     spec = resolve_model(name, patch_size=(p, p, p))
     layout = torch.channels_last_3d if spec.prefers_channels_last else torch.contiguous_format
-    net = spec.build().to(memory_format=layout).to("meta").train()
-    x = torch.randn(2, spec.input_channels, p, p, p, device="meta").contiguous(memory_format=layout)
-    net(x).float().mean().backward()  # first step: lazily made tensors
-    net.zero_grad(set_to_none=True)
+    net = spec.build().to(memory_format=layout).to("meta").train(mode == "train")
+    batch = 2 if mode == "train" else 1
+    x = torch.randn(batch, spec.input_channels, p, p, p, device="meta").contiguous(memory_format=layout)
+
+    def step() -> None:
+        if mode == "train":
+            net(x).float().mean().backward()
+            net.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                net(x)
+
+    step()  # first call: lazily made tensors, inference caches
     with _Count() as count:
-        net(x).float().mean().backward()
+        step()
     kernels = sum(v for k, v in count.ops.items() if k not in NO_KERNEL)
-    print(f"{name} at {p}^3, batch 2, forward+backward: {kernels} operations "
+    what = "forward+backward, batch 2" if mode == "train" else "inference forward, batch 1"
+    print(f"{name} at {p}^3, {what}: {kernels} operations "
           f"(+{sum(count.ops.values()) - kernels} views/allocations)")
     for op, n in count.ops.most_common(20):
         print(f"  {n:6d} {op}{'  (no kernel)' if op in NO_KERNEL else ''}")
