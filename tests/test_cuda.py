@@ -1,4 +1,4 @@
-"""CUDA paths of LoGoNet: mixed precision, torch.compile and the eval-mode BatchNorm folding.
+"""CUDA paths of LoGoNet: mixed precision, torch.compile and the eval-mode BatchNorm folding (LKA blocks' too).
 
 Skipped without a GPU (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
 """
@@ -58,6 +58,23 @@ def test_eval_folding_matches_reference_on_cuda(cls):
     # fp32 convolutions run as TF32 on Ampere and later (PyTorch's default for cuDNN), so two
     # orders of summation differ by ~1e-3 (measured 2.0e-3 / 2.2e-3 on an H200)
     assert _rel(fast, ref) < 5e-3
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_folded_inference_under_autocast_matches_the_unfolded_one(cls):
+    """nnUNetv2_predict on CUDA: inference_mode and fp16 autocast, BatchNorms (LKA blocks' too) folded."""
+    net = _net(cls, "tiny", (64, 64, 64)).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 64, 64, 64, device="cuda").contiguous(memory_format=CL)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        fast = net(x)
+        with reference_kernels("lka_folding", "batchnorm_folding"):
+            unfolded = net(x)
+    assert fast.dtype == unfolded.dtype and torch.isfinite(fast).all()
+    assert _rel(fast, unfolded) < 2e-2  # fp16 rounding (bfloat16 autocast on the CPU: 1.2e-2, a coarser type)
 
 
 def test_torch_compile_matches_eager():
