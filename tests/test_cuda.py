@@ -43,13 +43,19 @@ def test_mixed_precision_training_step_is_finite_and_close_to_fp32(preset, dtype
     assert _rel(out[0], fp32[0]) < (5e-2 if dtype == torch.float16 else 1e-1)
 
 
-@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
-def test_eval_folding_matches_reference_on_cuda(cls):
+def _eval_net(cls) -> torch.nn.Module:
+    """LoGoNet/ULKANet-tiny in eval mode with non-trivial BatchNorm statistics (so folding is exercised)."""
     net = _net(cls, "tiny", (64, 64, 64)).eval()
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
+def test_eval_folding_matches_reference_on_cuda(cls):
+    net = _eval_net(cls)
     x = torch.randn(1, 1, 64, 64, 64, device="cuda")
     with torch.no_grad():
         fast = net(x)
@@ -63,11 +69,7 @@ def test_eval_folding_matches_reference_on_cuda(cls):
 @pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
 def test_folded_inference_under_autocast_matches_the_unfolded_one(cls):
     """nnUNetv2_predict on CUDA: inference_mode and fp16 autocast, BatchNorms (LKA blocks' too) folded."""
-    net = _net(cls, "tiny", (64, 64, 64)).eval()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
+    net = _eval_net(cls)
     x = torch.randn(1, 1, 64, 64, 64, device="cuda").contiguous(memory_format=CL)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
         fast = net(x)

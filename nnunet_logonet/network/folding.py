@@ -25,7 +25,7 @@ from .levers import lever_enabled
 from .training_buffers import pooled_conv_norm_act, pooled_unit_pays
 
 __all__ = ["conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
-           "version_key", "fold_uncached", "LKAFold", "foldable_lka_block", "lka_fold_sources", "fold_lka_block",
+           "version_key", "fold_uncached", "batchnorm_affine", "LKAFold", "foldable_lka_block", "lka_fold_sources", "fold_lka_block",
            "fold_lka_block_uncached", "lka_block_folded"]
 
 T = TypeVar("T")
@@ -136,14 +136,20 @@ def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | N
     return cached[1]
 
 
+def batchnorm_affine(norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with ``norm(x) = a x + b`` per channel, from its running statistics (eval mode)."""
+    a = norm.running_var.add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        a = a * norm.weight
+    b = -norm.running_mean * a
+    if norm.bias is not None:
+        b = b + norm.bias
+    return a, b
+
+
 def fold_uncached(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
     """``fold_batchnorm`` computed afresh (the grouped local paths cache their concatenation instead)."""
-    scale = norm.running_var.add(norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
+    scale, shift = batchnorm_affine(norm)
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     weight = conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
@@ -199,17 +205,6 @@ def fold_lka_block(block: nn.Module) -> LKAFold:
     return derived_tensors(block, "_lka_fold", lka_fold_sources(block), lambda: fold_lka_block_uncached(block))
 
 
-def _affine(norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with ``norm(x) = a x + b`` per channel (running statistics)."""
-    a = norm.running_var.add(norm.eps).rsqrt()
-    if norm.weight is not None:
-        a = a * norm.weight
-    b = -norm.running_mean * a
-    if norm.bias is not None:
-        b = b + norm.bias
-    return a, b
-
-
 def _bias(conv: nn.Conv3d) -> torch.Tensor:
     return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
 
@@ -223,8 +218,8 @@ def _after_affine(conv: nn.Conv3d, a: torch.Tensor, b: torch.Tensor) -> tuple[to
 def fold_lka_block_uncached(block: nn.Module) -> LKAFold:
     """The block's ``LKAFold`` computed afresh (the grouped local paths cache their concatenation)."""
     attn, mlp = block.attn, block.mlp
-    a1, b1 = _affine(block.norm1)
-    a2, b2 = _affine(block.norm2)
+    a1, b1 = batchnorm_affine(block.norm1)
+    a2, b2 = batchnorm_affine(block.norm2)
     g1, g2 = block.ls1.gamma, block.ls2.gamma
     proj_1_weight, proj_1_bias = _after_affine(attn.proj_1, a1, b1)
     fc1_weight, fc1_bias = _after_affine(mlp.fc1, a2, b2)
