@@ -3,8 +3,9 @@
     python3 .ci/gpu_ab.py OUT_DIR           # writes OUT_DIR/ab.json
 
 Training step (the benchmark's: DC+CE loss, SGD, GradScaler, fp16 autocast, batch 2) and batch-1
-forward at 96^3 for: the defaults; the forward and backward captured as CUDA graphs
-(torch.cuda.make_graphed_callables); channels-first layout; the 8 local paths as a loop instead of
+forward at 96^3 for: the defaults; the lever lka_folding off (the forward runs in eval mode, where it
+applies); the forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables);
+channels-first layout; the 8 local paths as a loop instead of
 one grouped network; the defaults again (the spread between the two default rows is the noise);
 then, on CUDA, torch.compile in its default mode and in "reduce-overhead" (CUDA graphs), whose
 first step (compilation) is printed apart.
@@ -88,6 +89,7 @@ def run(name, layout=torch.channels_last_3d, kernels=None, graphs=False, compile
     json.dump(res, open(f"{out}/ab.json", "w"), indent=1)
 
 run("default")
+run("no_lka_folding", kernels=("lka_folding",))  # its forward: the LKA blocks' norms unfolded (the lever off)
 run("cuda_graphs", graphs=cuda)
 run("contiguous", layout=torch.contiguous_format)
 run("loop_local_paths", kernels=("grouped_local_paths",))
