@@ -665,7 +665,8 @@ def test_lka_block_folding_follows_load_state_dict():
     assert _rel(first, second) > 1e-2
 
 
-def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks():
+@pytest.mark.parametrize("hooked", ["norm2", "attn.lka.conv_spatial"])
+def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks(hooked):
     block = _lka_block()
     assert foldable_lka_block(block)
     assert not foldable_lka_block(block.train())
@@ -674,7 +675,7 @@ def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks()
     with reference_kernels("lka_folding"):
         assert not foldable_lka_block(block)
     seen = []
-    handle = block.norm2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    handle = block.get_submodule(hooked).register_forward_hook(lambda m, i, o: seen.append(o.shape))
     assert not foldable_lka_block(block)  # a hook must see its module run
     x = torch.randn(1, 8, 4, 4, 4)
     with torch.no_grad():
