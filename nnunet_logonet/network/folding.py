@@ -74,7 +74,7 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def _hooked_tree(module: nn.Module) -> bool:
-    """``_hooked`` for ``module`` and everything inside it (a walk over ``_modules``: a quarter of the
+    """``_hooked`` for ``module`` and everything inside it (a walk over ``_modules``: a third of the
     host time of ``module.modules()``, which an inference forward on a launch-bound GPU would pay per block)."""
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         return True
