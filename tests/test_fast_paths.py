@@ -672,6 +672,9 @@ def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks(h
     assert not foldable_lka_block(block.train())
     assert not foldable_lka_block(_lka_block(norm="instance"))
     block.eval()
+    block.norm2.train()  # a BatchNorm switched back to batch statistics on its own
+    assert not foldable_lka_block(block)
+    block.eval()
     with reference_kernels("lka_folding"):
         assert not foldable_lka_block(block)
     seen = []

@@ -32,9 +32,10 @@ T = TypeVar("T")
 
 
 def _eval_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
-    """``module`` in eval mode and ``norm`` a BatchNorm that normalises with its running statistics there."""
+    """``module`` and ``norm`` in eval mode, ``norm`` a BatchNorm that normalises with its running statistics there."""
     return (
         not module.training
+        and not norm.training
         and isinstance(norm, nn.BatchNorm3d)
         and norm.track_running_stats
         and norm.running_mean is not None
