@@ -245,7 +245,7 @@ def fold_lka_block_uncached(block: nn.Module) -> LKAFold:
     return LKAFold(
         proj_1_weight, proj_1_bias,
         attn.proj_2.weight * g1.view(-1, 1, 1, 1, 1), g1 * (_bias(attn.proj_2) + b1),
-        torch.addcmul(torch.ones_like(g1), g1, a1),
+        g1 * a1 + 1,
         fc1_weight, fc1_bias,
         mlp.fc2.weight * g2.view(-1, 1, 1, 1, 1), g2 * _bias(mlp.fc2),
     )
