@@ -683,11 +683,11 @@ def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks(h
     assert not foldable_lka_block(block)  # a hook must see its module run
     x = torch.randn(1, 8, 4, 4, 4)
     with torch.no_grad():
-        hooked = block(x)
+        with_hook = block(x)
     handle.remove()
     assert seen == [x.shape] and foldable_lka_block(block)
     with torch.no_grad():
-        assert _rel(block(x), hooked) < 1e-5
+        assert _rel(block(x), with_hook) < 1e-5
     instance = _lka_block(norm="instance")
     with torch.no_grad():
         fast = instance(x)
