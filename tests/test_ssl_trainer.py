@@ -205,6 +205,58 @@ def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeyp
 
 
 @pytest.mark.e2e
+def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint(workspace, tmp_path):
+    """``benchmark.finetune_start``: scratch and pre-trained start per seed on the same batch; the
+    pre-trained start carries every checkpoint weight, the classifier is the seed's in both."""
+    import json
+
+    from nnunet_logonet.benchmark import finetune_start as fs
+
+    ckpt = workspace["fold"] / "checkpoint_final.pth"
+    pre = workspace["base"] / "pre"
+    out = tmp_path / "report.json"
+    assert fs.main(["-d", str(LABELED), "-p", PLANS, "--pretrained", str(ckpt), "--seeds", "3", "--steps", "2",
+                    "--report-every", "1", "--preprocessed", str(pre), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["seed"], r["start"]) for r in report["runs"]] == [(3, "scratch"), (3, "pretrained")]
+    assert report["cases"] == ["SSLPhantom_000", "SSLPhantom_001"]
+    for run in report["runs"]:
+        assert [h["step"] for h in run["history"]] == [1, 2]
+        assert all(np.isfinite(h["loss"]) and len(h["dice"]) == 6 for h in run["history"])
+    assert set(report["summary"]) == {"scratch", "pretrained"}
+
+    folder = fs.preprocessed_dataset(str(LABELED), pre)
+    plans_manager, configuration_manager = fs.load_plans(folder, PLANS, "3d_fullres")
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    pretrained = fs.build_start(plans_manager, configuration_manager, dataset_json, "pretrained", 3, ckpt).state_dict()
+    scratch = fs.build_start(plans_manager, configuration_manager, dataset_json, "scratch", 3).state_dict()
+    weights = _final(workspace["fold"])["network_weights"]
+    assert all(torch.equal(pretrained[k], v) for k, v in weights.items())
+    assert not all(torch.equal(scratch[k], v) for k, v in weights.items())
+    classifier = [k for k in pretrained if ".seg_layers." in k]
+    assert classifier and all(torch.equal(pretrained[k], scratch[k]) for k in classifier)
+
+    x, y, _ = fs.fixed_batch(folder, configuration_manager.data_identifier, configuration_manager.patch_size, 2)
+    assert tuple(x.shape) == (2, 1, *configuration_manager.patch_size) and tuple(y.shape) == (2, 1, *x.shape[2:])
+    assert y.min() >= 0 and y.max() > 0
+
+
+def test_finetune_start_names_what_is_missing(tmp_path):
+    from nnunet_logonet.benchmark import finetune_start as fs
+
+    ckpt = tmp_path / "ckpt.pth"
+    with pytest.raises(FileNotFoundError, match="ckpt.pth does not exist"):
+        fs.compare_starts("123", "LoGoNetPlans", ckpt, preprocessed=tmp_path)
+    torch.save({"network_weights": {}}, ckpt)
+    with pytest.raises(FileNotFoundError, match=r"Dataset123_\* in .*found none.*logonet_plan_and_preprocess -d 123"):
+        fs.compare_starts("123", "LoGoNetPlans", ckpt, preprocessed=tmp_path)
+    (tmp_path / "Dataset123_X").mkdir()
+    (tmp_path / "Dataset123_X" / "nnUNetPlans.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"LoGoNetPlans.json does not exist \(plans here: nnUNetPlans\)"):
+        fs.compare_starts("123", "LoGoNetPlans", ckpt, preprocessed=tmp_path)
+
+
+@pytest.mark.e2e
 def test_weights_of_another_preset_are_reported_in_full(workspace):
     ckpt = workspace["fold"] / "checkpoint_final.pth"
     small = LoGoNet.from_preset("S", 1, 3, (64, 64, 64))

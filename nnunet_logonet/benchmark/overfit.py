@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["VARIANTS", "phantom_batch", "overfit", "main"]
+__all__ = ["VARIANTS", "phantom_batch", "fit_batch", "overfit", "main"]
 
 #: decoder / stem overrides of the tiny preset (full resolution first); ``nnunet`` is nnU-Net's
 #: PlainConvUNet for reference
@@ -48,13 +48,14 @@ def phantom_batch(seeds: Sequence[int] = (0, 1), size: int = 32, patch: Sequence
         fg = image[label > 0]
         low, high = np.percentile(fg, [0.5, 99.5])
         image = (np.clip(image, low, high) - fg.mean()) / max(fg.std(), 1e-8)
-        images.append(_fit(image, patch))
-        labels.append(_fit(label, patch))
+        images.append(center_fit(image, patch))
+        labels.append(center_fit(label, patch))
     return (torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),
             torch.from_numpy(np.stack(labels)[:, None].astype(np.int64)))
 
 
-def _fit(array: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+def center_fit(array: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+    """The centre of ``array`` cropped, or zero-padded, to ``patch`` in every axis."""
     out = np.zeros(tuple(patch), dtype=array.dtype)
     src, dst = [], []
     for n, p in zip(array.shape, patch):
@@ -88,32 +89,49 @@ def build(variant: str, num_classes: int = 7) -> torch.nn.Module:
     return LoGoNet(1, num_classes, False, **kwargs)
 
 
-def overfit(variant: str = "tiny", steps: int = 150, seed: int = 0, report_every: int = 25,
-            batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
-    """Train ``variant`` on one fixed batch; every ``report_every`` steps the loss and the liver
-    Dice of the batch's argmax prediction (train mode, as trained)."""
+def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+              report_every: int = 25) -> list[dict]:
+    """Train ``network`` (deep supervision off) on the fixed batch ``x`` [B, C, ...], ``y`` [B, 1, ...]
+    with nnU-Net's Dice + CE loss, SGD and gradient clipping. Every ``report_every`` steps and at the
+    last: the loss, the gradient norm before clipping and each foreground class's Dice of the
+    batch's argmax (train mode, as trained; ``dice[c - 1]`` is class c's)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-    torch.manual_seed(seed)
-    x, y = batch if batch is not None else phantom_batch()
-    network = build(variant)
+    if steps < 1 or report_every < 1:
+        raise ValueError(f"steps and report_every must be >= 1, got {steps} and {report_every}")
     loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    network.train()
     history = []
     for step in range(1, steps + 1):
         output = network(x)
         loss = loss_fn(output, y)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
         optimizer.step()
         if step % report_every == 0 or step == steps:
             pred, ref = output.argmax(1), y[:, 0]
-            inter = ((pred == LIVER) & (ref == LIVER)).sum().item()
-            total = (pred == LIVER).sum().item() + (ref == LIVER).sum().item()
-            history.append({"step": step, "loss": loss.item(), "liver_dice": 2 * inter / max(1, total)})
+            dice = []
+            for c in range(1, output.shape[1]):
+                inter = ((pred == c) & (ref == c)).sum().item()
+                total = (pred == c).sum().item() + (ref == c).sum().item()
+                dice.append(2 * inter / max(1, total))
+            history.append({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "dice": dice})
+    return history
+
+
+def overfit(variant: str = "tiny", steps: int = 150, seed: int = 0, report_every: int = 25,
+            batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+    """Train ``variant`` on one fixed batch; every ``report_every`` steps the loss and the liver
+    Dice of the batch's argmax prediction (train mode, as trained)."""
+    torch.manual_seed(seed)
+    x, y = batch if batch is not None else phantom_batch()
+    history = fit_batch(build(variant), x, y, steps, report_every)
+    for record in history:
+        record["liver_dice"] = record["dice"][LIVER - 1]
     return history
 
 
