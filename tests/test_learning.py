@@ -4,9 +4,10 @@ Guards against the failure docs/training_recipe.md describes (a full-resolution 
 to leave the all-background solution), which no shape or parameter test can see.
 """
 
+import pytest
 import torch
 
-from nnunet_logonet.benchmark.overfit import overfit, phantom_batch
+from nnunet_logonet.benchmark.overfit import build, fit_batch, overfit, phantom_batch
 
 
 def test_phantom_batch_is_normalised_and_labelled():
@@ -20,3 +21,19 @@ def test_tiny_logonet_fits_one_batch():
     history = overfit("tiny", steps=75, report_every=25)
     assert history[-1]["liver_dice"] > 0.6, history
     assert history[-1]["loss"] < history[0]["loss"], history
+
+
+def test_fit_batch_reports_every_class_and_takes_its_learning_rate():
+    x, y = phantom_batch()
+    runs = {}
+    for lr in (1e-2, 1e-7):
+        torch.manual_seed(0)
+        runs[lr] = fit_batch(build("tiny"), x, y, steps=3, report_every=1, lr=lr)
+    for history in runs.values():
+        assert [h["step"] for h in history] == [1, 2, 3]
+        assert all(len(h["dice"]) == 6 and h["grad_norm"] > 0 for h in history)
+    assert runs[1e-2][0]["loss"] == pytest.approx(runs[1e-7][0]["loss"], rel=1e-5)  # same start
+    assert runs[1e-2][2]["loss"] < runs[1e-2][0]["loss"] - 0.05, runs[1e-2]
+    assert abs(runs[1e-7][2]["loss"] - runs[1e-7][0]["loss"]) < 1e-3, runs[1e-7]
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        fit_batch(build("tiny"), x, y, steps=1, lr=0.0)

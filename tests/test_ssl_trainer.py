@@ -216,8 +216,9 @@ def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint
     pre = workspace["base"] / "pre"
     out = tmp_path / "report.json"
     assert fs.main(["-d", str(LABELED), "-p", PLANS, "--pretrained", str(ckpt), "--seeds", "3", "--steps", "2",
-                    "--report-every", "1", "--preprocessed", str(pre), "--json", str(out)]) == 0
+                    "--report-every", "1", "--lr", "5e-3", "--preprocessed", str(pre), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["lr"] == 5e-3 and report["steps"] == 2
     assert [(r["seed"], r["start"]) for r in report["runs"]] == [(3, "scratch"), (3, "pretrained")]
     assert report["cases"] == ["SSLPhantom_000", "SSLPhantom_001"]
     for run in report["runs"]:
