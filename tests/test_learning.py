@@ -37,3 +37,18 @@ def test_fit_batch_reports_every_class_and_takes_its_learning_rate():
     assert abs(runs[1e-7][2]["loss"] - runs[1e-7][0]["loss"]) < 1e-3, runs[1e-7]
     with pytest.raises(ValueError, match="lr must be > 0"):
         fit_batch(build("tiny"), x, y, steps=1, lr=0.0)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        fit_batch(build("tiny"), x, y, steps=1, recipe="adam")
+
+
+def test_fit_batch_takes_the_paper_recipes_optimizer():
+    """'paper': AdamW at 1e-4 (training.recipes): its first step moves every trained weight by about
+    the learning rate, whatever the gradient's scale (SGD's step would scale with the gradient)."""
+    x, y = phantom_batch()
+    torch.manual_seed(0)
+    network = build("tiny")
+    before = {k: v.detach().clone() for k, v in network.named_parameters()}
+    fit_batch(network, x, y, steps=1, report_every=1, recipe="paper")
+    moved = torch.cat([(p.detach() - before[k]).abs().flatten() for k, p in network.named_parameters()
+                       if p.grad is not None and p.grad.abs().max() > 0])
+    assert moved.max() <= 1.01e-4 and moved.median() > 0.9e-4, (moved.max(), moved.median())

@@ -4,7 +4,8 @@ Takes the first training cases of a preprocessed dataset (the centre of each, cr
 the plans' patch), builds the network from the plans as ``LoGoNetTrainer`` does (deep supervision
 off) once from a seeded random start and once more with the pre-trained file loaded by nnU-Net's own
 ``load_pretrained_weights`` (as ``nnUNetv2_train -pretrained_weights``), and trains each on that
-batch with nnU-Net's Dice + CE loss and SGD (``benchmark.overfit.fit_batch``). Printed per seed and
+batch with nnU-Net's Dice + CE loss and nnU-Net's SGD or, ``--recipe paper``, the paper's AdamW, at a
+constant learning rate (``benchmark.overfit.fit_batch``). Printed per seed and
 start: the loss and the foreground-mean Dice of the batch every ``--report-every`` steps, and the
 first reported step at which any class's Dice exceeds 0.5 (leaving the all-background solution).
 Minutes on a CPU instead of the hours a full fine-tuning comparison takes; it shows how the two
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
+from nnunet_logonet.training.recipes import RECIPES
 
 __all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts", "main"]
 
@@ -130,7 +132,8 @@ def take_off_step(history: list[dict]) -> int | None:
 
 def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, configuration: str = "3d_fullres",
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 150, cases: int = 2, report_every: int = 25,
-                   lr: float = 1e-2, preprocessed: str | os.PathLike | None = None, log=print) -> dict:
+                   lr: float | None = None, recipe: str = "nnunet", preprocessed: str | os.PathLike | None = None,
+                   log=print) -> dict:
     """Both starts trained on the same fixed batch for every seed; a JSON-ready report."""
     if not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file {pretrained} does not exist.")
@@ -143,13 +146,14 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
                                     configuration_manager.patch_size, cases)
     x = x.contiguous(memory_format=torch.channels_last_3d)  # LoGoNet's layout (3D only)
     log(f"fixed batch: {', '.join(identifiers)} at patch {'x'.join(map(str, configuration_manager.patch_size))}; "
-        f"SGD at lr {lr:g}; loss / foreground-mean Dice every {report_every} steps")
+        f"recipe {recipe}, lr {'its initial one' if lr is None else f'{lr:g}'}; "
+        f"loss / foreground-mean Dice every {report_every} steps")
     runs = []
     for seed in seeds:
         for start in STARTS:
             began = time.perf_counter()
             network = build_start(plans_manager, configuration_manager, dataset_json, start, seed, pretrained)
-            history = fit_batch(network, x, y, steps, report_every, lr)
+            history = fit_batch(network, x, y, steps, report_every, lr, recipe)
             run = {"seed": seed, "start": start, "history": history, "take_off_step": take_off_step(history),
                    "seconds": time.perf_counter() - began}
             runs.append(run)
@@ -165,7 +169,8 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
             f"left the all-background solution in {summary[start]['took_off']} of {len(mine)} seeds")
     return {"dataset": folder.name, "plans": plans, "configuration": configuration, "pretrained": str(pretrained),
             "cases": identifiers, "patch_size": list(configuration_manager.patch_size), "steps": steps,
-            "seeds": list(seeds), "lr": lr, "take_off_dice": TAKE_OFF_DICE, "runs": runs, "summary": summary}
+            "seeds": list(seeds), "recipe": recipe, "lr": lr, "take_off_dice": TAKE_OFF_DICE, "runs": runs,
+            "summary": summary}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--cases", type=int, default=2, help="training cases in the fixed batch (default 2)")
     parser.add_argument("--report-every", type=int, default=25)
-    parser.add_argument("--lr", type=float, default=1e-2, help="SGD learning rate (default: nnU-Net's initial 1e-2)")
+    parser.add_argument("--recipe", choices=RECIPES, default="nnunet",
+                        help="optimizer: nnU-Net's SGD (default) or the paper's AdamW (docs/training_recipe.md)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's initial one)")
     parser.add_argument("--preprocessed", default=None, help="nnU-Net's preprocessed folder (default: $nnUNet_preprocessed)")
     parser.add_argument("--json", default=None, help="also write the report here")
     return parser
@@ -189,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = compare_starts(args.dataset, args.plans, args.pretrained, configuration=args.configuration,
                             seeds=args.seeds, steps=args.steps, cases=args.cases, report_every=args.report_every,
-                            lr=args.lr, preprocessed=args.preprocessed)
+                            lr=args.lr, recipe=args.recipe, preprocessed=args.preprocessed)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

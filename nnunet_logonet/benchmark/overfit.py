@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from nnunet_logonet.training.recipes import configure_recipe
 
 __all__ = ["VARIANTS", "phantom_batch", "fit_batch", "overfit", "main"]
 
@@ -90,22 +93,31 @@ def build(variant: str, num_classes: int = 7) -> torch.nn.Module:
 
 
 def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-              report_every: int = 25, lr: float = 1e-2) -> list[dict]:
+              report_every: int = 25, lr: float | None = None, recipe: str = "nnunet") -> list[dict]:
     """Train ``network`` (deep supervision off) on the fixed batch ``x`` [B, C, ...], ``y`` [B, 1, ...]
-    with nnU-Net's Dice + CE loss, SGD (its initial learning rate unless ``lr``; no schedule) and
-    gradient clipping. Every ``report_every`` steps and at the
-    last: the loss, the gradient norm before clipping and each foreground class's Dice of the
-    batch's argmax (train mode, as trained; ``dice[c - 1]`` is class c's)."""
+    with nnU-Net's Dice + CE loss, gradient clipping and the optimizer of ``recipe``
+    (``training.recipes``: 'nnunet' SGD with Nesterov momentum 0.99, 'paper' AdamW) at the recipe's
+    initial learning rate and weight decay, or at ``lr``, without a schedule. Every ``report_every``
+    steps and at the last: the loss, the gradient norm before clipping and each foreground class's
+    Dice of the batch's argmax (train mode, as trained; ``dice[c - 1]`` is class c's)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
     if steps < 1 or report_every < 1:
         raise ValueError(f"steps and report_every must be >= 1, got {steps} and {report_every}")
+    settings = SimpleNamespace()
+    configure_recipe(settings, recipe)  # initial_lr, weight_decay
+    lr = settings.initial_lr if lr is None else lr
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    if recipe == "paper":
+        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, betas=(0.9, 0.999),
+                                      weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.99, nesterov=True,
+                                    weight_decay=settings.weight_decay)
     network.train()
     history = []
     for step in range(1, steps + 1):
