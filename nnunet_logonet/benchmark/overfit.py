@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nnunet_logonet.training.recipes import configure_recipe
+from nnunet_logonet.training.recipes import configure_recipe, recipe_optimizer
 
 __all__ = ["VARIANTS", "phantom_batch", "fit_batch", "overfit", "main"]
 
@@ -112,12 +112,7 @@ def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
         raise ValueError(f"lr must be > 0, got {lr}")
     loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    if recipe == "paper":
-        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, betas=(0.9, 0.999),
-                                      weight_decay=settings.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.99, nesterov=True,
-                                    weight_decay=settings.weight_decay)
+    optimizer = recipe_optimizer(network.parameters(), recipe, lr, settings.weight_decay)
     network.train()
     history = []
     for step in range(1, steps + 1):

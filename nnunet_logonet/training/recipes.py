@@ -69,16 +69,21 @@ def optimizer_implementation(device: torch.device | str) -> dict:
     return {"fused": True} if torch.device(device).type == "cpu" else {}
 
 
+def recipe_optimizer(params, recipe: str, lr: float, weight_decay: float, **kwargs) -> torch.optim.Optimizer:
+    """The recipe's optimizer: 'paper' AdamW (betas 0.9, 0.999), 'nnunet' SGD with Nesterov momentum 0.99."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "paper":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, **kwargs)
+    return torch.optim.SGD(params, lr, weight_decay=weight_decay, momentum=0.99, nesterov=True, **kwargs)
+
+
 def build_optimizer_and_scheduler(trainer):
-    params = trainer.network.parameters()
-    fused = optimizer_implementation(trainer.device)
+    optimizer = recipe_optimizer(trainer.network.parameters(), trainer.recipe, trainer.initial_lr,
+                                 trainer.weight_decay, **optimizer_implementation(trainer.device))
     if trainer.recipe == "paper":
-        optimizer = torch.optim.AdamW(params, lr=trainer.initial_lr, betas=(0.9, 0.999),
-                                      weight_decay=trainer.weight_decay, **fused)
         warmup = max(1, round(0.05 * trainer.num_epochs)) if trainer.num_epochs > 1 else 0
         scheduler = WarmupCosineLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs, warmup)
     else:
-        optimizer = torch.optim.SGD(params, trainer.initial_lr, weight_decay=trainer.weight_decay,
-                                    momentum=0.99, nesterov=True, **fused)
         scheduler = PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
     return optimizer, scheduler
