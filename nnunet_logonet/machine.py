@@ -2,12 +2,16 @@
 
 ``platform.processor()`` is empty on most Linux machines, and "Intel(R) Xeon(R) Processor" or "AMD EPYC"
 names several generations whose speeds differ by 2x here, so the records take the model name, family,
-model number and wide vector extensions from ``/proc/cpuinfo``, and the instruction set PyTorch's
-kernels dispatch to.
+model number and wide vector extensions from ``/proc/cpuinfo``, the instruction set PyTorch's
+kernels dispatch to, and any cap put on the instruction sets by oneDNN's, MKL's or ATen's own environment
+variables (``ISA_CAP_VARIABLES``): with ``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2`` an AVX-512 CPU runs the AVX2 kernels, which is how the AVX2 routes are measured
+on a machine without an AVX2-only CPU, and the record must say so.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,6 +19,15 @@ from typing import Any, Mapping
 import torch
 
 CPUINFO = Path("/proc/cpuinfo")
+
+#: environment variables of oneDNN, MKL and ATen that cap the instruction set their kernels use
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_caps(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The instruction-set caps (``ISA_CAP_VARIABLES``) set in ``environ`` (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in ISA_CAP_VARIABLES if environ.get(name)}
 
 
 def cpu_description(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
@@ -33,6 +46,7 @@ def cpu_description(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
         "cpu_model_number": fields.get("model"),
         "cpu_isa_extensions": sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx512", "amx"))),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": isa_caps(),
     }
 
 
@@ -53,7 +67,22 @@ CPU_GENERATIONS = {
 def cpu_kind(record: Mapping[str, Any]) -> str:
     """A short name for the CPU of a ``cpu_description`` record: its generation where the family and
     model number are known ("AMD EPYC Zen 4", "Xeon Cascade Lake"), else its model name, with the vector
-    width PyTorch dispatched to where recorded. Records written before the family was kept give the name."""
+    width PyTorch dispatched to where recorded. Records written before the family was kept give the name.
+    A run under instruction-set caps says so ("AMD EPYC Zen 4 capped to AVX2")."""
+    kind = _cpu_name(record)
+    caps = record.get("isa_caps") or {}
+    if caps:
+        levels = sorted({str(v).upper() for v in caps.values()})
+        kind += f" capped to {'/'.join(levels)}"
+    return kind
+
+
+def this_cpu() -> str:
+    """``cpu_kind`` of the CPU this process runs on, for the headers the benchmark commands print."""
+    return cpu_kind(cpu_description())
+
+
+def _cpu_name(record: Mapping[str, Any]) -> str:
     name = " ".join(str(record.get("cpu_model") or "unknown CPU").replace("(R)", "").replace("(TM)", "")
                     .split("@")[0].replace(" Processor", "").split())
     family, number = record.get("cpu_family"), record.get("cpu_model_number")

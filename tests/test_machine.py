@@ -4,7 +4,7 @@ import platform
 import pytest
 import torch
 
-from nnunet_logonet.machine import cpu_description, cpu_kind
+from nnunet_logonet.machine import ISA_CAP_VARIABLES, cpu_description, cpu_kind, isa_caps
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -19,7 +19,9 @@ model name\t: Another CPU
 """
 
 
-def test_cpu_description_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
+def test_cpu_description_reads_the_first_cpu_of_proc_cpuinfo(tmp_path, monkeypatch):
+    for name in ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(CPUINFO)
     described = cpu_description(cpuinfo)
@@ -27,6 +29,24 @@ def test_cpu_description_reads_the_first_cpu_of_proc_cpuinfo(tmp_path):
     assert (described["cpu_family"], described["cpu_model_number"]) == ("25", "17")
     assert described["cpu_isa_extensions"] == ["amx_tile", "avx512_bf16", "avx512f", "avx512vl"]
     assert described["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert described["isa_caps"] == {}
+
+
+def test_a_run_under_instruction_set_caps_says_so(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 etc. make an AVX-512 CPU run the AVX2 kernels; the record and its name say it."""
+    for name in ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "")  # empty: not a cap
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO)
+    record = cpu_description(cpuinfo)
+    assert record["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert cpu_kind(record) == "AMD EPYC Zen 4 capped to AVX2"
+    assert cpu_kind({**record, "isa_caps": {"ONEDNN_MAX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "default"}}) == \
+        "AMD EPYC Zen 4 capped to AVX2/DEFAULT"
+    assert isa_caps({"DNNL_MAX_CPU_ISA": "AVX512_CORE", "PATH": "/bin"}) == {"DNNL_MAX_CPU_ISA": "AVX512_CORE"}
 
 
 def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):

@@ -58,7 +58,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
-from nnunet_logonet.machine import cpu_description
+from nnunet_logonet.machine import cpu_description, cpu_kind
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
 from nnunet_logonet.benchmark.models import (
@@ -662,7 +662,7 @@ def format_table(report: dict[str, Any]) -> str:
     s, info = report["settings"], report["device_info"]
     tiles = next((e["details"].get("sliding_window_tiles") for e in report["models"].values()
                   if e.get("details", {}).get("sliding_window_tiles")), "?")
-    where = info.get("gpu") or info["cpu_model"]
+    where = info.get("gpu") or cpu_kind(info)
     timing = (f"times: median of {s['interleave_rounds']} interleaved rounds (every model once per round, order "
               f"rotating); ratios (x): medians of the per-round ratios to {REFERENCE_MODEL}; no memory peak"
               if s.get("interleave_rounds") else

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from nnunet_logonet.machine import this_cpu
 from nnunet_logonet.network.kernels import narrowing
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         calls["sw"] = lambda: (net.eval(), sliding_window())
     samples = interleaved_times(calls, args.lever, args.rounds, device, args.block)
 
-    print(f"{spec.name} at {list(spec.patch_size)}, {device_info(device)['cpu_model'] if device.type == 'cpu' else device}, "
+    print(f"{spec.name} at {list(spec.patch_size)}, {this_cpu() if device.type == 'cpu' else device}, "
           f"levers off: {', '.join(args.lever)}; medians of {len(next(iter(samples.values()))['on'])}, interleaved"
           + (f" in blocks of {args.block} calls (first untimed)" if args.block > 1 else ""))
     print(f"{'figure':14s} {'on':>9s} {'off':>9s} {'off/on':>7s}")
