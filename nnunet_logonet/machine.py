@@ -82,6 +82,11 @@ def this_cpu() -> str:
     return cpu_kind(cpu_description())
 
 
+def cpu_line() -> str:
+    """The study commands' first line: CPU: <this_cpu()> (<PyTorch's instruction set>), <N> threads."""
+    return f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+
+
 def _cpu_name(record: Mapping[str, Any]) -> str:
     name = " ".join(str(record.get("cpu_model") or "unknown CPU").replace("(R)", "").replace("(TM)", "")
                     .split("@")[0].replace(" Processor", "").split())

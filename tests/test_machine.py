@@ -4,7 +4,7 @@ import platform
 import pytest
 import torch
 
-from nnunet_logonet.machine import ISA_CAP_VARIABLES, cpu_description, cpu_kind, isa_caps
+from nnunet_logonet.machine import ISA_CAP_VARIABLES, cpu_description, cpu_kind, cpu_line, isa_caps
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -47,6 +47,9 @@ def test_a_run_under_instruction_set_caps_says_so(tmp_path, monkeypatch):
     assert cpu_kind({**record, "isa_caps": {"ONEDNN_MAX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "default"}}) == \
         "AMD EPYC Zen 4 capped to AVX2/DEFAULT"
     assert isa_caps({"DNNL_MAX_CPU_ISA": "AVX512_CORE", "PATH": "/bin"}) == {"DNNL_MAX_CPU_ISA": "AVX512_CORE"}
+    # the line the study commands print first names the caps of this process too
+    assert cpu_line().startswith("CPU: ") and cpu_line().endswith(f"{torch.get_num_threads()} threads")
+    assert " capped to AVX2 (" in cpu_line()
 
 
 def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from nnunet_logonet.machine import this_cpu
+from nnunet_logonet.machine import cpu_line
 from nnunet_logonet.network.kernels import depthwise
 
 __all__ = ["DEFAULT_SHAPES", "routes", "time_ms", "main"]
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"and dilation >= 1 are needed", file=sys.stderr)
             return 2
     cl = torch.channels_last_3d
-    print(f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads; ms per weight "
+    print(f"{cpu_line()}; ms per weight "
           f"gradient, median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':26s} {'3d':>9s} {'blocks':>9s} {'slices':>9s} {'phases':>9s}  max rel. error")
     torch.manual_seed(0)

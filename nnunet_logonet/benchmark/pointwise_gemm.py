@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
-from nnunet_logonet.machine import this_cpu
+from nnunet_logonet.machine import cpu_line
 from nnunet_logonet.network.kernels import pointwise
 from nnunet_logonet.network.kernels.geometry import from_rows, to_rows
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shapes is None:
         return 2
     cl = torch.channels_last_3d
-    print(f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads; ms per call, "
+    print(f"{cpu_line()}; ms per call, "
           f"median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':28s} {'fwd onednn':>11s} {'fwd gemm':>10s} {'bwd onednn':>11s} {'bwd gemm':>10s}  "
           f"max rel. error")

@@ -24,7 +24,7 @@ import torch
 
 from nnunet_logonet.benchmark.efficiency import time_runs
 from nnunet_logonet.benchmark.models import MODELS, resolve_model
-from nnunet_logonet.machine import this_cpu
+from nnunet_logonet.machine import cpu_line
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = torch.channels_last_3d if spec.prefers_channels_last else torch.contiguous_format
         x = torch.randn(1, spec.input_channels, *args.patch_size).contiguous(memory_format=layout)
         nets[name] = (spec.build().to(memory_format=layout).eval(), x)
-    print(f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads; inference forward "
+    print(f"{cpu_line()}; inference forward "
           f"at {'x'.join(map(str, args.patch_size))}, batch 1, s (median of {args.repeats})")
     ratios: dict[str, list[float]] = {name: [] for name in nets}
     for round_ in range(args.rounds):

@@ -18,7 +18,7 @@ import torch
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
 from nnunet_logonet.benchmark.pointwise_gemm import checked_shapes, layer_shape_parser
-from nnunet_logonet.machine import this_cpu
+from nnunet_logonet.machine import cpu_line
 from nnunet_logonet.network.kernels import small_map
 
 __all__ = ["DEFAULT_SHAPES", "main"]
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shapes is None:
         return 2
     cl, one = torch.channels_last_3d, [1, 1, 1]
-    print(f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads; backward (input and "
+    print(f"{cpu_line()}; backward (input and "
           f"weight gradients), ms per call, median of {args.repeats}; * = the route conv3d takes")
     print(f"{'shape':30s} {'onednn':>9s} {'products':>9s}  max rel. error")
     torch.manual_seed(0)
