@@ -62,13 +62,18 @@ CPU_GENERATIONS = {
     ("EPYC", "25", "1"): "AMD EPYC Zen 3",
     ("EPYC", "25", "17"): "AMD EPYC Zen 4",
 }
+#: the generations above that have AVX-512; a virtual machine may hide it (an AMD EPYC Zen 4 without
+#: ``avx512f`` in /proc/cpuinfo ran PyTorch's and oneDNN's AVX2 kernels, 2026-12-06), and its record says so
+AVX512_GENERATIONS = frozenset({"Xeon Skylake-SP", "Xeon Cascade Lake", "Xeon Ice Lake", "Xeon Sapphire Rapids",
+                                "Xeon Emerald Rapids", "AMD EPYC Zen 4"})
 
 
 def cpu_kind(record: Mapping[str, Any]) -> str:
     """A short name for the CPU of a ``cpu_description`` record: its generation where the family and
     model number are known ("AMD EPYC Zen 4", "Xeon Cascade Lake"), else its model name, with the vector
     width PyTorch dispatched to where recorded. Records written before the family was kept give the name.
-    A run under instruction-set caps says so ("AMD EPYC Zen 4 capped to AVX2")."""
+    A run under instruction-set caps says so ("AMD EPYC Zen 4 capped to AVX2"), and so does a CPU of an
+    AVX-512 generation whose AVX-512 is hidden ("AMD EPYC Zen 4 without AVX-512")."""
     kind = _cpu_name(record)
     caps = record.get("isa_caps") or {}
     if caps:
@@ -93,8 +98,11 @@ def _cpu_name(record: Mapping[str, Any]) -> str:
     family, number = record.get("cpu_family"), record.get("cpu_model_number")
     for (word, fam, num), generation in CPU_GENERATIONS.items():
         if word in name and (str(family), str(number)) == (fam, num):
-            if generation == "Xeon Skylake-SP" and "avx512_vnni" in (record.get("cpu_isa_extensions") or ()):
+            extensions = record.get("cpu_isa_extensions")
+            if generation == "Xeon Skylake-SP" and "avx512_vnni" in (extensions or ()):
                 generation = "Xeon Cascade Lake"
+            if generation in AVX512_GENERATIONS and extensions is not None and "avx512f" not in extensions:
+                generation += " without AVX-512"  # hidden by the hypervisor: the AVX2 kernels run
             return generation
     if family is not None and number is not None:
         name += f" (family {family} model {number})"

@@ -389,9 +389,11 @@ def test_wide_depthwise_kernels_take_the_slices_only_where_measured_faster(monke
 ])
 def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kernel, dilation, size, monkeypatch):
     """Where the phases are wide enough the dilated weight gradient is taken on them (undilated):
-    oneDNN's dilated 3D depthwise weight gradient, up to rounding, through conv3d's backward too."""
+    oneDNN's dilated 3D depthwise weight gradient, up to rounding, through conv3d's backward too
+    (on an AVX2 CPU as well, where the rule keeps oneDNN's kernel: the route is forced here)."""
     from nnunet_logonet.network.kernels.depthwise import depthwise_weight_grad, dilated_phases_pay
 
+    monkeypatch.setattr(depthwise_module, "DILATED_PHASES_WEIGHT_GRAD", True)
     torch.manual_seed(0)
     k = (kernel,) * 3
     pad = [d * (kernel // 2) for d in dilation]
@@ -417,10 +419,17 @@ def test_dilated_depthwise_weight_gradient_on_phases_equals_the_dilated_one(kern
     assert _rel(wg.grad, wr.grad) < 1e-5 and _rel(xg.grad, xr.grad) < 1e-5
 
 
-def test_dilated_weight_gradient_on_phases_only_where_it_pays():
+def test_dilated_weight_gradient_on_phases_only_where_it_pays(monkeypatch):
     """Phases at least k // 2 + 2 wide (measured on the Xeon and the AMD EPYC: narrower phases make
-    oneDNN's grouped kernel spend its time on padding, 2-5x slower than the dilated 3D one)."""
+    oneDNN's grouped kernel spend its time on padding, 2-5x slower than the dilated 3D one), and never
+    on AVX2, where oneDNN's dilated kernel was 3-5x faster on every shape (the Zen 4 without AVX-512)."""
     from nnunet_logonet.network.kernels.depthwise import dilated_phases_pay
+
+    assert depthwise_module.DILATED_PHASES_WEIGHT_GRAD == (torch.backends.cpu.get_cpu_capability() != "AVX2")
+    monkeypatch.setattr(depthwise_module, "DILATED_PHASES_WEIGHT_GRAD", False)
+    for size, kernel in (((16, 16, 16), 7), ((24, 24, 24), 7), ((12, 12, 12), 5), ((8, 8, 8), 3)):
+        assert not dilated_phases_pay(torch.empty(2, 64, *size), torch.empty(64, 1, *(kernel,) * 3), (3, 3, 3))
+    monkeypatch.setattr(depthwise_module, "DILATED_PHASES_WEIGHT_GRAD", True)
 
     def pays(size, kernel, dilation=3):
         return dilated_phases_pay(torch.empty(2, 64, *size), torch.empty(64, 1, *(kernel,) * 3), (dilation,) * 3)

@@ -61,6 +61,13 @@ def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):
 @pytest.mark.parametrize("record, kind", [
     ({"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "17"}, "AMD EPYC Zen 4"),
     ({"cpu_model": "AMD EPYC 7B13", "cpu_family": "25", "cpu_model_number": "1"}, "AMD EPYC Zen 3"),
+    # a Zen 4 whose hypervisor hides AVX-512 runs the AVX2 kernels: its rows must not mix with the Zen 4's
+    ({"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "17", "cpu_isa_extensions": [],
+      "torch_cpu_capability": "AVX2"}, "AMD EPYC Zen 4 without AVX-512"),
+    ({"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "17",
+      "cpu_isa_extensions": ["avx512_bf16", "avx512f"]}, "AMD EPYC Zen 4"),
+    ({"cpu_model": "AMD EPYC 7B13", "cpu_family": "25", "cpu_model_number": "1", "cpu_isa_extensions": []},
+     "AMD EPYC Zen 3"),  # no AVX-512 to hide
     ({"cpu_model": "Intel(R) Xeon(R) Processor @ 2.50GHz", "cpu_family": "6", "cpu_model_number": "85",
       "cpu_isa_extensions": ["avx512_vnni", "avx512f"]}, "Xeon Cascade Lake"),
     ({"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_family": "6", "cpu_model_number": "85",

@@ -53,6 +53,14 @@ DEPTHWISE_SLICES_MIN_ELEMENTS = 16384
 #: took 13-23 ms on those maps; ad-hoc script): the grouped local paths' bottleneck, 8 x 1024 channels
 DEPTHWISE_SLICES_NARROW_PLANE = 2
 DEPTHWISE_SLICES_NARROW_CHUNK = 2048
+#: the dilated weight gradient goes to the phases (``dilated_phases_pay``) except on AVX2: there oneDNN
+#: runs the phases' grouped weight gradient with its generic ``x64:gemm:jit`` kernel, and its dilated 3D
+#: kernel is 3-5x faster. Measured (3D -> phases, batch 2, dilation 3, ms, ``python -m
+#: nnunet_logonet.benchmark.depthwise_grad``) on an AMD EPYC Zen 4 whose hypervisor hides AVX-512 (2026-12-06):
+#: 7^3 on [64, 16^3] 31.4 vs 150.6, [64, 24^3] 87.9 vs 282.1, 5^3 on [64, 12^3] 6.1 vs 26.7; the AVX-512 Zen 4
+#: under AVX2 instruction-set caps gave the same (19.3 vs 106.1, 71.0 vs 210.9). The one earlier AVX2 figure,
+#: an AMD EPYC Zen 3 (2026-11-26, [64, 24^3] 83 -> 37 ms), said the opposite; no AVX2 CPU has since
+DILATED_PHASES_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() != "AVX2"
 
 
 def depth_slices_pay(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -77,10 +85,11 @@ def dilated_phases_pay(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence
     213 -> 60, [32, 32^3] 312 -> 130, [512, 16^3] 794 -> 337, [64, 13^3] (phases 5 wide) 56 -> 24;
     5^3 on [64, 12^3] (4 wide) 18 -> 6; 3^3 on [512, 8^3] (3 wide) 30 -> 10. Where the phases are
     narrower the padding dominates and it loses: 7^3 on [64, 12^3] (4 wide) 37 -> 150, 5^3 on
-    [64, 8^3] (3 wide) 7.7 -> 38, 3^3 on [128, 6^3] (2 wide) 2.3 -> 6.9 (ad-hoc script). AMD EPYC:
-    [64, 24^3] 83 -> 37, [64, 16^3] 22.5 -> 20.4, [128, 8^3] (5^3, 3 wide) 3.2 -> 20 ms.
+    [64, 8^3] (3 wide) 7.7 -> 38, 3^3 on [128, 6^3] (2 wide) 2.3 -> 6.9 (ad-hoc script). AVX2 CPUs keep
+    oneDNN's dilated kernel (``DILATED_PHASES_WEIGHT_GRAD``); the forward and the input gradient of the
+    same convolution run on the phases everywhere (``same_depthwise_forward``).
     """
-    if all(d == 1 for d in dilation):
+    if all(d == 1 for d in dilation) or not DILATED_PHASES_WEIGHT_GRAD:
         return False
     return all(-(-size // d) >= k // 2 + 2 for size, d, k in zip(x.shape[2:], dilation, weight.shape[2:]))
 
