@@ -60,12 +60,15 @@ def _error(found: dict[str, Callable[[], object]]) -> float:
     return max(worst, rel(gx, rx), rel(gw.reshape(rw.shape), rw), rel(gb, rb))
 
 
-def layer_shape_parser(prog: str, description: str, repeats: int, kernel: str = "") -> argparse.ArgumentParser:
-    """The ``--shape N C_IN C_OUT SIZE`` (repeatable) and ``--repeats`` options of the convolution studies."""
+def layer_shape_parser(prog: str, description: str, repeats: int, kernel: str = "", *,
+                       metavar: tuple[str, ...] = ("N", "C_IN", "C_OUT", "SIZE"),
+                       shape_help: str = "") -> argparse.ArgumentParser:
+    """The ``--shape N C_IN C_OUT SIZE`` (repeatable; other fields with ``metavar`` and ``shape_help``) and
+    ``--repeats`` options of the convolution studies."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("N", "C_IN", "C_OUT", "SIZE"),
-                        help=f"batch, input and output channels, cubic map size{kernel} (repeat for several; "
-                             "default: LoGoNet-S's shapes)")
+    shape_help = shape_help or f"batch, input and output channels, cubic map size{kernel}"
+    parser.add_argument("--shape", nargs=len(metavar), type=int, action="append", metavar=metavar,
+                        help=f"{shape_help} (repeat for several; default: LoGoNet-S's shapes)")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed calls per route (default {repeats})")
     return parser
 

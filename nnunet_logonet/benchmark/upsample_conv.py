@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
+from nnunet_logonet.benchmark.pointwise_gemm import checked_shapes, layer_shape_parser
 from nnunet_logonet.machine import cpu_line
 from nnunet_logonet.network.conv import conv3d
 
@@ -76,24 +77,16 @@ def coarse_first_conv(coarse: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.upsample_conv",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", nargs=6, type=int, action="append",
-                        metavar=("N", "C_IN", "C_OUT", "D", "H", "W"),
-                        help="batch, input and output channels, coarse map size (repeat for several; "
-                             "default: LoGoNet-S's shapes)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per route (default 5)")
-    return parser
+    return layer_shape_parser("python -m nnunet_logonet.benchmark.upsample_conv", __doc__.split("\n\n")[0], 5,
+                              metavar=("N", "C_IN", "C_OUT", "D", "H", "W"),
+                              shape_help="batch, input and output channels, coarse map size")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    shapes = [tuple(s) for s in args.shape] if args.shape else DEFAULT_SHAPES
-    for shape in shapes:
-        if min(*shape, args.repeats) < 1:
-            print(f"error: shape {' '.join(map(str, shape))}: batch, channels, sizes and repeats must be >= 1",
-                  file=sys.stderr)
-            return 2
+    shapes = checked_shapes(args, DEFAULT_SHAPES)
+    if shapes is None:
+        return 2
     print(f"{cpu_line()}; forward without autograd, ms per call, median of {args.repeats}; "
           "GMACs: multiply-accumulates of the products; error: max relative to a float64 upsample_conv")
     print(f"{'shape (coarse map)':34s} {'upsample+conv':>14s} {'GMACs':>8s} {'coarse first':>13s} {'GMACs':>8s} "
