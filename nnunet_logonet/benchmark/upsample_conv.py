@@ -7,9 +7,9 @@ side: one 1x1x1 convolution C_in -> 27 C_out on the coarse map (1/8 of the multi
 axis by axis, the upsampling of the three taps of that axis and their shifted sum. Exact, borders included
 (``align_corners=False`` clamps every channel alike). It is the one rewrite of LoGoNet's decoder
 convolutions with fewer multiply-accumulates (the upsampled parts are 4.9 of LoGoNet-S's 35.3 G at
-32x64x64), and this command measures whether it pays on the machine it runs on (docs/speed.md, "Where the
-time went": on the Zen 4 it does not, the passes over the 27-fold wider coarse output cost more than the
-products they save):
+32x64x64), and this command measures whether it pays on the machine it runs on (docs/speed.md, "Where issue
+7 stands": on a Zen 4 without AVX-512 it does not, the passes over the 27-fold wider coarse output cost more
+than the products they save):
 
     python -m nnunet_logonet.benchmark.upsample_conv                          # LoGoNet-S's shapes, ~1 min
     python -m nnunet_logonet.benchmark.upsample_conv --shape 1 32 16 16 32 32 # batch C_in C_out coarse D H W
