@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_logonet.benchmark import winograd
-from nnunet_logonet.network.conv import Conv3d
+from nnunet_logonet.network.conv import Conv3d, reference_kernels
 
 CL = torch.channels_last_3d
 
@@ -40,6 +40,8 @@ def test_the_recorder_sees_exactly_the_dense_same_3x3x3_convolutions():
     calls = winograd.record_convolutions(net.eval(), torch.randn(1, 2, 4, 6, 6).contiguous(memory_format=CL))
     assert calls == {((1, 2, 4, 6, 6), (8, 2, 3, 3, 3), 1): 1, ((1, 8, 4, 6, 6), (8, 8, 3, 3, 3), 1): 2,
                      ((1, 8, 4, 6, 6), (16, 4, 3, 3, 3), 2): 1}
+    with reference_kernels():  # the same convolutions through F.conv3d (aten.convolution) instead of oneDNN's ops
+        assert winograd.record_convolutions(net, torch.randn(1, 2, 4, 6, 6)) == calls
 
 
 def test_prints_each_convolution_and_the_totals(capsys):

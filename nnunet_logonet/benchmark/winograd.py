@@ -120,33 +120,36 @@ def winograd_conv3d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None 
     return result if bias is None else result.add_(bias.view(1, -1, 1, 1, 1))
 
 
+#: the convolution ops LoGoNet's forward dispatches, by name, with the position of their input among the
+#: arguments; the input, weight, bias, padding, stride, dilation and groups follow in that order
+_CONVOLUTION_OPS = {"aten.mkldnn_convolution.default": 0, "mkldnn._convolution_pointwise.default": 0,
+                    "mkldnn._convolution_pointwise.binary": 1, "mkldnn._convolution_pointwise_.binary": 1}
+
+
 class _ConvolutionRecorder(TorchDispatchMode):
-    """Records (input shape, weight shape, groups) of every dense 3^3 stride-1 'same' convolution dispatched."""
+    """Records (input shape, weight shape, groups) of every dense 3^3 stride-1 'same' convolution dispatched
+    (dense: more than one input channel per group, so neither depthwise nor on a one-channel image)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: dict[tuple, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         name = str(func)
-        if "convolution" in name and ("mkldnn" in name or name.startswith("aten.convolution")):
-            # mkldnn_convolution(x, w, b, padding, stride, dilation, groups);
-            # _convolution_pointwise(x, w, b, padding, stride, dilation, groups, ...);
-            # _convolution_pointwise_.binary(out, x, w, b, padding, stride, dilation, groups, ...);
-            # convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
-            if name.startswith("aten.convolution"):
-                x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
-            else:
-                offset = 1 if "binary" in name else 0
-                x, w, _, padding, stride, dilation, groups = args[offset:offset + 7]
-                transposed = False
-            same = (list(stride) == [1, 1, 1] and list(padding) == [1, 1, 1] and list(dilation) == [1, 1, 1])
-            if not transposed and same and tuple(w.shape[2:]) == (3, 3, 3) and w.shape[1] * groups == x.shape[1] \
-                    and w.shape[1] > 1:
-                key = (tuple(x.shape), tuple(w.shape), int(groups))
-                self.calls[key] = self.calls.get(key, 0) + 1
-        return func(*args, **kwargs)
+        if name == "aten.convolution.default":  # F.conv3d: (x, w, b, stride, padding, dilation, transposed, _, groups)
+            x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
+            self._record(x, w, stride, padding, dilation, groups, transposed)
+        elif name in _CONVOLUTION_OPS:
+            x, w, _, padding, stride, dilation, groups = args[_CONVOLUTION_OPS[name]:_CONVOLUTION_OPS[name] + 7]
+            self._record(x, w, stride, padding, dilation, groups, False)
+        return func(*args, **(kwargs or {}))
+
+    def _record(self, x, w, stride, padding, dilation, groups, transposed) -> None:
+        dense_same = (not transposed and tuple(w.shape[2:]) == (3, 3, 3) and w.shape[1] > 1
+                      and list(stride) == [1, 1, 1] and list(padding) == [1, 1, 1] and list(dilation) == [1, 1, 1])
+        if dense_same:
+            key = (tuple(x.shape), tuple(w.shape), int(groups))
+            self.calls[key] = self.calls.get(key, 0) + 1
 
 
 def network_convolutions(model: str, patch_size: Sequence[int]) -> dict[tuple, int]:
