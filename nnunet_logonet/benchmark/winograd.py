@@ -14,9 +14,9 @@ This command runs a network's inference forward once, records every dense 3^3 st
 convolution it sends to oneDNN (after the concatenation sums and the BatchNorm folding, as they run), and
 times each distinct call by oneDNN and by F(2^3, 3^3) and F(4^3, 3^3) with the kernels transformed
 beforehand (as a cached inference lever would), so its totals say what such a lever could save in that
-forward (docs/speed.md, "Where issue 7 stands": on a Zen 4 without AVX-512, nothing):
+forward (docs/speed.md, "Winograd's minimal filtering": on a Zen 4 without AVX-512, 4-5 % at 20x the rounding):
 
-    python -m nnunet_logonet.benchmark.winograd                            # LoGoNet-S at 32x64x64, ~2 min
+    python -m nnunet_logonet.benchmark.winograd                            # LoGoNet-S at 32x64x64, ~30 s
     python -m nnunet_logonet.benchmark.winograd --patch-size 64 64 64 --model logonet_tiny
     python -m nnunet_logonet.benchmark.winograd --shape 1 256 128 8 16 16 1  # batch C_in C_out D H W groups
 """
@@ -90,8 +90,9 @@ def winograd_conv3d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None 
     m, groups)``; returns a channels-last tensor."""
     a = m + 2
     if u.dim() != 3 or u.shape[0] != a ** 3 * groups or x.dim() != 5 or x.shape[1] != u.shape[1] * groups:
-        raise ValueError(f"transformed kernel {tuple(u.shape)} does not fit input {tuple(x.shape)} with groups={groups}, "
-                         f"m={m}: expected ({a ** 3 * groups}, {x.shape[1] // groups if x.dim() == 5 else '?'}, C_out/g)")
+        per_group = x.shape[1] // groups if x.dim() == 5 else "?"
+        raise ValueError(f"transformed kernel {tuple(u.shape)} does not fit input {tuple(x.shape)} with "
+                         f"groups={groups}, m={m}: expected ({a ** 3 * groups}, {per_group}, C_out/g)")
     bt, _, at = (t.to(x.dtype) for t in TRANSFORMS[m])
     n, c_in, d, h, w = x.shape
     c_in //= groups
