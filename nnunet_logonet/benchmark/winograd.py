@@ -14,7 +14,8 @@ This command runs a network's inference forward once, records every dense 3^3 st
 convolution it sends to oneDNN (after the concatenation sums and the BatchNorm folding, as they run), and
 times each distinct call by oneDNN and by F(2^3, 3^3) and F(4^3, 3^3) with the kernels transformed
 beforehand (as a cached inference lever would), so its totals say what such a lever could save in that
-forward (docs/speed.md, "Winograd's minimal filtering": on a Zen 4 without AVX-512, 4-5 % at 20x the rounding):
+forward (docs/speed.md, "Winograd's minimal filtering": on a Zen 4 without AVX-512, 5-6 % of the
+convolutions' time, at 20x the rounding):
 
     python -m nnunet_logonet.benchmark.winograd                            # LoGoNet-S at 32x64x64, ~30 s
     python -m nnunet_logonet.benchmark.winograd --patch-size 64 64 64 --model logonet_tiny
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunet_logonet.benchmark.depthwise_grad import time_ms
 from nnunet_logonet.machine import cpu_line
+from nnunet_logonet.network.conv import conv3d
 
 __all__ = ["TRANSFORMS", "winograd_weight", "winograd_conv3d", "network_convolutions", "record_convolutions", "main"]
 
@@ -186,10 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
-    return torch.mkldnn_convolution(x, weight, bias, [1, 1, 1], [1, 1, 1], [1, 1, 1], groups)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.shape:
@@ -222,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bias = torch.randn(w_shape[0])
             exact = F.conv3d(x.double(), weight.double(), bias.double(), padding=1, groups=groups)
             scale = float(exact.abs().max())
-            routes = [lambda: _onednn(x, weight, bias, groups)]
+            routes = [lambda: conv3d(x, weight, bias, padding=1, groups=groups)]  # oneDNN, as in the network
             for m in (2, 4):
                 u = winograd_weight(weight, m, groups)
                 routes.append(lambda u=u, m=m: winograd_conv3d(x, u, bias, groups, m))
