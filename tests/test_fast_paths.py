@@ -1024,13 +1024,23 @@ def _pool_shapes(net: nn.Module) -> dict:
     return {key: [t.data_ptr() for t in kept] for key, kept in buffers_module.pool_of(net)._buffers.items()}
 
 
+@pytest.fixture
+def intra_op_threads():
+    """``torch.set_num_threads`` for one test (``concurrent_paths`` runs on exactly 2), restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("cls", [LoGoNet, ULKANet])
-def test_inference_into_reused_buffers_equals_fresh_outputs(cls, monkeypatch):
+def test_inference_into_reused_buffers_equals_fresh_outputs(cls, intra_op_threads, monkeypatch):
     """``output_buffers``: forwards that write into the buffers of the forward before give the outputs
     of fresh memory bit for bit, one input after another (a stale buffer would show), under
     ``torch.no_grad`` and ``torch.inference_mode`` (nnUNetv2_predict's) in turn, deep supervision
     included, a strided tile as nnU-Net's sliding window cuts it too; the buffers are the same ones
-    each time."""
+    each time. One stream (one thread): with ``concurrent_paths`` how many blocks two workers hold at
+    once depends on their timing (tests/test_concurrent_paths.py checks that case)."""
+    intra_op_threads(1)
     monkeypatch.setattr(buffers_module, "MIN_BYTES", 0)  # every convolution and upsampling it may take
     net = _tiny(cls, (32, 64, 32), deep_supervision=True).eval()
     xs = [torch.randn(1, 1, 32, 64, 32).contiguous(memory_format=CL) for _ in range(2)]
@@ -1288,14 +1298,18 @@ def test_torch_compile_sees_the_network_as_one_graph(training, monkeypatch):
     assert explained.graph_count == 1
 
 
-def test_local_features_are_added_in_place_only_without_autograd(monkeypatch):
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_local_features_are_added_in_place_only_without_autograd(concurrent, intra_op_threads, monkeypatch):
     """In inference the global features take the local ones in place (same outputs, deep supervision
-    included); under autograd they are saved for the backward, so the sum is a new tensor."""
+    included): the grouped ones, or with ``concurrent_paths`` (2 threads) the looped ones; under autograd
+    they are saved for the backward, so the sum is a new tensor."""
+    intra_op_threads(2 if concurrent else 1)
     net = _tiny(LoGoNet, (32, 32, 32), deep_supervision=True).eval()
     x = torch.randn(1, 1, 32, 32, 32).contiguous(memory_format=CL)
     calls = []
-    real = logonet_module.add_ungrouped_subcrops_
-    monkeypatch.setattr(logonet_module, "add_ungrouped_subcrops_", lambda *a: calls.append(1) or real(*a))
+    name = "add_subcrops_" if concurrent else "add_ungrouped_subcrops_"
+    real = getattr(logonet_module, name)
+    monkeypatch.setattr(logonet_module, name, lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fast = net(x)
         assert len(calls) == 1
@@ -1434,11 +1448,12 @@ LEVER_MARKERS = {
     "batchnorm_folding": (folding_module, "fold_batchnorm", "none"),
     "lka_folding": (folding_module, "fold_lka_block_uncached", "none"),  # global blocks and grouped paths
     "grouped_local_paths": (logonet_module, "grouped_local_features", "none"),
-    "stitch_in_place": (logonet_module, "add_ungrouped_subcrops_", "none"),
+    "stitch_in_place": (logonet_module, "add_subcrops_", "none"),  # inference: the concurrent paths' loop
     "stitch_add": (logonet_module, "add_ungrouped_subcrops", "none"),  # training, grouped (tiny)
     "output_buffers": (buffers_module.OutputPool, "take", "fewer"),  # inference (training_buffers takes too)
     "training_buffers": (training_buffers_module.PooledConvNormAct, "apply", "none"),  # training
     "channels_first_logits": (torch, "baddbmm", "none"),
+    "concurrent_paths": (logonet_module, "run_concurrently", "none"),  # inference, on 2 threads
 }
 
 
@@ -1463,9 +1478,10 @@ def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[s
 
 
 @pytest.mark.parametrize("lever", list(LEVERS))
-def test_switching_a_lever_off_changes_what_runs(lever, monkeypatch):
+def test_switching_a_lever_off_changes_what_runs(lever, intra_op_threads, monkeypatch):
     """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running."""
     assert set(LEVER_MARKERS) == set(LEVERS)
+    intra_op_threads(2)  # where concurrent_paths runs (the grouped paths' in-place sum: its own test)
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
     monkeypatch.setattr(small_map_module, "SMALL_MAP_GEMM_MIN_CHANNEL_PRODUCT", (0, 0))  # tiny's 4^3 maps too
     monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)  # every conv unit of tiny's training

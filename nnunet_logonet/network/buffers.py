@@ -27,8 +27,8 @@ import torch
 
 from .levers import lever_enabled
 
-__all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "active_training_pool", "pooled_outputs",
-           "release_output_buffers"]
+__all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "active_training_pool", "current_pool",
+           "pooled_outputs", "release_output_buffers", "using_pool"]
 
 #: Smallest output (bytes) taken from the pool. Below it glibc mostly serves blocks from memory it
 #: already holds, and zeroing a buffer plus oneDNN reading it back would cost more than a fresh block.
@@ -139,6 +139,23 @@ def pooled_outputs(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.T
         yield x.contiguous(memory_format=_CL) if cpu_float and x.dim() == 5 else x
     finally:
         setattr(_state, slot, None)
+
+
+def current_pool() -> OutputPool | None:
+    """The inference pool of the network whose forward is running in this thread, else None."""
+    return getattr(_state, "pool", None)
+
+
+@contextlib.contextmanager
+def using_pool(pool: OutputPool | None) -> Iterator[None]:
+    """Inside the block this thread writes inference outputs into ``pool`` (from ``current_pool()`` of the
+    thread whose forward hands it work: LoGoNet's concurrent paths); the pool's lock keeps them apart."""
+    previous = getattr(_state, "pool", None)
+    _state.pool = pool
+    try:
+        yield
+    finally:
+        _state.pool = previous
 
 
 def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:

@@ -52,6 +52,8 @@ def grouping_pays(paths: Sequence[nn.Module], x: torch.Tensor) -> bool:
       producer thread whose own OpenMP team makes libgomp stop spinning our worker threads
       between calls, so every call pays a wake-up: measured in that setting, LoGoNet-S per
       32x64x64 tile 0.43 s grouped vs 0.55 s loop (64^3: 0.78 vs 0.82 s; L at 64^3 within 3 %).
+      On exactly 2 intra-op threads ``LoGoNet.forward`` runs the loop instead, each path on a
+      single-threaded worker beside the global path (lever ``concurrent_paths``), which beats both.
     * CPU training: only while a path is small. Grouping saves per-call overhead, but its wide
       grouped kernels, per-step weight concatenation and 6-D LayerNorm cost more once a path has
       real work. Training step grouped vs loop on the 2-core Xeon: tiny at 32x64x64 0.57 vs

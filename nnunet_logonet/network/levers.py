@@ -11,7 +11,8 @@ import contextlib
 import threading
 from typing import Iterator
 
-__all__ = ["LEVERS", "fast_paths_enabled", "lever_enabled", "reference_kernels"]
+__all__ = ["LEVERS", "LeverState", "fast_paths_enabled", "lever_enabled", "lever_state", "reference_kernels",
+           "using_lever_state"]
 
 _state = threading.local()
 
@@ -47,7 +48,12 @@ LEVERS: dict[str, str] = {
                         "temporaries live in buffers the network keeps from one step to the next",
     "channels_first_logits": "the 1x1x1 classifiers write channels-first logits, the layout nnU-Net's loss and "
                              "sliding window read fastest",
+    "concurrent_paths": "in CPU inference on 2 threads, LoGoNet's global path and its 8 local paths (the loop) "
+                        "run side by side on two worker threads of one OpenMP thread each",
 }
+
+#: What ``lever_state()`` returns: (fast paths on, the names switched off).
+LeverState = tuple[bool, frozenset]
 
 
 def fast_paths_enabled() -> bool:
@@ -58,6 +64,22 @@ def fast_paths_enabled() -> bool:
 def lever_enabled(name: str) -> bool:
     """Whether fast path ``name`` (a key of ``LEVERS``) is on in this thread."""
     return fast_paths_enabled() and name not in getattr(_state, "disabled", frozenset())
+
+
+def lever_state() -> LeverState:
+    """This thread's lever settings, to run work for it in another thread (``using_lever_state``)."""
+    return fast_paths_enabled(), getattr(_state, "disabled", frozenset())
+
+
+@contextlib.contextmanager
+def using_lever_state(state: LeverState) -> Iterator[None]:
+    """Inside the block this thread has the lever settings ``state`` (from ``lever_state()``)."""
+    previous = lever_state()
+    _state.enabled, _state.disabled = state
+    try:
+        yield
+    finally:
+        _state.enabled, _state.disabled = previous
 
 
 @contextlib.contextmanager

@@ -14,12 +14,14 @@ grids for anisotropic patches.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
+from .concurrent_paths import concurrent_paths_pay, run_concurrently
 from .classifier import Classifier3d
 from .conv import Conv3d
 from .folding import conv_norm_act
@@ -35,7 +37,7 @@ from .grouped import (
 )
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size
-from .partition import add_subcrops, split_subcrops, stitch_subcrops
+from .partition import add_subcrops, add_subcrops_, split_subcrops, stitch_subcrops
 from .presets import arch_kwargs_for_preset, jsonable
 from .shapes import as_triple, check_patch_size, positive_int, required_patch_multiple
 from .ulkanet import ULKAPath, check_input_tensor, validate_arch
@@ -60,6 +62,11 @@ def _stitch_pays(lever: str, out: torch.Tensor, *local: torch.Tensor) -> bool:
         and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (out, *local))
         and lever_enabled(lever)
     )
+
+
+def _first_output(path: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A local path's full-resolution features (the only ones LoGoNet reads from it)."""
+    return path(x)[0]
 
 
 class LoGoHead(nn.Module):
@@ -187,7 +194,8 @@ class LoGoNet(ReusesOutputBuffers):
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
         sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
         network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, CPU inference,
-        CPU training of small paths); ``reference_kernels()`` runs the plain loop.
+        CPU training of small paths); ``reference_kernels()`` runs the plain loop. (In CPU inference on
+        2 threads ``forward`` does not come here: the paths run side by side, ``concurrent_paths``.)
 
         With ``add_to`` (the global features) the result is ``add_to + local features``; without
         autograd on the CPU the grouped local features are added into ``add_to`` in place
@@ -204,18 +212,32 @@ class LoGoNet(ReusesOutputBuffers):
             local = ungroup_subcrops(grouped, self.local_grid)
         else:
             tiles = split_subcrops(x, self.local_grid)
-            outs = [path(tile)[0] for path, tile in zip(self.local_paths, tiles)]
-            if add_to is not None and _stitch_pays("stitch_add", add_to, *outs):
-                return add_subcrops(add_to, outs, self.local_grid)
-            local = stitch_subcrops(torch.stack(outs), self.local_grid)
+            return self._stitched([path(tile)[0] for path, tile in zip(self.local_paths, tiles)], add_to)
+        return local if add_to is None else add_to + local
+
+    def _stitched(self, outs: Sequence[torch.Tensor], add_to: torch.Tensor | None) -> torch.Tensor:
+        """The local paths' outputs (sub-crop order) stitched into full-resolution features, plus ``add_to``."""
+        if add_to is not None and _stitch_pays("stitch_in_place", add_to, *outs):
+            return add_subcrops_(add_to, outs, self.local_grid)
+        if add_to is not None and _stitch_pays("stitch_add", add_to, *outs):
+            return add_subcrops(add_to, outs, self.local_grid)
+        local = stitch_subcrops(torch.stack(list(outs)), self.local_grid)
         return local if add_to is None else add_to + local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)
-            global_features = self.global_path(x)
-            # the global full-resolution features are only read here (deep supervision reads the others)
-            fused = self.forward_local(x, add_to=global_features[0])
+            if concurrent_paths_pay(self, x):
+                # the 9 paths side by side on two single-threaded workers, global first (concurrent_paths.py)
+                tiles = split_subcrops(x, self.local_grid)
+                global_features, *outs = run_concurrently(
+                    [partial(self.global_path, x)] + [partial(_first_output, path, tile)
+                                                      for path, tile in zip(self.local_paths, tiles)])
+                fused = self._stitched(outs, add_to=global_features[0])
+            else:
+                global_features = self.global_path(x)
+                # the global full-resolution features are only read here (deep supervision reads the others)
+                fused = self.forward_local(x, add_to=global_features[0])
             return self.head(fused, global_features)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["is_channels_last", "split_subcrops", "stitch_subcrops", "subcrop_views", "add_subcrops"]
+__all__ = ["is_channels_last", "split_subcrops", "stitch_subcrops", "subcrop_views", "add_subcrops", "add_subcrops_"]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -62,6 +62,14 @@ def add_subcrops(base: torch.Tensor, tiles: Sequence[torch.Tensor], grid: Sequen
     each tile its region of it (views, no copy). The same additions, so the same floats.
     """
     return _AddSubcrops.apply(base, tuple(grid), *tiles)
+
+
+def add_subcrops_(out: torch.Tensor, tiles: Sequence[torch.Tensor], grid: Sequence[int]) -> torch.Tensor:
+    """``out += stitch_subcrops(torch.stack(tiles), grid)`` in place, tile by tile into its region (no
+    autograd: inference); returns ``out``."""
+    for region, tile in zip(subcrop_views(out, grid), tiles):
+        region.add_(tile)
+    return out
 
 
 class _AddSubcrops(torch.autograd.Function):

@@ -1,0 +1,191 @@
+"""Lever ``concurrent_paths``: LoGoNet's global and local paths side by side on two single-threaded workers
+in CPU inference (network/concurrent_paths.py, docs/speed.md "Concurrent paths")."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from nnunet_logonet.network import LoGoNet
+from nnunet_logonet.network import buffers as buffers_module
+from nnunet_logonet.network import concurrent_paths as concurrent_module
+from nnunet_logonet.network import logonet as logonet_module
+from nnunet_logonet.network.levers import lever_enabled, reference_kernels
+
+ANISOTROPIC = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+CL = torch.channels_last_3d
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """The lever is taken on exactly 2 intra-op threads (the machines it was measured on); force them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _tiny(patch, **kw) -> LoGoNet:
+    torch.manual_seed(0)
+    if patch[0] < patch[1]:
+        kw["strides"] = ANISOTROPIC
+    net = LoGoNet.from_preset("tiny", 1, 3, patch, **kw)
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so the folded weights matter
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net
+
+
+def _spy_runs(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = logonet_module.run_concurrently
+
+    def spy(jobs):
+        calls.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(logonet_module, "run_concurrently", spy)
+    return calls
+
+
+@pytest.mark.parametrize("patch, batch, deep_supervision", [
+    ((32, 32, 32), 1, False), ((32, 32, 32), 2, True), ((16, 64, 64), 1, False), ((32, 64, 32), 2, False)])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_concurrent_paths_equal_the_reference_and_the_single_stream(patch, batch, deep_supervision, mode, monkeypatch):
+    net = _tiny(patch, deep_supervision=deep_supervision).eval()
+    x = torch.randn(batch, 1, *patch)
+    runs = _spy_runs(monkeypatch)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        fast = net(x)
+        assert runs == [9]  # the global path and the 8 local ones, in one batch of jobs
+        with reference_kernels("concurrent_paths"):
+            single = net(x)
+        with reference_kernels():
+            ref = net(x)
+    assert runs == [9]
+    fast, single, ref = ([t] if torch.is_tensor(t) else t for t in (fast, single, ref))
+    assert len(fast) == len(single) == len(ref)
+    for a, b, c in zip(fast, single, ref):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        assert _rel(a, c) < 1e-4 and _rel(a, b) < 1e-4, (_rel(a, c), _rel(a, b))
+    # under no_grad the outputs are ordinary tensors (a caller may use them with autograd later)
+    assert all(t.is_inference() == (mode == "inference_mode") for t in fast)
+
+
+def test_concurrent_paths_give_the_same_output_forward_after_forward(monkeypatch):
+    """nnU-Net's sliding window calls the network tile after tile: kept buffers and workers are reused."""
+    net = _tiny((32, 32, 32)).eval()
+    xs = [torch.randn(1, 1, 32, 32, 32) for _ in range(3)]
+    with torch.inference_mode():
+        once = [net(x).clone() for x in xs]
+        again = [net(x).clone() for x in xs]
+        with reference_kernels("concurrent_paths"):
+            single = [net(x) for x in xs]
+    for a, b, c in zip(once, again, single):
+        assert torch.equal(a, b) and _rel(a, c) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["training", "grad", "one_thread", "three_threads", "lever_off", "autocast",
+                                  "profiled", "float64"])
+def test_concurrent_paths_only_in_cpu_float32_inference_on_two_threads(case, monkeypatch):
+    """Not in training (autograd, or BatchNorm statistics of a no-grad training-mode forward), not on other
+    thread counts, not under autocast, and not under torch.profiler, which records only the calling
+    thread's operations (a profiled forward shows every operation: step_profile)."""
+    net = _tiny((32, 32, 32))
+    net.train(case == "training")
+    x = torch.randn(2, 1, 32, 32, 32)
+    runs = _spy_runs(monkeypatch)
+    if case in ("one_thread", "three_threads"):
+        torch.set_num_threads(1 if case == "one_thread" else 3)
+    if case == "float64":
+        net, x = net.double(), x.double()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad() if case == "grad" else torch.no_grad())
+        if case == "lever_off":
+            stack.enter_context(reference_kernels("concurrent_paths"))
+        if case == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if case == "profiled":
+            stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+        net(x)
+    assert runs == []
+    net.float()
+    x = x.float()
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        net.eval()(x)
+    assert runs == [9]
+
+
+def test_workers_run_one_openmp_thread_each_and_leave_the_callers_alone():
+    caller = torch.get_num_threads()
+    assert concurrent_module.run_concurrently([torch.get_num_threads] * 4) == [1] * 4
+    assert torch.get_num_threads() == caller == 2
+    seen = []  # a thread made afterwards starts with the process default, not the workers' 1
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert seen == [2]
+
+
+def test_jobs_see_the_callers_grad_mode_levers_and_output_pool():
+    def state():
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), lever_enabled("post_ops"),
+                lever_enabled("onednn"), buffers_module.current_pool())
+
+    pool = buffers_module.OutputPool()
+    with torch.inference_mode(), reference_kernels("post_ops"), buffers_module.using_pool(pool):
+        assert concurrent_module.run_concurrently([state, state]) == [(False, True, False, True, pool)] * 2
+    with torch.no_grad():
+        assert concurrent_module.run_concurrently([state]) == [(False, False, True, True, None)]
+    with reference_kernels():
+        assert concurrent_module.run_concurrently([state]) == [(True, False, False, False, None)]
+    # the workers' own settings are back afterwards
+    assert concurrent_module.run_concurrently([state]) == [(True, False, True, True, None)]
+
+
+def test_a_failing_job_raises_in_the_caller_after_all_have_run_and_the_workers_go_on():
+    done = []
+
+    def fails():
+        raise ValueError("bad sub-crop")
+
+    with pytest.raises(ValueError, match="bad sub-crop"):
+        concurrent_module.run_concurrently([fails, lambda: done.append(1), lambda: done.append(2)])
+    assert sorted(done) == [1, 2]
+    assert concurrent_module.run_concurrently([lambda: 3, lambda: 4]) == [3, 4]
+
+
+def test_workers_are_made_again_in_a_forked_process(monkeypatch):
+    """Threads do not survive a fork: a child process (pid changed) gets workers of its own."""
+    first = concurrent_module._path_workers()
+    monkeypatch.setattr(first, "pid", -1)
+    second = concurrent_module._path_workers()
+    assert second is not first and second.pid > 0
+    assert concurrent_module.run_concurrently([lambda: 5]) == [5]
+
+
+def test_concurrent_paths_write_into_kept_buffers_as_into_fresh_memory(monkeypatch):
+    """``output_buffers`` with both workers taking blocks from one pool at once: the outputs of fresh memory
+    bit for bit, forward after forward, and never more blocks of a size than the pool keeps."""
+    monkeypatch.setattr(buffers_module, "MIN_BYTES", 0)  # every convolution and upsampling it may take
+    net = _tiny((32, 64, 32)).eval()
+    xs = [torch.randn(1, 1, 32, 64, 32).contiguous(memory_format=CL) for _ in range(3)]
+    runs = _spy_runs(monkeypatch)
+    with torch.inference_mode():
+        for _ in range(2):
+            fast = [net(x).clone() for x in xs]
+            with reference_kernels("output_buffers"):
+                plain = [net(x) for x in xs]
+            assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert len(runs) == 12
+    kept = buffers_module.pool_of(net)._buffers
+    assert kept and all(len(blocks) <= buffers_module.MAX_PER_SIZE for blocks in kept.values())
