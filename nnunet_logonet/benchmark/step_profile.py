@@ -21,6 +21,9 @@ with more operators; the table also gives the unprofiled median of the same call
 operator calls, and the minor page faults and system CPU time of those unprofiled calls: the profiler
 counts the kernel's zeroing of freshly mapped memory inside whichever operator first writes it, and on
 glibc's defaults that is a sizeable part of both networks' CPU time (docs/speed.md, "The allocator").
+torch.profiler records only the calling thread, so under it LoGoNet's inference runs its paths in one
+stream (lever ``concurrent_paths`` steps aside; one unprofiled call that way warms that stream's caches
+first): the table is that stream's operations, the unprofiled median the forward as it runs.
 CPU only (on CUDA, ``.ci/gpu_profile.py``).
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nnunet_logonet.benchmark.efficiency import default_settings, make_sliding_window, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
+from nnunet_logonet.network.levers import reference_kernels
 
 __all__ = ["CATEGORIES", "FIGURES", "category", "profile_model", "format_table", "plot_profile", "main"]
 
@@ -102,6 +106,9 @@ def profile_model(name: str, patch_size: Sequence[int], figure: str = "train", *
                 return net(x)
     costs: dict[str, float] = {}
     unprofiled = statistics.median(time_runs(run, warmup, repeats, device, costs))
+    if figure != "train":
+        with reference_kernels("concurrent_paths"):
+            run()  # the profiled call's path (one stream, see the docstring), its caches warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     seconds = dict.fromkeys(ROWS, 0.0)
