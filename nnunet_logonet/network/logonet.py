@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
-from .concurrent_paths import concurrent_paths_pay, run_concurrently
 from .classifier import Classifier3d
+from .concurrent_paths import concurrent_paths_pay, run_concurrently
 from .conv import Conv3d
 from .folding import conv_norm_act
 from .levers import lever_enabled
