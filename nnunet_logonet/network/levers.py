@@ -91,12 +91,6 @@ def reference_kernels(*levers: str) -> Iterator[None]:
     unknown = [name for name in levers if name not in LEVERS]
     if unknown:
         raise ValueError(f"unknown lever(s) {', '.join(map(repr, unknown))}; valid levers: {', '.join(LEVERS)}")
-    previous = fast_paths_enabled(), getattr(_state, "disabled", frozenset())
-    if levers:
-        _state.disabled = previous[1] | frozenset(levers)
-    else:
-        _state.enabled = False
-    try:
+    enabled, disabled = lever_state()
+    with using_lever_state((enabled, disabled | frozenset(levers)) if levers else (False, disabled)):
         yield
-    finally:
-        _state.enabled, _state.disabled = previous
