@@ -40,7 +40,7 @@ _in_worker = threading.local()
 
 
 class _Batch:
-    """One forward's jobs: results in order, the first error, a count of jobs done."""
+    """One forward's jobs: their results and errors in order, and a count of jobs done."""
 
     def __init__(self, n: int) -> None:
         self.results: list[Any] = [None] * n

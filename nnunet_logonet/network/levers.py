@@ -38,7 +38,8 @@ LEVERS: dict[str, str] = {
     "lka_folding": "in eval mode the LKA blocks' BatchNorms folded into the 1x1x1 convolutions after them, their "
                    "layer scales into the ones before, the residual sums into one multiply-add and a sum post-op",
     "grouped_local_paths": "the 8 local ULKANets run as one grouped network where that is faster",
-    "stitch_in_place": "the grouped local features added into the global ones in place in inference, no stitched copy",
+    "stitch_in_place": "in inference the local features (grouped, or the loop's, as concurrent_paths runs them) added "
+                       "into the global ones in place, no stitched copy",
     "stitch_add": "the local features added into the global ones in one pass, without the stacked and stitched "
                   "copies (training, and wherever stitch_in_place does not apply)",
     "output_buffers": "in CPU inference the large convolution and upsampling outputs written into buffers the "
