@@ -3,6 +3,7 @@ in CPU inference (network/concurrent_paths.py, docs/speed.md "Concurrent paths")
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from nnunet_logonet.network import LoGoNet
 from nnunet_logonet.network import buffers as buffers_module
 from nnunet_logonet.network import concurrent_paths as concurrent_module
+from nnunet_logonet.network import grouped as grouped_module
 from nnunet_logonet.network import logonet as logonet_module
-from nnunet_logonet.network.levers import lever_enabled, reference_kernels
+from nnunet_logonet.network.levers import LEVERS, lever_enabled, reference_kernels
 
 ANISOTROPIC = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 CL = torch.channels_last_3d
@@ -136,7 +138,7 @@ def test_workers_run_one_openmp_thread_each_and_leave_the_callers_alone():
     assert seen == [2]
 
 
-def test_jobs_see_the_callers_grad_mode_levers_and_output_pool():
+def test_jobs_see_the_callers_grad_mode_levers_and_pools():
     def state():
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), lever_enabled("post_ops"),
                 lever_enabled("onednn"), buffers_module.current_pool())
@@ -150,6 +152,9 @@ def test_jobs_see_the_callers_grad_mode_levers_and_output_pool():
         assert concurrent_module.run_concurrently([state]) == [(True, False, False, False, None)]
     # the workers' own settings are back afterwards
     assert concurrent_module.run_concurrently([state]) == [(True, False, True, True, None)]
+    with buffers_module.using_training_pool(pool):  # concurrent_training: the training conv units' pool
+        assert concurrent_module.run_concurrently([buffers_module.current_training_pool]) == [pool]
+    assert concurrent_module.run_concurrently([buffers_module.current_training_pool]) == [None]
 
 
 def test_a_failing_job_raises_in_the_caller_after_all_have_run_and_the_workers_go_on():
@@ -189,3 +194,117 @@ def test_concurrent_paths_write_into_kept_buffers_as_into_fresh_memory(monkeypat
     assert len(runs) == 12
     kept = buffers_module.pool_of(net)._buffers
     assert kept and all(len(blocks) <= buffers_module.MAX_PER_SIZE for blocks in kept.values())
+
+
+# ---- lever concurrent_training: the same split in a training step, backward included ----------------------
+
+
+def _spy_training_runs(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = logonet_module.run_concurrently_with_autograd
+
+    def spy(x, jobs):
+        calls.append(len(jobs))
+        return real(x, jobs)
+
+    monkeypatch.setattr(logonet_module, "run_concurrently_with_autograd", spy)
+    return calls
+
+
+def _training_step(net: LoGoNet, x: torch.Tensor, *without: str):
+    """One training step on a copy of ``net``: outputs, input gradient, parameter gradients, BatchNorm statistics."""
+    net = copy.deepcopy(net)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    with reference_kernels(*without) if without else contextlib.nullcontext():
+        outs = net(x)
+        outs = [outs] if torch.is_tensor(outs) else outs
+        weights = torch.linspace(-1, 1, outs[0].shape[1]).view(1, -1, 1, 1, 1)
+        sum((o * weights).square().mean() for o in outs).backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    stats = {k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    return [o.detach() for o in outs], x.grad, grads, stats
+
+
+@pytest.mark.parametrize("patch, deep_supervision, input_grad", [
+    ((32, 32, 32), True, False), ((32, 32, 32), False, True), ((16, 64, 64), True, True)])
+def test_concurrent_training_equals_the_single_stream_and_the_reference(patch, deep_supervision, input_grad,
+                                                                         monkeypatch):
+    """Outputs, every parameter's gradient, the input's gradient and the BatchNorm statistics of a training
+    step with the paths' forwards and backwards on the workers equal the single stream's (the local paths as
+    the same loop) and the reference kernels'. The single stream runs its OpenMP regions on 2 threads, the
+    workers on 1, so sums may round differently; a LeakyReLU input that close to 0 may flip sides, which moves
+    the gradients upstream of it by up to ~1e-2 of their scale (tests/test_fast_paths.py, KINK_FLIP_TOLERANCE;
+    tests/test_fast_paths.py also holds this lever to the float64 step), while a wiring error (a path's gradient
+    lost, a sub-crop misplaced, statistics not written) is of order one."""
+    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)  # the single stream's local paths: the loop too
+    net = _tiny(patch, deep_supervision=deep_supervision).train()
+    x = torch.randn(2, 1, *patch, generator=torch.Generator().manual_seed(2)).requires_grad_(input_grad)
+    runs = _spy_training_runs(monkeypatch)
+    fast = _training_step(net, x)
+    assert runs == [9]
+    single = _training_step(net, x, "concurrent_training")
+    ref = _training_step(net, x, *LEVERS)
+    assert runs == [9]
+    for other in (single, ref):
+        assert len(fast[0]) == len(other[0]) and (len(fast[0]) > 1) == deep_supervision
+        assert all(_rel(a, b) < 1e-4 for a, b in zip(fast[0], other[0]))
+        assert (fast[1] is None) == (other[1] is None) == (not input_grad)
+        if input_grad:
+            assert _rel(fast[1], other[1]) < 5e-2  # (a kink flip next to the input: up to ~2e-2 seen)
+        unused = {k for k, g in other[2].items() if g is None}  # without deep supervision: its classifiers
+        assert unused == {k for k, g in fast[2].items() if g is None} and fast[2].keys() == other[2].keys()
+        assert all(k.startswith("head.seg_layers.") for k in unused) and bool(unused) != deep_supervision
+        grads = {k: g for k, g in other[2].items() if g is not None}
+        scale = max(g.abs().max() for g in grads.values())
+        worst = max(((fast[2][k] - g).abs().max() / scale).item() for k, g in grads.items())
+        assert worst < 5e-2, worst  # (kink flips: up to 1.3e-2 seen)
+        for k, g in grads.items():  # every path's gradient is there, not just the largest ones
+            if g.norm() > 1e-3 * scale:
+                assert ((fast[2][k] - g).norm() / g.norm()).item() < 1e-1, k
+        for k, v in other[3].items():
+            assert torch.allclose(fast[3][k].float(), v.float(), rtol=1e-4, atol=1e-4), k
+
+
+@pytest.mark.parametrize("case", ["inference", "no_grad_training", "one_thread", "three_threads", "lever_off",
+                                  "autocast", "profiled", "float64"])
+def test_concurrent_training_only_in_cpu_float32_training_on_two_threads(case, monkeypatch):
+    """Taken by a training forward with autograd (nnU-Net's train_step) on exactly 2 threads, and not in eval mode,
+    a training-mode forward without autograd, other thread counts, autocast, the profiler or float64."""
+    net = _tiny((32, 32, 32)).train(case != "inference")
+    x = torch.randn(2, 1, 32, 32, 32)
+    runs = _spy_training_runs(monkeypatch)
+    if case in ("one_thread", "three_threads"):
+        torch.set_num_threads(1 if case == "one_thread" else 3)
+    if case == "float64":
+        net, x = net.double(), x.double()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad() if case == "no_grad_training" else torch.enable_grad())
+        if case == "lever_off":
+            stack.enter_context(reference_kernels("concurrent_training"))
+        if case == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if case == "profiled":
+            stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+        net(x)
+    assert runs == []
+    net.float().train()
+    torch.set_num_threads(2)
+    net(x.float()).square().mean().backward()
+    assert runs == [9]
+
+
+def test_concurrent_training_backward_runs_on_the_workers_and_frees_the_paths_graph(monkeypatch):
+    """The paths' backward runs on the two workers (one OpenMP thread each), and a second backward through the
+    same step (``retain_graph=True``) stops with an error that says how to allow it."""
+    threads: list[tuple[str, int]] = []
+    net = _tiny((32, 32, 32)).train()
+    hooked = [next(m for m in path.modules() if isinstance(m, torch.nn.Conv3d))
+              for path in (net.global_path, net.local_paths[0])]
+    for module in hooked:
+        module.weight.register_hook(lambda g: threads.append((threading.current_thread().name,
+                                                               torch.get_num_threads())) or g)
+    out = net(torch.randn(2, 1, 32, 32, 32))
+    out.square().mean().backward(retain_graph=True)
+    assert threads == [("logonet-path-worker", 1)] * 2
+    with pytest.raises(RuntimeError, match="concurrent_training"):
+        out.square().mean().backward()

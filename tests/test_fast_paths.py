@@ -785,9 +785,10 @@ def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool, without
 
 
 @pytest.mark.parametrize("patch", PATCHES)
-@pytest.mark.parametrize("cls, grouping", [(LoGoNet, True), (LoGoNet, False), (ULKANet, True)])
-def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, monkeypatch):
-    """Fast kernels with the local paths grouped (small paths, CUDA) and as a loop (larger paths on CPU);
+@pytest.mark.parametrize("cls, grouping", [(LoGoNet, True), (LoGoNet, False), (LoGoNet, "concurrent"), (ULKANet, True)])
+def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, intra_op_threads, monkeypatch):
+    """Fast kernels with the local paths grouped (small paths, CUDA), as a loop (larger paths on CPU) and
+    as the loop on two workers, forward and backward (``concurrent_training``, CPU on 2 threads);
     narrowing convolutions' weight gradients swapped (AVX2's default) on every CPU, and the small-map
     products taken on every small map (the rule leaves tiny's narrow 4^3 maps to oneDNN)."""
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
@@ -795,6 +796,7 @@ def test_training_outputs_and_gradients_equal_reference(cls, grouping, patch, mo
     monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)  # every conv unit of tiny's training
     if not grouping:
         monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 0)
+    intra_op_threads(2 if grouping == "concurrent" else 1)
     net = _tiny(cls, patch, deep_supervision=True).train()
     _assert_training_equals_reference(net, torch.randn(2, 1, *patch))
 
@@ -814,7 +816,8 @@ def test_grouped_running_statistics_equal_the_loop_over_steps_and_after_loading(
     cached = [m for m in net.modules() if "_grouped_running_stats" in m.__dict__]
     for step in range(4):
         x = torch.randn(2, 1, *patch)
-        net(x)
+        with reference_kernels("concurrent_training"):  # on 2 threads it would run the paths as the loop
+            net(x)
         with reference_kernels("grouped_local_paths"):
             loop(x)
         if step == 0:
@@ -938,7 +941,8 @@ def test_whole_network_check_catches_a_gradient_off_by_five_percent(monkeypatch)
                                                     ("S", (64, 64, 64), False), ("S", (32, 32, 32), True)])
 def test_local_paths_are_grouped_on_cpu_only_where_that_is_faster(preset, patch, grouped, monkeypatch):
     """The measured rule (docs/speed.md): inference always grouped; CPU training grouped while
-    sub-crop voxels x dims[0] <= 2^18."""
+    sub-crop voxels x dims[0] <= 2^18. (On 2 threads ``concurrent_paths`` and ``concurrent_training`` run
+    the paths as the loop on two workers instead: tests/test_concurrent_paths.py.)"""
     with torch.device("meta"):
         net = LoGoNet.from_preset(preset, 1, 4, patch)
     calls = []
@@ -949,7 +953,8 @@ def test_local_paths_are_grouped_on_cpu_only_where_that_is_faster(preset, patch,
     with torch.no_grad():  # inference, as nnUNetPredictor runs it: always grouped
         assert grouped_module.grouping_pays(net.local_paths, x)
     if preset == "tiny":
-        net.to_empty(device="cpu").train()(x)
+        with reference_kernels("concurrent_training"):
+            net.to_empty(device="cpu").train()(x)
         assert bool(calls) is grouped
 
 
@@ -1008,7 +1013,9 @@ def test_local_features_are_added_without_the_stitched_copy_in_training(grouped,
     real = getattr(logonet_module, name)
     monkeypatch.setattr(logonet_module, name, lambda *a: calls.append(1) or real(*a))
     results = []
-    for levers_off in [(), ("stitch_add",)]:
+    # grouped: not with the paths side by side on 2 threads (concurrent_training runs the loop)
+    concurrent = ("concurrent_training",) if grouped else ()
+    for levers_off in [concurrent, ("stitch_add", *concurrent)]:
         net.zero_grad(set_to_none=True)
         with reference_kernels(*levers_off) if levers_off else torch.enable_grad():
             out = net(x)
@@ -1443,7 +1450,7 @@ LEVER_MARKERS = {
     "narrowing_weight_grad": (narrowing_module.NarrowingConv3d, "apply", "none"),
     "pointwise_gemm": (pointwise_module, "pointwise_forward", "none"),
     "small_map_gemm": (small_map_module.SmallMapConv3d, "apply", "none"),
-    "concat_sum": (conv_module, "conv3d", "fewer"),  # one convolution per concatenation, not one per part
+    "concat_sum": (conv_module, "summed_part_convolutions", "none"),  # one convolution per concatenation
     "post_ops": (conv_module, "_CONV_POINTWISE", "none"),
     "batchnorm_folding": (folding_module, "fold_batchnorm", "none"),
     "lka_folding": (folding_module, "fold_lka_block_uncached", "none"),  # global blocks and grouped paths
@@ -1454,11 +1461,13 @@ LEVER_MARKERS = {
     "training_buffers": (training_buffers_module.PooledConvNormAct, "apply", "none"),  # training
     "channels_first_logits": (torch, "baddbmm", "none"),
     "concurrent_paths": (logonet_module, "run_concurrently", "none"),  # inference, on 2 threads
+    "concurrent_training": (logonet_module, "run_concurrently_with_autograd", "none"),  # training, on 2 threads
 }
 
 
 def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[str, ...]) -> dict[str, int]:
-    """Calls of every lever's marker in one inference forward and one training step."""
+    """Calls of every lever's marker in one inference forward and one training step on 2 threads (the
+    concurrent paths), and the same on 1 thread (the grouped paths, which the concurrent ones replace on 2)."""
     counts = dict.fromkeys(LEVER_MARKERS, 0)
     with monkeypatch.context() as patched:
         for lever, (owner, name, _) in LEVER_MARKERS.items():
@@ -1470,10 +1479,13 @@ def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[s
 
             patched.setattr(owner, name, spy)
         with reference_kernels(*without) if without else torch.enable_grad():
-            with torch.no_grad():
-                net.eval()(x)
-            out = net.train()(x.clone().requires_grad_())
-            sum(o.square().mean() for o in out).backward()
+            for threads in (2, 1):
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    net.eval()(x)
+                out = net.train()(x.clone().requires_grad_())
+                sum(o.square().mean() for o in out).backward()
+            torch.set_num_threads(2)
     return counts
 
 

@@ -28,7 +28,7 @@ import torch
 from .levers import lever_enabled
 
 __all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "active_training_pool", "current_pool",
-           "pooled_outputs", "release_output_buffers", "using_pool"]
+           "current_training_pool", "pooled_outputs", "release_output_buffers", "using_pool", "using_training_pool"]
 
 #: Smallest output (bytes) taken from the pool. Below it glibc mostly serves blocks from memory it
 #: already holds, and zeroing a buffer plus oneDNN reading it back would cost more than a fresh block.
@@ -156,6 +156,23 @@ def using_pool(pool: OutputPool | None) -> Iterator[None]:
         yield
     finally:
         _state.pool = previous
+
+
+def current_training_pool() -> OutputPool | None:
+    """The training pool of the network whose training forward is running in this thread, else None."""
+    return getattr(_state, "training_pool", None)
+
+
+@contextlib.contextmanager
+def using_training_pool(pool: OutputPool | None) -> Iterator[None]:
+    """Inside the block this thread's training conv units use ``pool`` (from ``current_training_pool()`` of
+    the thread whose training forward hands it work: LoGoNet's concurrent paths, ``concurrent_training``)."""
+    previous = getattr(_state, "training_pool", None)
+    _state.training_pool = pool
+    try:
+        yield
+    finally:
+        _state.training_pool = previous
 
 
 def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:

@@ -15,6 +15,15 @@ forward up to the float32 rounding of grouped vs looped kernels.
 
 Measured on the 2-core AMD EPYC Zen 4 (docs/speed.md, "Concurrent paths"); taken only where that
 holds: CPU float32 inference (no autograd, eval mode) with exactly 2 intra-op threads.
+
+Training (lever ``concurrent_training``) splits the same way: in a training forward the 9 paths run
+on the workers with autograd recording (each job's graph starts at a detached copy of the input),
+and :class:`_SideBySide`, the one autograd node the caller's graph sees for all of them, runs their
+backwards on the workers too when the caller's backward reaches it. Each path has its own
+parameters and BatchNorms, so no two jobs write the same gradient or statistic. Like PyTorch's
+reentrant checkpointing, the paths' gradients reach the parameters' ``.grad`` (``backward()``, as
+nnU-Net's trainer calls it), not ``torch.autograd.grad``'s result, and the paths' graph is freed by
+the first backward.
 """
 from __future__ import annotations
 
@@ -22,14 +31,17 @@ import contextlib
 import os
 import queue
 import threading
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from .buffers import OutputPool, current_pool, using_pool
+from .buffers import OutputPool, current_pool, current_training_pool, using_pool, using_training_pool
 from .levers import LeverState, lever_enabled, lever_state, using_lever_state
 
-__all__ = ["WORKERS", "concurrent_paths_pay", "run_concurrently"]
+__all__ = ["WORKERS", "concurrent_paths_pay", "concurrent_training_pays", "run_concurrently",
+           "run_concurrently_with_autograd"]
 
 #: Worker threads (each with one OpenMP thread), and the intra-op thread count this is taken for.
 WORKERS = 2
@@ -49,18 +61,19 @@ class _Batch:
 
 
 class _CallerState:
-    """What a job must see of the thread that handed it over: grad and inference mode, levers, pool."""
+    """What a job must see of the thread that handed it over: grad and inference mode, levers, pools."""
 
     def __init__(self) -> None:
         self.grad: bool = torch.is_grad_enabled()
         self.inference: bool = torch.is_inference_mode_enabled()
         self.levers: LeverState = lever_state()
         self.pool: OutputPool | None = current_pool()
+        self.training_pool: OutputPool | None = current_training_pool()
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad), \
-                using_lever_state(self.levers), using_pool(self.pool):
+                using_lever_state(self.levers), using_pool(self.pool), using_training_pool(self.training_pool):
             yield
 
 
@@ -122,12 +135,24 @@ def concurrent_paths_pay(module: torch.nn.Module, x: torch.Tensor) -> bool:
             and not getattr(_in_worker, "active", False) and not _profiling())
 
 
-def run_concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+def concurrent_training_pays(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``'s paths should train side by side on input ``x``: the lever is on, a CPU float32
+    training forward with autograd recording (train mode, no autocast, not compiling, not profiled) on
+    exactly 2 intra-op threads, not already inside a worker."""
+    return (lever_enabled("concurrent_training")
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.is_grad_enabled() and module.training
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and torch.get_num_threads() == WORKERS
+            and not getattr(_in_worker, "active", False) and not _profiling())
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]], state: _CallerState | None = None) -> list[Any]:
     """``[call() for call in calls]``, the calls run on the worker threads (in this order, as workers
-    free up) with this thread's grad mode, inference mode, levers and output pool; the first failing
-    call's error is raised here once all have finished."""
+    free up) with this thread's grad mode, inference mode, levers and output pools (or ``state``'s);
+    the first failing call's error is raised here once all have finished."""
     workers = _path_workers()
-    batch, state = _Batch(len(calls)), _CallerState()
+    batch, state = _Batch(len(calls)), state or _CallerState()
     for index, call in enumerate(calls):
         workers.jobs.put((batch, index, call, state))
     for _ in calls:
@@ -136,3 +161,56 @@ def run_concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
         if error is not None:
             raise error
     return batch.results
+
+
+class _SideBySide(torch.autograd.Function):
+    """The paths' forwards and, when the caller's backward gets here, their backwards, on the workers.
+
+    Inputs: the network's input ``x``, an ``anchor`` that requires grad (so the node is recorded even
+    when ``x`` does not), the calls and the caller's state. Outputs: the paths' tensors, flattened,
+    detached from the jobs' own graphs, which ``ctx`` keeps until the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor,  # type: ignore[override]
+                calls: Sequence[Callable[[torch.Tensor], Any]], state: _CallerState,
+                structure: list) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        # each job its own leaf: gradients for x add up here afterwards, not in one leaf from two threads
+        leaves = [x.detach().requires_grad_(x.requires_grad) for _ in calls]
+        results = run_concurrently([partial(call, leaf) for call, leaf in zip(calls, leaves)], state)
+        ctx.state, ctx.leaves = state, leaves
+        ctx.outputs = [[t] if torch.is_tensor(t) else list(t) for t in results]
+        structure.extend(None if torch.is_tensor(t) else len(outs) for t, outs in zip(results, ctx.outputs))
+        return tuple(t.detach() for outs in ctx.outputs for t in outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+        if ctx.outputs is None:
+            raise RuntimeError("LoGoNet's concurrent paths (lever concurrent_training) freed their graph in the "
+                               "first backward; to backward twice run the step inside "
+                               "nnunet_logonet.network.levers.reference_kernels('concurrent_training')")
+        outputs, ctx.outputs = ctx.outputs, None
+        jobs, given = [], iter(grads)
+        for outs in outputs:
+            pairs = [(t, g) for t, g in zip(outs, [next(given) for _ in outs]) if g is not None and t.requires_grad]
+            if pairs:
+                jobs.append(partial(torch.autograd.backward, [t for t, _ in pairs], [g for _, g in pairs]))
+        run_concurrently(jobs, ctx.state)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            parts = [leaf.grad for leaf in ctx.leaves if leaf.grad is not None]
+            grad_x = torch.stack(parts).sum(0) if parts else None
+        ctx.leaves = None
+        return grad_x, None, None, None, None
+
+
+def run_concurrently_with_autograd(x: torch.Tensor, calls: Sequence[Callable[[torch.Tensor], Any]]) -> list[Any]:
+    """``[call(x) for call in calls]`` (each returning a tensor or a sequence of tensors, as a list) in a
+    training forward, forwards and backwards on the workers (lever ``concurrent_training``): the results
+    are tensors of the caller's graph, whose backward runs each call's backward on the workers and sums
+    the calls' gradients for ``x``."""
+    structure: list[int | None] = []
+    flat = iter(_SideBySide.apply(x, torch.empty(0, requires_grad=True), list(calls), _CallerState(), structure))
+    return [next(flat) if n is None else [next(flat) for _ in range(n)] for n in structure]

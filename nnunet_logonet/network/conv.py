@@ -47,6 +47,7 @@ __all__ = [
     "conv3d_add",
     "conv3d_concat",
     "cat_per_group",
+    "summed_part_convolutions",
     "LEVERS",
     "fast_paths_enabled",
     "lever_enabled",
@@ -288,7 +289,17 @@ def conv3d_concat(
         return conv3d(cat_per_group(parts, groups), weight, bias, stride, padding, dilation, groups, activation)
     accumulate = (_CONV_ADD_INPLACE is not None and lever_enabled("post_ops")
                   and not any(_needs_grad(p, weight, bias) for p in parts))
-    stride, padding, dilation = triple(stride), triple(padding), triple(dilation)
+    out = summed_part_convolutions(parts, per_group, weight, bias, triple(stride), triple(padding), triple(dilation),
+                                   groups, accumulate)
+    return out if activation is None else activation(out)
+
+
+def summed_part_convolutions(parts: Sequence[torch.Tensor], per_group: Sequence[int], weight: torch.Tensor,
+                             bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                             groups: int, accumulate: bool) -> torch.Tensor:
+    """The sum of one convolution per part (``per_group`` input channels per group each) with its slice of
+    ``weight`` (:func:`conv3d_concat`, lever ``concat_sum``); with ``accumulate`` each later part added
+    inside oneDNN (sum post-op, no autograd)."""
     out = None
     start = 0
     for part, width in zip(parts, per_group):
@@ -300,7 +311,7 @@ def conv3d_concat(
         else:
             out = out + conv3d(part, w, None, stride, padding, dilation, groups)
         start += width
-    return out if activation is None else activation(out)
+    return out
 
 
 class Conv3d(nn.Conv3d):

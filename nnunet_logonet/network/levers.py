@@ -51,6 +51,8 @@ LEVERS: dict[str, str] = {
                              "sliding window read fastest",
     "concurrent_paths": "in CPU inference on 2 threads, LoGoNet's global path and its 8 local paths (the loop) "
                         "run side by side on two worker threads of one OpenMP thread each",
+    "concurrent_training": "in CPU training on 2 threads, the forward and the backward of LoGoNet's global path and "
+                           "its 8 local paths side by side on the same two workers",
 }
 
 #: What ``lever_state()`` returns: (fast paths on, the names switched off).

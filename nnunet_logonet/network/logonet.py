@@ -22,7 +22,12 @@ from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
 from .classifier import Classifier3d
-from .concurrent_paths import concurrent_paths_pay, run_concurrently
+from .concurrent_paths import (
+    concurrent_paths_pay,
+    concurrent_training_pays,
+    run_concurrently,
+    run_concurrently_with_autograd,
+)
 from .conv import Conv3d
 from .folding import conv_norm_act
 from .levers import lever_enabled
@@ -67,6 +72,11 @@ def _stitch_pays(lever: str, out: torch.Tensor, *local: torch.Tensor) -> bool:
 def _first_output(path: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A local path's full-resolution features (the only ones LoGoNet reads from it)."""
     return path(x)[0]
+
+
+def _local_output(path: nn.Module, grid: Sequence[int], index: int, x: torch.Tensor) -> torch.Tensor:
+    """Local path ``index``'s full-resolution features from the whole input ``x`` (its sub-crop cut here)."""
+    return path(split_subcrops(x, grid)[index])[0]
 
 
 class LoGoHead(nn.Module):
@@ -233,6 +243,12 @@ class LoGoNet(ReusesOutputBuffers):
                 global_features, *outs = run_concurrently(
                     [partial(self.global_path, x)] + [partial(_first_output, path, tile)
                                                       for path, tile in zip(self.local_paths, tiles)])
+                fused = self._stitched(outs, add_to=global_features[0])
+            elif concurrent_training_pays(self, x):
+                # the same in training, each path's backward on the workers too (concurrent_paths.py)
+                global_features, *outs = run_concurrently_with_autograd(
+                    x, [self.global_path] + [partial(_local_output, path, self.local_grid, i)
+                                             for i, path in enumerate(self.local_paths)])
                 fused = self._stitched(outs, add_to=global_features[0])
             else:
                 global_features = self.global_path(x)
