@@ -1,5 +1,6 @@
-"""Lever ``concurrent_paths``: LoGoNet's global and local paths side by side on two single-threaded workers
-in CPU inference (network/concurrent_paths.py, docs/speed.md "Concurrent paths")."""
+"""Levers ``concurrent_paths`` and ``concurrent_training``: LoGoNet's global and local paths side by side on two
+single-threaded workers in CPU inference, and in CPU training forward and backward (network/concurrent_paths.py,
+docs/speed.md "Concurrent paths", "Concurrent training")."""
 from __future__ import annotations
 
 import contextlib

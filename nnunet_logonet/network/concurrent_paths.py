@@ -1,4 +1,5 @@
-"""LoGoNet's independent paths side by side on two worker threads in CPU inference (lever ``concurrent_paths``).
+"""LoGoNet's independent paths side by side on two worker threads on the CPU (levers ``concurrent_paths``,
+``concurrent_training``).
 
 Why: on 2 cores every operation of a forward is one OpenMP parallel region of 2 threads, and
 LoGoNet-S dispatches ~400 of them per patch, most on small maps where splitting the work gains

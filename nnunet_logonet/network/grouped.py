@@ -58,7 +58,9 @@ def grouping_pays(paths: Sequence[nn.Module], x: torch.Tensor) -> bool:
       grouped kernels, per-step weight concatenation and 6-D LayerNorm cost more once a path has
       real work. Training step grouped vs loop on the 2-core Xeon: tiny at 32x64x64 0.57 vs
       0.62 s, tiny at 64^3 equal, tiny at 96^3 4.30 vs 4.03 s, S at 64^3 5.45 vs 5.00 s. The
-      limit sits between: sub-crop voxels x ``dims[0]`` <= 2^18 (docs/speed.md).
+      limit sits between: sub-crop voxels x ``dims[0]`` <= 2^18 (docs/speed.md). On exactly 2
+      intra-op threads ``LoGoNet.forward`` runs the loop on the two workers, backward included
+      (lever ``concurrent_training``).
     """
     if x.device.type != "cpu" or not torch.is_grad_enabled():
         return True

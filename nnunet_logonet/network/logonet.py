@@ -204,8 +204,9 @@ class LoGoNet(ReusesOutputBuffers):
         Sub-crop i only ever reaches ``local_paths[i]``, so no local output depends on another
         sub-crop (tested). With the fast paths on (the default) the paths run as one grouped
         network (network/grouped.py) where that is faster (``grouping_pays``: CUDA, CPU inference,
-        CPU training of small paths); ``reference_kernels()`` runs the plain loop. (In CPU inference on
-        2 threads ``forward`` does not come here: the paths run side by side, ``concurrent_paths``.)
+        CPU training of small paths); ``reference_kernels()`` runs the plain loop. (On 2 CPU threads
+        ``forward`` does not come here: the paths run side by side, levers ``concurrent_paths`` in inference
+        and ``concurrent_training`` in training.)
 
         With ``add_to`` (the global features) the result is ``add_to + local features``; without
         autograd on the CPU the grouped local features are added into ``add_to`` in place
