@@ -59,6 +59,24 @@ def _spy_runs(monkeypatch) -> list[int]:
     return calls
 
 
+def _forward_in_case(net: LoGoNet, x: torch.Tensor, case: str, lever: str, grad_mode) -> None:
+    """One forward of ``net`` in a setting where ``lever`` must step aside: ``case`` names it (another thread
+    count, the lever off, autocast, the profiler, float64; ``grad_mode`` the autograd setting)."""
+    if case in ("one_thread", "three_threads"):
+        torch.set_num_threads(1 if case == "one_thread" else 3)
+    if case == "float64":
+        net, x = net.double(), x.double()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(grad_mode)
+        if case == "lever_off":
+            stack.enter_context(reference_kernels(lever))
+        if case == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if case == "profiled":
+            stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+        net(x)
+
+
 @pytest.mark.parametrize("patch, batch, deep_supervision", [
     ((32, 32, 32), 1, False), ((32, 32, 32), 2, True), ((16, 64, 64), 1, False), ((32, 64, 32), 2, False)])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -104,27 +122,13 @@ def test_concurrent_paths_only_in_cpu_float32_inference_on_two_threads(case, mon
     thread's operations (a profiled forward shows every operation: step_profile)."""
     net = _tiny((32, 32, 32))
     net.train(case == "training")
-    x = torch.randn(2, 1, 32, 32, 32)
     runs = _spy_runs(monkeypatch)
-    if case in ("one_thread", "three_threads"):
-        torch.set_num_threads(1 if case == "one_thread" else 3)
-    if case == "float64":
-        net, x = net.double(), x.double()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad() if case == "grad" else torch.no_grad())
-        if case == "lever_off":
-            stack.enter_context(reference_kernels("concurrent_paths"))
-        if case == "autocast":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        if case == "profiled":
-            stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
-        net(x)
+    _forward_in_case(net, torch.randn(2, 1, 32, 32, 32), case, "concurrent_paths",
+                     torch.enable_grad() if case == "grad" else torch.no_grad())
     assert runs == []
-    net.float()
-    x = x.float()
     torch.set_num_threads(2)
     with torch.no_grad():
-        net.eval()(x)
+        net.float().eval()(torch.randn(2, 1, 32, 32, 32))
     assert runs == [9]
 
 
@@ -272,25 +276,12 @@ def test_concurrent_training_only_in_cpu_float32_training_on_two_threads(case, m
     """Taken by a training forward with autograd (nnU-Net's train_step) on exactly 2 threads, and not in eval mode,
     a training-mode forward without autograd, other thread counts, autocast, the profiler or float64."""
     net = _tiny((32, 32, 32)).train(case != "inference")
-    x = torch.randn(2, 1, 32, 32, 32)
     runs = _spy_training_runs(monkeypatch)
-    if case in ("one_thread", "three_threads"):
-        torch.set_num_threads(1 if case == "one_thread" else 3)
-    if case == "float64":
-        net, x = net.double(), x.double()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad() if case == "no_grad_training" else torch.enable_grad())
-        if case == "lever_off":
-            stack.enter_context(reference_kernels("concurrent_training"))
-        if case == "autocast":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        if case == "profiled":
-            stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
-        net(x)
+    _forward_in_case(net, torch.randn(2, 1, 32, 32, 32), case, "concurrent_training",
+                     torch.no_grad() if case == "no_grad_training" else torch.enable_grad())
     assert runs == []
-    net.float().train()
     torch.set_num_threads(2)
-    net(x.float()).square().mean().backward()
+    net.float().train()(torch.randn(2, 1, 32, 32, 32)).square().mean().backward()
     assert runs == [9]
 
 

@@ -146,16 +146,10 @@ def current_pool() -> OutputPool | None:
     return getattr(_state, "pool", None)
 
 
-@contextlib.contextmanager
-def using_pool(pool: OutputPool | None) -> Iterator[None]:
+def using_pool(pool: OutputPool | None) -> contextlib.AbstractContextManager[None]:
     """Inside the block this thread writes inference outputs into ``pool`` (from ``current_pool()`` of the
     thread whose forward hands it work: LoGoNet's concurrent paths); the pool's lock keeps them apart."""
-    previous = getattr(_state, "pool", None)
-    _state.pool = pool
-    try:
-        yield
-    finally:
-        _state.pool = previous
+    return _this_thread_uses("pool", pool)
 
 
 def current_training_pool() -> OutputPool | None:
@@ -163,16 +157,20 @@ def current_training_pool() -> OutputPool | None:
     return getattr(_state, "training_pool", None)
 
 
-@contextlib.contextmanager
-def using_training_pool(pool: OutputPool | None) -> Iterator[None]:
+def using_training_pool(pool: OutputPool | None) -> contextlib.AbstractContextManager[None]:
     """Inside the block this thread's training conv units use ``pool`` (from ``current_training_pool()`` of
     the thread whose training forward hands it work: LoGoNet's concurrent paths, ``concurrent_training``)."""
-    previous = getattr(_state, "training_pool", None)
-    _state.training_pool = pool
+    return _this_thread_uses("training_pool", pool)
+
+
+@contextlib.contextmanager
+def _this_thread_uses(slot: str, pool: OutputPool | None) -> Iterator[None]:
+    previous = getattr(_state, slot, None)
+    setattr(_state, slot, pool)
     try:
         yield
     finally:
-        _state.training_pool = previous
+        setattr(_state, slot, previous)
 
 
 def active_pool(x: torch.Tensor, out_shape: Sequence[int]) -> OutputPool | None:
