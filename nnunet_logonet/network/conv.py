@@ -295,8 +295,8 @@ def conv3d_concat(
 
 
 def summed_part_convolutions(parts: Sequence[torch.Tensor], per_group: Sequence[int], weight: torch.Tensor,
-                             bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                             groups: int, accumulate: bool) -> torch.Tensor:
+                             bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                             dilation: Sequence[int], groups: int, accumulate: bool) -> torch.Tensor:
     """The sum of one convolution per part (``per_group`` input channels per group each) with its slice of
     ``weight`` (:func:`conv3d_concat`, lever ``concat_sum``); with ``accumulate`` each later part added
     inside oneDNN (sum post-op, no autograd)."""
