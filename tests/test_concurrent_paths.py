@@ -214,9 +214,9 @@ def _spy_training_runs(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = logonet_module.run_concurrently_with_autograd
 
-    def spy(x, jobs):
+    def spy(jobs, inputs):
         calls.append(len(jobs))
-        return real(x, jobs)
+        return real(jobs, inputs)
 
     monkeypatch.setattr(logonet_module, "run_concurrently_with_autograd", spy)
     return calls

@@ -18,7 +18,7 @@ Measured on the 2-core AMD EPYC Zen 4 (docs/speed.md, "Concurrent paths"); taken
 holds: CPU float32 inference (no autograd, eval mode) with exactly 2 intra-op threads.
 
 Training (lever ``concurrent_training``) splits the same way: in a training forward the 9 paths run
-on the workers with autograd recording (each job's graph starts at a detached copy of the input),
+on the workers with autograd recording (each job's graph starts at a detached copy of its input),
 and :class:`_SideBySide`, the one autograd node the caller's graph sees for all of them, runs their
 backwards on the workers too when the caller's backward reaches it. Each path has its own
 parameters and BatchNorms, so no two jobs write the same gradient or statistic. Like PyTorch's
@@ -167,18 +167,17 @@ def run_concurrently(calls: Sequence[Callable[[], Any]], state: _CallerState | N
 class _SideBySide(torch.autograd.Function):
     """The paths' forwards and, when the caller's backward gets here, their backwards, on the workers.
 
-    Inputs: the network's input ``x``, an ``anchor`` that requires grad (so the node is recorded even
-    when ``x`` does not), the calls and the caller's state. Outputs: the paths' tensors, flattened,
-    detached from the jobs' own graphs, which ``ctx`` keeps until the backward.
+    Inputs: an ``anchor`` that requires grad (so the node is recorded even when no input does), the
+    calls, the caller's state, a list to note the results' structure in, and each call's input (the
+    caller's graph routes their gradients back, e.g. the sub-crops' into the whole input). Outputs: the
+    calls' tensors, flattened, detached from the jobs' own graphs, which ``ctx`` keeps until the backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor,  # type: ignore[override]
-                calls: Sequence[Callable[[torch.Tensor], Any]], state: _CallerState,
-                structure: list) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, anchor: torch.Tensor, calls: Sequence[Callable[[torch.Tensor], Any]],  # type: ignore[override]
+                state: _CallerState, structure: list, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        # each job its own leaf: gradients for x add up here afterwards, not in one leaf from two threads
-        leaves = [x.detach().requires_grad_(x.requires_grad) for _ in calls]
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]  # where each job's graph starts
         results = run_concurrently([partial(call, leaf) for call, leaf in zip(calls, leaves)], state)
         ctx.state, ctx.leaves = state, leaves
         ctx.outputs = [[t] if torch.is_tensor(t) else list(t) for t in results]
@@ -199,19 +198,17 @@ class _SideBySide(torch.autograd.Function):
             if pairs:
                 jobs.append(partial(torch.autograd.backward, [t for t, _ in pairs], [g for _, g in pairs]))
         run_concurrently(jobs, ctx.state)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            parts = [leaf.grad for leaf in ctx.leaves if leaf.grad is not None]
-            grad_x = torch.stack(parts).sum(0) if parts else None
-        ctx.leaves = None
-        return grad_x, None, None, None, None
+        leaves, ctx.leaves = ctx.leaves, None
+        return None, None, None, None, *(leaf.grad for leaf in leaves)
 
 
-def run_concurrently_with_autograd(x: torch.Tensor, calls: Sequence[Callable[[torch.Tensor], Any]]) -> list[Any]:
-    """``[call(x) for call in calls]`` (each returning a tensor or a sequence of tensors, as a list) in a
-    training forward, forwards and backwards on the workers (lever ``concurrent_training``): the results
-    are tensors of the caller's graph, whose backward runs each call's backward on the workers and sums
-    the calls' gradients for ``x``."""
+def run_concurrently_with_autograd(calls: Sequence[Callable[[torch.Tensor], Any]],
+                                   inputs: Sequence[torch.Tensor]) -> list[Any]:
+    """``[call(x) for call, x in zip(calls, inputs)]`` (each returning a tensor or a sequence of tensors, as a
+    list) in a training forward, forwards and backwards on the workers (lever ``concurrent_training``): the
+    results are tensors of the caller's graph, whose backward runs each call's backward on the workers and
+    hands each input its gradient."""
     structure: list[int | None] = []
-    flat = iter(_SideBySide.apply(x, torch.empty(0, requires_grad=True), list(calls), _CallerState(), structure))
+    flat = iter(_SideBySide.apply(torch.empty(0, requires_grad=True), list(calls), _CallerState(), structure,
+                                  *inputs))
     return [next(flat) if n is None else [next(flat) for _ in range(n)] for n in structure]

@@ -74,11 +74,6 @@ def _first_output(path: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return path(x)[0]
 
 
-def _local_output(path: nn.Module, grid: Sequence[int], index: int, x: torch.Tensor) -> torch.Tensor:
-    """Local path ``index``'s full-resolution features from the whole input ``x`` (its sub-crop cut here)."""
-    return path(split_subcrops(x, grid)[index])[0]
-
-
 class LoGoHead(nn.Module):
     """Fused-feature head and all classifiers; owns the ``deep_supervision`` runtime flag.
 
@@ -248,8 +243,8 @@ class LoGoNet(ReusesOutputBuffers):
             elif concurrent_training_pays(self, x):
                 # the same in training, each path's backward on the workers too (concurrent_paths.py)
                 global_features, *outs = run_concurrently_with_autograd(
-                    x, [self.global_path] + [partial(_local_output, path, self.local_grid, i)
-                                             for i, path in enumerate(self.local_paths)])
+                    [self.global_path] + [partial(_first_output, path) for path in self.local_paths],
+                    [x, *split_subcrops(x, self.local_grid)])
                 fused = self._stitched(outs, add_to=global_features[0])
             else:
                 global_features = self.global_path(x)
