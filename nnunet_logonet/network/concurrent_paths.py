@@ -124,28 +124,25 @@ def _profiling() -> bool:
     return bool(enabled and enabled())
 
 
-def concurrent_paths_pay(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module``'s paths should run side by side for input ``x``: the lever is on, CPU float32
-    inference (no autograd, eval mode, no autocast, not compiling, not profiled) on exactly 2 intra-op
-    threads, and not already inside a worker."""
-    return (lever_enabled("concurrent_paths")
-            and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not module.training
+def _workers_may_take(lever: str, x: torch.Tensor) -> bool:
+    """What both levers need: the lever on, a CPU float32 input, no autocast, not compiling, exactly 2
+    intra-op threads (where it was measured), not already inside a worker, not profiled."""
+    return (lever_enabled(lever) and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and torch.get_num_threads() == WORKERS
             and not getattr(_in_worker, "active", False) and not _profiling())
+
+
+def concurrent_paths_pay(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``'s paths should run side by side for input ``x``: CPU float32 inference (no
+    autograd, eval mode) where the workers may take it (``_workers_may_take``)."""
+    return not torch.is_grad_enabled() and not module.training and _workers_may_take("concurrent_paths", x)
 
 
 def concurrent_training_pays(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module``'s paths should train side by side on input ``x``: the lever is on, a CPU float32
-    training forward with autograd recording (train mode, no autocast, not compiling, not profiled) on
-    exactly 2 intra-op threads, not already inside a worker."""
-    return (lever_enabled("concurrent_training")
-            and x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.is_grad_enabled() and module.training
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and torch.get_num_threads() == WORKERS
-            and not getattr(_in_worker, "active", False) and not _profiling())
+    """Whether ``module``'s paths should train side by side on input ``x``: a CPU float32 training forward
+    with autograd recording (train mode) where the workers may take it (``_workers_may_take``)."""
+    return torch.is_grad_enabled() and module.training and _workers_may_take("concurrent_training", x)
 
 
 def run_concurrently(calls: Sequence[Callable[[], Any]], state: _CallerState | None = None) -> list[Any]:
