@@ -76,6 +76,11 @@ class ULKADecoder(nn.Module):
 
     def forward_features(self, stem: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Decoder features at resolutions 0 .. S (highest first)."""
+        coarse = self.forward_coarse(features)
+        return [self.forward_final(stem, coarse[0]), *coarse]
+
+    def forward_coarse(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Decoder features at resolutions 1 .. S (highest first): all but the stem's."""
         skips = [unit(f) for unit, f in zip(self.skips, features)]
         x = self.blocks[0](skips[-1])
         outputs = []
@@ -84,8 +89,11 @@ class ULKADecoder(nn.Module):
             # concatenations go to the first conv unit as parts (conv.conv3d_concat: no copy)
             x = self.blocks[j]((x, skips[res - 2]) if res >= 2 else x)
             outputs.append(x)
-        outputs.append(self.final((self.upsamples[-1](x), stem)))
         return outputs[::-1]
+
+    def forward_final(self, stem: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+        """Full-resolution features: the features at resolution 1 upsampled, concatenated with the stem's."""
+        return self.final((self.upsamples[-1](half), stem))
 
     def forward(self, stem: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """Segmentation logits: one full-resolution tensor, or S + 1 with deep supervision."""

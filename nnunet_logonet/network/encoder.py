@@ -98,9 +98,13 @@ class ULKAEncoder(nn.Module):
         self.output_channels = tuple(dims)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        stem = self.stem(x)
+        return self.stem(x), self.forward_stages(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One feature map per LKA stage. The stages start from the input, not from the stem, whose output
+        only the decoder's last units read (so the two are independent; benchmark/path_balance.py)."""
         features = []
         for stage in self.stages:
             x = stage(x)
             features.append(x)
-        return stem, features
+        return features
