@@ -7,9 +7,11 @@ single-threaded time (the ideal); the global path, the largest job, can hold one
 run out of local paths. The global path's stem reads only the input and only its last decoder units read it
 (``ULKAEncoder.forward_stages``, ``ULKADecoder.forward_final``), so the global path is also three jobs: stem,
 body (the LKA stages and the decoder down to resolution 1) and final (after both). This command times every
-job alone, single-threaded, as a worker runs it (the network's output pools on); the paths side by side as
-the lever runs them; and both job lists greedily scheduled on two workers from those times (a worker that
-frees up takes the first job of the list whose inputs are ready; in the split list ``final`` comes first).
+job alone, single-threaded, as a worker runs it (the network's output pools on), and the paths side by side as
+the lever runs them, in rounds that time every figure once (these shared machines drift by up to 20 % between
+minutes); then it schedules both job lists greedily on two workers from those times (a worker that frees up
+takes the first job of the list whose inputs are ready; in the split list ``final`` comes first). What it
+showed: docs/speed.md, "How evenly the 9 paths fill the two workers".
 
     python -m nnunet_logonet.benchmark.path_balance --patch-size 96 96 96              # inference, batch 1
     python -m nnunet_logonet.benchmark.path_balance --patch-size 64 64 64 --training   # forward + backward
