@@ -772,12 +772,15 @@ def test_network_outputs_equal_reference_in_eval(cls, patch, batch):
     assert _rel(fast, ref) < 1e-4
 
 
-def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool, without: tuple[str, ...] = ()):
-    """A training step's outputs and gradients: reference kernels, or the fast ones less ``without``."""
+def _outputs_and_grads(net: nn.Module, x: torch.Tensor, reference: bool, without: tuple[str, ...] = (),
+                       compiled: bool = False):
+    """A training step's outputs and gradients: reference kernels, or the fast ones less ``without``
+    (``compiled``: the network under ``torch.compile``)."""
     net = copy.deepcopy(net)  # BatchNorm running statistics must not leak between the two runs
     x = x.clone().requires_grad_()
+    forward = torch.compile(net) if compiled else net
     with reference_kernels() if reference else reference_kernels(*without) if without else torch.enable_grad():
-        outs = net(x)
+        outs = forward(x)
         loss = sum((o.float() * torch.linspace(-1, 1, o.shape[1]).view(1, -1, 1, 1, 1)).square().mean() for o in outs)
         loss.backward()
     grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
@@ -885,9 +888,11 @@ def _reference_steps(net: nn.Module, x: torch.Tensor) -> tuple:
 KINK_FLIP_TOLERANCE = 1e-2
 
 
-def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = ()) -> None:
+def _assert_training_equals_reference(net: nn.Module, x: torch.Tensor, without: tuple[str, ...] = (),
+                                     compiled: bool = False) -> None:
     (ref_out, ref_gx, ref_grads, ref_state), exact_out, exact_gx, exact_grads = _reference_steps(net, x)
-    fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without)
+    fast_out, fast_gx, fast_grads, fast_state = _outputs_and_grads(net, x, reference=False, without=without,
+                                                                   compiled=compiled)
     # BatchNorm running statistics (the grouped local paths write them back to every path); the
     # bottleneck's BatchNorm over 2 values (1^3 maps, batch 2) magnifies float32 rounding to ~3e-5
     assert fast_state.keys() == ref_state.keys()
@@ -1304,6 +1309,32 @@ def test_torch_compile_sees_the_network_as_one_graph(training, monkeypatch):
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.slow  # ~3 min of inductor's C++ compilation (less once cached): `bash scripts/test.sh -m slow`
+def test_inductor_compiled_network_equals_the_reference(monkeypatch):
+    """What nnU-Net trains and predicts with on CUDA by default (``nnUNet_compile``): the network under
+    ``torch.compile``. No GPU in CI, so inductor's CPU backend stands in for what dynamo and AOT autograd make
+    of LoGoNet's CUDA code path (the grouped local paths): a compiled training step's outputs, gradients and
+    BatchNorm statistics judged as every fast path's are (against float64), then the compiled eval-mode
+    output against the reference kernels'."""
+    import torch._dynamo
+
+    monkeypatch.setattr(grouped_module, "CPU_GROUPING_LIMIT", 2 ** 40)  # the grouped paths, as on CUDA
+    patch = PATCHES[0]
+    net = _tiny(LoGoNet, patch, deep_supervision=True).train()
+    x = torch.randn(2, 1, *patch, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        _assert_training_equals_reference(net, x, compiled=True)
+        net.eval()
+        with torch.no_grad():
+            inferred = torch.compile(net)(x[:1].contiguous(memory_format=CL))
+            with reference_kernels():
+                expected = net(x[:1])
+        assert all(_rel(a, b) < 1e-4 for a, b in zip(inferred, expected))
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("concurrent", [False, True])
