@@ -35,7 +35,7 @@ from nnunet_logonet.benchmark.models import MODELS, resolve_model
 from nnunet_logonet.machine import cpu_line
 from nnunet_logonet.network.buffers import pooled_outputs
 from nnunet_logonet.network.concurrent_paths import WORKERS, run_concurrently, run_concurrently_with_autograd
-from nnunet_logonet.network.logonet import LoGoNet
+from nnunet_logonet.network.logonet import LoGoNet, _first_output
 from nnunet_logonet.network.partition import split_subcrops
 from nnunet_logonet.network.ulkanet import ULKAPath
 
@@ -125,15 +125,17 @@ def measure(net: LoGoNet, x: torch.Tensor, *, training: bool, repeats: int = 3) 
     with torch.set_grad_enabled(training), pooled_outputs(net, x) as x:
         tiles = split_subcrops(x, net.local_grid)
         if training:
-            calls = [partial(_train, net.global_path, x)] + [partial(_train, p, t) for p, t in zip(net.local_paths, tiles)]
+            calls = [partial(_train, net.global_path, x)]
+            calls += [partial(_train, p, t) for p, t in zip(net.local_paths, tiles)]
 
             def side_by_side() -> None:
-                outs = run_concurrently_with_autograd(
-                    [net.global_path] + [lambda t, p=p: p(t)[0] for p in net.local_paths], [x, *tiles])
+                outs = run_concurrently_with_autograd(  # as LoGoNet.forward hands them over
+                    [net.global_path] + [partial(_first_output, p) for p in net.local_paths], [x, *tiles])
                 firsts = [outs[0][0], *outs[1:]]
                 torch.autograd.backward(firsts, [torch.ones_like(t) for t in firsts])
         else:
-            calls = [partial(net.global_path, x)] + [lambda p=p, t=t: p(t)[0] for p, t in zip(net.local_paths, tiles)]
+            calls = [partial(net.global_path, x)]
+            calls += [partial(_first_output, p, t) for p, t in zip(net.local_paths, tiles)]
 
             def side_by_side() -> None:
                 run_concurrently(calls)
