@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,17 @@ def test_chart_needs_the_reference_model_in_the_run(tmp_path, capsys):
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="page faults are counted through getrusage on Linux")
 def test_time_runs_counts_the_page_faults_of_fresh_memory():
     """A call that writes 64 MB of freshly mapped memory faults its pages in (4 KB each, or 2 MB huge pages)."""
+    size = 64 * 2 ** 20
+    zeros = bytes(size)
+
+    def write_fresh_memory():
+        # an anonymous mapping of its own: a tensor of this size may come from a free chunk glibc's
+        # heap still holds from an earlier test, pages already in (this test failed once that way)
+        with mmap.mmap(-1, size) as fresh:
+            fresh.write(zeros)
+
     costs: dict = {}
-    times = time_runs(lambda: torch.ones(16 * 2 ** 20), warmup=1, repeats=3, device=torch.device("cpu"), costs=costs)
+    times = time_runs(write_fresh_memory, warmup=1, repeats=3, device=torch.device("cpu"), costs=costs)
     assert len(times) == 3
     assert costs["minor_page_faults"] >= 32 and costs["system_s"] >= 0
     quiet: dict = {}

@@ -437,6 +437,21 @@ def test_feature_map_size_grows_with_patch_and_equals_a_full_trace(cls):
     assert model.training
 
 
+@pytest.mark.parametrize(
+    "preset, strides, grid, deep_supervision",
+    [("S", None, (2, 2, 2), True), ("S", ANISO, (1, 2, 2), False), ("tiny", ANISO, (2, 1, 2), True)],
+)
+def test_logonet_counts_one_local_path_for_all_exactly_as_a_full_trace(preset, strides, grid, deep_supervision):
+    """The planner's count traces one local path and multiplies; it must equal tracing all 8 (and
+    the network built on meta, as the planner builds it, skips initialisation without failing)."""
+    kwargs = arch_kwargs_for_preset(preset, strides, model="LoGoNet", local_grid=grid)
+    with torch.device("meta"):
+        net = LoGoNet(2, 4, deep_supervision, **kwargs)
+    patch = [2 * m for m in net.patch_multiple]
+    assert net.compute_conv_feature_map_size(patch) == trace_feature_map_size(net, 2, patch)
+    assert net.training and net.decoder.deep_supervision is deep_supervision
+
+
 def test_logonet_feature_map_size_exceeds_ulkanet():
     assert small(LoGoNet).compute_conv_feature_map_size((32, 32, 32)) > small(ULKANet).compute_conv_feature_map_size(
         (32, 32, 32)

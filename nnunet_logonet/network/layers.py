@@ -138,8 +138,11 @@ def init_weights(module: nn.Module) -> None:
     """VAN's initialisation: conv weights N(0, 2 / fan_out), zero biases, unit norms.
 
     Used as ``network.initialize`` (nnU-Net calls ``network.apply(network.initialize)``).
-    Layer scales are left at their init value on purpose.
+    Layer scales are left at their init value on purpose. Parameters on ``meta`` (networks built
+    only to count shapes, as the planner does) hold no values and are skipped.
     """
+    if any(p.is_meta for p in module.parameters(recurse=False)):
+        return
     if isinstance(module, nn.Conv3d):
         fan_out = math.prod(module.kernel_size) * module.out_channels // module.groups
         nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))

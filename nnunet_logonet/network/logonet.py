@@ -41,7 +41,7 @@ from .grouped import (
     ungroup_subcrops,
 )
 from .layers import init_weights, make_norm
-from .memory import conv_feature_map_size
+from .memory import conv_feature_map_size, counting_feature_maps, meta_call, meta_input
 from .partition import add_subcrops, add_subcrops_, split_subcrops, stitch_subcrops
 from .presets import arch_kwargs_for_preset, jsonable
 from .shapes import as_triple, check_patch_size, positive_int, required_patch_multiple
@@ -257,7 +257,23 @@ class LoGoNet(ReusesOutputBuffers):
 
         Sizes that are not a valid multiple are counted at the next valid size up.
         """
-        return conv_feature_map_size(self, self.input_channels, input_size, self.patch_multiple, self.arch_kwargs)
+        return conv_feature_map_size(self, self.input_channels, input_size, self.patch_multiple, self.arch_kwargs,
+                                     trace=LoGoNet._trace_feature_map_size)
+
+    def _trace_feature_map_size(self, input_channels: int, input_size: Sequence[int]) -> int:
+        """What a full trace of ``forward`` counts, with one local path traced instead of all:
+        the paths are the same network on sub-crops of one size, so they count alike (tested
+        against the full trace). The planner counts every candidate topology, and the 8 local
+        paths were most of each trace's time."""
+        with counting_feature_maps(self) as counted:
+            x = meta_input(input_channels, input_size)
+            global_features = meta_call(self.global_path, x)
+            before_local = counted()
+            meta_call(self.local_paths[0], split_subcrops(x, self.local_grid)[0])
+            one_local_path = counted() - before_local
+            # stitching adds the local features to global_features[0]: no counted module, same shape
+            meta_call(self.head, torch.empty_like(global_features[0]), global_features)
+            return counted() + (len(self.local_paths) - 1) * one_local_path
 
     @classmethod
     def from_preset(
