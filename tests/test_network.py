@@ -460,8 +460,18 @@ def test_logonet_feature_map_size_exceeds_ulkanet():
 
 def test_initialize_hook_is_usable_by_nnunet():
     model = small(LoGoNet)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d) and m.weight.numel() >= 4096]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    with torch.no_grad():
+        for m in convs + norms:
+            m.weight.zero_()
     model.apply(model.initialize)
     assert torch.all(model.global_path.encoder.stages[0].blocks[0].ls1.gamma == 1e-2)
+    # real weights are drawn (only parameters on meta, which hold no values, are skipped)
+    for conv in convs:
+        fan_out = math.prod(conv.kernel_size) * conv.out_channels // conv.groups
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.15)
+    assert all(torch.all(m.weight == 1) for m in norms)
 
 
 # ---------------------------------------------------------------- precision, layout, multi-GPU
