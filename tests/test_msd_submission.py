@@ -6,6 +6,7 @@ label maps on the test image's grid, then broken one way per test.
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
 import zipfile
@@ -197,6 +198,16 @@ def _not_an_image(image_path: Path, pred_path: Path) -> None:
     pred_path.write_bytes(b"this is not a NIfTI file")
 
 
+def _not_gzip(image_path: Path, pred_path: Path) -> None:
+    """A valid NIfTI under a .nii.gz name, uncompressed: the archive entry would not gunzip."""
+    pred_path.write_bytes(gzip.decompress(pred_path.read_bytes()))
+
+
+def _short_data(image_path: Path, pred_path: Path) -> None:
+    """A whole gzip stream around a cut NIfTI: ITK reads the missing voxels as 0."""
+    pred_path.write_bytes(gzip.compress(gzip.decompress(pred_path.read_bytes())[:-20]))
+
+
 @pytest.mark.parametrize("breaker, phrase", [
     (_wrong_spacing, "spacing (x, y, z) expected"),
     (_unknown_label, "label values [2] are not in dataset.json labels"),
@@ -205,7 +216,10 @@ def _not_an_image(image_path: Path, pred_path: Path) -> None:
     (_probabilities, "not integers"),
     (_wrong_direction, "direction expected"),
     (_not_an_image, "cannot be read"),
-], ids=["spacing", "label", "4d", "nan", "probabilities", "direction", "unreadable"])
+    (_not_gzip, "not gzip-compressed"),
+    (_short_data, "truncated: the decompressed data holds"),
+], ids=["spacing", "label", "4d", "nan", "probabilities", "direction", "unreadable", "not_gzip",
+        "short_data"])
 def test_invalid_case_is_named_with_reason_and_nothing_written(spleen, capsys, breaker, phrase):
     task, pred, predictions, out = spleen
     breaker(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
@@ -216,6 +230,44 @@ def test_invalid_case_is_named_with_reason_and_nothing_written(spleen, capsys, b
     assert main(["--task", str(task), str(pred), "-o", str(out / "s.tar.gz")]) == 1
     printed = capsys.readouterr().out
     assert "INVALID spleen_3.nii.gz" in printed and phrase in printed
+    assert_nothing_written(out)
+
+
+def _cut(path: Path, keep: float = 2 / 3) -> None:
+    """What an interrupted copy or write leaves: the first part of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32], ids=["uint8", "float32"])
+def test_truncated_gzip_prediction_is_invalid_and_nothing_written(spleen, capsys, dtype):
+    """ITK reads a cut .nii.gz as zeros (uint8 passed, and was packed byte for byte); nibabel's
+    NaN check raised a bare EOFError on a float one. Both are now an invalid case."""
+    task, pred, _, out = spleen
+    name = "spleen_3.nii.gz"
+    predict_like(task / "imagesTs" / name, pred / name, dtype=dtype)
+    _cut(pred / name)
+    report = validate_task(task, pred, progress=False)
+    assert [r.case for r in report.invalid] == [name]
+    (reason,) = report.invalid[0].reasons
+    assert "truncated: the gzip stream ends before its end marker" in reason
+    assert "re-run nnUNetv2_predict" in reason
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 1
+    printed = capsys.readouterr()
+    assert f"INVALID {name}: truncated" in printed.out and "Traceback" not in printed.err
+    assert_nothing_written(out)
+    with pytest.raises(IncompleteSubmissionError):
+        write_submission([(task, pred)], out / "s.zip", progress=False)
+    assert_nothing_written(out)
+
+
+def test_prediction_cut_after_validation_is_not_packed(spleen):
+    task, pred, _, out = spleen
+    report = validate_task(task, pred, progress=False)
+    assert report.complete
+    _cut(pred / "spleen_5.nii.gz")
+    with pytest.raises(ValueError, match="spleen_5.nii.gz.*truncated.*nothing written"):
+        write_submission([report], out / "s.zip", progress=False)
     assert_nothing_written(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -134,3 +135,91 @@ def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
     _fake_dataset(nnunet_dirs, 805, (999.0, 0.8, 0.8), (1, 256, 256))
     with pytest.raises(PlanningError, match="3D only.*nnUNetv2_plan_and_preprocess"):
         _plan(LoGoNetPlanner, 805)
+
+
+# ------------------------------------------------------------------------- logonet_plan_and_preprocess
+@pytest.mark.parametrize("argv, message", [
+    (["-np", "0"], "-np must be at least 1"),
+    (["-npfp", "0"], "-npfp must be at least 1"),
+    (["-c", "3d_fulres"], "-c 3d_fulres: not a configuration"),
+    (["-overwrite_target_spacing", "-1", "1", "1"], "3 positive numbers"),
+    (["-overwrite_target_spacing", "0", "0", "0"], "3 positive numbers"),
+    (["-overwrite_plans_name", "a/b"], "without '/'"),
+])
+def test_bad_arguments_stop_before_any_folder_is_touched(nnunet_dirs, capsys, argv, message):
+    """nnU-Net empties the shared preprocessed folder before it checks -np (0 deleted nnUNetPlans' data);
+    a mistyped -c used to pass with nothing preprocessed, a negative spacing to hang the planner."""
+    from nnunet_logonet.planning.cli import main
+
+    raw, pre = _fake_dataset(nnunet_dirs, 806, (1.0, 1.0, 1.0), (40, 40, 40))
+    shared = pre / "nnUNetPlans_3d_fullres"
+    shared.mkdir()
+    (shared / "case0.pkl").write_bytes(b"kept")
+    with pytest.raises(SystemExit) as stop:
+        main(["-d", "806", "-c", "3d_fullres", "--force_pp", *argv])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert (shared / "case0.pkl").read_bytes() == b"kept"
+    assert not (pre / "LoGoNetPlans.json").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: (raw / "dataset.json").unlink(), "dataset.json does not exist"),
+    (lambda raw: (raw / "dataset.json").write_text('{"labels": {'), "is not valid JSON"),
+    (lambda raw: _edit_json(raw, channel_names=None), "no 'channel_names' entry"),
+    (lambda raw: _edit_json(raw, labels={"liver": 1}), "'background' to 0"),
+    (lambda raw: _edit_json(raw, file_ending=".nii"), "no file ends with file_ending '.nii'.*found: .nii.gz"),
+])
+def test_dataset_json_mistakes_name_the_file_and_the_fix(nnunet_dirs, capsys, edit, message):
+    from nnunet_logonet.planning.cli import main
+
+    raw, pre = _fake_dataset(nnunet_dirs, 807, (1.0, 1.0, 1.0), (40, 40, 40))
+    edit(raw)
+    assert main(["-d", "807", "-npfp", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(raw) in err
+    assert re.search(message, err), err
+    assert not (pre / "LoGoNetPlans.json").exists()
+
+
+def _edit_json(raw, **changes):
+    path = raw / "dataset.json"
+    dataset = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            dataset.pop(key)
+        else:
+            dataset[key] = value
+    path.write_text(json.dumps(dataset))
+
+
+def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dirs):
+    """The 3d_fullres data shared with nnUNetPlans is reused only if it holds exactly the raw cases,
+    each preprocessed after its raw files were last written (cases added, a label edited: redone)."""
+    import os
+
+    from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
+
+    raw, pre = _fake_dataset(nnunet_dirs, 808, (1.0, 1.0, 1.0), (40, 40, 40))
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1.0, 1.0, 1.0]}
+    plans = {"configurations": {"3d_fullres": config}, "transpose_forward": [0, 1, 2]}
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    data, gt = pre / "nnUNetPlans_3d_fullres", pre / "gt_segmentations"
+    data.mkdir()
+    gt.mkdir()
+    for i in range(4):
+        (data / f"case{i}.pkl").write_bytes(b"")
+        (gt / f"case{i}.nii.gz").write_bytes(b"")
+    later = (raw / "labelsTr" / "case0.nii.gz").stat().st_mtime + 10
+    for f in data.iterdir():
+        os.utime(f, (later, later))
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+    os.utime(raw / "labelsTr" / "case2.nii.gz", (later + 10, later + 10))  # a label edited after preprocessing
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    os.utime(raw / "labelsTr" / "case2.nii.gz", (later - 10, later - 10))
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+    for name in ("imagesTr/case4_0000.nii.gz", "labelsTr/case4.nii.gz"):  # a case added
+        (raw / name).write_bytes((raw / name.replace("4", "3")).read_bytes())
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))

@@ -30,7 +30,8 @@ from typing import Callable, Union
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_logonet.msd.validation import TaskReport, output_pixel_type, validate_task
+from nnunet_logonet.msd.validation import (DAMAGE_FIX, TaskReport, file_damage, output_pixel_type,
+                                           validate_task)
 
 __all__ = ["IncompleteSubmissionError", "archive_format", "main", "write_submission"]
 
@@ -98,7 +99,13 @@ def _archive_writer(path: Path, kind: str) -> Iterator[Callable[[Path | None, st
 
 def _file_for_archive(source: Path, pixel_type: int, scratch: Path) -> Path:
     """The prediction as it goes into the archive: the file itself when it is already a
-    ``.nii.gz`` of the output type (bytes untouched), else a cast copy written to ``scratch``."""
+    ``.nii.gz`` of the output type (bytes untouched), else a cast copy written to ``scratch``.
+
+    The file is checked whole again (:func:`file_damage`): it may have changed since it was
+    validated, and ITK would read a truncated one as zeros. ``OSError`` when it is damaged."""
+    damage = file_damage(source)
+    if damage:
+        raise OSError(f"{damage}; {DAMAGE_FIX}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(source))
     reader.ReadImageInformation()

@@ -20,9 +20,31 @@ COMPARED_CONFIG_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm",
                         "preprocessor_name")
 
 
-def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration: str) -> bool:
+#: configurations nnU-Net can plan; any other name given to ``-c`` is a typo
+KNOWN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+class DatasetError(RuntimeError):
+    """The raw dataset cannot be planned; the message names the file, the value and the fix."""
+
+
+def raw_case_files(raw_dataset: Path) -> dict[str, list[Path]]:
+    """Each training case's raw files (images and label), as nnU-Net's preprocessing reads them."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    cases = get_filenames_of_train_images_and_targets(str(raw_dataset))
+    return {case: [Path(f) for f in files["images"]] + [Path(files["label"])] for case, files in cases.items()}
+
+
+def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration: str,
+                         raw_cases: dict[str, list[Path]] | None = None) -> bool:
     """True when ``configuration`` reads a data folder that the default plans already filled with
-    identical preprocessing (same spacing, normalisation, resampling), so no second pass is needed."""
+    identical preprocessing (same spacing, normalisation, resampling), so no second pass is needed.
+
+    With ``raw_cases`` (``raw_case_files``) the folder must also hold exactly those cases, none of
+    them preprocessed before its raw files were last written: a raw dataset changed since (cases
+    added or removed, a label edited) is preprocessed again, as nnU-Net's own command would.
+    """
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     config = plans["configurations"].get(configuration)
@@ -43,7 +65,59 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
         return False
     cases = [p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")]
     n_gt = len(list(gt_folder.iterdir()))
-    return len(cases) > 0 and len(cases) == n_gt
+    if not cases or len(cases) != n_gt:
+        return False
+    if raw_cases is None:
+        return True
+    if set(cases) != set(raw_cases):
+        return False
+    return all(max(map(_mtime, files)) <= _mtime(data_folder / f"{case}.pkl") for case, files in raw_cases.items())
+
+
+def _mtime(path: Path) -> float:
+    """Last write of ``path``; a missing raw file counts as written now (so nothing is reused)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def check_dataset_json(raw_dataset: Path) -> dict:
+    """Read ``dataset.json`` and check what nnU-Net's planning reads from it first, so that a
+    mistake stops with the file, the value and the fix instead of a traceback from deep inside
+    nnU-Net (``--verify_dataset_integrity`` then checks the images themselves)."""
+    import json
+
+    path = raw_dataset / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist. Every nnU-Net raw dataset needs one (imagesTr, labelsTr "
+                           f"and dataset.json): check that nnUNet_raw points to the right folder.")
+    try:
+        dataset = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); fix the file.") from None
+    fixes = {
+        "channel_names": 'e.g. "channel_names": {"0": "CT"}',
+        "labels": 'e.g. "labels": {"background": 0, "liver": 1}',
+        "numTraining": "the number of training cases",
+        "file_ending": 'e.g. "file_ending": ".nii.gz"',
+    }
+    for key, fix in fixes.items():
+        if key not in dataset and not (key == "channel_names" and "modality" in dataset):
+            raise DatasetError(f"{path} has no '{key}' entry ({fix}); see nnU-Net's documentation "
+                               f"documentation/dataset_format.md.")
+    if dataset["labels"].get("background") != 0:
+        raise DatasetError(f"{path}: labels must map 'background' to 0, got "
+                           f"{dataset['labels'].get('background')!r} (nnU-Net requires a background label 0).")
+    if "dataset" not in dataset:
+        ending = dataset["file_ending"]
+        images = raw_dataset / "imagesTr"
+        if not images.is_dir() or not any(f.name.endswith(ending) for f in images.iterdir()):
+            found = sorted({"".join(f.suffixes) for f in images.iterdir()} if images.is_dir() else [])
+            raise DatasetError(f"{images}: no file ends with file_ending {ending!r} of {path}"
+                               + (f" (found: {', '.join(found)}); set file_ending to the files' ending."
+                                  if found else "; put the training images there (CASE_0000" + ending + ")."))
+    return dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,56 +155,117 @@ def main(argv: list[str] | None = None) -> int:
     missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
     if missing:
         parser.error(f"environment variable(s) {', '.join(missing)} not set; run: eval \"$(logonet_env)\"")
-    if args.overwrite_target_spacing is not None and len(args.overwrite_target_spacing) != 3:
-        parser.error(f"-overwrite_target_spacing needs 3 numbers, got {args.overwrite_target_spacing}")
+    spacing = args.overwrite_target_spacing
+    if spacing is not None and (len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing)):
+        parser.error(f"-overwrite_target_spacing needs 3 positive numbers (mm, e.g. 1.5 0.8 0.8), got {spacing}")
     if args.np is not None and len(args.np) not in (1, len(args.c)):
         parser.error(f"-np takes one number or one per configuration ({len(args.c)}), got {args.np}")
+    for flag, values in (("-np", args.np or []), ("-npfp", [args.npfp])):
+        if any(n < 1 for n in values):
+            parser.error(f"{flag} must be at least 1 (processes), got {' '.join(map(str, values))}")
+    unknown = [c for c in args.c if c not in KNOWN_CONFIGURATIONS]
+    if unknown:
+        parser.error(f"-c {' '.join(unknown)}: not a configuration nnU-Net plans; choose from "
+                     f"{', '.join(c for c in KNOWN_CONFIGURATIONS if c != '2d')}")
     if "2d" in args.c:
         print("LoGoNet is 3D only: configuration 2d is skipped (plan it with nnUNetv2_plan_and_preprocess).")
         args.c = [c for c in args.c if c != "2d"]
+    if args.overwrite_plans_name is not None and (not args.overwrite_plans_name
+                                                  or any(ch in args.overwrite_plans_name for ch in "/\\")):
+        parser.error(f"-overwrite_plans_name {args.overwrite_plans_name!r}: a plans identifier is a file name "
+                     f"(e.g. LoGoNetPlans_custom), without '/'")
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed"):
+        folder = Path(os.environ[variable])
+        if folder.exists() and not folder.is_dir():
+            parser.error(f"{variable}={folder} is a file, not a folder; point it to a folder "
+                         f"(eval \"$(logonet_env)\" sets all three)")
+    planner_class = PLANNERS[args.pl]
+    try:
+        for dataset_id in args.d:
+            status = _plan_and_preprocess(parser, args, dataset_id, planner_class)
+            if status:
+                return status
+    except KeyboardInterrupt:
+        print("\nlogonet_plan_and_preprocess: interrupted. Run the same command again: the fingerprint and "
+              "plans are rewritten whole, and a configuration whose preprocessing did not finish is redone.",
+              file=sys.stderr)
+        return 130
+    return 0
 
+
+def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespace, dataset_id: int,
+                         planner_class: type) -> int:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints, plan_experiment_dataset, preprocess_dataset)
-    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    planner_class = PLANNERS[args.pl]
-    for dataset_id in args.d:
-        try:
-            dataset_name = maybe_convert_to_dataset_name(dataset_id)
-        except RuntimeError as e:
-            parser.error(f"-d {dataset_id}: {e}")
-        print(f"Fingerprint extraction for {dataset_name}...")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_id)
+    except RuntimeError as e:
+        parser.error(f"-d {dataset_id}: {e}")
+    raw = Path(str(nnUNet_raw)) / dataset_name
+
+    def failed(step: str, e: BaseException) -> int:
+        print(f"logonet_plan_and_preprocess: error: {step} of {dataset_name} failed: {type(e).__name__}: {e}\n"
+              f"Check the raw dataset in {raw}: run again with --verify_dataset_integrity, whose checks name "
+              f"the faulty file and value.", file=sys.stderr)
+        return 2
+
+    try:
+        check_dataset_json(raw)
+    except DatasetError as e:
+        print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Fingerprint extraction for {dataset_name}...")
+    try:
         extract_fingerprints([dataset_id], num_processes=args.npfp,
                              check_dataset_integrity=args.verify_dataset_integrity, clean=args.clean)
-        print(f"Experiment planning with {args.pl}...")
+    except Exception as e:  # nnU-Net's checks and readers raise bare errors on bad data
+        return failed("fingerprint extraction" + (" (nnU-Net's dataset check)" if args.verify_dataset_integrity
+                                                   else ""), e)
+    print(f"Experiment planning with {args.pl}...")
+    try:
+        _, plans_identifier = plan_experiment_dataset(
+            dataset_id, planner_class, args.gpu_memory_target,
+            overwrite_target_spacing=args.overwrite_target_spacing,
+            overwrite_plans_name=args.overwrite_plans_name)
+    except PlanningError as e:
+        print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
+        return 2
+    if args.no_pp:
+        return 0
+    preprocessed = Path(str(nnUNet_preprocessed)) / dataset_name
+    plans = load_json(str(preprocessed / f"{plans_identifier}.json"))
+    missing = [c for c in args.c if c != "2d" and c not in plans["configurations"]]
+    for c in missing:
+        print(f"{c}: not in {plans_identifier} (nnU-Net plans 3d_lowres and 3d_cascade_fullres only where the "
+              f"full-resolution patch covers too little of the median image); skipped. Planned: "
+              f"{', '.join(plans['configurations'])}.")
+    requested = [c for c in args.c if c not in missing]
+    if missing and not requested:
+        print(f"logonet_plan_and_preprocess: error: none of -c {' '.join(args.c)} is in {plans_identifier}; "
+              f"nothing was preprocessed. Use -c {' '.join(plans['configurations'])}.", file=sys.stderr)
+        return 2
+    raw_cases = raw_case_files(raw)
+    todo = []
+    for c in requested:
+        if not args.force_pp and shared_data_is_ready(preprocessed, plans, c, raw_cases):
+            print(f"{c}: reusing the data nnUNetPlans already preprocessed in "
+                  f"{preprocessed / plans['configurations'][c]['data_identifier']} (same cases, none changed "
+                  f"since; same spacing, normalisation and resampling; --force_pp to redo)")
+        else:
+            todo.append(c)
+    if todo:
+        n_proc = args.np if args.np is not None else [4]
+        if len(n_proc) == len(args.c) and len(todo) != len(args.c):
+            n_proc = [n for n, c in zip(n_proc, args.c) if c in todo]
+        print("Preprocessing...")
         try:
-            _, plans_identifier = plan_experiment_dataset(
-                dataset_id, planner_class, args.gpu_memory_target,
-                overwrite_target_spacing=args.overwrite_target_spacing,
-                overwrite_plans_name=args.overwrite_plans_name)
-        except PlanningError as e:
-            print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
-            return 2
-        if args.no_pp:
-            continue
-        preprocessed = Path(str(nnUNet_preprocessed)) / dataset_name
-        plans = load_json(str(preprocessed / f"{plans_identifier}.json"))
-        todo = []
-        for c in args.c:
-            if not args.force_pp and shared_data_is_ready(preprocessed, plans, c):
-                print(f"{c}: reusing the data nnUNetPlans already preprocessed in "
-                      f"{preprocessed / plans['configurations'][c]['data_identifier']} (same spacing, "
-                      f"normalisation and resampling; --force_pp to redo)")
-            else:
-                todo.append(c)
-        if todo:
-            n_proc = args.np if args.np is not None else [4]
-            if len(n_proc) == len(args.c) and len(todo) != len(args.c):
-                n_proc = [n for n, c in zip(n_proc, args.c) if c in todo]
-            print("Preprocessing...")
             preprocess_dataset(dataset_id, plans_identifier, todo, n_proc)
+        except Exception as e:  # nnU-Net's readers raise bare errors on bad data
+            return failed("preprocessing", e)
     return 0
 
 
