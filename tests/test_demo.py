@@ -6,20 +6,23 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nnunet_logonet.demo import report
-from nnunet_logonet.demo.cli import check_dataset_ids, demo_environment, main, run_stages
+from nnunet_logonet.demo import cli, report, stages
+from nnunet_logonet.demo.cli import check_dataset_ids, demo_environment, main, run_demo, run_stages
 from nnunet_logonet.demo.runner import run_command
 from nnunet_logonet.demo.settings import DemoError, make_settings
 from nnunet_logonet.demo.stages import DemoContext, Stage, epoch_seconds, seconds_per_case, seconds_per_iteration
 from nnunet_logonet.demo.state import DemoState
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "aorta"]
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+MARKER = ".logonet_demo"  # what the demo leaves in each dataset folder it makes
 
 
 def synthetic_results(seed: int = 0) -> dict:
@@ -201,6 +204,34 @@ def test_run_command_logs_measures_and_reports_failures(tmp_path):
         run_command([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], env=env, log=tmp_path / "bad.log")
 
 
+def test_interrupted_command_ends_its_output_pump_quietly(tmp_path, monkeypatch):
+    """Ctrl-C while a worker of the command (a grandchild, like nnU-Net's) still writes to its pipe:
+    the thread copying the output to the log must end without 'I/O operation on closed file'."""
+    log = tmp_path / "cmd.log"
+    worker = "import time\nfor i in range(40):\n    print('tick', i, flush=True)\n    time.sleep(0.05)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+
+    def interrupted(pid, options):
+        deadline = time.monotonic() + 60
+        while "tick 0" not in log.read_text() and time.monotonic() < deadline:  # the worker writes
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "wait4", interrupted)
+    errors, previous_hook = [], threading.excepthook
+    threading.excepthook = errors.append
+    try:
+        before = set(threading.enumerate())
+        with pytest.raises(KeyboardInterrupt):
+            run_command([sys.executable, "-c", child], env=dict(os.environ), log=log)
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    finally:
+        threading.excepthook = previous_hook
+    assert [str(e.exc_value) for e in errors] == []
+
+
 # -------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, flag", [
     ({"preset": "XL"}, "--preset"), ({"device": "tpu"}, "--device"), ({"device": "cuda"}, "--device cuda"),
@@ -247,6 +278,111 @@ def test_environment_keeps_user_folders_and_sets_nnunet_variables(tmp_path):
     assert env["nnUNet_results"] == str(tmp_path.resolve() / "nnUNet_results")
     assert env["nnUNet_compile"] == "f" and env["nnUNet_n_proc_DA"] == "2"
     assert Path(env["nnUNet_extTrainer"]).name == "trainers"
+
+
+# ------------------------------------------------------------- folders the demo owns
+class StagesRan(Exception):
+    """Raised in place of the demo's stages: these tests stop where the real work would start."""
+
+
+def _stop(*args, **kwargs):
+    raise StagesRan
+
+
+def _user_environ(tmp_path: Path) -> dict[str, str]:
+    return {"PATH": "", **{v: str(tmp_path / "user" / v) for v in NNUNET_FOLDERS}}
+
+
+def _demo_folders(settings, env) -> list[Path]:
+    return [Path(env[v]) / name for v in NNUNET_FOLDERS for name in (settings.dataset, settings.ssl_dataset)]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_users_own_dataset_of_the_demos_name_is_kept_and_refused(tmp_path, monkeypatch, fresh):
+    """logonet_phantom -d 900 (docs/ssl.md) makes Dataset900_Phantom, the demo's name: the demo must
+    neither delete it (--fresh) nor write into it, even where a demo_state.json claims it."""
+    settings, environ, base = make_settings(dataset_id=42), _user_environ(tmp_path), tmp_path / "work"
+    raw = Path(environ["nnUNet_raw"]) / "Dataset042_Phantom"
+    checkpoint = (Path(environ["nnUNet_results"]) / "Dataset042_Phantom" / "LoGoNetTrainer__LoGoNetPlans__3d_fullres"
+                  / "fold_0" / "checkpoint_final.pth")
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("weeks of GPU time")
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text("{}")
+    state = DemoState(base / "demo_state.json", settings)  # outside --base a record does not make it the demo's
+    state.record("phantom", status="done", folder=str(raw))
+    monkeypatch.setattr(cli, "run_stages", _stop)
+    with pytest.raises(DemoError) as error:
+        run_demo(settings, base=base, out=tmp_path / "out", fresh=fresh, environ=environ)
+    assert str(raw) in str(error.value) and "--dataset-id" in str(error.value) and "move" in str(error.value)
+    assert checkpoint.read_text() == "weeks of GPU time" and (raw / "dataset.json").is_file()
+    assert not (raw / MARKER).exists() and (base / "demo_state.json").is_file()
+
+
+def test_fresh_removes_only_the_demos_marked_folders_and_marks_the_new_ones(tmp_path, monkeypatch):
+    settings, environ = make_settings(dataset_id=42), _user_environ(tmp_path)
+    env = demo_environment(tmp_path / "work", settings, environ)
+    folders = _demo_folders(settings, env)
+    for folder in folders:
+        (folder / "old").mkdir(parents=True)
+        (folder / MARKER).write_text("")
+    other = Path(env["nnUNet_results"]) / "Dataset050_Other" / "checkpoint_final.pth"
+    other.parent.mkdir(parents=True)
+    other.write_text("keep")
+    seen = {}
+
+    def stages_(ctx, stage_list):
+        seen.update({f: sorted(p.name for p in f.iterdir()) if f.exists() else None for f in folders})
+        raise StagesRan
+
+    monkeypatch.setattr(cli, "run_stages", stages_)
+    with pytest.raises(StagesRan):
+        run_demo(settings, base=tmp_path / "work", out=tmp_path / "out", fresh=True, environ=environ)
+    for folder in folders:  # raw: made (and marked) by the phantom stages; the others marked before nnU-Net writes
+        assert seen[folder] == (None if folder.parent == Path(env["nnUNet_raw"]) else [MARKER]), folder
+    assert other.read_text() == "keep"
+
+
+def test_unmarked_folders_of_an_earlier_demo_in_its_base_are_taken_over(tmp_path, monkeypatch):
+    """A demo run by the code before the markers: its folders inside --base are accepted when its
+    demo_state.json records that the demo wrote the phantom there (whatever its settings were)."""
+    settings, environ, base = make_settings(dataset_id=42), {"PATH": ""}, tmp_path / "work"
+    env = demo_environment(base, settings, environ)
+    folders = _demo_folders(settings, env)
+    for folder in folders:
+        folder.mkdir(parents=True)
+    monkeypatch.setattr(cli, "run_stages", _stop)
+    with pytest.raises(DemoError, match=MARKER):  # no record of the demo making them
+        run_demo(settings, base=base, out=tmp_path / "out", environ=environ)
+    DemoState(base / "demo_state.json", make_settings(dataset_id=42, seed=3)).record(
+        "phantom", status="done", folder=str(Path(env["nnUNet_raw"]) / settings.dataset))
+    with pytest.raises(StagesRan):
+        run_demo(settings, base=base, out=tmp_path / "out", fresh=True, environ=environ)
+    assert [sorted(p.name for p in f.iterdir()) if f.exists() else None for f in folders] == \
+        [None, None] + [[MARKER]] * 4
+
+
+def test_train_never_deletes_a_training_the_demo_did_not_make(tmp_path, monkeypatch):
+    settings = make_settings(dataset_id=42, device="cpu")
+    env = demo_environment(tmp_path, settings, {"PATH": ""})
+    ctx = DemoContext(settings, tmp_path, tmp_path / "out", env, DemoState.open(tmp_path, settings))
+    model = settings.models[0]
+    folder = stages.checkpoint_folder(ctx.results, settings.dataset, model.trainer, model.plans, "0")
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_final.pth").write_text("x")
+    monkeypatch.setattr(stages, "run_command", _stop)
+
+    def train():
+        stages._train(ctx, "train", dataset_id=42, dataset=settings.dataset, fold="0", trainer=model.trainer,
+                      plans=model.plans)
+
+    with pytest.raises(DemoError, match="did not make"):
+        train()
+    assert (folder / "checkpoint_final.pth").is_file()
+    (ctx.results / settings.dataset / MARKER).write_text("")
+    with pytest.raises(StagesRan):  # the demo's own training of other inputs is started over
+        train()
+    assert not folder.exists()
 
 
 # ------------------------------------------------------------------------ stage reuse

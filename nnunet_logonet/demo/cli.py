@@ -8,12 +8,15 @@ Everything runs through nnU-Net's own commands (``nnUNetv2_plan_and_preprocess``
 ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnUNetv2_evaluate_folder``) with the environment
 ``logonet_env`` gives; each command's output goes to ``<out>/logs/<stage>.log``. Finished stages
 are recorded in ``<base>/demo_state.json`` and reused by the next run with the same settings.
+The dataset folders the demo makes carry a ``.logonet_demo`` marker; ``--fresh`` deletes only those,
+and a same-named folder without it (a user's own dataset) stops the demo before it does anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -28,10 +31,11 @@ from tqdm import tqdm
 from nnunet_logonet.demo import report
 from nnunet_logonet.demo.settings import DEVICES, PRESETS, DemoError, DemoSettings, make_settings
 from nnunet_logonet.demo.stages import DemoContext, Stage, build_stages
-from nnunet_logonet.demo.state import STATE_FILE, DemoState
+from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
 from nnunet_logonet.machine import cpu_description
 
-__all__ = ["build_parser", "demo_environment", "check_dataset_ids", "main", "run_demo"]
+__all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "main",
+           "remove_previous", "run_demo"]
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -50,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="LoGoNet size (default: tiny on CPU, S on CUDA)")
     parser.add_argument("--quick", action="store_true", help="smaller phantom and budget; still every stage")
-    parser.add_argument("--fresh", action="store_true", help="redo every stage (deletes this demo's datasets, "
-                                                             "trainings and predictions first)")
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"redo every stage (first deletes the datasets, trainings and predictions this demo "
+                             f"made: dataset folders holding its {MARKER} marker)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--dataset-id", type=int, default=900,
                         help="nnU-Net dataset id of the phantom (default 900); the pretraining dataset uses id+1")
@@ -88,11 +93,47 @@ def check_dataset_ids(settings: DemoSettings, env: dict[str, str]) -> None:
                     f"--dataset-id.")
 
 
+def demo_folders(settings: DemoSettings, env: dict[str, str]) -> list[tuple[str, Path]]:
+    """(variable, folder) of the demo's two datasets in each nnU-Net folder."""
+    return [(variable, Path(env[variable]) / name) for variable in NNUNET_FOLDERS
+            for name in (settings.dataset, settings.ssl_dataset)]
+
+
+def _made_by_earlier_demo(folder: Path, base: Path, settings: DemoSettings, env: dict[str, str]) -> bool:
+    """An unmarked folder from a demo run before the markers (or one killed before it could mark):
+    accepted only inside --base (nnUNet_* not set by the user, so the demo chose these folders) and
+    when ``<base>/demo_state.json`` records that the demo's phantom stage wrote the raw dataset there."""
+    if not folder.resolve().is_relative_to(base.resolve()):
+        return False
+    try:
+        written = json.loads((base / STATE_FILE).read_text())["stages"]["phantom"]["folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    raw = (Path(env["nnUNet_raw"]) / settings.dataset).resolve()
+    return isinstance(written, str) and Path(written).resolve() == raw
+
+
+def check_own_folders(base: Path, settings: DemoSettings, env: dict[str, str]) -> None:
+    """A folder with the demo's dataset name that the demo did not make is someone's own dataset: the
+    demo's stages would write into it (and reuse its trainings) and --fresh would delete it."""
+    for variable, folder in demo_folders(settings, env):
+        if not folder.exists() or is_marked(folder):
+            continue
+        if folder.is_dir() and _made_by_earlier_demo(folder, base, settings, env):
+            mark(folder)
+            continue
+        raise DemoError(
+            f"{folder} exists but was not made by logonet_demo (it has no {MARKER} file); the demo would write "
+            f"into it, and --fresh would delete it. Choose another --dataset-id (the demo uses ID and ID+1), or "
+            f"move that folder out of {variable}={folder.parent}. If an earlier logonet_demo made it, "
+            f"`touch {folder / MARKER}` lets the demo use (and --fresh delete) it.")
+
+
 def remove_previous(base: Path, settings: DemoSettings, env: dict[str, str]) -> None:
-    """--fresh: delete this demo's datasets (by their exact names), predictions and stage record."""
-    for variable in NNUNET_FOLDERS:
-        for name in (settings.dataset, settings.ssl_dataset):
-            shutil.rmtree(Path(env[variable]) / name, ignore_errors=True)
+    """--fresh: delete this demo's datasets (only folders holding its marker), predictions and stage record."""
+    for _, folder in demo_folders(settings, env):
+        if is_marked(folder):
+            shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(base / "predictions", ignore_errors=True)
     (base / STATE_FILE).unlink(missing_ok=True)
 
@@ -184,20 +225,22 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
             raise DemoError(f"{flag} {folder} is a file, not a folder.")
     env = demo_environment(base, settings, environ)
     check_dataset_ids(settings, env)
+    check_own_folders(base, settings, env)
     if fresh:
         remove_previous(base, settings, env)
     state = DemoState.open(base, settings)
     base.mkdir(parents=True, exist_ok=True)
     for variable in NNUNET_FOLDERS:
         Path(env[variable]).mkdir(parents=True, exist_ok=True)
+    for variable, folder in demo_folders(settings, env):
+        if variable != "nnUNet_raw":  # marked before nnU-Net's commands make them; the raw datasets'
+            mark(folder)  # writers refuse an existing folder, so run_phantom and run_ssl_dataset mark those
     ctx = DemoContext(settings=settings, base=base, out=out, env=env, state=state)
     stages = build_stages(settings)
     print(f"logonet_demo: {'quick' if settings.quick else 'full'} run on {settings.device}, LoGoNet-{settings.preset}, "
           f"{settings.num_train}/{settings.num_test}/{settings.num_unlabeled} phantom cases (train/test/unlabeled), "
           f"budget {settings.budget}; work folder {base}, results {out}")
     reused = run_stages(ctx, stages)
-
-    import json
 
     organs = [k for k, v in sorted(json.loads((ctx.raw_dataset / "dataset.json").read_text())["labels"].items(),
                                    key=lambda kv: kv[1]) if v != 0]

@@ -51,6 +51,7 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     events: list[tuple[float, str]] = []
     start = time.perf_counter()
+    lock = threading.Lock()  # the log is closed under it on Ctrl-C, while the pump may be writing
     with open(log, "w", encoding="utf-8") as handle:
         handle.write(f"$ {shlex.join(command)}\n")
         handle.flush()
@@ -64,15 +65,17 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
         def pump() -> None:
             # newline="": carriage returns of progress bars are kept in the log as they were written
             for line in io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline=""):
-                handle.write(line)
-                handle.flush()  # the log can be followed with tail -f while the command runs
+                with lock:
+                    if handle.closed:  # interrupted: the command's workers may still hold its output pipe
+                        return
+                    handle.write(line)
+                    handle.flush()  # the log can be followed with tail -f while the command runs
                 stripped = line.rstrip("\r\n")
                 tail.append(stripped)
                 if watch is not None and watch(stripped):
                     events.append((time.perf_counter() - start, stripped))
                 if on_line is not None:
                     on_line(stripped)
-            handle.flush()
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -81,6 +84,8 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
         except KeyboardInterrupt:
             process.terminate()
             process.wait()
+            with lock:
+                handle.close()  # the pump ends at its next line instead of writing to a closed file
             raise
         process.returncode = os.waitstatus_to_exitcode(status)
         reader.join()

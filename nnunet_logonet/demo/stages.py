@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nnunet_logonet.demo.runner import run_command
 from nnunet_logonet.demo.settings import DATASET_NAME, FOLD, SSL_DATASET_NAME, DemoError, DemoSettings, ModelRun
-from nnunet_logonet.demo.state import DemoState
+from nnunet_logonet.demo.state import MARKER, DemoState, is_marked, mark
 
 __all__ = ["DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds", "seconds_per_case",
            "seconds_per_iteration"]
@@ -159,6 +159,7 @@ def run_phantom(ctx: DemoContext) -> dict:
                         f"replace it, or choose another --dataset-id.")
     folder = write_dataset(ctx.raw, s.dataset_id, name=DATASET_NAME, num_train=s.num_train, num_test=s.num_test,
                            num_unlabeled=s.num_unlabeled, seed=s.seed, size=s.size)
+    mark(folder)
     return {"folder": str(folder)}
 
 
@@ -195,6 +196,9 @@ def run_ssl_dataset(ctx: DemoContext) -> dict:
                                            num_processes=ctx.n_proc, env=_planning_env(ctx), log=log)
     except (PipelineError, ValueError) as error:
         raise DemoError(f"SSL pretraining dataset: {error} (log {log})") from error
+    finally:  # its first step makes the raw folder; mark it even when a later step fails or is interrupted
+        if (ctx.raw / s.ssl_dataset).is_dir():
+            mark(ctx.raw / s.ssl_dataset)
     return {**info, "log": str(log)}
 
 
@@ -205,6 +209,9 @@ def _train(ctx: DemoContext, stage: str, *, dataset_id: int, dataset: str, fold:
     command = ["nnUNetv2_train", dataset_id, CONFIGURATION, fold, "-tr", trainer, "-p", plans, "-device", s.device]
     resumed = ctx.resuming and any((folder / c).is_file() for c in CHECKPOINTS)
     if not resumed and folder.exists():
+        if not is_marked(ctx.results / dataset):  # run_demo marks it; never delete a training the demo did not make
+            raise DemoError(f"{folder} holds a training the demo did not make ({ctx.results / dataset} has no "
+                            f"{MARKER} file); move it away or choose another --dataset-id.")
         shutil.rmtree(folder)  # checkpoints of a run with other inputs must not be continued
     if resumed:
         command.append("--c")  # nnU-Net cannot combine --c with -pretrained_weights; the checkpoint has them

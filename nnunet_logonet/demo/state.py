@@ -2,6 +2,10 @@
 
 A stage counts as finished only when it is recorded here *and* its outputs still exist, so a
 re-run repeats exactly the stages that did not finish (or whose outputs were deleted).
+
+Each dataset folder the demo makes in nnUNet_raw, _preprocessed and _results holds a ``.logonet_demo``
+marker (:func:`mark`): ``--fresh`` deletes only marked folders, and a folder of the demo's name
+without it (a user's own dataset) stops the demo before it writes anything.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from pathlib import Path
 
 from nnunet_logonet.demo.settings import DemoError, DemoSettings
 
-__all__ = ["STATE_FILE", "DemoState"]
+__all__ = ["MARKER", "STATE_FILE", "DemoState", "is_marked", "mark"]
 
 STATE_FILE = "demo_state.json"
 STATE_VERSION = 1
+MARKER = ".logonet_demo"
 
 
 class DemoState:
@@ -65,3 +70,19 @@ class DemoState:
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+def mark(folder: Path) -> Path:
+    """Make ``folder`` (if needed) and record in it that the demo made it. nnU-Net finds datasets
+    with ``subdirs(nnUNet_X, prefix="DatasetNNN")`` and opens named files inside them, so a dot-file
+    there is invisible to it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.is_file():
+        marker.write_text("made by logonet_demo; `logonet_demo --fresh` deletes this folder\n")
+    return folder
+
+
+def is_marked(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
