@@ -125,6 +125,58 @@ def test_json_round_trips_with_device_info(small_run):
     assert isinstance(info["allocator"], dict)
 
 
+def test_interrupted_rerun_keeps_the_complete_record_and_its_progress_beside_it(tmp_path, monkeypatch):
+    """--json FILE is replaced only when the run completes; until then the figures so far are in FILE.partial."""
+    from nnunet_logonet.benchmark import efficiency
+
+    measured = []
+
+    def fake_measure(spec, settings, *, skip_training=None):
+        if len(measured) == 1 and interrupt:
+            raise KeyboardInterrupt  # Ctrl-C during the second model
+        measured.append(spec.name)
+        return {"status": "ok", "figures": {"parameters": 1.0 + len(measured)}, "details": {}}
+
+    monkeypatch.setattr(efficiency, "measure_model", fake_measure)
+    monkeypatch.setattr(efficiency, "estimate_memory_mb", lambda *args: {"train_mb": 0.0, "inference_mb": 0.0})
+    specs = [resolve_model(name, patch_size=[int(p) for p in PATCH]) for name in ("nnunet", "logonet_tiny")]
+    settings = efficiency.default_settings(torch.device("cpu"), [int(p) for p in PATCH])
+    out, partial = tmp_path / "record.json", tmp_path / "record.json.partial"
+    out.write_text('{"models": {"complete": {}}}\n')
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        efficiency.run_benchmark(specs, settings, isolate=False, memory_check=False, json_path=out, progress=False)
+    assert json.loads(out.read_text()) == {"models": {"complete": {}}}, "the complete record was replaced"
+    assert list(json.loads(partial.read_text())["models"]) == ["nnunet"]
+    measured.clear()
+    interrupt = False
+    efficiency.run_benchmark(specs, settings, isolate=False, memory_check=False, json_path=out, progress=False)
+    assert list(json.loads(out.read_text())["models"]) == ["nnunet", "logonet_tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+    assert "FILE.partial" in efficiency.build_parser().format_help()
+
+
+def test_interleaved_run_also_writes_its_record_only_when_complete(tmp_path, monkeypatch):
+    from nnunet_logonet.benchmark import efficiency, interleaved
+
+    out = tmp_path / "record.json"
+    out.write_text("{}\n")
+    seen = []
+
+    def fake_interleaved(specs, settings, rounds, *, json_path=None, **kwargs):
+        seen.append(Path(json_path))
+        Path(json_path).write_text('{"models": {}}')
+        assert out.read_text() == "{}\n", "FILE must stay untouched while the run is going on"
+        return {"models": {"nnunet": {}}}
+
+    monkeypatch.setattr(interleaved, "run_interleaved", fake_interleaved)
+    monkeypatch.setattr(efficiency, "format_table", lambda report: "")
+    assert main(["--models", "nnunet", "--patch-size", *PATCH, "--interleave", "1", "--json", str(out)]) == 0
+    assert seen == [tmp_path / "record.json.partial"]
+    assert json.loads(out.read_text()) == {"models": {"nnunet": {}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
 def test_records_name_the_commit_of_the_code_and_uncommitted_changes(tmp_path):
     """A record says which code gave its figures: the commit its file was checked out from, marked when
     tracked files differ from it (untracked files do not count); nothing for a file git does not track

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,53 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path, 903, num_train=4, num_test=0, num_unlabeled=0, size=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_removes_what_a_killed_run_left_and_nothing_else(tmp_path):
+    """SIGKILL (or SIGTERM before the handler) skips the cleanup; the next run of the same target removes
+    that target's hidden work folders whose process is gone, and keeps everything else."""
+    stale = [".Dataset905_Phantom.abcd_123.partial",  # written before pids were recorded
+             ".Dataset905_Phantom.99999999-abcd_123.partial"]  # a pid above Linux's pid_max: gone
+    kept = [f".Dataset905_Phantom.{os.getpid()}-abcd_123.partial",  # a live run's
+            ".Dataset906_Phantom.abcd_123.partial", ".Dataset905_Phantom.notes"]
+    for folder in stale + kept:
+        (tmp_path / folder).mkdir()
+    write_dataset(tmp_path, 905, num_train=1, num_test=0, num_unlabeled=0, size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["Dataset905_Phantom", *kept])
+
+
+def test_sigterm_removes_the_partial_folder(tmp_path, monkeypatch, capsys):
+    """``timeout`` and ``kill`` send SIGTERM: the console script exits through its cleanup."""
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return generate_case(*args, **kwargs)
+
+    monkeypatch.setattr(phantom_writer, "generate_case", killed)
+    monkeypatch.setattr(sys, "argv", ["logonet_phantom", "-d", "907", "--num-train", "3", "--size", "32", "-q",
+                                      "-o", str(tmp_path)])
+    def unhandled(signum, frame):  # instead of the default action, which would end pytest
+        raise AssertionError("logonet_phantom installed no SIGTERM handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["/proc/logonet_no_such_folder", "file/sub"])
+def test_cli_output_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys, output):
+    (tmp_path / "file").write_text("x")
+    output = output if output.startswith("/") else str(tmp_path / output)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-d", "908", "--num-train", "1", "--size", "32", "-q", "-o", output])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("logonet_phantom: error: argument -o/--output: cannot write into") and output in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_console_script_reports_one_line_error(tmp_path):

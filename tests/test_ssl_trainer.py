@@ -405,6 +405,37 @@ def test_pipeline_names_the_missing_source_plans(tmp_path):
     assert not (tmp_path / "raw" / "Dataset911_Pretraining").exists()
 
 
+@pytest.mark.parametrize("configuration, reason", [("2d", "'2d' is not in plans"), ("3d_lowres", "is not in plans"),
+                                                    ("3d_2d", "'3d_2d' is 2D in plans")])
+def test_pipeline_checks_the_configuration_before_writing_anything(tmp_path, configuration, reason):
+    import json
+
+    from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
+
+    (tmp_path / "raw" / "Dataset910_X" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X" / f"{PLANS}.json").write_text(json.dumps(
+        {"configurations": {"3d_fullres": {"patch_size": [12, 32, 32]}, "3d_2d": {"patch_size": [32, 32]}}}))
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    with pytest.raises(ValueError, match=reason) as error:
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, configuration=configuration, log=[].append)
+    assert f"plans {PLANS} of Dataset910_X (they have: 3d_fullres, 3d_2d)" in str(error.value)
+    assert "LoGoNet is a 3D network: pass -c 3d_fullres." in str(error.value)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset910_X"]
+    assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["Dataset910_X"]
+
+
+def test_pipeline_names_unreadable_source_plans(tmp_path):
+    from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
+
+    (tmp_path / "raw" / "Dataset910_X" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X" / f"{PLANS}.json").write_text("{ truncated")
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    with pytest.raises(PipelineError, match=f"{PLANS}.json cannot be read as nnU-Net plans"):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=[].append)
+
+
 def test_trainer_checks_pretrained_weights_from_the_command_line_before_loading(tmp_path):
     """LoGoNetTrainer.initialize reads -pretrained_weights from nnUNetv2_train's argv and lists
     every mismatch before nnU-Net's loader runs."""

@@ -196,6 +196,44 @@ def test_missing_nnunet_raw_and_cli_error_exit(tmp_path, monkeypatch, capsys):
     assert "readme.md" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), float("-inf")])
+def test_body_threshold_must_be_finite(tmp_path, raw, capsys, threshold):
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-i", str(tmp_path / "in"), "-d", "550", f"--body-threshold={threshold}"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"--body-threshold must be a finite intensity, got {threshold}" in error and "Traceback" not in error
+    assert leftovers(raw) == []
+
+
+def test_nnunet_raw_that_is_a_file_or_cannot_be_created_is_named(tmp_path, monkeypatch, capsys):
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "file"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-i", str(tmp_path / "in"), "-d", "551"])
+    assert exit_info.value.code == 1
+    assert f"nnUNet_raw={tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "file" / "raw"))
+    with pytest.raises(UnlabeledDataError, match=r"Cannot write into nnUNet_raw=.*file/raw \(Not a directory\)"):
+        prepare_unlabeled([tmp_path / "in"], 551, progress=False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_rerun_removes_work_folders_that_a_killed_run_left(tmp_path, raw):
+    """SIGKILL skips the cleanup; the next run of the same target removes that target's hidden work folders
+    whose process is gone, and keeps a live run's and every other folder."""
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    stale = [".Dataset560_Unlabeled.abcd_123.tmp", ".Dataset560_Unlabeled.99999999-abcd_123.tmp"]
+    kept = [f".Dataset560_Unlabeled.{os.getpid()}-abcd_123.tmp", ".Dataset561_Unlabeled.abcd_123.tmp",
+            ".Dataset560_Unlabeled.abcd_123.old"]
+    for folder in stale + kept:
+        (raw / folder).mkdir(parents=True)
+    prepare_unlabeled([tmp_path / "in"], 560, progress=False)
+    assert leftovers(raw) == sorted(["Dataset560_Unlabeled", *kept])
+
+
 def test_body_mask_falls_back_to_the_whole_image_without_foreground():
     image = sitk.GetImageFromArray(np.full(SHAPE, -1000.0, dtype=np.float32))
     with pytest.warns(UserWarning, match="whole image"):

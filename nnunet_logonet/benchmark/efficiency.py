@@ -569,10 +569,26 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def partial_json_path(path: str | os.PathLike) -> Path:
+    """Where a run keeps its record until it completes (``FILE.partial``), so that an interrupted rerun
+    never replaces a complete record at ``FILE`` with a partial one."""
+    return Path(f"{os.fspath(path)}.partial")
+
+
+def publish_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Replace ``path`` with the complete record, atomically, and drop its ``.partial`` side file."""
+    _write_json_atomic(Path(path), data)
+    partial_json_path(path).unlink(missing_ok=True)
+
+
 def run_benchmark(specs: Sequence[ModelSpec], settings: BenchmarkSettings, *, isolate: bool = True,
                   memory_check: bool = True, json_path: str | os.PathLike | None = None,
                   meta: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure every model and return the report (also written to ``json_path`` after each model)."""
+    """Measure every model and return the report, written to ``json_path`` once every model ran.
+
+    Until then the figures so far are kept in ``json_path + '.partial'`` (rewritten after each model), and
+    an existing ``json_path`` is left untouched: an interrupted rerun does not cost the last complete record.
+    """
     from tqdm import tqdm
 
     device = torch.device(settings.device)
@@ -616,8 +632,10 @@ def run_benchmark(specs: Sequence[ModelSpec], settings: BenchmarkSettings, *, is
         add_ratios(report["models"])
         report["device_info"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         if json_path is not None:
-            _write_json_atomic(Path(json_path), report)
+            _write_json_atomic(partial_json_path(json_path), report)
     bar.close()
+    if json_path is not None:
+        publish_json(json_path, report)
     return report
 
 
@@ -732,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one fresh process per model, for honest memory peaks (default on)")
     parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                         help="skip what the feature-map estimate says cannot fit in free memory (default on)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write every figure and the device info here")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="write every figure and the device info here when the run completes; until then the "
+                             "figures so far are kept in FILE.partial and an existing FILE is left untouched")
     parser.add_argument("--chart", default=None, metavar="PNG",
                         help="also draw each model's time ratios to nnunet here (the chart of "
                              "`python -m nnunet_logonet.benchmark.ratio_chart`, which puts several runs' JSONs side by side)")
@@ -841,7 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .interleaved import run_interleaved
 
         report = run_interleaved(specs, settings, args.interleave, memory_check=args.memory_check,
-                                 json_path=args.json, meta=meta, progress=not args.no_progress)
+                                 json_path=partial_json_path(args.json) if args.json else None, meta=meta,
+                                 progress=not args.no_progress)
+        if args.json:
+            publish_json(args.json, report)
     else:
         report = run_benchmark(specs, settings, isolate=args.isolate, memory_check=args.memory_check,
                                json_path=args.json, meta=meta, progress=not args.no_progress)

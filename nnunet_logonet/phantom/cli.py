@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -49,23 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """``kill`` and ``timeout`` send SIGTERM, which ends Python without its cleanup; exit through it instead,
+    so the hidden folder of the dataset being written is removed (a later run removes what SIGKILL leaves)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     output = args.output or os.environ.get("nnUNet_raw")
     if not output:
         parser.error("no output folder: set nnUNet_raw (eval \"$(logonet_env)\") or pass -o/--output")
+    flags = {**_FLAGS, "root": "-o/--output" if args.output else f"$nnUNet_raw={output}"}
     if Path(output).exists() and not Path(output).is_dir():
-        parser.error(f"argument -o/--output: {output} is not a folder")
+        parser.error(f"argument {flags['root']}: {output} is not a folder")
+    if argv is None:  # the console script, not a call from Python
+        _exit_on_sigterm()
     try:
         folder = write_dataset(output, args.dataset_id, name=args.name, num_train=args.num_train,
                                num_test=args.num_test, num_unlabeled=args.num_unlabeled,
                                seed=args.seed, size=args.size, fmt=args.fmt,
                                overwrite=args.overwrite, progress=not args.quiet)
     except PhantomArgumentError as err:
-        parser.error(f"argument {_FLAGS.get(err.param, err.param)}: {err}")
+        parser.error(f"argument {flags.get(err.param, err.param)}: {err}")
     except FileExistsError as err:
         parser.error(f"{err}".replace("overwrite=True (--overwrite)", "--overwrite"))
+    except KeyboardInterrupt:
+        print("logonet_phantom: interrupted; no dataset was written (an existing one is unchanged)", file=sys.stderr)
+        sys.exit(130)
     print(folder)
     if args.fmt == "nnunet":
         hint = f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity"

@@ -16,7 +16,8 @@ without disturbing the conversion (they are not copied by it).
 
 Every case has its own seed, derived from (seed, split, index): adding cases never changes
 existing ones. A dataset is written to a hidden temporary folder next to its final place and
-renamed into place at the end, so an interrupted run never leaves a half-written dataset.
+renamed into place at the end, so an interrupted run never leaves a half-written dataset; the
+hidden folder a killed run could not remove is removed by the next run of the same dataset.
 """
 
 from __future__ import annotations
@@ -151,6 +152,35 @@ def _conflicting_folders(root: Path, dataset_id: int, folder_name: str, fmt: str
                   if p.name.startswith(prefix) and p.name != folder_name)
 
 
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this machine (where that cannot be asked, assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _new_work_folder(root: Path, folder_name: str) -> Path:
+    """A hidden ``.<folder_name>.<pid>-XXXXXXXX.partial`` next to the target; the pid lets a later run
+    tell a live run's folder from one that a killed run (SIGTERM, SIGKILL) could not clean up."""
+    return Path(tempfile.mkdtemp(prefix=f".{folder_name}.{os.getpid()}-", suffix=".partial", dir=root))
+
+
+def _remove_stale_work_folders(root: Path, folder_name: str) -> None:
+    """Delete the work folders of ``folder_name`` that earlier, killed runs left in ``root`` (only that
+    target's, only folders whose process is gone, or without a pid: written before pids were recorded)."""
+    pattern = re.compile(rf"^\.{re.escape(folder_name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.partial$")
+    for path in root.iterdir() if root.is_dir() else ():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not (match[1] and _process_running(int(match[1]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phantom",
                   num_train: int = 20, num_test: int = 5, num_unlabeled: int = 10,
                   seed: int = 0, size: int = 64, fmt: str = "nnunet", overwrite: bool = False,
@@ -158,8 +188,9 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
     """Generate a phantom dataset under ``root`` and return its folder.
 
     Raises:
-        PhantomArgumentError: an impossible value, or ``dataset_id`` already used in ``root``
-            by a dataset with another name.
+        PhantomArgumentError: an impossible value, ``dataset_id`` already used in ``root``
+            by a dataset with another name, or a ``root`` that cannot be created or written to
+            (``param`` is ``"root"``).
         FileExistsError: the dataset folder exists and ``overwrite`` is False.
     """
     check_arguments(dataset_id=dataset_id, name=name, num_train=num_train, num_test=num_test,
@@ -177,8 +208,14 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it")
 
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".partial", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work_folders(root, folder_name)
+        work = _new_work_folder(root, folder_name)
+    except OSError as error:
+        raise PhantomArgumentError(
+            "root", f"cannot write into {root} ({error.strerror or error}); choose a folder you can "
+                    f"create and write to") from error
     try:
         os.chmod(work, 0o755)
         _fill(work, folder_name, name=name, num_train=num_train, num_test=num_test,

@@ -53,6 +53,25 @@ def _same_plans(source: dict, target: dict) -> bool:
     return strip(source) == strip(target)
 
 
+def _check_configuration(plans_file: Path, dataset: str, plans: str, configuration: str) -> dict:
+    """The source plans, once ``configuration`` is known to be a 3D one of theirs: checked before step 1, so a
+    wrong ``-c`` leaves no pre-training dataset behind in nnUNet_raw and nnUNet_preprocessed."""
+    try:
+        source_plans = json.loads(plans_file.read_text())
+        configurations = source_plans["configurations"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PipelineError(f"{plans_file} cannot be read as nnU-Net plans ({type(error).__name__}: {error}); "
+                            f"plan the source again.") from error
+    three_d = [c for c, config in configurations.items() if len(config.get("patch_size", (0, 0, 0))) == 3]
+    if configuration not in three_d:
+        what = "is 2D in" if configuration in configurations else "is not in"
+        fix = (f"pass -c {' or -c '.join(three_d)}" if three_d else
+               f"plan the source for LoGoNet first (logonet_plan_and_preprocess -d {dataset} -pl LoGoNetPlanner)")
+        raise ValueError(f"configuration {configuration!r} {what} plans {plans} of {dataset} (they have: "
+                         f"{', '.join(configurations) or 'none'}). LoGoNet is a 3D network: {fix}.")
+    return source_plans
+
+
 def _command(name: str, env: Mapping[str, str]) -> str:
     """A console script of this environment (next to the interpreter), else from PATH."""
     local = Path(sys.executable).parent / name
@@ -153,6 +172,7 @@ def prepare_pretraining_dataset(
             f"{source_plans_file} does not exist: plan the source first, e.g. logonet_plan_and_preprocess "
             f"-d {source_dataset_id} -pl LoGoNetTinyPlanner (plans LoGoNetTinyPlans) or -pl LoGoNetPlanner "
             f"(LoGoNetPlans).")
+    source_plans = _check_configuration(source_plans_file, source_raw.name, plans, configuration)
     folders = [source_raw / "imagesTr"] if include_source_images else []
     unlabeled = source_raw / "imagesUnlabeled"
     if include_source_unlabeled and unlabeled.is_dir() and any(unlabeled.glob("*.nii*")):
@@ -187,7 +207,6 @@ def prepare_pretraining_dataset(
         ran.append("extract_fingerprint")
 
     # 3. the source's plans: architecture and normalisation of the fine-tuning
-    source_plans = json.loads(source_plans_file.read_text())
     target_plans_file = target_pre / f"{plans}.json"
     moved = False
     if target_plans_file.is_file() and _same_plans(source_plans, json.loads(target_plans_file.read_text())):

@@ -10,7 +10,7 @@ carries ``"logonet_image_only": true`` to say so.
 Input files are ``*.nii.gz`` or ``*.nii``, named ``CASE.nii.gz`` (one channel) or nnU-Net style
 ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``... (one file per channel). Everything is checked before
 the dataset appears: the dataset is built in a hidden temporary folder next to its final place and
-renamed at the end, so a failure leaves nothing behind.
+renamed at the end, so a failure leaves nothing behind (what a killed run leaves, the next run removes).
 
     logonet_prepare_unlabeled -i /data/scans -i /data/more_scans -d 501 --name Unlabeled
 """
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import warnings
 import zlib
@@ -182,6 +185,29 @@ def body_mask(image: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
     return mask
 
 
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this machine (where that cannot be asked, assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_stale_work_folders(raw_root: Path, folder_name: str) -> None:
+    """Delete the hidden ``.<folder_name>.[<pid>-]XXXXXXXX.tmp`` folders that killed runs (SIGTERM, SIGKILL)
+    left next to the target: only that target's, and only where the process that made them is gone."""
+    pattern = re.compile(rf"^\.{re.escape(folder_name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp$")
+    for path in raw_root.iterdir() if raw_root.is_dir() else ():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not (match[1] and _process_running(int(match[1]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _check_target(raw_root: Path, dataset_id: int, folder_name: str, overwrite: bool) -> None:
     prefix = f"Dataset{dataset_id:03d}_"
     roots = {"nnUNet_raw": raw_root}
@@ -229,12 +255,21 @@ def prepare_unlabeled(
         raise UnlabeledDataError(f"Dataset ID must be an int in 1..999, got {dataset_id!r}.")
     if not DATASET_NAME.match(name) or "__" in name:
         raise UnlabeledDataError(f"--name must be letters, digits, '_', '-', '.' (no '__'), got {name!r}.")
+    if not math.isfinite(body_threshold):
+        raise UnlabeledDataError(f"--body-threshold must be a finite intensity, got {body_threshold}; voxels above "
+                                 f"it form the placeholder body label (default -500, in HU for CT).")
     if raw_root is None:
         if not os.environ.get("nnUNet_raw"):
             raise UnlabeledDataError("nnUNet_raw is not set; export nnUNet_raw=/path/to/nnUNet_raw (see nnU-Net's "
                                      "setting_up_paths.md).")
         raw_root = os.environ["nnUNet_raw"]
+        where = f"nnUNet_raw={raw_root}"
+    else:
+        where = f"raw_root {raw_root}"
     raw_root = Path(raw_root)
+    if raw_root.exists() and not raw_root.is_dir():
+        raise UnlabeledDataError(f"{where} is a file, not a folder; point it at the folder of nnU-Net's raw "
+                                 f"datasets (export nnUNet_raw=/path/to/nnUNet_raw).")
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     _check_target(raw_root, dataset_id, folder_name, overwrite)
 
@@ -257,8 +292,14 @@ def prepare_unlabeled(
     if len(channel_names) != n_channels:
         raise UnlabeledDataError(f"{len(channel_names)} --channel-name given for {n_channels}-channel cases.")
 
-    raw_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".tmp", dir=raw_root))
+    try:
+        raw_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work_folders(raw_root, folder_name)
+        # the pid tells a later run whether this folder's process still runs
+        work = Path(tempfile.mkdtemp(prefix=f".{folder_name}.{os.getpid()}-", suffix=".tmp", dir=raw_root))
+    except OSError as error:
+        raise UnlabeledDataError(f"Cannot write into {where} ({error.strerror or error}); point it at a folder you "
+                                 f"can create and write to.") from error
     try:
         (work / "imagesTr").mkdir()
         (work / "labelsTr").mkdir()
@@ -324,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hardlink", action="store_true", help="hard-link .nii.gz inputs instead of copying")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this ID and name")
     args = parser.parse_args(argv)
+    if argv is None:  # the console script: `kill` and `timeout` send SIGTERM; exit through the cleanup
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         final = prepare_unlabeled(args.folders, args.dataset_id, name=args.name, channel_names=args.channel_names,
                                   body_threshold=args.body_threshold, hardlink=args.hardlink, overwrite=args.overwrite)

@@ -47,6 +47,34 @@ def check_plans_network(plans_manager: PlansManager, configuration_manager: Conf
         f"then train with the plans it prints (e.g. -p LoGoNetPlans; planners: {PLANNER_FOR[expected.__name__]}).")
 
 
+def _is_3d(plans_manager: PlansManager, configuration: str) -> bool:
+    patch_size = plans_manager.get_configuration(configuration).configuration.get("patch_size")
+    return patch_size is None or len(patch_size) == 3  # no patch size: nnU-Net's own checks speak later
+
+
+def check_plans_configuration(plans_manager: PlansManager, configuration: str, trainer: str = "LoGoNetTrainer") -> None:
+    """Stop before nnU-Net writes anything when the plans lack ``configuration`` or it is 2D: nnU-Net's own
+    lookup only raises a bare RuntimeError, and LoGoNet's planners write 3d_fullres alone."""
+    available = plans_manager.available_configurations
+    three_d = [c for c in available if _is_3d(plans_manager, c)]
+    if configuration in three_d:
+        return
+    dataset, plans_name = plans_manager.dataset_name, plans_manager.plans_name
+    dataset_id = dataset[len("Dataset"):].split("_")[0] if dataset.startswith("Dataset") else dataset
+    two_d = configuration in available
+    if configuration == "2d" or two_d:
+        fix = (f"LoGoNet is a 3D network; for a 2D model use nnU-Net's own trainer and plans "
+               f"(nnUNetv2_plan_and_preprocess -d {dataset_id} -c 2d, "
+               f"then nnUNetv2_train {dataset_id} {configuration} FOLD).")
+    else:
+        fix = "LoGoNet's planners write 3d_fullres only (no low-resolution or cascade stage)."
+    what = f"'{configuration}' is a 2D configuration" if two_d else f"no configuration '{configuration}'"
+    use = (f"Train LoGoNet with: nnUNetv2_train {dataset_id} {three_d[0]} FOLD -tr {trainer} -p {plans_name}"
+           if three_d else f"Plan for LoGoNet first: logonet_plan_and_preprocess -d {dataset} -pl LoGoNetPlanner")
+    raise PlansMismatchError(f"Plans '{plans_name}' of {dataset}: {what} (available: "
+                             f"{', '.join(available) or 'none'}). {fix}\n{use}")
+
+
 class LoGoNetTrainer(nnUNetTrainer):
     """Trains LoGoNet in nnU-Net's pipeline (augmentation, folds, validation, export unchanged)."""
 
@@ -58,6 +86,7 @@ class LoGoNetTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         plans_manager = PlansManager({k: v for k, v in plans.items() if k != "continue_training"})
+        check_plans_configuration(plans_manager, configuration, type(self).__name__)
         check_plans_network(plans_manager, plans_manager.get_configuration(configuration), self.network_class,
                             configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)

@@ -1,0 +1,55 @@
+"""LoGoNetTrainer refuses a configuration its plans lack (2d, 3d_lowres, 3d_cascade_fullres) with a message
+naming the plans, the configurations they have and the fix, before nnU-Net creates anything."""
+from __future__ import annotations
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_logonet.training.trainer import (
+    LoGoNetTrainer,
+    LoGoNetTrainer_demoQuick,
+    PlansMismatchError,
+    ULKANetTrainer,
+    check_plans_configuration,
+)
+
+DATASET = "Dataset910_Phantom"
+
+
+def _plans(**configurations: list[int]) -> dict:
+    """The keys the checks read: names, and per configuration the network and its patch size."""
+    arch = {"network_class_name": "nnunet_logonet.network.logonet.LoGoNet", "arch_kwargs": {},
+            "_kw_requires_import": []}
+    return {"dataset_name": DATASET, "plans_name": "LoGoNetTinyPlans",
+            "configurations": {name: {"patch_size": patch, "architecture": arch}
+                               for name, patch in configurations.items()}}
+
+
+@pytest.mark.parametrize("trainer", [LoGoNetTrainer, LoGoNetTrainer_demoQuick, ULKANetTrainer])
+@pytest.mark.parametrize("configuration, fix", [("2d", "nnU-Net's own trainer and plans"),
+                                                ("3d_lowres", "3d_fullres only"),
+                                                ("3d_cascade_fullres", "3d_fullres only")])
+def test_configuration_missing_from_the_plans_is_named_with_the_fix(tmp_path, monkeypatch, trainer,
+                                                                    configuration, fix):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False}
+    with pytest.raises(PlansMismatchError) as error:
+        trainer(plans, configuration, 0, {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    message = str(error.value)
+    assert f"no configuration '{configuration}'" in message and "LoGoNetTinyPlans" in message
+    assert "(available: 3d_fullres)" in message and fix in message
+    assert f"nnUNetv2_train 910 3d_fullres FOLD -tr {trainer.__name__} -p LoGoNetTinyPlans" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_2d_configuration_in_the_plans_is_refused_as_2d():
+    manager = PlansManager(_plans(**{"2d": [64, 64], "3d_fullres": [12, 32, 32]}))
+    with pytest.raises(PlansMismatchError, match=r"'2d' is a 2D configuration.*LoGoNet is a 3D network"):
+        check_plans_configuration(manager, "2d")
+    check_plans_configuration(manager, "3d_fullres")  # a 3D configuration passes
+
+
+def test_plans_without_any_3d_configuration_say_to_plan_for_logonet():
+    with pytest.raises(PlansMismatchError, match=f"logonet_plan_and_preprocess -d {DATASET}"):
+        check_plans_configuration(PlansManager(_plans(**{"2d": [64, 64]})), "3d_fullres")
