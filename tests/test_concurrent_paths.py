@@ -291,6 +291,17 @@ def test_concurrent_training_only_in_cpu_float32_training_on_two_threads(case, m
     assert runs == [9]
 
 
+def test_concurrent_training_refuses_autograd_grad_instead_of_misplacing_gradients():
+    """Under ``torch.autograd.grad`` (or ``backward(inputs=...)``) the paths' backward would fill the
+    parameters' ``.grad`` instead of the result: it stops with an error naming the lever, as PyTorch's
+    reentrant checkpointing does; nnU-Net's ``loss.backward()`` is unaffected."""
+    net = _tiny((32, 32, 32)).train()
+    x = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="concurrent_training.*autograd.grad"):
+        torch.autograd.grad(net(x).square().mean(), x)
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_concurrent_training_backward_runs_on_the_workers_and_frees_the_paths_graph(monkeypatch):
     """The paths' backward runs on the two workers (one OpenMP thread each), and a second backward through the
     same step (``retain_graph=True``) stops with an error that says how to allow it."""

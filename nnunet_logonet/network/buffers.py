@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .derived import note_unversioned_writes
 from .levers import lever_enabled
 
 __all__ = ["MIN_BYTES", "OutputPool", "ReusesOutputBuffers", "active_pool", "active_training_pool", "current_pool",
@@ -194,8 +195,11 @@ def active_training_pool() -> OutputPool | None:
 class ReusesOutputBuffers(torch.nn.Module):
     """Base of a whole network (LoGoNet, ULKANet) whose forward runs in :func:`pooled_outputs`: its
     ``train()`` frees the inference buffers, which training never uses (nnU-Net calls it every epoch,
-    after the validation forwards that filled them), and its ``eval()`` those of the training steps."""
+    after the validation forwards that filled them), and its ``eval()`` those of the training steps.
+    Both also drop the inference caches of derived tensors (``derived.note_unversioned_writes``):
+    a fused optimizer's steps since the last switch changed no version counter."""
 
     def train(self, mode: bool = True):
         release_output_buffers(self, training=not mode)
+        note_unversioned_writes()
         return super().train(mode)

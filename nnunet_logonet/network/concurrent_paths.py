@@ -23,8 +23,10 @@ and :class:`_SideBySide`, the one autograd node the caller's graph sees for all 
 backwards on the workers too when the caller's backward reaches it. Each path has its own
 parameters and BatchNorms, so no two jobs write the same gradient or statistic. Like PyTorch's
 reentrant checkpointing, the paths' gradients reach the parameters' ``.grad`` (``backward()``, as
-nnU-Net's trainer calls it), not ``torch.autograd.grad``'s result, and the paths' graph is freed by
-the first backward.
+nnU-Net's trainer calls it): a ``torch.autograd.grad`` or ``backward(inputs=...)`` that reaches the
+paths (through the input) stops with an error naming the lever; one asked only for the paths'
+parameters does not reach them and returns None for those (as it would for reentrant checkpointing);
+the paths' graph is freed by the first backward.
 """
 from __future__ import annotations
 
@@ -168,6 +170,8 @@ class _SideBySide(torch.autograd.Function):
     calls, the caller's state, a list to note the results' structure in, and each call's input (the
     caller's graph routes their gradients back, e.g. the sub-crops' into the whole input). Outputs: the
     calls' tensors, flattened, detached from the jobs' own graphs, which ``ctx`` keeps until the backward.
+    (The paths' parameters are not inputs: the caller's engine would then call their gradient hooks a
+    second time, with None.)
     """
 
     @staticmethod
@@ -187,6 +191,13 @@ class _SideBySide(torch.autograd.Function):
         if ctx.outputs is None:
             raise RuntimeError("LoGoNet's concurrent paths (lever concurrent_training) freed their graph in the "
                                "first backward; to backward twice run the step inside "
+                               "nnunet_logonet.network.levers.reference_kernels('concurrent_training')")
+        if not torch.autograd._is_checkpoint_valid():  # as PyTorch's reentrant checkpointing checks
+            raise RuntimeError("LoGoNet's concurrent paths (lever concurrent_training) run their backward as "
+                               "loss.backward() does (nnU-Net's trainer), into each parameter's .grad: "
+                               "under torch.autograd.grad or backward(inputs=...) the paths' gradients would go to .grad, not to "
+                               "the result. "
+                               "Run such a step inside "
                                "nnunet_logonet.network.levers.reference_kernels('concurrent_training')")
         outputs, ctx.outputs = ctx.outputs, None
         jobs, given = [], iter(grads)

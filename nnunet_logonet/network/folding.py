@@ -14,22 +14,20 @@ scalings, three additions) become two, and on CUDA as many fewer kernel launches
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from .conv import Activation, Conv3d, conv3d, conv3d_add, conv3d_concat
+from .derived import derived_tensors, version_key
 from .levers import lever_enabled
 from .training_buffers import pooled_conv_norm_act, pooled_unit_pays
 
-__all__ = ["conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
+__all__ = ["hooked", "conv_norm", "conv_norm_act", "conv_act", "fold_batchnorm", "foldable_batchnorm", "derived_tensors",
            "version_key", "fold_uncached", "batchnorm_affine", "LKAFold", "foldable_lka_block", "lka_fold_sources", "fold_lka_block",
            "fold_lka_block_uncached", "lka_block_folded"]
-
-T = TypeVar("T")
-
 
 def _eval_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
     """``module`` and ``norm`` in eval mode, ``norm`` a BatchNorm that normalises with its running statistics there."""
@@ -56,17 +54,18 @@ def conv_norm(module: nn.Module, conv: nn.Conv3d, norm: nn.Module,
     building it (:func:`conv3d_concat`).
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
-    if foldable_batchnorm(module, norm):
+    watched = hooked(conv, norm)  # a hook must see its module run (and may change its weight: pruning)
+    if foldable_batchnorm(module, norm) and not watched:
         weight, bias = fold_batchnorm(conv, norm)
         return conv3d_concat(parts, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
-    if len(parts) == 1 or not lever_enabled("concat_sum") or isinstance(conv.padding, str):
+    if len(parts) == 1 or not lever_enabled("concat_sum") or isinstance(conv.padding, str) or watched:
         y = norm(conv(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
     else:
         y = norm(conv3d_concat(parts, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
     return y if activation is None else activation(y)
 
 
-def _hooked(*modules: nn.Module) -> bool:
+def hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook watches any of ``modules`` (then they are called as modules: e.g. the
     SSL feature tap on ``head.act``)."""
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
@@ -75,7 +74,7 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def _hooked_tree(module: nn.Module) -> bool:
-    """``_hooked`` for ``module`` and everything inside it (a walk over ``_modules``: a third of the
+    """``hooked`` for ``module`` and everything inside it (a walk over ``_modules``: a third of the
     host time of ``module.modules()``, which an inference forward on a launch-bound GPU would pay per block)."""
     if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         return True
@@ -94,9 +93,9 @@ def conv_norm_act(module: nn.Module, conv: nn.Conv3d, norm: nn.Module, act: nn.M
     the activation (GELU or LeakyReLU) as its post-op; in CPU training at full resolution one
     autograd Function whose large tensors live in kept memory (``training_buffers``); otherwise the
     modules as they are."""
-    activation = Activation.of(act) if foldable_batchnorm(module, norm) and not _hooked(act) else None
+    activation = Activation.of(act) if foldable_batchnorm(module, norm) and not hooked(act) else None
     if activation is None:
-        if module.training and not _hooked(conv, norm, act):
+        if module.training and not hooked(conv, norm, act):
             parts = [x] if isinstance(x, torch.Tensor) else list(x)
             pool = pooled_unit_pays(conv, norm, act, parts)
             if pool is not None:  # CPU training at full resolution: no fresh memory (training_buffers.py)
@@ -110,7 +109,7 @@ def conv_act(conv: nn.Conv3d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (LKA's ``proj_1`` -> GELU and the MLP's depthwise conv -> GELU)."""
     activation = Activation.of(act)
     if (activation is None or not lever_enabled("post_ops") or not isinstance(conv, Conv3d)
-            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or _hooked(conv, act)):
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or hooked(conv, act)):
         return act(conv(x))
     return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
 
@@ -122,33 +121,6 @@ def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor,
     """
     sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
     return derived_tensors(conv, "_folded_batchnorm", sources, lambda: fold_uncached(conv, norm))
-
-
-def version_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
-    """Each tensor's storage, in-place version counter, device and dtype: a key that changes when any
-    of them is replaced or edited in place. None where that cannot be followed: under torch.compile
-    (the compiler should see plain ops) or for inference tensors (no version counter)."""
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-        return None
-    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-
-
-def derived_tensors(owner: object, name: str, sources: Sequence[torch.Tensor | None], make: Callable[[], T]) -> T:
-    """``make()``, cached on ``owner`` under ``name`` while no autograd is recording.
-
-    The cache is keyed on every source tensor's storage and in-place version counter, so it is
-    rebuilt after ``load_state_dict`` (nnUNetv2_predict switching folds), an optimizer step or
-    ``.to(device)``. With autograd on (training) or under ``torch.compile`` it is not used, so
-    gradients reach the original parameters and the compiler sees plain ops.
-    """
-    key = None if torch.is_grad_enabled() else version_key([t for t in sources if t is not None])
-    if key is None:
-        return make()
-    cached = owner.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        cached = (key, make())
-        owner.__dict__[name] = cached
-    return cached[1]
 
 
 def batchnorm_affine(norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from .lka import LiveTapConv3d, LKABlock, live_taps
 from .ulkanet import ULKAPath
 
 __all__ = ["group_subcrops", "ungroup_subcrops", "add_ungrouped_subcrops_", "add_ungrouped_subcrops",
-           "grouped_local_features", "can_group", "grouping_pays"]
+           "grouped_local_features", "can_group", "grouping_pays", "forget_grouped_running_stats"]
 
 CL = torch.channels_last_3d
 
@@ -179,11 +179,13 @@ def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[
     """The paths' running means and variances, concatenated; F.batch_norm updates these in place.
 
     The concatenation is kept on ``owner`` while every path's statistics are those written back from
-    it (same storage and version counter), so a training step does not concatenate them again; any
-    other change to a path's statistics (``load_state_dict``, ``.to()``, an edit) rebuilds it.
+    it (same tensors, storage and version counter), so a training step does not concatenate them
+    again; any other change to a path's statistics (``load_state_dict``, ``.to()``, an edit) rebuilds
+    it, and a training step that ran the paths one by one (their BatchNorms update the statistics
+    without a version bump) drops it (``forget_grouped_running_stats``).
     """
     cached = owner.__dict__.get("_grouped_running_stats")
-    key = version_key(means + variances)
+    key = version_key(means + variances, generation=False)
     if cached is not None and key is not None and cached[0] == key:
         return cached[1], cached[2]
     return torch.cat(means), torch.cat(variances)
@@ -191,13 +193,29 @@ def _running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[
 
 def _remember_running_stats(owner: nn.Module, means: list[torch.Tensor], variances: list[torch.Tensor],
                             mean: torch.Tensor, var: torch.Tensor) -> None:
-    key = version_key(means + variances)
+    if torch.compiler.is_compiling():  # no cache under the compiler (version_key)
+        return
+    if mean.is_inference():  # made under inference_mode: autograd could not save it in a later step
+        owner.__dict__.pop("_grouped_running_stats", None)
+        return
+    key = version_key(means + variances, generation=False)
     if key is not None:
-        owner.__dict__["_grouped_running_stats"] = (key, mean, var)
+        owner.__dict__["_grouped_running_stats"] = (key, mean, var, means + variances)
 
 
-def _norm(x: torch.Tensor, norms: Sequence[nn.Module], training: bool) -> torch.Tensor:
+def forget_grouped_running_stats(paths: Sequence[nn.Module]) -> None:
+    """Drop the kept concatenations of ``_running_stats``: the paths' BatchNorms ran one by one."""
+    for module in paths[0].modules():
+        module.__dict__.pop("_grouped_running_stats", None)
+
+
+def _norm(x: torch.Tensor, norms: Sequence[nn.Module]) -> torch.Tensor:
+    """The paths' norms, each in its own mode (a BatchNorm frozen in eval inside a training network
+    keeps its statistics); paths whose norms are in different modes are normalised one by one."""
     first = norms[0]
+    training = first.training
+    if any(n.training is not training for n in norms):
+        return torch.cat([n(part) for n, part in zip(norms, x.chunk(len(norms), dim=1))], dim=1)
     weight = _cat(first, "_grouped_weight", [n.weight for n in norms])
     bias = _cat(first, "_grouped_bias", [n.bias for n in norms])
     if isinstance(first, nn.BatchNorm3d):
@@ -231,7 +249,7 @@ def _conv_norm(x: torch.Tensor | Sequence[torch.Tensor], module: nn.Module, conv
         parts = [x] if isinstance(x, torch.Tensor) else list(x)
         return conv3d_concat(parts, weight, bias, first.stride, first.padding, first.dilation,
                              first.groups * len(convs), activation)
-    y = _norm(_conv(x, convs), norms, norms[0].training)
+    y = _norm(_conv(x, convs), norms)
     return y if activation is None else activation(y)
 
 
@@ -261,10 +279,10 @@ def _scale(x: torch.Tensor, scales: Sequence[nn.Module]) -> torch.Tensor:
     return x * gamma.view(1, -1, 1, 1, 1).to(x.dtype)
 
 
-def _drop_path(x: torch.Tensor, drops: Sequence[nn.Module], training: bool) -> torch.Tensor:
+def _drop_path(x: torch.Tensor, drops: Sequence[nn.Module]) -> torch.Tensor:
     """Stochastic depth with one draw per sample and path, as each path's own DropPath makes."""
     first = drops[0]
-    if not isinstance(first, DropPath) or not training or first.drop_prob == 0.0:
+    if not isinstance(first, DropPath) or not first.training or first.drop_prob == 0.0:
         return x
     keep = 1.0 - first.drop_prob
     b, nc = x.shape[:2]
@@ -284,8 +302,6 @@ def _lka_fold(blocks: Sequence[LKABlock]) -> LKAFold:
 
 
 def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
-    first = blocks[0]
-    training = first.training
     attn = [b.attn for b in blocks]
     lka = [a.lka for a in attn]
 
@@ -296,12 +312,12 @@ def _lka_block(x: torch.Tensor, blocks: Sequence[LKABlock]) -> torch.Tensor:
     if all(foldable_lka_block(b) for b in blocks):  # eval (folding.py)
         return lka_block_folded(x, _lka_fold(blocks), gated,
                                 lambda h: _conv(h, [m.dwconv for m in mlp], Activation("gelu")), groups=len(blocks))
-    h = _norm(x, [b.norm1 for b in blocks], training)
+    h = _norm(x, [b.norm1 for b in blocks])
     branch = h + _conv(gated(_conv(h, [a.proj_1 for a in attn], Activation("gelu"))), [a.proj_2 for a in attn])
-    x = x + _drop_path(_scale(branch, [b.ls1 for b in blocks]), [b.drop_path1 for b in blocks], training)
-    h = _norm(x, [b.norm2 for b in blocks], training)
+    x = x + _drop_path(_scale(branch, [b.ls1 for b in blocks]), [b.drop_path1 for b in blocks])
+    h = _norm(x, [b.norm2 for b in blocks])
     h = _conv(_conv(_conv(h, [m.fc1 for m in mlp]), [m.dwconv for m in mlp], Activation("gelu")), [m.fc2 for m in mlp])
-    return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks], training)
+    return x + _drop_path(_scale(h, [b.ls2 for b in blocks]), [b.drop_path2 for b in blocks])
 
 
 # ----------------------------------------------------------------------------- the paths

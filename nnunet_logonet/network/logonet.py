@@ -29,12 +29,14 @@ from .concurrent_paths import (
     run_concurrently_with_autograd,
 )
 from .conv import Conv3d
-from .folding import conv_norm_act
+from .derived import note_unversioned_writes
+from .folding import conv_norm_act, hooked
 from .levers import lever_enabled
 from .grouped import (
     add_ungrouped_subcrops,
     add_ungrouped_subcrops_,
     can_group,
+    forget_grouped_running_stats,
     group_subcrops,
     grouped_local_features,
     grouping_pays,
@@ -209,7 +211,8 @@ class LoGoNet(ReusesOutputBuffers):
         written in one pass into a new tensor, without building the stitched local features
         (lever ``stitch_add``).
         """
-        if lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x):
+        if (lever_enabled("grouped_local_paths") and can_group(self.local_paths) and grouping_pays(self.local_paths, x)
+                and not self._local_paths_hooked()):
             grouped = grouped_local_features(list(self.local_paths), group_subcrops(x, self.local_grid))
             if add_to is not None and _stitch_pays("stitch_in_place", add_to, grouped):
                 return add_ungrouped_subcrops_(add_to, grouped, self.local_grid)
@@ -217,9 +220,25 @@ class LoGoNet(ReusesOutputBuffers):
                 return add_ungrouped_subcrops(add_to, grouped, self.local_grid)
             local = ungroup_subcrops(grouped, self.local_grid)
         else:
+            if self.training:  # their BatchNorms update the statistics unversioned
+                forget_grouped_running_stats(self.local_paths)
             tiles = split_subcrops(x, self.local_grid)
             return self._stitched([path(tile)[0] for path, tile in zip(self.local_paths, tiles)], add_to)
         return local if add_to is None else add_to + local
+
+    def _local_paths_hooked(self) -> bool:
+        """Whether a forward hook watches a module of a local path: the grouped network never calls
+        them, so the paths then run one by one. The modules are listed once per ``train()``/``eval()``
+        (a walk over 8 x 237 modules of LoGoNet-S takes ~0.5 ms; ``modules()`` itself ~4 ms)."""
+        modules = self.__dict__.get("_local_path_modules")
+        if modules is None:
+            modules = [m for path in self.local_paths for m in path.modules()]
+            self.__dict__["_local_path_modules"] = modules
+        return hooked(*modules)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_local_path_modules", None)
+        return super().train(mode)
 
     def _stitched(self, outs: Sequence[torch.Tensor], add_to: torch.Tensor | None) -> torch.Tensor:
         """The local paths' outputs (sub-crop order) stitched into full-resolution features, plus ``add_to``."""
@@ -232,6 +251,8 @@ class LoGoNet(ReusesOutputBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
+        if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
+            note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)
             if concurrent_paths_pay(self, x):
                 # the 9 paths side by side on two single-threaded workers, global first (concurrent_paths.py)
@@ -242,6 +263,7 @@ class LoGoNet(ReusesOutputBuffers):
                 fused = self._stitched(outs, add_to=global_features[0])
             elif concurrent_training_pays(self, x):
                 # the same in training, each path's backward on the workers too (concurrent_paths.py)
+                forget_grouped_running_stats(self.local_paths)
                 global_features, *outs = run_concurrently_with_autograd(
                     [self.global_path] + [partial(_first_output, path) for path in self.local_paths],
                     [x, *split_subcrops(x, self.local_grid)])

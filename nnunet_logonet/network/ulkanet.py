@@ -15,6 +15,7 @@ from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
 from .decoder import ULKADecoder
+from .derived import note_unversioned_writes
 from .encoder import ULKAEncoder
 from .layers import check_norm, init_weights
 from .memory import conv_feature_map_size
@@ -228,6 +229,8 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
+        if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
+            note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)
             stem, features = self.encoder(x)
             return self.decoder(stem, features)
