@@ -28,8 +28,8 @@ def _plans(**configurations: list[int]) -> dict:
 
 @pytest.mark.parametrize("trainer", [LoGoNetTrainer, LoGoNetTrainer_demoQuick, ULKANetTrainer])
 @pytest.mark.parametrize("configuration, fix", [("2d", "nnU-Net's own trainer and plans"),
-                                                ("3d_lowres", "3d_fullres only"),
-                                                ("3d_cascade_fullres", "3d_fullres only")])
+                                                ("3d_lowres", "only where nnU-Net's would"),
+                                                ("3d_cascade_fullres", "these plans have none")])
 def test_configuration_missing_from_the_plans_is_named_with_the_fix(tmp_path, monkeypatch, trainer,
                                                                     configuration, fix):
     monkeypatch.setenv("nnUNet_results", str(tmp_path))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 from nnunet_logonet.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_logonet.phantom.writer import FORMATS, PhantomArgumentError, write_dataset
+from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
 
 # write_dataset's parameter -> the flag that sets it
 _FLAGS = {"dataset_id": "-d/--dataset-id", "name": "--name", "num_train": "--num-train",
@@ -50,12 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm() -> None:
-    """``kill`` and ``timeout`` send SIGTERM, which ends Python without its cleanup; exit through it instead,
-    so the hidden folder of the dataset being written is removed (a later run removes what SIGKILL leaves)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -66,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if Path(output).exists() and not Path(output).is_dir():
         parser.error(f"argument {flags['root']}: {output} is not a folder")
     if argv is None:  # the console script, not a call from Python
-        _exit_on_sigterm()
+        exit_cleanly_on_sigterm()
     try:
         folder = write_dataset(output, args.dataset_id, name=args.name, num_train=args.num_train,
                                num_test=args.num_test, num_unlabeled=args.num_unlabeled,

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_logonet.phantom.anatomy import LABELS, MAX_SIZE, MIN_SIZE, generate_case
+from nnunet_logonet.workfolders import new_work_folder, remove_stale_work_folders
 
 __all__ = [
     "FORMATS", "SPLITS", "PhantomArgumentError", "case_identifier", "case_seed",
@@ -152,35 +153,6 @@ def _conflicting_folders(root: Path, dataset_id: int, folder_name: str, fmt: str
                   if p.name.startswith(prefix) and p.name != folder_name)
 
 
-def _process_running(pid: int) -> bool:
-    """Whether process ``pid`` still runs on this machine (where that cannot be asked, assume it does)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def _new_work_folder(root: Path, folder_name: str) -> Path:
-    """A hidden ``.<folder_name>.<pid>-XXXXXXXX.partial`` next to the target; the pid lets a later run
-    tell a live run's folder from one that a killed run (SIGTERM, SIGKILL) could not clean up."""
-    return Path(tempfile.mkdtemp(prefix=f".{folder_name}.{os.getpid()}-", suffix=".partial", dir=root))
-
-
-def _remove_stale_work_folders(root: Path, folder_name: str) -> None:
-    """Delete the work folders of ``folder_name`` that earlier, killed runs left in ``root`` (only that
-    target's, only folders whose process is gone, or without a pid: written before pids were recorded)."""
-    pattern = re.compile(rf"^\.{re.escape(folder_name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.partial$")
-    for path in root.iterdir() if root.is_dir() else ():
-        match = pattern.match(path.name)
-        if match and path.is_dir() and not (match[1] and _process_running(int(match[1]))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phantom",
                   num_train: int = 20, num_test: int = 5, num_unlabeled: int = 10,
                   seed: int = 0, size: int = 64, fmt: str = "nnunet", overwrite: bool = False,
@@ -210,8 +182,8 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_work_folders(root, folder_name)
-        work = _new_work_folder(root, folder_name)
+        remove_stale_work_folders(root, folder_name, "partial")
+        work = new_work_folder(root, folder_name, "partial")
     except OSError as error:
         raise PhantomArgumentError(
             "root", f"cannot write into {root} ({error.strerror or error}); choose a folder you can "

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import warnings
@@ -35,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
+
+from nnunet_logonet.workfolders import exit_cleanly_on_sigterm, new_work_folder, remove_stale_work_folders
 
 __all__ = ["UnlabeledDataError", "body_mask", "find_cases", "prepare_unlabeled", "main"]
 
@@ -185,29 +186,6 @@ def body_mask(image: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
     return mask
 
 
-def _process_running(pid: int) -> bool:
-    """Whether process ``pid`` still runs on this machine (where that cannot be asked, assume it does)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def _remove_stale_work_folders(raw_root: Path, folder_name: str) -> None:
-    """Delete the hidden ``.<folder_name>.[<pid>-]XXXXXXXX.tmp`` folders that killed runs (SIGTERM, SIGKILL)
-    left next to the target: only that target's, and only where the process that made them is gone."""
-    pattern = re.compile(rf"^\.{re.escape(folder_name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp$")
-    for path in raw_root.iterdir() if raw_root.is_dir() else ():
-        match = pattern.match(path.name)
-        if match and path.is_dir() and not (match[1] and _process_running(int(match[1]))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _check_target(raw_root: Path, dataset_id: int, folder_name: str, overwrite: bool) -> None:
     prefix = f"Dataset{dataset_id:03d}_"
     roots = {"nnUNet_raw": raw_root}
@@ -294,9 +272,8 @@ def prepare_unlabeled(
 
     try:
         raw_root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_work_folders(raw_root, folder_name)
-        # the pid tells a later run whether this folder's process still runs
-        work = Path(tempfile.mkdtemp(prefix=f".{folder_name}.{os.getpid()}-", suffix=".tmp", dir=raw_root))
+        remove_stale_work_folders(raw_root, folder_name, "tmp")
+        work = new_work_folder(raw_root, folder_name, "tmp")
     except OSError as error:
         raise UnlabeledDataError(f"Cannot write into {where} ({error.strerror or error}); point it at a folder you "
                                  f"can create and write to.") from error
@@ -365,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hardlink", action="store_true", help="hard-link .nii.gz inputs instead of copying")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this ID and name")
     args = parser.parse_args(argv)
-    if argv is None:  # the console script: `kill` and `timeout` send SIGTERM; exit through the cleanup
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if argv is None:  # the console script
+        exit_cleanly_on_sigterm()
     try:
         final = prepare_unlabeled(args.folders, args.dataset_id, name=args.name, channel_names=args.channel_names,
                                   body_threshold=args.body_threshold, hardlink=args.hardlink, overwrite=args.overwrite)

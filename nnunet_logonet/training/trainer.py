@@ -67,7 +67,8 @@ def check_plans_configuration(plans_manager: PlansManager, configuration: str, t
                f"(nnUNetv2_plan_and_preprocess -d {dataset_id} -c 2d, "
                f"then nnUNetv2_train {dataset_id} {configuration} FOLD).")
     else:
-        fix = "LoGoNet's planners write 3d_fullres only (no low-resolution or cascade stage)."
+        fix = ("LoGoNet's planners write 3d_lowres and 3d_cascade_fullres only where nnU-Net's would (the "
+               "full-resolution patch covers too little of the median image); these plans have none.")
     what = f"'{configuration}' is a 2D configuration" if two_d else f"no configuration '{configuration}'"
     use = (f"Train LoGoNet with: nnUNetv2_train {dataset_id} {three_d[0]} FOLD -tr {trainer} -p {plans_name}"
            if three_d else f"Plan for LoGoNet first: logonet_plan_and_preprocess -d {dataset} -pl LoGoNetPlanner")
