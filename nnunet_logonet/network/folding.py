@@ -183,10 +183,13 @@ def lka_fold_sources(block: nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer of the modules ``fold_lka_block`` reads (the key of its cache).
 
     Read from the modules' own dictionaries: ``nn.Module.__getattr__`` made this list 8x slower, host
-    time that a launch-bound inference forward pays for every block."""
+    time that a launch-bound inference forward pays for every block. A parametrized weight
+    (``weight_norm``) lives in the module's ``parametrizations``: their tensors are sources too."""
     m = block._modules
     attn, mlp = m["attn"]._modules, m["mlp"]._modules
-    sources = (m["norm1"], m["norm2"], m["ls1"], m["ls2"], attn["proj_1"], attn["proj_2"], mlp["fc1"], mlp["fc2"])
+    sources = [m["norm1"], m["norm2"], m["ls1"], m["ls2"], attn["proj_1"], attn["proj_2"], mlp["fc1"], mlp["fc2"]]
+    sources += [p for module in sources if "parametrizations" in module._modules
+                for p in module._modules["parametrizations"].modules()]
     return [t for module in sources for tensors in (module._parameters, module._buffers)
             for t in tensors.values() if t is not None]
 
