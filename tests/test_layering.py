@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 MAPPED = {"trainers": REPO / "trainers", "planners": REPO / "planners"}
 #: each area's rank; a module may import our areas of its own rank or below
 RANK = {
-    "network": 0, "ssl": 0, "phantom": 0, "msd": 0, "figures": 0, "machine": 0, "env": 0, "workfolders": 0, "": 0,
+    "network": 0, "ssl": 0, "phantom": 0, "msd": 0, "figures": 0, "machine": 0, "env": 0, "workfolders": 0,
+    "nifti": 0, "": 0,
     "planning": 1, "training": 1,
     "trainers": 2, "planners": 2,
     "benchmark": 3, "demo": 3,

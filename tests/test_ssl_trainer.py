@@ -436,6 +436,70 @@ def test_pipeline_names_unreadable_source_plans(tmp_path):
         prepare_pretraining_dataset(910, 911, PLANS, env=env, log=[].append)
 
 
+class _StopAtFingerprint(Exception):
+    pass
+
+
+def _stop_at_fingerprint(message: str) -> None:
+    if "nnUNetv2_extract_fingerprint" in message:  # logged just before the command runs
+        raise _StopAtFingerprint
+
+
+@pytest.mark.parametrize("channels", [["T2", "ADC"], ["CT"]])
+def test_pipeline_gives_the_image_only_dataset_the_source_channels(tmp_path, channels):
+    """A 2-channel source (prostate MR) used to stop at step 1 asking for --channel-name, an option the
+    pipeline lacks; the pre-training dataset now gets the source's channels, named as in its dataset.json."""
+    import json
+
+    import SimpleITK as sitk
+
+    from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
+
+    source = tmp_path / "raw" / "Dataset910_X"
+    (source / "imagesTr").mkdir(parents=True)
+    for case in ("a", "b"):
+        for channel in range(len(channels)):
+            sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 8, 8), 100.0 * channel, np.float32)),
+                            str(source / "imagesTr" / f"{case}_{channel:04d}.nii.gz"))
+    (source / "dataset.json").write_text(json.dumps({"channel_names": dict(enumerate(channels)),
+                                                     "labels": {"background": 0, "a": 1}, "numTraining": 2,
+                                                     "file_ending": ".nii.gz"}))
+    (tmp_path / "pre" / "Dataset910_X").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X" / f"{PLANS}.json").write_text(json.dumps(
+        {"configurations": {"3d_fullres": {"patch_size": [4, 8, 8]}}}))
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    with pytest.raises(_StopAtFingerprint):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=_stop_at_fingerprint)
+    meta = json.loads((tmp_path / "raw" / "Dataset911_Pretraining" / "dataset.json").read_text())
+    assert meta["channel_names"] == {str(i): name for i, name in enumerate(channels)}
+    images = sorted(p.name for p in (tmp_path / "raw" / "Dataset911_Pretraining" / "imagesTr").iterdir())
+    assert len(images) == 2 * len(channels) and images[1].endswith(f"_{len(channels) - 1:04d}.nii.gz")
+
+
+def test_pipeline_names_the_source_dataset_json_when_its_channels_do_not_match_the_scans(tmp_path):
+    import json
+
+    import SimpleITK as sitk
+
+    from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
+
+    source = tmp_path / "raw" / "Dataset910_X"
+    (source / "imagesTr").mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 8, 8), np.float32)), str(source / "imagesTr" / "a_0000.nii.gz"))
+    (tmp_path / "pre" / "Dataset910_X").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X" / f"{PLANS}.json").write_text(json.dumps(
+        {"configurations": {"3d_fullres": {"patch_size": [4, 8, 8]}}}))
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+    (source / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
+    with pytest.raises(ValueError, match=r"2 --channel-name given for 1-channel cases.*T2, ADC from .*Dataset910_X/"
+                                         r"dataset.json: the scans must have the same channels"):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=[].append)
+    (source / "dataset.json").write_text(json.dumps({"labels": {"background": 0}}))
+    with pytest.raises(PipelineError, match=r"Dataset910_X/dataset.json has no valid channel_names"):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=[].append)
+    assert not (tmp_path / "raw" / "Dataset911_Pretraining").exists()
+
+
 def test_trainer_checks_pretrained_weights_from_the_command_line_before_loading(tmp_path):
     """LoGoNetTrainer.initialize reads -pretrained_weights from nnUNetv2_train's argv and lists
     every mismatch before nnU-Net's loader runs."""

@@ -1,5 +1,6 @@
 """logonet_prepare_unlabeled: an image-only nnU-Net raw dataset from NIfTI folders, and every bad input."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -123,6 +124,12 @@ def truncated(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def recompressed_cut(path):
+    """A gzip stream that is whole (CRC fine) around NIfTI data cut short."""
+    write(path, ct_volume())
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))
+
+
 BAD_INPUTS = {
     "4D": (lambda d: write(d / "x" / "four_d.nii.gz", np.zeros((2, *SHAPE), np.float32)), "four_d.nii.gz", "3D"),
     "2D": (lambda d: write(d / "x" / "flat.nii.gz", np.zeros(SHAPE[1:], np.float32)), "flat.nii.gz", "3D"),
@@ -132,6 +139,10 @@ BAD_INPUTS = {
     "not NIfTI": (lambda d: (d / "x" / "notes.txt").write_text("hello"), "notes.txt", "not a NIfTI"),
     "garbage NIfTI": (lambda d: (d / "x" / "junk.nii.gz").write_bytes(b"junk" * 100), "junk.nii.gz", "cannot be read"),
     "truncated NIfTI": (lambda d: truncated(d / "x" / "cut.nii.gz"), "cut.nii.gz", "cannot be read"),
+    # an uncompressed file cut short was read with half its voxels zero-filled
+    "truncated .nii": (lambda d: truncated(d / "x" / "cut.nii"), "cut.nii", "truncated: the file holds"),
+    "whole gzip of cut data": (lambda d: recompressed_cut(d / "x" / "cut.nii.gz"), "cut.nii.gz",
+                               "truncated: the decompressed data holds"),
     "subfolder": (lambda d: (d / "x" / "nested").mkdir(parents=True), "nested", "a folder"),
     "empty folder": (lambda d: (d / "x").mkdir(), "x", "no \\*.nii.gz"),
     "duplicate same folder": (lambda d: (write(d / "x" / "dup.nii.gz", ct_volume()),

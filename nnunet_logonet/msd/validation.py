@@ -18,10 +18,8 @@ checked) and its data size compared with its header (:func:`file_damage`).
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tqdm import tqdm
 
 from nnunet_logonet.msd.naming import match_predictions
 from nnunet_logonet.msd.task import Geometry, MSDTask, read_geometry, read_task
+from nnunet_logonet.nifti import file_damage, is_gzip
 
 __all__ = ["CaseResult", "TaskReport", "check_prediction", "file_damage", "output_pixel_type",
            "validate_task"]
@@ -41,8 +40,6 @@ FLOAT_TYPES = {sitk.sitkFloat32, sitk.sitkFloat64}
 GEOMETRY_RTOL = 1e-4
 GEOMETRY_ATOL = 1e-4
 MSD_TASK_NAME = re.compile(r"Task\d{2}_[A-Za-z]+")
-GZIP_MAGIC = b"\x1f\x8b"
-STREAM_BLOCK = 1 << 20
 DAMAGE_FIX = "re-run nnUNetv2_predict for this case (or copy the file again)"
 
 
@@ -221,57 +218,6 @@ def _itk_message(error: RuntimeError) -> str:
     return lines[-1].removeprefix("sitk::ERROR: ") if lines else "unknown error"
 
 
-def _is_gzip(path: str | os.PathLike) -> bool:
-    with open(path, "rb") as stream:
-        return stream.read(2) == GZIP_MAGIC
-
-
-def _nifti_data_end(path: str | os.PathLike) -> int | None:
-    """Bytes a NIfTI file needs (header offset + voxel data), from its header; None if unknown."""
-    import nibabel  # a dependency of nnunetv2; reads the header only
-
-    try:  # the proxy's offset, not the header's vox_offset (ITK writes 0 there for 352)
-        proxy = nibabel.load(str(path)).dataobj
-        voxels = int(np.prod(proxy.shape, dtype=np.int64))
-        return int(proxy.offset) + voxels * np.dtype(proxy.dtype).itemsize
-    except Exception:  # a header nibabel rejects: ITK's reading stays the judge
-        return None
-
-
-def file_damage(path: str | os.PathLike) -> str | None:
-    """Why a ``.nii``/``.nii.gz`` file's bytes are incomplete or damaged; None when whole.
-
-    ITK reads a truncated NIfTI file without an error, the missing voxels set to 0, so this
-    reads the gzip stream to its end in 1 MiB blocks (gzip checks its CRC and length; memory
-    stays flat for files of hundreds of MB) and compares the data size with the header's.
-    Other formats, and a ``.gz`` name on data that is not gzip, are left to the caller.
-    """
-    name = str(path)
-    if not name.endswith((".nii", ".nii.gz")):
-        return None
-    try:
-        if name.endswith(".gz"):
-            if not _is_gzip(path):
-                return None
-            size = 0
-            with gzip.open(path, "rb") as stream:
-                while block := stream.read(STREAM_BLOCK):
-                    size += len(block)
-        else:
-            size = os.path.getsize(path)
-    except EOFError:
-        return "truncated: the gzip stream ends before its end marker"
-    except (gzip.BadGzipFile, zlib.error) as error:
-        return f"damaged: the gzip stream is corrupt ({error})"
-    except OSError as error:
-        return f"cannot be read ({error.strerror or error})"
-    needed = _nifti_data_end(path)
-    if needed is not None and size < needed:
-        what = "decompressed data" if name.endswith(".gz") else "file"
-        return f"truncated: the {what} holds {size} bytes, its NIfTI header needs {needed}"
-    return None
-
-
 def check_prediction_file(path: str | os.PathLike, reference: Geometry,
                           labels: dict[int, str] | set[int]) -> tuple[list[str], list[str]]:
     """:func:`check_prediction` on a file; an unreadable, truncated or damaged file is a
@@ -283,7 +229,7 @@ def check_prediction_file(path: str | os.PathLike, reference: Geometry,
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         return [f"cannot be read as an image: {_itk_message(error)}"], []
-    if str(path).endswith(".gz") and not _is_gzip(path):
+    if str(path).endswith(".gz") and not is_gzip(path):
         return [f"is not gzip-compressed although its name ends .gz; {DAMAGE_FIX}, or compress "
                 f"it with gzip"], []
     nonfinite = (0, 0)

@@ -46,6 +46,26 @@ def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
     return found[0] if found else None
 
 
+def _source_channel_names(source_raw: Path) -> list[str]:
+    """The labeled source's channel names in channel order: the image-only dataset must have the same channels,
+    named alike, so that the source's plans (normalisation per channel) apply to it."""
+    dataset_json = source_raw / "dataset.json"
+    try:
+        meta = json.loads(dataset_json.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{dataset_json} cannot be read ({error}); the pre-training dataset takes its channel "
+                            f"names from it.") from error
+    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    try:
+        ordered = [str(names[key]) for key in sorted(names, key=int)]
+    except (TypeError, ValueError, KeyError):
+        ordered = []
+    if not ordered or sorted(names, key=int) != [str(i) for i in range(len(ordered))]:
+        raise PipelineError(f"{dataset_json} has no valid channel_names ({names!r}); expected e.g. "
+                            f'{{"0": "CT"}} or {{"0": "T2", "1": "ADC"}}, one entry per channel from "0".')
+    return ordered
+
+
 def _same_plans(source: dict, target: dict) -> bool:
     def strip(plans: dict) -> str:
         return json.dumps({k: v for k, v in plans.items() if k not in _PER_DATASET_KEYS}, sort_keys=True)
@@ -144,7 +164,7 @@ def prepare_pretraining_dataset(
     complete are skipped; when the source plans changed since the last call they are moved again
     and the target is preprocessed again.
     """
-    from nnunet_logonet.ssl.unlabeled import prepare_unlabeled
+    from nnunet_logonet.ssl.unlabeled import UnlabeledDataError, prepare_unlabeled
 
     for label, value in (("source_dataset_id", source_dataset_id), ("target_dataset_id", target_dataset_id),
                          ("num_processes", num_processes)):
@@ -184,9 +204,16 @@ def prepare_pretraining_dataset(
     # 1. image-only raw dataset
     target_raw = _dataset_folder(raw, target_dataset_id)
     if target_raw is None:
+        channel_names = _source_channel_names(source_raw)
         say(f"[1/5] logonet_prepare_unlabeled {' '.join(f'-i {f}' for f in folders)} -d {target_dataset_id} "
-            f"--name {name}")
-        target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, raw_root=raw, progress=False)
+            f"--name {name} {' '.join(f'--channel-name {c}' for c in channel_names)}")
+        try:
+            target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, channel_names=channel_names,
+                                           raw_root=raw, progress=False)
+        except UnlabeledDataError as error:
+            raise UnlabeledDataError(f"{error} (the pipeline gives the source's channels, {', '.join(channel_names)} "
+                                     f"from {source_raw / 'dataset.json'}: the scans must have the same channels)"
+                                     ) from error
         ran.append("prepare_unlabeled")
     else:
         meta = json.loads((target_raw / "dataset.json").read_text())

@@ -18,7 +18,6 @@ renamed at the end, so a failure leaves nothing behind (what a killed run leaves
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import os
 import re
@@ -26,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_logonet.nifti import file_damage
 from nnunet_logonet.workfolders import exit_cleanly_on_sigterm, new_work_folder, remove_stale_work_folders
 
 __all__ = ["UnlabeledDataError", "body_mask", "find_cases", "prepare_unlabeled", "main"]
@@ -157,16 +156,10 @@ def _read(path: Path) -> sitk.Image:
 
 
 def _check_complete(path: Path) -> None:
-    """SimpleITK zero-fills a truncated .nii.gz without complaint; read the gzip stream to its end instead."""
-    if not path.name.endswith(".gz"):
-        return
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
-    except (OSError, EOFError, zlib.error) as error:
-        raise UnlabeledDataError(f"{path} cannot be read as NIfTI: the compressed data is damaged or truncated "
-                                 f"({error}). Copy or export it again.") from error
+    """SimpleITK zero-fills a truncated .nii or .nii.gz without complaint: check the bytes first."""
+    damage = file_damage(path)
+    if damage:
+        raise UnlabeledDataError(f"{path} cannot be read as NIfTI: {damage}. Copy or export it again.")
 
 
 def body_mask(image: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
