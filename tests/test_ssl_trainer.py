@@ -103,6 +103,23 @@ def test_compare_pretrained_accepts_own_weights_and_lists_every_difference(tmp_p
         compare_pretrained(net, tmp_path / "junk.pth")
 
 
+def test_compare_pretrained_names_checkpoint_keys_the_network_would_drop(tmp_path):
+    """8 local paths into a LoGoNet with 4 (local_grid 1x2x2, as planned for a thin phantom): nnU-Net's
+    loader drops local_paths.4-7 silently and paths 0-3 get weights learned on other sub-crops."""
+    eight = tiny_logonet(num_classes=3)
+    four = LoGoNet.from_preset("tiny", 1, 3, (32, 32, 32), local_grid=(1, 2, 2))
+    torch.save({"network_weights": eight.state_dict()}, tmp_path / "eight.pth")
+    differences = compare_pretrained(four, tmp_path / "eight.pth")
+    assert differences and all(d.startswith("not in network: local_paths.") for d in differences), differences[:3]
+    assert {d.split(".")[1] for d in differences} == {"4", "5", "6", "7"}
+    with pytest.raises(PretrainedMismatchError, match=rf"0 key\(s\) missing, {len(differences)} not in the network, "
+                                                      r"0 shape mismatch"):
+        check_pretrained(four, tmp_path / "eight.pth")
+    # the classifiers stay skipped both ways, and a wrapper's 'module.' prefix is looked through
+    ckpt = {"network_weights": {f"module.{k}": v for k, v in tiny_logonet(num_classes=7).state_dict().items()}}
+    assert compare_pretrained(eight, ckpt) == []
+
+
 # ------------------------------------------------------------------------------ end to end
 def _env(base: Path, ext: Path) -> dict[str, str]:
     from nnunet_logonet.env import environment
@@ -391,6 +408,51 @@ def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, v
     bad = type("LoGoNetSSLTrainerBad", (LoGoNetSSLTrainerCPU,), {setting: value})
     with pytest.raises(ValueError, match=match):
         bad({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+
+
+@pytest.mark.e2e
+def test_resume_with_other_bank_settings_is_refused_naming_both(workspace, monkeypatch):
+    """Only ks used to be compared: a --c with another pool (same ks) refitted the clusterers on other
+    features and restarted the head, against docs/ssl.md's promise of a refusal."""
+    import json
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+
+    for key, env_value in workspace["env"].items():
+        monkeypatch.setenv(key, env_value)
+    pre = workspace["base"] / "pre" / f"Dataset{PRETRAIN}_SSLPretrain"
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    checkpoint = workspace["fold"] / "checkpoint_final.pth"
+    saved_pool = torch.load(checkpoint, map_location="cpu", weights_only=False)["ssl"]["bank_config"]["pool"]
+    other = type("LoGoNetSSLTrainerOtherPool", (LoGoNetSSLTrainerCPU,), {"cluster_pool": saved_pool + 1})
+    trainer = other({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=rf"other pseudo-label bank settings.*pool {saved_pool} -> "
+                                           rf"{saved_pool + 1}.*Resume with the trainer that wrote it \({TRAINER}\)"):
+        trainer.load_checkpoint(str(checkpoint))
+
+
+@pytest.mark.e2e
+def test_clusterers_are_fitted_on_slices_inside_the_cases(workspace, monkeypatch):
+    """The phantom's 10-14-slice cases in a 12-slice patch: about 1 fitting slice in 10 used to be
+    all-zero padding, a cluster spent on nothing. Padding is replaced by slices of further patches,
+    so the count (and the head's ks) stays as planned."""
+    import json
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+
+    for key, env_value in workspace["env"].items():
+        monkeypatch.setenv(key, env_value)
+    pre = workspace["base"] / "pre" / f"Dataset{PRETRAIN}_SSLPretrain"
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    fitting = type("LoGoNetSSLTrainerFit", (LoGoNetSSLTrainerCPU,), {"cluster_fit_patches": 40})
+    trainer = fitting({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    rows = trainer._collect_fit_slices()
+    assert rows.shape[0] == 40 * trainer._slices_per_patch()
+    assert int((rows.abs().amax(1) == 0).sum()) == 0
+    assert "padding slices (outside the cases) left out" in _log_text(Path(trainer.output_folder))
 
 
 def test_pipeline_names_the_missing_source_plans(tmp_path):

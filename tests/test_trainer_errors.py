@@ -53,3 +53,21 @@ def test_2d_configuration_in_the_plans_is_refused_as_2d():
 def test_plans_without_any_3d_configuration_say_to_plan_for_logonet():
     with pytest.raises(PlansMismatchError, match=f"logonet_plan_and_preprocess -d {DATASET}"):
         check_plans_configuration(PlansManager(_plans(**{"2d": [64, 64]})), "3d_fullres")
+
+
+@pytest.mark.parametrize("name", ["LoGoNetTrainer_demo", "LoGoNetTrainer_demoQuick", "LoGoNetSSLTrainer_demo",
+                                  "LoGoNetSSLTrainer_demoQuick"])
+def test_demo_trainers_checkpoint_every_epoch_so_a_resume_loses_little(tmp_path, monkeypatch, name):
+    """The SSL demo trainers used to keep nnU-Net's save_every of 50: a --c of a 14-epoch run fell back
+    to checkpoint_best or started over."""
+    import nnunet_logonet.training.ssl_trainer as ssl_trainer
+    import nnunet_logonet.training.trainer as trainer_module
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    trainer_class = getattr(trainer_module, name, None) or getattr(ssl_trainer, name)
+    budget = trainer_module.DEMO_QUICK_BUDGET if name.endswith("Quick") else trainer_module.DEMO_BUDGET
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False}
+    trainer = trainer_class(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}},
+                            torch.device("cpu"))
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (budget["epochs"], budget["iterations"])
+    assert trainer.save_every == 1

@@ -5,7 +5,10 @@ key or shape mismatch, with an assertion. :func:`compare_pretrained` runs the sa
 of the network except those containing ``.seg_layers.`` must be in the file's
 ``network_weights`` with the same shape) and lists *all* differences, plus where the file came
 from (trainer, plans, preset), so a user sees at once that e.g. a tiny-preset SSL checkpoint was
-given to an S network.
+given to an S network. It is stricter than nnU-Net in one way: keys of the file that the network
+lacks are differences too, because nnU-Net's loader drops them silently. A checkpoint of a LoGoNet
+with 8 local paths loads into one with 4 (another ``local_grid``) that way, each kept path given
+weights learned on another sub-crop.
 """
 
 from __future__ import annotations
@@ -69,15 +72,16 @@ def describe_checkpoint(checkpoint: dict) -> str:
 def compare_pretrained(network: nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> list[str]:
     """Every reason nnU-Net's ``load_pretrained_weights`` would refuse ``checkpoint`` for ``network``.
 
-    Returns one line per missing key or shape mismatch (empty list: it loads). Classifier keys
-    (``.seg_layers.``) are skipped as nnU-Net skips them; extra keys in the file are ignored as
-    nnU-Net ignores them. DDP / torch.compile wrappers around ``network`` are looked through.
+    Returns one line per missing key, key the network lacks or shape mismatch (empty list: it
+    loads whole). Classifier keys (``.seg_layers.``) are skipped as nnU-Net skips them. DDP /
+    torch.compile wrappers around ``network`` are looked through.
     """
     loaded, _ = _load(checkpoint)
     pretrained = {k[len("module."):] if k.startswith("module.") else k: v
                   for k, v in loaded["network_weights"].items()}
     differences = []
-    for key, value in unwrap_network(network).state_dict().items():
+    own = unwrap_network(network).state_dict()
+    for key, value in own.items():
         if any(s in key for s in SKIPPED):
             continue
         if key not in pretrained:
@@ -85,6 +89,10 @@ def compare_pretrained(network: nn.Module, checkpoint: str | os.PathLike | dict[
         elif tuple(pretrained[key].shape) != tuple(value.shape):
             differences.append(f"shape differs: {key}: checkpoint {tuple(pretrained[key].shape)} "
                                f"vs network {tuple(value.shape)}")
+    for key, value in pretrained.items():
+        if key not in own and not any(s in key for s in SKIPPED):
+            shape = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+            differences.append(f"not in network: {key} (checkpoint shape {shape}; nnU-Net would drop it)")
     return differences
 
 
@@ -96,12 +104,14 @@ def check_pretrained(network: nn.Module, checkpoint: str | os.PathLike, *, max_l
     if not differences:
         return
     missing = sum(d.startswith("missing") for d in differences)
+    unused = sum(d.startswith("not in network") for d in differences)
     shown = "\n    ".join(differences[:max_lines])
     more = f"\n    ... and {len(differences) - max_lines} more" if len(differences) > max_lines else ""
     target = f" ({network_description})" if network_description else ""
     raise PretrainedMismatchError(
-        f"pretrained weights {name} do not fit this network{target}: {missing} key(s) missing, "
-        f"{len(differences) - missing} shape mismatch(es). The file comes from {describe_checkpoint(loaded)}.\n"
+        f"pretrained weights {name} do not fit this network{target}: {missing} key(s) missing, {unused} not in "
+        f"the network, {len(differences) - missing - unused} shape mismatch(es). The file comes from "
+        f"{describe_checkpoint(loaded)}.\n"
         f"    {shown}{more}\n"
         f"Pretrain with the same plans (same preset, patch size and input channels) as the fine-tuning, "
         f"e.g. move the fine-tuning plans to the pretraining dataset with nnUNetv2_move_plans_between_datasets "

@@ -19,6 +19,7 @@ then loads it with nnU-Net's own loader. docs/ssl.md has the choices and measure
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -54,6 +55,8 @@ CACHE_NAME = "clusterers.npz"
 #: extra per-epoch series kept in nnU-Net's logger (and so in every checkpoint)
 SSL_LOG_KEYS = ("ssl_train_accuracy", "ssl_label_seconds")
 PAPER_BANK = {"num_clusterers": 80, "k_range": (80, 500), "pool": 1}
+#: patches drawn at most, per planned one, to replace padding slices in the fitting set
+PADDING_DRAW_FACTOR = 4
 
 
 def bank_digest(bank: SliceClusterBank) -> str:
@@ -277,14 +280,34 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         loader = nnUNetDataLoader(dataset, 1, patch, patch, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
                                   probabilistic_oversampling=True, transforms=None)
+        wanted = self.fit_patch_count * self._slices_per_patch()
         state = np.random.get_state()  # nnU-Net's loader draws from numpy's global generator
         np.random.seed(self.cluster_seed)
+        kept, padding, drawn = [], [], 0
         try:
             bank = self._new_bank()
-            rows = [bank.slice_features(next(loader)["data"])[0] for _ in range(self.fit_patch_count)]
+            # slices wholly outside the case (patch larger than the image) are padding: all zeros, one
+            # cluster's worth of identical rows. They are replaced by slices of further patches, so the
+            # number of fitting slices (and with it the head's ks) stays as planned.
+            while sum(len(rows) for rows in kept) < wanted and drawn < PADDING_DRAW_FACTOR * self.fit_patch_count:
+                batch = next(loader)
+                drawn += 1
+                features = bank.slice_features(batch["data"])[0]
+                outside = torch.movedim(batch["target"][0, 0], self.ssl_slice_axis - 2, 0).flatten(1).eq(-1).all(1)
+                kept.append(features[~outside])
+                padding.append(features[outside])
         finally:
             np.random.set_state(state)
-        return torch.cat(rows).float()
+        rows = torch.cat(kept)
+        if len(rows) < wanted:
+            self.print_to_log_file(
+                f"WARNING: {drawn} patches gave only {len(rows)} slices inside the cases, {wanted} wanted: the "
+                f"patch is much larger than the images along the slice axis; padding slices fill the rest.")
+            rows = torch.cat([rows, *padding])
+        if sum(len(p) for p in padding):
+            self.print_to_log_file(f"Clusterer fitting: {sum(len(p) for p in padding)} padding slices (outside "
+                                   f"the cases) left out, {drawn - self.fit_patch_count} more patches drawn instead.")
+        return rows[:wanted].float()
 
     def _reset_head(self, reason: str) -> None:
         self.print_to_log_file(f"WARNING: {reason}; the pre-training head restarts from random weights.")
@@ -517,6 +540,18 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                 f"{name} was pre-trained with {len(ks)} clusterers (k {min(ks)}..{max(ks)}), this trainer builds "
                 f"{len(self.ssl_head.ks)} (k {min(self.ssl_head.ks)}..{max(self.ssl_head.ks)}): resume with the "
                 f"trainer that wrote it ({checkpoint.get('trainer_name')}).")
+        saved = checkpoint["ssl"].get("bank_config")
+        if saved is not None:  # any bank setting, not only ks: pool or sample size change the pseudo-labels too
+            own = json.loads(json.dumps(self._new_bank().config))
+            saved = json.loads(json.dumps(saved))
+            changed = [f"{key} {saved.get(key)!r} -> {own.get(key)!r}" for key in sorted(set(own) | set(saved))
+                       if own.get(key) != saved.get(key)]
+            if changed:
+                raise RuntimeError(
+                    f"{name} was pre-trained with other pseudo-label bank settings than this trainer's "
+                    f"({'; '.join(changed)}; checkpoint -> {self.__class__.__name__}): resuming would refit the "
+                    f"clusterers and restart the head. Resume with the trainer that wrote it "
+                    f"({checkpoint.get('trainer_name')}), or start a new pre-training without --c.")
         self.ssl_head.load_state_dict(checkpoint["ssl_head_weights"])
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
@@ -547,7 +582,8 @@ class LoGoNetSSLTrainerCPU(LoGoNetSSLTrainer):
 LoGoNetSSLTrainer_10epochs = with_budget(LoGoNetSSLTrainer, "LoGoNetSSLTrainer_10epochs", 10, module=__name__)
 LoGoNetSSLTrainer_100epochs = with_budget(LoGoNetSSLTrainer, "LoGoNetSSLTrainer_100epochs", 100, module=__name__)
 LoGoNetSSLTrainer_demo = with_budget(LoGoNetSSLTrainerCPU, "LoGoNetSSLTrainer_demo", DEMO_BUDGET["epochs"],
-                                     DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], __name__)
+                                     DEMO_BUDGET["iterations"], DEMO_BUDGET["val_iterations"], __name__,
+                                     save_every=1)
 LoGoNetSSLTrainer_demoQuick = with_budget(LoGoNetSSLTrainerCPU, "LoGoNetSSLTrainer_demoQuick",
                                           DEMO_QUICK_BUDGET["epochs"], DEMO_QUICK_BUDGET["iterations"],
-                                          DEMO_QUICK_BUDGET["val_iterations"], __name__)
+                                          DEMO_QUICK_BUDGET["val_iterations"], __name__, save_every=1)
