@@ -334,6 +334,28 @@ def test_two_tasks_in_one_tar_gz(spleen, tmp_path):
                            + [f"Task09_Spleen/spleen_{i}.nii.gz" for i in (1, 3, 5)])
 
 
+def test_tar_archive_holds_the_files_behind_links_and_the_task_name_given(spleen, tmp_path):
+    """Predictions gathered with `ln -s` went into a .tar.gz as links to this machine's files, and a
+    task folder reached through a link gave the archive the link target's name."""
+    task, pred, predictions, out = spleen
+    linked = tmp_path / "linked_pred"
+    linked.mkdir()
+    for name in predictions:
+        (linked / name).symlink_to(pred / name)
+    renamed = task.rename(tmp_path / "msd" / "spleen_v2")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "Task09_Spleen").symlink_to(renamed)
+    path = write_submission([(tmp_path / "links" / "Task09_Spleen", linked)], out / "s.tar.gz", progress=False)
+    with tarfile.open(path) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        assert sorted(n for n, m in members.items() if m.isfile()) == \
+            [f"Task09_Spleen/{n}" for n in sorted(predictions)]
+        assert not any(m.issym() or m.islnk() for m in members.values())
+        data = archive.extractfile(f"Task09_Spleen/{sorted(predictions)[0]}").read()
+    assert data == (pred / sorted(predictions)[0]).read_bytes()
+    assert renamed.is_dir()
+
+
 def test_same_task_twice_is_refused(spleen):
     task, pred, _, out = spleen
     with pytest.raises(ValueError, match="more than once"):

@@ -86,7 +86,8 @@ def _archive_writer(path: Path, kind: str) -> Iterator[Callable[[Path | None, st
                     archive.write(file, name)
             yield add
     else:
-        with tarfile.open(path, kind) as archive:
+        # dereference: a prediction folder gathered with `ln -s` must give the files, not links to this machine
+        with tarfile.open(path, kind, dereference=True) as archive:
             def add(file: Path | None, name: str) -> None:
                 if file is None:
                     info = tarfile.TarInfo(name.rstrip("/"))

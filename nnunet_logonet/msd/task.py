@@ -94,7 +94,8 @@ def parse_labels(labels: dict, source: str | os.PathLike) -> dict[int, str]:
 
 def read_task(task_folder: str | os.PathLike) -> MSDTask:
     """Read an MSD task folder; raise ``ValueError`` naming the file if it is not one."""
-    folder = Path(task_folder).expanduser().resolve()
+    given = Path(os.path.abspath(Path(task_folder).expanduser()))  # '..' folded, links kept
+    folder = given.resolve()  # files are read through links; the name is the one given (nnU-Net's converter)
     dataset_json = folder / "dataset.json"
     images_ts = folder / "imagesTs"
     if not folder.is_dir():
@@ -137,5 +138,5 @@ def read_task(task_folder: str | os.PathLike) -> MSDTask:
         raise ValueError(f"Test images listed in {dataset_json} are missing: {absent[:5]}"
                          f"{' ...' if len(absent) > 5 else ''}; the geometry of every test image "
                          f"is needed to check its prediction.")
-    return MSDTask(name=folder.name, folder=folder, test_images=test_images, labels=labels,
+    return MSDTask(name=given.name, folder=folder, test_images=test_images, labels=labels,
                    test_list_source=source)
