@@ -100,6 +100,27 @@ def test_planner_writes_logonet_3d_configuration(nnunet_dirs):
     assert "2d" not in saved["configurations"]
 
 
+def test_data_folder_is_shared_with_nnunet_plans_only_when_preprocessed_alike(nnunet_dirs, capsys):
+    """nnUNetPlans planned with -overwrite_target_spacing keep their folder name nnUNetPlans_3d_fullres;
+    LoGoNet's preprocessing used to write its own data (another spacing) there, replacing nnU-Net's."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _fake_dataset(nnunet_dirs, 809, (1.5, 1.0, 1.0), (40, 48, 48))
+    ExperimentPlanner(809, 8).plan_experiment()  # nnU-Net's default plans: the same preprocessing
+    assert _plan(LoGoNetTinyPlanner, 809)["configurations"]["3d_fullres"]["data_identifier"] == \
+        "nnUNetPlans_3d_fullres"
+    ExperimentPlanner(809, 8, overwrite_target_spacing=[2.0, 2.0, 2.0]).plan_experiment()
+    capsys.readouterr()
+    _plan(LoGoNetTinyPlanner, 809)
+    saved = json.loads((nnunet_dirs / "preprocessed" / "Dataset809_Fake" / "LoGoNetTinyPlans.json").read_text())
+    assert saved["configurations"]["3d_fullres"]["data_identifier"] == "LoGoNetTinyPlans_3d_fullres"
+    assert "preprocesses 3d_fullres differently (spacing)" in capsys.readouterr().out
+    nnunet = json.loads((nnunet_dirs / "preprocessed" / "Dataset809_Fake" / "nnUNetPlans.json").read_text())
+    assert nnunet["configurations"]["3d_fullres"]["spacing"] == [2.0, 2.0, 2.0]
+
+
 def test_larger_memory_target_never_gives_smaller_patch(nnunet_dirs):
     from nnunet_logonet.planning.planners import LoGoNetPlanner
 

@@ -12,12 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from nnunet_logonet.planning.planners import PLANNERS, PlanningError
+from nnunet_logonet.planning.planners import PLANNERS, PlanningError, preprocessing_differences
 
-COMPARED_PLAN_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
-COMPARED_CONFIG_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
-                        "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs",
-                        "preprocessor_name")
 
 
 #: configurations nnU-Net can plan; any other name given to ``-c`` is a typo
@@ -55,9 +51,7 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
     default_config = default["configurations"].get(configuration)
     if default_config is None or default_config.get("data_identifier") != config.get("data_identifier"):
         return False
-    if any(default.get(k) != plans.get(k) for k in COMPARED_PLAN_KEYS):
-        return False
-    if any(default_config.get(k) != config.get(k) for k in COMPARED_CONFIG_KEYS):
+    if preprocessing_differences(plans, config, default, default_config):
         return False
     data_folder = preprocessed_dataset / config["data_identifier"]
     gt_folder = preprocessed_dataset / "gt_segmentations"

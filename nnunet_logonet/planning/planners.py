@@ -8,7 +8,9 @@ largest relative to the median image first, as nnU-Net does) until the estimated
 fits ``gpu_memory_target_in_gb``. LoGoNet is 3D only: the 2D configuration is dropped.
 
 The 3d_fullres data identifier is nnU-Net's own (``nnUNetPlans_3d_fullres``) so the preprocessed
-data is shared with the default plans, as nnU-Net's ResEnc planners do.
+data is shared with the default plans, as nnU-Net's ResEnc planners do; unless nnUNetPlans already
+preprocess 3d_fullres differently (e.g. planned with ``-overwrite_target_spacing``), when LoGoNet's
+data gets its own folder rather than replacing nnU-Net's.
 """
 
 from __future__ import annotations
@@ -16,18 +18,36 @@ from __future__ import annotations
 import json
 from copy import deepcopy
 from functools import lru_cache
+from pathlib import Path
 from typing import List, Tuple, Union
 
 import numpy as np
 import torch
 
+from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner as nnunet_planner
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunet_logonet.network import LoGoNet, ULKANet, required_patch_multiple
 from nnunet_logonet.network.presets import arch_kwargs_for_preset
 from nnunet_logonet.planning.topology import consistent_topology
 
 DEFAULT_DATA_IDENTIFIER_PLANS = "nnUNetPlans"
+#: what makes two plans' preprocessed data of a configuration the same: plans-level keys ...
+COMPARED_PLAN_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
+#: ... and the configuration's own
+COMPARED_CONFIG_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+                        "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs",
+                        "preprocessor_name")
+
+
+def preprocessing_differences(plans: dict, config: dict, other_plans: dict, other_config: dict) -> list[str]:
+    """Keys whose values make the two configurations' preprocessed data differ (empty: the same data)."""
+    def same(a, b) -> bool:
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # tuples vs lists, as in a JSON file
+
+    return ([k for k in COMPARED_PLAN_KEYS if not same(plans.get(k), other_plans.get(k))]
+            + [k for k in COMPARED_CONFIG_KEYS if not same(config.get(k), other_config.get(k))])
 
 
 class PlanningError(RuntimeError):
@@ -120,7 +140,30 @@ class LoGoNetPlanner(ExperimentPlanner):
         if "2d" in plans["configurations"]:
             del plans["configurations"]["2d"]
             print("LoGoNet is a 3D network: the 2d configuration is skipped (use nnUNetPlans for 2d).")
+        recursive_fix_for_json_export(plans)
+        self._unshare_data_that_differs(plans)
         super().save_plans(plans)
+
+    def _unshare_data_that_differs(self, plans: dict) -> None:
+        """nnUNetPlans already planned 3d_fullres with other preprocessing (another target spacing, ...):
+        sharing its folder would replace nnU-Net's data with LoGoNet's, silently wrong for its plans."""
+        shared = f"{DEFAULT_DATA_IDENTIFIER_PLANS}_3d_fullres"
+        config = plans["configurations"].get("3d_fullres")
+        # the folder nnU-Net's save_plans writes to (its module's nnUNet_preprocessed)
+        default_file = (Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name
+                        / f"{DEFAULT_DATA_IDENTIFIER_PLANS}.json")
+        if (config is None or config.get("data_identifier") != shared
+                or self.plans_identifier == DEFAULT_DATA_IDENTIFIER_PLANS or not default_file.is_file()):
+            return
+        default = json.loads(default_file.read_text())
+        default_config = (default.get("configurations") or {}).get("3d_fullres")
+        if not default_config or default_config.get("data_identifier") != shared:
+            return
+        differences = preprocessing_differences(plans, config, default, default_config)
+        if differences:
+            config["data_identifier"] = own = f"{self.plans_identifier}_3d_fullres"
+            print(f"{default_file} preprocesses 3d_fullres differently ({', '.join(differences)}): "
+                  f"{self.plans_identifier} gets its own data folder {own}; nnU-Net's {shared} is left as it is.")
 
     def network_arch_kwargs(self, strides, local_grid) -> dict:
         model = "LoGoNet" if self.network_class is LoGoNet else "ULKANet"
