@@ -133,6 +133,22 @@ def test_larger_memory_target_never_gives_smaller_patch(nnunet_dirs):
         previous = patch
 
 
+def test_shrinking_follows_nnunets_rule_and_skips_no_valid_size(nnunet_dirs):
+    """Prostate-like data (3.6 x 0.62 x 0.62 mm, median 20 x 320 x 320): the shrink loop used to take a
+    whole multiple off the thick-slice axis (16 -> 8, skipping the valid 12) and to break ties towards
+    it, planning [8, 224, 224] for LoGoNet-S. As in nnU-Net, ties go to the last axis and the step is
+    the multiple the smaller patch needs."""
+    from nnunet_logonet.planning.planners import LoGoNetPlanner, ULKANetPlanner
+
+    _fake_dataset(nnunet_dirs, 810, (3.6, 0.62, 0.62), (20, 320, 320))
+    full = _plan(LoGoNetPlanner, 810)["configurations"]["3d_fullres"]
+    assert full["patch_size"] == [12, 192, 160], full["patch_size"]
+    assert full["logonet"]["estimated_memory_gb"] <= 8.0
+    full = _plan(ULKANetPlanner, 810)["configurations"]["3d_fullres"]
+    assert full["patch_size"] == [16, 224, 224], full["patch_size"]  # was [8, 256, 256]: 61 % of the target
+    assert 0.85 * 8.0 < full["logonet"]["estimated_memory_gb"] <= 8.0
+
+
 def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
     from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
 

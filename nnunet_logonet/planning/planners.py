@@ -4,7 +4,8 @@ They reuse everything of nnU-Net's ``ExperimentPlanner`` that is not about the n
 spacing, transpose, normalisation, resampling, 3d_lowres/cascade decision, plans file layout) and
 replace ``get_plans_for_configuration`` for 3D: the patch starts from nnU-Net's spacing-aware
 initial patch, strides follow the anisotropy (:mod:`.topology`), and the patch is shrunk (the axis
-largest relative to the median image first, as nnU-Net does) until the estimated training memory
+largest relative to the median image first, by the multiple the smaller patch needs, as nnU-Net
+does) until the estimated training memory
 fits ``gpu_memory_target_in_gb``. LoGoNet is 3D only: the 2D configuration is dropped.
 
 The 3d_fullres data identifier is nnU-Net's own (``nnUNetPlans_3d_fullres``) so the preprocessed
@@ -210,10 +211,20 @@ class LoGoNetPlanner(ExperimentPlanner):
                     f"valid patch {patch} needs about {smallest:.2f} GB at batch size {self.min_batch_size}. "
                     f"Use -gpu_memory_target {np.ceil(smallest * 10) / 10:g} or more, or a smaller preset "
                     f"(-pl LoGoNetTinyPlanner).")
-            axis = max(shrinkable, key=lambda a: patch[a] / median_shape[a])
+            # nnU-Net's rule: the axis largest relative to the median shape, ties to the last (its
+            # argsort()[-1]); the step is the multiple the smaller patch needs, so that a valid size
+            # (z 16 -> 12 where the strides allow it) is not skipped
+            axis = max(shrinkable, key=lambda a: (patch[a] / median_shape[a], a))
+            tentative = list(patch)
+            tentative[axis] -= multiple[axis]
+            _, tentative_strides, tentative_grid = consistent_topology(spacing, tentative, upper=median_shape,
+                                                                       use_local=use_local)
             reduced = list(patch)
-            reduced[axis] -= multiple[axis]
-            patch, strides, grid = consistent_topology(spacing, reduced, upper=median_shape, use_local=use_local)
+            reduced[axis] -= min(multiple[axis], required_patch_multiple(tentative_strides, tentative_grid, 2)[axis])
+            shrunk = consistent_topology(spacing, reduced, upper=median_shape, use_local=use_local)
+            if np.prod(shrunk[0], dtype=np.float64) >= np.prod(patch, dtype=np.float64):  # rounded back up
+                shrunk = consistent_topology(spacing, tentative, upper=median_shape, use_local=use_local)
+            patch, strides, grid = shrunk
 
         # batch size: as large as memory allows, within the planner's bounds and nnU-Net's 5% rule
         batch_size = self.min_batch_size
