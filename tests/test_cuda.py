@@ -107,3 +107,17 @@ def test_interleaved_benchmark_runs_on_cuda_with_mixed_precision(tmp_path):
     for entry in models.values():
         assert all(len(v) == 2 and min(v) > 0 for v in entry["samples"].values())
         assert entry["ratios"]["train_step_s"] > 0
+
+
+def test_torch_kmeans_refit_on_cuda_is_bit_identical():
+    """A --c whose cluster cache is gone refits with the same seed and keeps the head only if the digest
+    matches: index_add_'s atomic adds on CUDA made each refit differ in the last bits."""
+    from nnunet_logonet.ssl.clusterers import SliceClusterBank
+    from nnunet_logonet.training.ssl_trainer import bank_digest
+
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.randn(20, 256, generator=generator).repeat_interleave(200, 0)
+            + 0.3 * torch.randn(4000, 256, generator=generator)).cuda()
+    banks = [SliceClusterBank(num_clusterers=4, k_range=(20, 40), sample_fraction=0.5, seed=3, backend="torch",
+                              max_iter=30).fit(data) for _ in range(3)]
+    assert len({bank_digest(bank) for bank in banks}) == 1

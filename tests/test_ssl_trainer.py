@@ -120,6 +120,46 @@ def test_compare_pretrained_names_checkpoint_keys_the_network_would_drop(tmp_pat
     assert compare_pretrained(eight, ckpt) == []
 
 
+def _sync_head_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from nnunet_logonet.training.ssl_trainer import sync_head_from_rank0
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for reset in (False, True):
+            torch.manual_seed(rank)  # every rank starts from its own head, as after a reset on rank 0 only
+            head = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            optimizer = torch.optim.AdamW(head.parameters())
+            head(torch.randn(5, 4)).sum().backward()
+            optimizer.step()
+            sync_head_from_rank0(head, optimizer, reset_on_rank0=reset and rank == 0)
+            torch.save({"weights": head.state_dict(), "moments": len(optimizer.state)},
+                       f"{folder}/rank{rank}_reset{reset}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_take_rank0_head_and_drop_its_moments_when_rank0_reset_it(tmp_path):
+    """On a resume whose refitted bank differs, only rank 0 resets the head; the other ranks used to
+    keep the checkpoint's head, and DDP (which syncs gradients, not weights) never reconciled them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sync_head_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for reset in (False, True):
+        ranks = [torch.load(tmp_path / f"rank{r}_reset{reset}.pt") for r in range(2)]
+        for key, value in ranks[0]["weights"].items():
+            assert torch.equal(value, ranks[1]["weights"][key]), (reset, key)
+        # AdamW's state of the 4 parameters (Linear and BatchNorm weight and bias): dropped on every rank
+        # when rank 0 reset the head, kept otherwise
+        assert [rank["moments"] for rank in ranks] == ([0, 0] if reset else [4, 4])
+
+
 # ------------------------------------------------------------------------------ end to end
 def _env(base: Path, ext: Path) -> dict[str, str]:
     from nnunet_logonet.env import environment

@@ -103,7 +103,10 @@ def _kmeans_torch(x: torch.Tensor, k: int, *, max_iter: int, tol: float, generat
     threshold = tol * float(x.var(0, unbiased=False).mean())
     for _ in range(max_iter):
         labels = ((centroids * centroids).sum(1) - 2 * x @ centroids.T).argmin(1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        if x.is_cuda:  # index_add_ adds atomically on CUDA (order varies); accumulating index_put_ sorts first
+            sums = torch.zeros_like(centroids).index_put_((labels,), x, accumulate=True)
+        else:  # deterministic on CPU (and index_put_'s accumulation is the CPU op that is not)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)[:, None]
         updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
         shift = float(((updated - centroids) ** 2).sum())

@@ -49,6 +49,7 @@ from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, LoGo
 __all__ = [
     "CACHE_NAME", "LoGoNetSSLTrainer", "LoGoNetSSLTrainerCPU", "LoGoNetSSLTrainer_10epochs",
     "LoGoNetSSLTrainer_100epochs", "LoGoNetSSLTrainer_demo", "LoGoNetSSLTrainer_demoQuick", "bank_digest",
+    "sync_head_from_rank0",
 ]
 
 CACHE_NAME = "clusterers.npz"
@@ -64,6 +65,20 @@ def bank_digest(bank: SliceClusterBank) -> str:
     digest = hashlib.sha256(np.asarray(bank.ks, dtype="<i8").tobytes())
     digest.update(bank.centroids.numpy().astype("<f4").tobytes())
     return digest.hexdigest()
+
+
+def sync_head_from_rank0(head: nn.Module, optimizer: torch.optim.Optimizer, reset_on_rank0: bool) -> None:
+    """Give every DDP rank rank 0's head weights, and drop the head's optimiser state where rank 0 reset
+    the head: otherwise the other ranks would keep the checkpoint's head (and its Adam moments) while
+    rank 0 trains a fresh one, and the replicas would never meet again."""
+    flag = torch.tensor([int(bool(reset_on_rank0))], device=next(head.parameters()).device)
+    dist.broadcast(flag, 0)
+    if flag.item():
+        for parameter in head.parameters():
+            optimizer.state.pop(parameter, None)
+    with torch.no_grad():
+        for tensor in head.state_dict().values():
+            dist.broadcast(tensor, 0)
 
 
 class LoGoNetSSLTrainer(LoGoNetTrainer):
@@ -115,6 +130,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         self._head_call: nn.Module | None = None
         self._tap: PreClassifierFeatures | None = None
         self._resume_digest: str | None = None  # set by load_checkpoint (--c)
+        self._head_reset = False  # set when a resume's refitted bank differs from the checkpoint's
         self._timing = {"fit_seconds": 0.0, "label_seconds": 0.0, "pretrain_seconds": 0.0}
         self._epoch_label_seconds = 0.0
         self._run_start: float | None = None
@@ -214,6 +230,8 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                 dist.barrier()
                 bank = SliceClusterBank.load(self.cluster_cache, expected_config=self._new_bank().config,
                                              expected_feature_dim=self._feature_dim())
+            # only rank 0 decides whether a resumed head restarts; DDP syncs gradients, not weights
+            sync_head_from_rank0(self.ssl_head, self.optimizer, self._head_reset)
         else:
             bank = self._load_or_fit_bank()
         self.bank = bank
@@ -310,6 +328,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         return rows[:wanted].float()
 
     def _reset_head(self, reason: str) -> None:
+        self._head_reset = True
         self.print_to_log_file(f"WARNING: {reason}; the pre-training head restarts from random weights.")
         self.ssl_head.apply(self.ssl_head._init_weights)
         for parameter in self.ssl_head.parameters():
