@@ -71,3 +71,53 @@ def test_demo_trainers_checkpoint_every_epoch_so_a_resume_loses_little(tmp_path,
                             torch.device("cpu"))
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (budget["epochs"], budget["iterations"])
     assert trainer.save_every == 1
+
+
+def _preprocessed_case(folder, stored_shape, spacing=(1.0, 1.0, 1.0), cropped=(20, 30, 30)):
+    """One case in nnU-Net's numpy layout: data as stored, and the properties its preprocessing kept."""
+    import pickle
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "case_000.npz", data=np.zeros((1, *stored_shape), np.float32),
+                        seg=np.zeros((1, *stored_shape), np.int8))
+    with open(folder / "case_000.pkl", "wb") as f:
+        pickle.dump({"spacing": list(spacing), "shape_after_cropping_and_before_resampling": cropped}, f)
+
+
+def test_data_another_plans_wrote_into_the_shared_folder_is_refused_before_training(tmp_path, monkeypatch):
+    """nnUNetv2_move_plans_between_datasets keeps LoGoNet's shared folder name nnUNetPlans_3d_fullres when the
+    plans keep theirs; preprocessing them replaced the target's nnU-Net data, and either trainer then
+    trained on the other plans' spacing without a word."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False, "transpose_forward": [0, 1, 2]}
+    plans["configurations"]["3d_fullres"].update(data_identifier="nnUNetPlans_3d_fullres", spacing=[1.0, 1.0, 1.0])
+    data = tmp_path / "pre" / DATASET / "nnUNetPlans_3d_fullres"
+    _preprocessed_case(data, (10, 24, 24))  # resampled to 2 x 1.25 x 1.25 mm by other plans
+    trainer = LoGoNetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1},
+                                                      "channel_names": {"0": "CT"}}, torch.device("cpu"))
+    with pytest.raises(PlansMismatchError) as error:
+        trainer.initialize()
+    message = str(error.value)
+    assert "case_000 holds data of shape [10, 24, 24]" in message and "resample this case to [20, 30, 30]" in message
+    assert "-tp LoGoNetTinyPlans_fromSOURCE" in message and "logonet_plan_and_preprocess -d" in message
+    assert not trainer.was_initialized
+    _preprocessed_case(data, (20, 30, 30))  # what these plans' spacing gives: accepted
+    trainer.check_preprocessed_data()
+
+
+def test_data_check_follows_nnunets_transpose_and_inheritance(tmp_path):
+    from nnunet_logonet.planning.data_check import data_spacing_mismatch
+
+    plans = {"plans_name": "P", "transpose_forward": [2, 0, 1], "configurations": {
+        "3d_fullres": {"spacing": [1.0, 1.0, 2.0]}, "3d_cascade_fullres": {"inherits_from": "3d_fullres"}}}
+    # raw spacing (1, 1, 2) in the file's axis order -> (2, 1, 1) after the transpose; cropped (10, 20, 20)
+    _preprocessed_case(tmp_path / "d", (20, 20, 10), spacing=(1.0, 1.0, 2.0), cropped=(10, 20, 20))
+    assert data_spacing_mismatch(tmp_path / "d", plans, "3d_cascade_fullres") is None
+    plans["configurations"]["3d_fullres"]["spacing"] = [1.0, 1.0, 1.0]
+    assert "resample this case to [20, 20, 20]" in data_spacing_mismatch(tmp_path / "d", plans, "3d_cascade_fullres")
+    assert data_spacing_mismatch(tmp_path / "missing", plans, "3d_fullres") is None
+    (tmp_path / "empty").mkdir()
+    assert data_spacing_mismatch(tmp_path / "empty", plans, "3d_fullres") is None

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from nnunet_logonet.planning.data_check import data_spacing_mismatch
 from nnunet_logonet.planning.planners import PLANNERS, PlanningError, preprocessing_differences
 
 
@@ -60,6 +61,8 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
     cases = [p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")]
     n_gt = len(list(gt_folder.iterdir()))
     if not cases or len(cases) != n_gt:
+        return False
+    if data_spacing_mismatch(data_folder, plans, configuration):  # written by other plans of the same folder name
         return False
     if raw_cases is None:
         return True

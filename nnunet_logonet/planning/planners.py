@@ -207,8 +207,9 @@ class LoGoNetPlanner(ExperimentPlanner):
             if not shrinkable:
                 smallest = estimate(patch, strides, grid, self.min_batch_size)
                 raise PlanningError(
-                    f"-gpu_memory_target {target:g} GB is too small for LoGoNet-{self.preset}: even the smallest "
-                    f"valid patch {patch} needs about {smallest:.2f} GB at batch size {self.min_batch_size}. "
+                    f"-gpu_memory_target {target:g} GB is too small for {self.network_class.__name__}-{self.preset}: "
+                    f"even the smallest valid patch {patch} needs about {smallest:.2f} GB at batch size "
+                    f"{self.min_batch_size}. "
                     f"Use -gpu_memory_target {np.ceil(smallest * 10) / 10:g} or more, or a smaller preset "
                     f"(-pl LoGoNetTinyPlanner).")
             # nnU-Net's rule: the axis largest relative to the median shape, ties to the last (its
@@ -240,8 +241,9 @@ class LoGoNetPlanner(ExperimentPlanner):
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
         normalization_schemes, mask_is_used_for_norm = \
             self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
-        print(f"LoGoNet-{self.preset}: patch {patch}, strides {strides[1:]}, local grid {grid}, batch {batch_size}, "
-              f"estimated training memory {memory:.2f} GB of {target:g} GB")
+        where = f", local grid {grid}" if use_local else ""
+        print(f"{self.network_class.__name__}-{self.preset}: patch {patch}, strides {strides[1:]}{where}, batch "
+              f"{batch_size}, estimated training memory {memory:.2f} GB of {target:g} GB")
         return {
             "data_identifier": data_identifier,
             "preprocessor_name": self.preprocessor_name,

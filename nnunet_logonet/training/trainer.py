@@ -112,8 +112,27 @@ class LoGoNetTrainer(nnUNetTrainer):
         return network.to(memory_format=torch.channels_last_3d)
 
     def initialize(self):
+        self.check_preprocessed_data()
         super().initialize()
         self.check_pretrained_weights(sys.argv)
+
+    def check_preprocessed_data(self) -> None:
+        """Refuse data another set of plans wrote into this configuration's folder (same data_identifier):
+        nnU-Net would train on it at a spacing these plans do not have, without a word."""
+        from nnunet_logonet.planning.data_check import data_spacing_mismatch
+
+        problem = data_spacing_mismatch(self.preprocessed_dataset_folder, self.plans_manager.plans,
+                                        self.configuration_name)
+        if problem:
+            plans = self.plans_manager.plans_name
+            dataset = self.plans_manager.dataset_name
+            raise PlansMismatchError(
+                f"{problem}. Training would use it at the wrong spacing. Give these plans their own data: for "
+                f"plans of logonet_plan_and_preprocess, run it again (logonet_plan_and_preprocess -d {dataset} -pl "
+                f"<planner of {plans}>; it gives LoGoNet plans their own folder where nnUNetPlans preprocess "
+                f"differently); for plans moved from another dataset, move them under a name of their own "
+                f"(nnUNetv2_move_plans_between_datasets -s SOURCE -t {dataset} -sp {plans} -tp {plans}_fromSOURCE) "
+                f"and run nnUNetv2_preprocess -d {dataset} -plans_name {plans}_fromSOURCE -c {self.configuration_name}.")
 
     def check_pretrained_weights(self, argv) -> None:
         """Before nnU-Net loads ``-pretrained_weights`` (right after ``initialize``), list every key

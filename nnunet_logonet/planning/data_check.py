@@ -1,0 +1,52 @@
+"""Does a preprocessed data folder hold data made with these plans?
+
+Plans of different names can name the same data folder: LoGoNet's 3d_fullres shares
+``nnUNetPlans_3d_fullres`` with nnU-Net's default plans (as nnU-Net's ResEnc planners do), and
+``nnUNetv2_move_plans_between_datasets`` keeps that name when the plans keep theirs. Preprocessing
+one set then replaces the other's data, and nnU-Net trains on it without a word, at a spacing its
+plans do not have. One case's stored shape, against the shape these plans' resampling gives it,
+tells (nnU-Net's own rule: ``compute_new_shape`` of the cropped shape from the case's spacing to
+the plans' target spacing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["data_spacing_mismatch"]
+
+
+def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: str) -> str | None:
+    """Why ``data_folder`` was not preprocessed with ``plans``' spacing for ``configuration``; None when it
+    was (or when there is nothing to check: no folder, no case)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = Path(data_folder)
+    if not folder.is_dir():
+        return None
+    try:
+        dataset_class = infer_dataset_class(str(folder))
+    except Exception:  # no cases yet, or a layout nnU-Net does not know: its own loader will say so
+        return None
+    cases = sorted(dataset_class.get_identifiers(str(folder)))
+    if not cases:
+        return None
+    case = cases[0]
+    data, _, _, properties = dataset_class(str(folder), [case]).load_case(case)
+    config = plans["configurations"][configuration]
+    while "spacing" not in config and config.get("inherits_from"):
+        config = plans["configurations"][config["inherits_from"]]
+    transpose = plans.get("transpose_forward", [0, 1, 2])
+    original_spacing = [properties["spacing"][i] for i in transpose]
+    target_spacing = list(config["spacing"])
+    cropped = properties["shape_after_cropping_and_before_resampling"]
+    if len(target_spacing) < len(cropped):
+        target_spacing = [original_spacing[0]] + target_spacing
+    expected = tuple(int(s) for s in compute_new_shape(cropped, original_spacing, target_spacing))
+    stored = tuple(int(s) for s in data.shape[1:])
+    if stored == expected:
+        return None
+    return (f"{folder / case} holds data of shape {list(stored)}, but plans {plans.get('plans_name', '?')} "
+            f"({configuration}, spacing {target_spacing}) resample this case to {list(expected)}: the folder was "
+            f"preprocessed with other plans that share its name ({folder.name})")
