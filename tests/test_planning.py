@@ -179,6 +179,7 @@ def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
     (["-np", "0"], "-np must be at least 1"),
     (["-npfp", "0"], "-npfp must be at least 1"),
     (["-c", "3d_fulres"], "-c 3d_fulres: not a configuration"),
+    (["-c", "2d"], "-c 2d: LoGoNet is 3D only"),  # used to exit 0 with nothing preprocessed
     (["-overwrite_target_spacing", "-1", "1", "1"], "3 positive numbers"),
     (["-overwrite_target_spacing", "0", "0", "0"], "3 positive numbers"),
     (["-overwrite_plans_name", "a/b"], "without '/'"),

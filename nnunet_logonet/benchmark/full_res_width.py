@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["ulkanet_s", "logonet_s", "logonet_l"], metavar="NAME",
                         help=f"our models to vary (default ulkanet_s logonet_s logonet_l): {', '.join(OUR_MODELS)}")
-    parser.add_argument("--widths", nargs="+", type=int, default=[32, 16, 48], metavar="W",
-                        help="full-resolution widths to try (default 32 16 48; the presets use 32 (S), 48 (L))")
+    parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 36, 48], metavar="W",
+                        help="full-resolution widths to try (default 16 32 36 48; the presets use 16 (S) and 36 (L), "
+                             "the first presets 32 and 48)")
     parser.add_argument("--count-size", nargs=3, type=int, default=list(PAPER_PATCH), metavar=("D", "H", "W"),
                         help="patch for the counts (default the paper's 96 96 96)")
     parser.add_argument("--time", action="store_true",

@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-c {' '.join(unknown)}: not a configuration nnU-Net plans; choose from "
                      f"{', '.join(c for c in KNOWN_CONFIGURATIONS if c != '2d')}")
     if "2d" in args.c:
+        if set(args.c) == {"2d"}:  # nothing would be preprocessed: exit 0 would look like success
+            parser.error("-c 2d: LoGoNet is 3D only, so these plans have no 2d configuration; use -c 3d_fullres "
+                         "(plan 2d with nnUNetv2_plan_and_preprocess -c 2d)")
         print("LoGoNet is 3D only: configuration 2d is skipped (plan it with nnUNetv2_plan_and_preprocess).")
         args.c = [c for c in args.c if c != "2d"]
     if args.overwrite_plans_name is not None and (not args.overwrite_plans_name
