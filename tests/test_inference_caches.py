@@ -176,3 +176,25 @@ def test_parametrized_weight_edits_are_seen_in_eval():
         with reference_kernels():
             reference = net(x)
     assert _rel(fast, reference) < 1e-4
+
+
+def test_sync_batchnorm_of_multi_gpu_training_is_not_replaced_by_instance_norm():
+    """nnUNetv2_train -num_gpus N converts the norms to SyncBatchNorm, which is no BatchNorm3d: the grouped
+    local paths normalised them as instance norm (output error 6.9 at outputs of about 3) and never
+    updated their running statistics, which nnUNetv2_predict then used untouched."""
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(_tiny())
+    ref = copy.deepcopy(net)
+    x = torch.randn(2, 1, *PATCH).contiguous(memory_format=torch.channels_last_3d)
+    net.train(), ref.train()
+    out = net(x)
+    with reference_kernels():
+        expected = ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for (name, got), want in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    net.eval(), ref.eval()
+    with torch.no_grad():
+        out = net(x)
+        with reference_kernels():
+            expected = ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules import module as _module_globals
 
 from .conv import Activation, Conv3d, conv3d, conv3d_add, conv3d_concat
@@ -34,7 +35,7 @@ def _eval_batchnorm(module: nn.Module, norm: nn.Module) -> bool:
     return (
         not module.training
         and not norm.training
-        and isinstance(norm, nn.BatchNorm3d)
+        and isinstance(norm, _BatchNorm)  # SyncBatchNorm (nnU-Net's -num_gpus) too: in eval it is a BatchNorm
         and norm.track_running_stats
         and norm.running_mean is not None
     )

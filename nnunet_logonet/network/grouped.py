@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .conv import Activation, conv3d, conv3d_concat
 from .folding import (LKAFold, derived_tensors, fold_lka_block_uncached, fold_uncached, foldable_batchnorm,
@@ -214,11 +215,16 @@ def _norm(x: torch.Tensor, norms: Sequence[nn.Module]) -> torch.Tensor:
     keeps its statistics); paths whose norms are in different modes are normalised one by one."""
     first = norms[0]
     training = first.training
-    if any(n.training is not training for n in norms):
+    one_by_one = (any(n.training is not training for n in norms)
+                  # SyncBatchNorm (nnU-Net converts the norms under -num_gpus) reduces its batch statistics
+                  # across ranks in training; an unknown norm type is the module's own business
+                  or (training and isinstance(first, nn.SyncBatchNorm))
+                  or not isinstance(first, (_BatchNorm, nn.InstanceNorm3d)))
+    if one_by_one:
         return torch.cat([n(part) for n, part in zip(norms, x.chunk(len(norms), dim=1))], dim=1)
     weight = _cat(first, "_grouped_weight", [n.weight for n in norms])
     bias = _cat(first, "_grouped_bias", [n.bias for n in norms])
-    if isinstance(first, nn.BatchNorm3d):
+    if isinstance(first, _BatchNorm):  # BatchNorm3d, and SyncBatchNorm in eval (running statistics)
         if first.running_mean is None:  # track_running_stats=False: always batch statistics
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps)
         use_batch_stats = training
