@@ -121,3 +121,20 @@ def test_data_check_follows_nnunets_transpose_and_inheritance(tmp_path):
     assert data_spacing_mismatch(tmp_path / "missing", plans, "3d_fullres") is None
     (tmp_path / "empty").mkdir()
     assert data_spacing_mismatch(tmp_path / "empty", plans, "3d_fullres") is None
+
+
+def test_compile_is_off_by_default_and_follows_nnunets_rules_when_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False}
+    trainer = LoGoNetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1},
+                                                      "channel_names": {"0": "CT"}}, torch.device("cpu"))
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
+    monkeypatch.setenv("nnUNet_compile", "t")
+    assert trainer._do_i_compile() is False
+    assert any("disabled because device is CPU" in line for line in logged)  # nnU-Net's own message
+    trainer.device = torch.device("cuda")  # the decision only reads the device type
+    assert trainer._do_i_compile() is True
+    monkeypatch.delenv("nnUNet_compile")
+    assert trainer._do_i_compile() is False
+    assert any("off for LoGoNet by default" in line for line in logged)

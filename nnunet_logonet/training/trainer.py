@@ -153,13 +153,13 @@ class LoGoNetTrainer(nnUNetTrainer):
         """torch.compile is nnU-Net's default on CUDA. LoGoNet's compiled graph has not been verified
         on every CUDA/torch combination we support, so it is on only when asked for explicitly."""
         wanted = os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
-        if self.device.type != "cuda":
-            return False
-        if not wanted and not getattr(self, "_compile_reason_logged", False):
+        if wanted:  # nnU-Net's own rules then: off, with its log line, on CPU, MPS and Windows
+            return super()._do_i_compile()
+        if self.device.type == "cuda" and not getattr(self, "_compile_reason_logged", False):
             self._compile_reason_logged = True
             self.print_to_log_file("INFO: torch.compile is off for LoGoNet by default (dynamic local-path "
                                    "stitching; not verified on this torch build). Set nnUNet_compile=t to use it.")
-        return wanted
+        return False
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary name and rename, so an interrupted save never leaves a broken file."""
