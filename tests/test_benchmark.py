@@ -11,6 +11,7 @@ import torch
 from nnunet_logonet.benchmark.efficiency import (ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main,
                                                   time_runs)
 from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
+from nnunet_logonet.benchmark.lever_ab import main as lever_ab_main
 
 PATCH = ["32", "32", "32"]
 
@@ -303,6 +304,25 @@ def test_bad_patch_size_names_the_multiples(capsys):
     assert main(["--models", "logonet_tiny", "--patch-size", "40", "64", "64"]) == 2
     err = capsys.readouterr().err
     assert "[40, 64, 64]" in err and "multiple of" in err and "Nearest valid sizes" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-classes", "1"], "--num-classes counts the background too"),
+    (["--device", "mps"], "--device must be cpu or cuda, got 'mps'"),
+    (["--device", "nonsense"], "is not a device"),
+])
+def test_bad_classes_and_devices_exit_2_with_the_fix(argv, message, capsys):
+    assert main(["--models", "nnunet", "--patch-size", "16", "32", "32", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("mps", "--device must be cpu or cuda"),
+                                             ("nonsense", "is not a device")]
+                         + ([("cuda", "torch sees no CUDA device")] if not torch.cuda.is_available() else []))
+def test_lever_ab_checks_the_device_as_the_benchmark_does(device, message, capsys):
+    assert lever_ab_main(["--lever", "onednn", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("logonet_lever_ab: error:") and message in err
 
 
 def test_dataset_without_plans_says_what_to_run(tmp_path, monkeypatch, capsys):

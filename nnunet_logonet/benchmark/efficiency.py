@@ -761,6 +761,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_device(name: str) -> torch.device:
+    """``--device`` as a torch device: cpu or an available CUDA device, else ValueError with the fix."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+    return device
+
+
 def _usage_error(message: str) -> int:
     print(f"logonet_benchmark: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -778,17 +791,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         return _usage_error(f"unknown model(s) {', '.join(unknown)} in --models; valid models: {', '.join(MODELS)}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        return _usage_error(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        return _usage_error(f"--device must be cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _usage_error("--device cuda but torch sees no CUDA device; use --device cpu")
+        device = parse_device(args.device)
+    except ValueError as error:
+        return _usage_error(str(error))
     for flag in ("batch_size", "repeats", "sw_repeats", "threads", "num_classes", "input_channels", "interleave"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             return _usage_error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.num_classes == 1:
+        return _usage_error("--num-classes counts the background too: 1 leaves nothing to segment; use 2 or more")
     if args.interleave is not None and (args.repeats or args.sw_repeats or args.warmup is not None):
         return _usage_error("--interleave ROUNDS times every figure ROUNDS times after one warm-up run; "
                             "drop --repeats, --sw-repeats and --warmup")

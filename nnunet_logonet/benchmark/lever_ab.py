@@ -27,8 +27,8 @@ from nnunet_logonet.machine import this_cpu
 from nnunet_logonet.network.kernels import narrowing
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
-from .efficiency import (_sync, _write_json_atomic, allocator_settings, default_settings, device_info,
-                         make_sliding_window, make_train_step)
+from .efficiency import (_autocast, _sync, _write_json_atomic, allocator_settings, default_settings, device_info,
+                         make_sliding_window, make_train_step, parse_device)
 from .models import MODELS, resolve_model
 
 FIGURES = {"forward": "fwd s/patch", "train": "train s/iter", "sw": "sw s/case"}
@@ -96,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1 or args.block < 1 or args.batch_size < 1 or min(args.patch_size) < 1:
         print("logonet_lever_ab: error: --rounds, --block, --batch-size and --patch-size must be >= 1", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    try:
+        device = parse_device(args.device)
+    except ValueError as error:
+        print(f"logonet_lever_ab: error: {error}", file=sys.stderr)
+        return 2
     if args.swap_narrowing_weight_grad:
         narrowing.SWAP_NARROWING_WEIGHT_GRAD = True
     try:
@@ -112,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def forward() -> None:
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, settings.amp):  # as logonet_benchmark's forward
             net(x1)
 
     calls: dict[str, Callable[[], Any]] = {}
