@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["process_running", "new_work_folder", "remove_stale_work_folders", "exit_cleanly_on_sigterm"]
+__all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
+           "remove_stale_work_files", "remove_stale_pid_temporaries", "swap_into_place", "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
@@ -37,14 +38,77 @@ def new_work_folder(root: Path, target: str, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target}.{os.getpid()}-", suffix=f".{suffix}", dir=root))
 
 
-def remove_stale_work_folders(root: Path, target: str, suffix: str) -> None:
-    """Delete ``target``'s work folders in ``root`` whose process is gone (or that carry no pid:
-    written before pids were recorded); other targets' and live runs' folders are left alone."""
+def new_work_file(root: Path, target: str, suffix: str) -> Path:
+    """A new empty hidden ``.<target>.<pid>-XXXXXXXX.<suffix>`` file in ``root``, with the permissions
+    a plain ``open`` gives (``mkstemp`` makes files readable by their owner only, and a rename keeps that)."""
+    handle, name = tempfile.mkstemp(prefix=f".{target}.{os.getpid()}-", suffix=f".{suffix}", dir=root)
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
+
+
+def _stale_work_paths(root: Path, target: str, suffix: str):
     pattern = re.compile(rf"^\.{re.escape(target)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.{re.escape(suffix)}$")
     for path in root.iterdir() if root.is_dir() else ():
         match = pattern.match(path.name)
-        if match and path.is_dir() and not (match[1] and process_running(int(match[1]))):
+        if match and not (match[1] and process_running(int(match[1]))):
+            yield path
+
+
+def remove_stale_work_folders(root: Path, target: str, suffix: str) -> None:
+    """Delete ``target``'s work folders in ``root`` whose process is gone (or that carry no pid:
+    written before pids were recorded); other targets' and live runs' folders are left alone."""
+    for path in _stale_work_paths(root, target, suffix):
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_work_files(root: Path, target: str, suffix: str) -> None:
+    """Delete ``target``'s work files (``new_work_file``) in ``root`` whose process is gone."""
+    for path in _stale_work_paths(root, target, suffix):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_pid_temporaries(path: str | os.PathLike, marker: str = ".tmp") -> None:
+    """Delete ``<path><marker><pid>`` files whose process is gone: what a save killed between writing
+    its temporary file and renaming it left (a checkpoint's can be hundreds of MB)."""
+    path = Path(path)
+    pattern = re.compile(rf"^{re.escape(path.name + marker)}(\d+)$")
+    for candidate in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = pattern.match(candidate.name)
+        if match and int(match[1]) != os.getpid() and not process_running(int(match[1])) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+
+
+def swap_into_place(work: Path, final: Path) -> None:
+    """Rename the complete folder ``work`` to ``final``, replacing what is there.
+
+    An existing ``final`` is first moved into a hidden ``old`` work folder beside it; an interrupt
+    before the new folder is in place moves it back, so ``final`` is never missing. Deleting the
+    old copy comes last: an interrupt there leaves the swap done and the rest of the old copy to
+    ``remove_stale_work_folders(root, final.name, "old")`` of the next run.
+    """
+    root = final.parent
+    remove_stale_work_folders(root, final.name, "old")
+    if not final.exists():
+        os.replace(work, final)
+        return
+    old = new_work_folder(root, final.name, "old")
+    try:
+        os.replace(final, old / final.name)
+        os.replace(work, final)
+    except BaseException:
+        if not final.exists() and (old / final.name).exists():
+            os.replace(old / final.name, final)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+    except KeyboardInterrupt:  # the new folder is in place; what is left of the old goes next run
+        pass
 
 
 def exit_cleanly_on_sigterm() -> None:

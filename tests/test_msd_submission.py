@@ -481,3 +481,23 @@ def test_unusual_task_folder_name_is_warned_but_used(tmp_path, capsys):
     assert "does not look like an MSD task" in capsys.readouterr().out
     with zipfile.ZipFile(tmp_path / "s.zip") as archive:
         assert "Task09_Spleen_v2/spleen_1.nii.gz" in archive.namelist()
+
+
+def test_archive_gets_the_usual_permissions_and_a_killed_runs_part_file_is_removed(spleen):
+    """mkstemp's files are readable by their owner only, and the rename kept that (a submission shared with
+    a team could not be read); a SIGKILL between creating the temporary file and renaming it left a
+    hidden .part file as large as the archive, which no later run removed."""
+    import os
+
+    task, pred, _, out = spleen
+    killed = out / ".s.zip.99999999-abcd_123.part"  # a pid above Linux's pid_max: that run is gone
+    killed.write_bytes(b"PK half an archive")
+    live = out / f".s.zip.{os.getpid()}-abcd_123.part"  # a run still writing is left alone
+    live.write_bytes(b"")
+    umask = os.umask(0o022)
+    try:
+        write_submission([validate_task(task, pred, progress=False)], out / "s.zip", progress=False)
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["s.zip", live.name])
+    assert (out / "s.zip").stat().st_mode & 0o777 == 0o644

@@ -261,3 +261,42 @@ def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dir
     for name in ("imagesTr/case4_0000.nii.gz", "labelsTr/case4.nii.gz"):  # a case added
         (raw / name).write_bytes((raw / name.replace("4", "3")).read_bytes())
     assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+
+def test_files_an_interrupted_run_cut_short_are_made_again(nnunet_dirs, capsys):
+    """nnU-Net writes the fingerprint, the plans and the gt_segmentations label copies in place. A rerun
+    stopped with a bare JSON error on a fingerprint or plans file cut short, and kept a label copy cut
+    short (nnU-Net copies a label only when its copy is older), so validation Dice used a truncated label."""
+    from nnunet_logonet.phantom.writer import write_dataset
+    from nnunet_logonet.planning.cli import main
+
+    raw = write_dataset(nnunet_dirs / "raw", 812, num_train=2, num_test=0, num_unlabeled=0, size=32, progress=False)
+    argv = ["-d", "812", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]
+    assert main(argv) == 0
+    pre = nnunet_dirs / "preprocessed" / raw.name
+    fingerprint, plans = pre / "dataset_fingerprint.json", pre / "LoGoNetTinyPlans.json"
+    label = sorted((raw / "labelsTr").iterdir())[1]
+    copy = pre / "gt_segmentations" / label.name
+    assert copy.read_bytes() == label.read_bytes()
+    for path in (fingerprint, plans, copy):  # as a kill while each was written leaves it
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{fingerprint} is not valid JSON" in out and "extracting it again" in out
+    assert f"{plans} is not valid JSON" in out and "kept as LoGoNetTinyPlans.json.unreadable" in out
+    assert "copied 1 label(s) again" in out and label.name.replace(".nii.gz", "") in out
+    assert json.loads(fingerprint.read_text())["spacings"] and json.loads(plans.read_text())["configurations"]
+    assert copy.read_bytes() == label.read_bytes()
+    assert (pre / "LoGoNetTinyPlans.json.unreadable").is_file()
+    assert [p.name for p in (pre / "gt_segmentations").iterdir() if p.name.startswith(".")] == []
+
+
+def test_unreadable_nnunet_plans_give_logonet_its_own_data_folder(nnunet_dirs, capsys):
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _fake_dataset(nnunet_dirs, 813, (1.5, 1.0, 1.0), (40, 48, 48))
+    (nnunet_dirs / "preprocessed" / "Dataset813_Fake" / "nnUNetPlans.json").write_text('{"configurations": {"3d')
+    plans = _plan(LoGoNetTinyPlanner, 813)
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == "LoGoNetTinyPlans_3d_fullres"
+    assert "nnUNetPlans.json unreadable" in capsys.readouterr().out

@@ -620,3 +620,51 @@ def test_trainer_checks_pretrained_weights_from_the_command_line_before_loading(
     torch.save({"network_weights": fake.network.state_dict()}, tmp_path / "same.pth")
     LoGoNetTrainer.check_pretrained_weights(fake, argv[:-1] + [str(tmp_path / "same.pth")])
     LoGoNetTrainer.check_pretrained_weights(fake, argv[:4])  # no -pretrained_weights: nothing to check
+
+
+class _StopAtCommand(Exception):
+    pass
+
+
+def test_pipeline_redoes_a_fingerprint_and_plans_that_an_interrupted_run_cut_short(tmp_path):
+    """nnU-Net writes its fingerprint and plans in place; a file cut short used to stop the pipeline with a
+    bare JSON error on every rerun. Each is now made again (the fingerprint with --clean)."""
+    import json
+
+    import SimpleITK as sitk
+
+    from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
+
+    source = tmp_path / "raw" / "Dataset910_X"
+    (source / "imagesTr").mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 8, 8), np.float32)), str(source / "imagesTr" / "a_0000.nii.gz"))
+    (source / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
+                                                     "numTraining": 1, "file_ending": ".nii.gz"}))
+    (tmp_path / "pre" / "Dataset910_X").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset910_X" / f"{PLANS}.json").write_text(json.dumps(
+        {"configurations": {"3d_fullres": {"patch_size": [4, 8, 8]}}}))
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")}
+
+    def run_until(command):
+        messages = []
+
+        def log(message):
+            messages.append(message)
+            if command in message:
+                raise _StopAtCommand
+
+        with pytest.raises(_StopAtCommand):
+            prepare_pretraining_dataset(910, 911, PLANS, env=env, log=log)
+        return messages
+
+    target = tmp_path / "pre" / "Dataset911_Pretraining"
+    run_until("nnUNetv2_extract_fingerprint")  # step 1 done
+    target.mkdir(parents=True)
+    (target / "dataset_fingerprint.json").write_text('{"spacings": [[1.0, 1.0')
+    messages = run_until("nnUNetv2_extract_fingerprint")
+    assert any("dataset_fingerprint.json is not valid JSON" in m for m in messages)
+    assert messages[-1].endswith("--clean")
+    (target / "dataset_fingerprint.json").write_text("{}")
+    (target / f"{PLANS}.json").write_text('{"configurations": {"3d_f')
+    messages = run_until("nnUNetv2_move_plans_between_datasets")
+    assert any(f"{PLANS}.json is not valid JSON" in m and "moving the plans again" in m for m in messages)

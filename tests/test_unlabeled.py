@@ -236,9 +236,10 @@ def test_rerun_removes_work_folders_that_a_killed_run_left(tmp_path, raw):
     """SIGKILL skips the cleanup; the next run of the same target removes that target's hidden work folders
     whose process is gone, and keeps a live run's and every other folder."""
     write(tmp_path / "in" / "one.nii.gz", ct_volume())
-    stale = [".Dataset560_Unlabeled.abcd_123.tmp", ".Dataset560_Unlabeled.99999999-abcd_123.tmp"]
+    stale = [".Dataset560_Unlabeled.abcd_123.tmp", ".Dataset560_Unlabeled.99999999-abcd_123.tmp",
+             ".Dataset560_Unlabeled.abcd_123.old"]  # an old copy whose deletion an earlier --overwrite left
     kept = [f".Dataset560_Unlabeled.{os.getpid()}-abcd_123.tmp", ".Dataset561_Unlabeled.abcd_123.tmp",
-            ".Dataset560_Unlabeled.abcd_123.old"]
+            f".Dataset560_Unlabeled.{os.getpid()}-abcd_123.old"]
     for folder in stale + kept:
         (raw / folder).mkdir(parents=True)
     prepare_unlabeled([tmp_path / "in"], 560, progress=False)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nnunet_logonet.msd.validation import (DAMAGE_FIX, TaskReport, file_damage, output_pixel_type,
                                            validate_task)
+from nnunet_logonet.workfolders import exit_cleanly_on_sigterm, new_work_file, remove_stale_work_files
 
 __all__ = ["IncompleteSubmissionError", "archive_format", "main", "write_submission"]
 
@@ -161,11 +162,10 @@ def write_submission(pairs: Sequence[Pair], archive_path: str | os.PathLike, *,
     if not any(report.found for report in reports):
         raise IncompleteSubmissionError(reports, "No valid prediction in any task; nothing written.")
 
-    handle, temp_name = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.",
-                                         suffix=".part")
-    os.close(handle)
-    temp = Path(temp_name)
+    remove_stale_work_files(archive.parent, archive.name, "part")  # left by a killed run
+    temp = None
     try:
+        temp = new_work_file(archive.parent, archive.name, "part")
         with tempfile.TemporaryDirectory() as scratch, _archive_writer(temp, kind) as add:
             for report in reports:
                 add(None, report.task_name)
@@ -180,7 +180,8 @@ def write_submission(pairs: Sequence[Pair], archive_path: str | os.PathLike, *,
                                          f"validation?): {error}; nothing written.") from error
         os.replace(temp, archive)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         raise
     return archive
 
@@ -210,7 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the valid cases even if some are missing or invalid")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing archive")
     args = parser.parse_args(argv)
+    if argv is None:  # the console script: `kill` and `timeout` exit through the cleanup too
+        exit_cleanly_on_sigterm()
+    try:
+        return _validate_and_write(args)
+    except KeyboardInterrupt:
+        print("\nlogonet_msd_submission: interrupted; no archive was written (an existing one is unchanged).",
+              file=sys.stderr)
+        return 130
 
+
+def _validate_and_write(args: argparse.Namespace) -> int:
     try:
         check_archive_target(args.output, args.overwrite)
         reports = [validate_task(task, predictions) for task, predictions in args.task]

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_logonet.phantom.anatomy import LABELS, MAX_SIZE, MIN_SIZE, generate_case
-from nnunet_logonet.workfolders import new_work_folder, remove_stale_work_folders
+from nnunet_logonet.workfolders import new_work_folder, remove_stale_work_folders, swap_into_place
 
 __all__ = [
     "FORMATS", "SPLITS", "PhantomArgumentError", "case_identifier", "case_seed",
@@ -192,13 +191,7 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
         os.chmod(work, 0o755)
         _fill(work, folder_name, name=name, num_train=num_train, num_test=num_test,
               num_unlabeled=num_unlabeled, seed=seed, size=size, fmt=fmt, progress=progress)
-        if final.exists():  # overwrite: move the old one aside first, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".old", dir=root))
-            os.replace(final, old / folder_name)
-            os.replace(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        swap_into_place(work, final)  # an existing dataset is replaced only by a complete one
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

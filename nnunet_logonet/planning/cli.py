@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunet_logonet.planning.data_check import data_spacing_mismatch
+from nnunet_logonet.planning.data_check import data_spacing_mismatch, repair_label_copies
 from nnunet_logonet.planning.planners import PLANNERS, PlanningError, preprocessing_differences
 
 
@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             if status:
                 return status
     except KeyboardInterrupt:
-        print("\nlogonet_plan_and_preprocess: interrupted. Run the same command again: the fingerprint and "
-              "plans are rewritten whole, and a configuration whose preprocessing did not finish is redone.",
-              file=sys.stderr)
+        print("\nlogonet_plan_and_preprocess: interrupted. Run the same command again: a fingerprint or plans "
+              "file cut short is made again, a configuration whose preprocessing did not finish is redone, and a "
+              "label copy in gt_segmentations cut short is copied again.", file=sys.stderr)
         return 130
     return 0
 
@@ -219,9 +219,14 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
         print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
         return 2
     print(f"Fingerprint extraction for {dataset_name}...")
+    clean = args.clean
+    fingerprint_file = Path(str(nnUNet_preprocessed)) / dataset_name / "dataset_fingerprint.json"
+    if not clean and fingerprint_file.is_file() and not _is_json(fingerprint_file):
+        print(f"{fingerprint_file} is not valid JSON (cut short by an interrupted run?): extracting it again.")
+        clean = True
     try:
         extract_fingerprints([dataset_id], num_processes=args.npfp,
-                             check_dataset_integrity=args.verify_dataset_integrity, clean=args.clean)
+                             check_dataset_integrity=args.verify_dataset_integrity, clean=clean)
     except Exception as e:  # nnU-Net's checks and readers raise bare errors on bad data
         return failed("fingerprint extraction" + (" (nnU-Net's dataset check)" if args.verify_dataset_integrity
                                                    else ""), e)
@@ -266,7 +271,22 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
             preprocess_dataset(dataset_id, plans_identifier, todo, n_proc)
         except Exception as e:  # nnU-Net's readers raise bare errors on bad data
             return failed("preprocessing", e)
+    file_ending = load_json(str(raw / "dataset.json"))["file_ending"]
+    repaired = repair_label_copies(preprocessed, {case: files[-1] for case, files in raw_cases.items()}, file_ending)
+    if repaired:
+        print(f"gt_segmentations: copied {len(repaired)} label(s) again that differed from the raw labels "
+              f"(cut short by an interrupted run?): {', '.join(repaired[:10])}{' ...' if len(repaired) > 10 else ''}")
     return 0
+
+
+def _is_json(path: Path) -> bool:
+    import json
+
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

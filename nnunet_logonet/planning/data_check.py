@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["data_spacing_mismatch"]
+__all__ = ["data_spacing_mismatch", "repair_label_copies"]
 
 
 def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: str) -> str | None:
@@ -50,3 +50,33 @@ def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: s
     return (f"{folder / case} holds data of shape {list(stored)}, but plans {plans.get('plans_name', '?')} "
             f"({configuration}, spacing {target_spacing}) resample this case to {list(expected)}: the folder was "
             f"preprocessed with other plans that share its name ({folder.name})")
+
+
+def repair_label_copies(preprocessed_dataset: str | Path, raw_labels: dict[str, Path], file_ending: str) -> list[str]:
+    """Copy again every label of ``gt_segmentations/`` that is missing or differs in size from its raw
+    label; returns those cases.
+
+    nnU-Net's ``preprocess_dataset`` copies each raw label there only when the copy is older
+    (``copy_file(..., update=True)``), so a copy cut short by an interrupted run is newer, stays, and
+    validation Dice is computed against a truncated label (read without an error). Each copy goes
+    through a temporary file and a rename.
+    """
+    import os
+    import shutil
+
+    gt_folder = Path(preprocessed_dataset) / "gt_segmentations"
+    repaired = []
+    for case, raw_label in sorted(raw_labels.items()):
+        copy = gt_folder / f"{case}{file_ending}"
+        try:
+            if copy.stat().st_size == raw_label.stat().st_size:
+                continue
+        except FileNotFoundError:
+            if not raw_label.is_file():
+                continue
+        gt_folder.mkdir(parents=True, exist_ok=True)
+        temporary = copy.with_name(f".{copy.name}.tmp{os.getpid()}")
+        shutil.copyfile(raw_label, temporary)
+        os.replace(temporary, copy)
+        repaired.append(case)
+    return repaired

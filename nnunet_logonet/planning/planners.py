@@ -17,6 +17,7 @@ data gets its own folder rather than replacing nnU-Net's.
 from __future__ import annotations
 
 import json
+import os
 from copy import deepcopy
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,14 @@ def preprocessing_differences(plans: dict, config: dict, other_plans: dict, othe
 
     return ([k for k in COMPARED_PLAN_KEYS if not same(plans.get(k), other_plans.get(k))]
             + [k for k in COMPARED_CONFIG_KEYS if not same(config.get(k), other_config.get(k))])
+
+
+def _read_json(path: Path) -> dict | None:
+    """``path``'s JSON, or None when it is not valid JSON (a file cut short)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 class PlanningError(RuntimeError):
@@ -143,7 +152,19 @@ class LoGoNetPlanner(ExperimentPlanner):
             print("LoGoNet is a 3D network: the 2d configuration is skipped (use nnUNetPlans for 2d).")
         recursive_fix_for_json_export(plans)
         self._unshare_data_that_differs(plans)
+        self._set_aside_unreadable_plans()
         super().save_plans(plans)
+
+    def _set_aside_unreadable_plans(self) -> None:
+        """nnU-Net's ``save_plans`` reads the existing plans file to keep its other configurations, and
+        writes in place: a file cut short by an interrupted run stopped every later planning with a bare
+        JSON error. It is kept beside, renamed, and the plans are written anew."""
+        plans_file = Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
+        if plans_file.is_file() and _read_json(plans_file) is None:
+            aside = plans_file.with_name(plans_file.name + ".unreadable")
+            os.replace(plans_file, aside)
+            print(f"{plans_file} is not valid JSON (cut short by an interrupted run?): kept as {aside.name}, "
+                  f"written anew (configurations only it held are not carried over).")
 
     def _unshare_data_that_differs(self, plans: dict) -> None:
         """nnUNetPlans already planned 3d_fullres with other preprocessing (another target spacing, ...):
@@ -156,11 +177,14 @@ class LoGoNetPlanner(ExperimentPlanner):
         if (config is None or config.get("data_identifier") != shared
                 or self.plans_identifier == DEFAULT_DATA_IDENTIFIER_PLANS or not default_file.is_file()):
             return
-        default = json.loads(default_file.read_text())
-        default_config = (default.get("configurations") or {}).get("3d_fullres")
-        if not default_config or default_config.get("data_identifier") != shared:
-            return
-        differences = preprocessing_differences(plans, config, default, default_config)
+        default = _read_json(default_file)
+        if default is None:
+            differences = [f"{default_file.name} unreadable"]
+        else:
+            default_config = (default.get("configurations") or {}).get("3d_fullres")
+            if not default_config or default_config.get("data_identifier") != shared:
+                return
+            differences = preprocessing_differences(plans, config, default, default_config)
         if differences:
             config["data_identifier"] = own = f"{self.plans_identifier}_3d_fullres"
             print(f"{default_file} preprocesses 3d_fullres differently ({', '.join(differences)}): "

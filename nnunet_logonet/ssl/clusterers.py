@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nnunet_logonet.ssl.masking import check_slice_axis
+from nnunet_logonet.workfolders import new_work_file, remove_stale_work_files
 
 __all__ = [
     "ClusterCacheError",
@@ -321,13 +321,14 @@ class SliceClusterBank:
             "checksum": np.asarray(self._checksum(centroids, ks, config_json)),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_work_files(path.parent, path.name, "tmp")
+        tmp = new_work_file(path.parent, path.name, "tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 np.savez(f, **fields)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     @classmethod

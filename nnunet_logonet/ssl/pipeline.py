@@ -66,6 +66,17 @@ def _source_channel_names(source_raw: Path) -> list[str]:
     return ordered
 
 
+def _readable_json(path: Path) -> dict | None:
+    """``path``'s JSON, or None when there is no such file or it is cut short (nnU-Net writes its
+    fingerprint and plans in place, so a run killed while writing leaves half a file)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def _same_plans(source: dict, target: dict) -> bool:
     def strip(plans: dict) -> str:
         return json.dumps({k: v for k, v in plans.items() if k not in _PER_DATASET_KEYS}, sort_keys=True)
@@ -226,17 +237,24 @@ def prepare_pretraining_dataset(
     tid, n = str(target_dataset_id), str(num_processes)
 
     # 2. fingerprint (nnU-Net's preprocessing expects it)
-    if (target_pre / "dataset_fingerprint.json").is_file():
+    fingerprint_file = target_pre / "dataset_fingerprint.json"
+    if _readable_json(fingerprint_file) is not None:
         say("[2/5] fingerprint exists: skipped")
         skipped.append("extract_fingerprint")
     else:
-        say.run([_command("nnUNetv2_extract_fingerprint", env), "-d", tid, "-np", n], env)
+        if fingerprint_file.exists():
+            say(f"[2/5] {fingerprint_file} is not valid JSON (cut short by an interrupted run?): extracting it again")
+        say.run([_command("nnUNetv2_extract_fingerprint", env), "-d", tid, "-np", n]
+                + (["--clean"] if fingerprint_file.exists() else []), env)
         ran.append("extract_fingerprint")
 
     # 3. the source's plans: architecture and normalisation of the fine-tuning
     target_plans_file = target_pre / f"{plans}.json"
     moved = False
-    if target_plans_file.is_file() and _same_plans(source_plans, json.loads(target_plans_file.read_text())):
+    target_plans_now = _readable_json(target_plans_file)
+    if target_plans_file.exists() and target_plans_now is None:
+        say(f"[3/5] {target_plans_file} is not valid JSON (cut short by an interrupted run?): moving the plans again")
+    if target_plans_now is not None and _same_plans(source_plans, target_plans_now):
         say(f"[3/5] {target_plans_file.name} matches the source plans: skipped")
         skipped.append("move_plans")
     else:
@@ -300,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted. Run the same command again: finished steps are skipped, an unfinished one is redone.",
+              file=sys.stderr)
+        return 130
     print(f"Ready: {info['dataset']} ({info['num_cases']} cases). Pre-train with:\n"
           f"    nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainer -p {args.p}")
     return 0

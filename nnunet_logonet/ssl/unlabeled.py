@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,7 +33,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_logonet.nifti import file_damage
-from nnunet_logonet.workfolders import exit_cleanly_on_sigterm, new_work_folder, remove_stale_work_folders
+from nnunet_logonet.workfolders import (exit_cleanly_on_sigterm, new_work_folder, remove_stale_work_folders,
+                                         swap_into_place)
 
 __all__ = ["UnlabeledDataError", "body_mask", "find_cases", "prepare_unlabeled", "main"]
 
@@ -305,13 +305,7 @@ def prepare_unlabeled(
             logonet_image_only=True,
         )
         final = raw_root / folder_name
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".old", dir=raw_root))
-            os.replace(final, old / folder_name)
-            os.replace(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        swap_into_place(work, final)  # an existing dataset is replaced only by a complete one
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -342,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   body_threshold=args.body_threshold, hardlink=args.hardlink, overwrite=args.overwrite)
     except UnlabeledDataError as error:
         parser.exit(1, f"logonet_prepare_unlabeled: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "logonet_prepare_unlabeled: interrupted; no dataset was written (an existing one is "
+                         "unchanged). Run the same command again.\n")
     n_cases = len(list((final / "labelsTr").glob("*.nii.gz")))
     print(f"Wrote {final} ({n_cases} cases). Plan and preprocess it like any dataset, or reuse a labeled dataset's "
           f"plans: nnUNetv2_extract_fingerprint -d {args.dataset_id}, then nnUNetv2_move_plans_between_datasets "

@@ -20,6 +20,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.training.recipes import configure_recipe
+from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 
 PLANNER_FOR = {"LoGoNet": "LoGoNetPlanner (or LoGoNetTinyPlanner on CPU, LoGoNetLPlanner for L)",
                "ULKANet": "ULKANetPlanner"}
@@ -163,6 +164,7 @@ class LoGoNetTrainer(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary name and rename, so an interrupted save never leaves a broken file."""
+        remove_stale_pid_temporaries(filename)  # a save killed before its rename left one
         tmp = f"{filename}.tmp{os.getpid()}"
         super().save_checkpoint(tmp)
         if os.path.isfile(tmp):

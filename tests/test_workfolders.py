@@ -1,0 +1,110 @@
+"""Replacing a dataset folder: never missing, never half-written, leftovers removed by the next run."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from nnunet_logonet import workfolders
+from nnunet_logonet.workfolders import new_work_file, new_work_folder, swap_into_place
+
+
+def dataset(root, name, marker):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(marker)
+    return folder
+
+
+def hidden(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_swap_replaces_an_existing_folder_and_leaves_nothing_beside_it(tmp_path):
+    final = dataset(tmp_path, "Dataset001_X", "old")
+    work = new_work_folder(tmp_path, final.name, "partial")
+    (work / "dataset.json").write_text("new")
+    swap_into_place(work, final)
+    assert (final / "dataset.json").read_text() == "new" and hidden(tmp_path) == []
+
+
+def test_interrupt_before_the_new_folder_is_in_place_puts_the_old_one_back(tmp_path, monkeypatch):
+    final = dataset(tmp_path, "Dataset001_X", "old")
+    work = new_work_folder(tmp_path, final.name, "partial")
+    (work / "dataset.json").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def interrupted_replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(workfolders.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        swap_into_place(work, final)
+    monkeypatch.undo()
+    assert (final / "dataset.json").read_text() == "old"
+    assert [p for p in hidden(tmp_path) if p.endswith(".old")] == []
+
+
+def test_interrupt_while_deleting_the_old_copy_keeps_the_new_folder_and_the_next_swap_removes_the_rest(
+        tmp_path, monkeypatch):
+    final = dataset(tmp_path, "Dataset001_X", "first")
+    work = new_work_folder(tmp_path, final.name, "partial")
+    (work / "dataset.json").write_text("second")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while a large old dataset is being deleted
+
+    monkeypatch.setattr(workfolders.shutil, "rmtree", interrupted_rmtree)
+    swap_into_place(work, final)  # the swap is done: no error for an interrupt that came after it
+    monkeypatch.setattr(workfolders.shutil, "rmtree", real_rmtree)
+    assert (final / "dataset.json").read_text() == "second"
+    (leftover,) = hidden(tmp_path)
+    assert leftover.endswith(".old")
+    # a later run's folder name carries a pid that is gone by then: simulate with a pid above pid_max
+    os.rename(tmp_path / leftover, tmp_path / f".{final.name}.99999999-abcd_123.old")
+    work = new_work_folder(tmp_path, final.name, "partial")
+    (work / "dataset.json").write_text("third")
+    swap_into_place(work, final)
+    assert (final / "dataset.json").read_text() == "third" and hidden(tmp_path) == []
+
+
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_ones_kept(tmp_path):
+    from nnunet_logonet.workfolders import remove_stale_pid_temporaries
+
+    checkpoint = tmp_path / "checkpoint_best.pth"
+    gone, live, other = (tmp_path / "checkpoint_best.pth.tmp99999999", tmp_path / f"checkpoint_best.pth.tmp{os.getpid()}",
+                         tmp_path / "checkpoint_final.pth.tmp99999999")
+    for path in (checkpoint, gone, live, other):
+        path.write_bytes(b"x")
+    remove_stale_pid_temporaries(checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, live.name, other.name])
+
+
+def test_trainers_checkpoint_saves_remove_what_a_killed_save_left(tmp_path, monkeypatch):
+    """A SIGKILL while nnU-Net wrote a checkpoint left ``checkpoint_best.pth.tmp<pid>`` (hundreds of MB for
+    LoGoNet-S); the next save of that checkpoint removes it."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_logonet.training.trainer import LoGoNetTrainer
+
+    saved = []
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", lambda self, name: (open(name, "wb").close(),
+                                                                               saved.append(name)))
+    checkpoint = tmp_path / "checkpoint_best.pth"
+    (tmp_path / "checkpoint_best.pth.tmp99999999").write_bytes(b"half a checkpoint")
+    LoGoNetTrainer.save_checkpoint(object.__new__(LoGoNetTrainer), str(checkpoint))
+    assert saved and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pth"]
+
+
+def test_work_files_get_the_permissions_of_a_plain_open(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        path = new_work_file(tmp_path, "clusterers.npz", "tmp")
+    finally:
+        os.umask(umask)
+    assert path.name.startswith(f".clusterers.npz.{os.getpid()}-") and path.stat().st_mode & 0o777 == 0o640
