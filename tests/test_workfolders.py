@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -85,20 +86,35 @@ def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_on
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, live.name, other.name])
 
 
-def test_trainers_checkpoint_saves_remove_what_a_killed_save_left(tmp_path, monkeypatch):
-    """A SIGKILL while nnU-Net wrote a checkpoint left ``checkpoint_best.pth.tmp<pid>`` (hundreds of MB for
-    LoGoNet-S); the next save of that checkpoint removes it."""
+@pytest.mark.parametrize("trainer", ["LoGoNetTrainer", "nnUNetTrainer_demo"])
+def test_checkpoints_are_written_whole_and_a_killed_saves_leftover_is_removed(tmp_path, monkeypatch, trainer):
+    """nnU-Net's save_checkpoint writes in place: the demo's baseline killed while saving left a
+    checkpoint_latest.pth that torch.load cannot read, and every --c failed. A failed save now leaves the
+    previous checkpoint as it was, and a save killed before its rename (``.tmp<pid>``, hundreds of MB for
+    LoGoNet-S) is removed by the next save."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    from nnunet_logonet.training.baseline import nnUNetTrainer_demo
     from nnunet_logonet.training.trainer import LoGoNetTrainer
 
-    saved = []
-    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", lambda self, name: (open(name, "wb").close(),
-                                                                               saved.append(name)))
-    checkpoint = tmp_path / "checkpoint_best.pth"
-    (tmp_path / "checkpoint_best.pth.tmp99999999").write_bytes(b"half a checkpoint")
-    LoGoNetTrainer.save_checkpoint(object.__new__(LoGoNetTrainer), str(checkpoint))
-    assert saved and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pth"]
+    cls = {"LoGoNetTrainer": LoGoNetTrainer, "nnUNetTrainer_demo": nnUNetTrainer_demo}[trainer]
+
+    def torn_save(self, name):
+        with open(name, "wb") as f:
+            f.write(b"half a chec")
+        raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "checkpoint_latest.pth"
+    checkpoint.write_bytes(b"the previous checkpoint")
+    (tmp_path / "checkpoint_latest.pth.tmp99999999").write_bytes(b"left by a killed save")
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        cls.save_checkpoint(object.__new__(cls), str(checkpoint))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]
+    assert checkpoint.read_bytes() == b"the previous checkpoint"
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", lambda self, name: Path(name).write_bytes(b"new"))
+    cls.save_checkpoint(object.__new__(cls), str(checkpoint))
+    assert checkpoint.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name]
 
 
 def test_work_files_get_the_permissions_of_a_plain_open(tmp_path):

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from nnunet_logonet.demo import report
 from nnunet_logonet.demo.settings import DEVICES, PRESETS, DemoError, DemoSettings, make_settings
-from nnunet_logonet.demo.stages import DemoContext, Stage, build_stages
+from nnunet_logonet.demo.stages import PREDICTIONS, DemoContext, Stage, build_stages
 from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
 from nnunet_logonet.machine import cpu_description
+from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "main",
            "remove_previous", "run_demo"]
@@ -100,22 +101,39 @@ def demo_folders(settings: DemoSettings, env: dict[str, str]) -> list[tuple[str,
 
 
 def _made_by_earlier_demo(folder: Path, base: Path, settings: DemoSettings, env: dict[str, str]) -> bool:
-    """An unmarked folder from a demo run before the markers (or one killed before it could mark):
-    accepted only inside --base (nnUNet_* not set by the user, so the demo chose these folders) and
-    when ``<base>/demo_state.json`` records that the demo's phantom stage wrote the raw dataset there."""
+    """An unmarked folder from a demo run killed before it could mark it, or from before the markers.
+
+    Accepted when ``<base>/demo_state.json`` records that a stage of the demo was creating exactly this
+    folder (``creates``, recorded while it did not exist yet) or, inside --base only (nnUNet_* not set
+    by the user, so the demo chose these folders), that the phantom stage wrote the raw dataset there."""
+    try:
+        stages = json.loads((base / STATE_FILE).read_text())["stages"]
+        creating = {Path(r["creates"]).resolve() for r in stages.values()
+                    if isinstance(r, dict) and isinstance(r.get("creates"), str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    if folder.resolve() in creating:
+        return True
     if not folder.resolve().is_relative_to(base.resolve()):
         return False
-    try:
-        written = json.loads((base / STATE_FILE).read_text())["stages"]["phantom"]["folder"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    written = stages.get("phantom", {}).get("folder") if isinstance(stages.get("phantom"), dict) else None
     raw = (Path(env["nnUNet_raw"]) / settings.dataset).resolve()
     return isinstance(written, str) and Path(written).resolve() == raw
 
 
 def check_own_folders(base: Path, settings: DemoSettings, env: dict[str, str]) -> None:
     """A folder with the demo's dataset name that the demo did not make is someone's own dataset: the
-    demo's stages would write into it (and reuse its trainings) and --fresh would delete it."""
+    demo's stages would write into it (and reuse its trainings) and --fresh would delete it. The same
+    for ``<base>/predictions``, which the demo's prediction stages and --fresh replace."""
+    predictions = base / PREDICTIONS
+    if predictions.exists() and not is_marked(predictions):
+        if predictions.is_dir() and _predicted_by_earlier_demo(base):
+            mark(predictions)
+        else:
+            raise DemoError(
+                f"{predictions} exists but was not made by logonet_demo (it has no {MARKER} file); the demo "
+                f"replaces its predictions there, and --fresh would delete it. Move it away or choose another "
+                f"--base. If an earlier logonet_demo made it, `touch {predictions / MARKER}` lets the demo use it.")
     for variable, folder in demo_folders(settings, env):
         if not folder.exists() or is_marked(folder):
             continue
@@ -129,12 +147,23 @@ def check_own_folders(base: Path, settings: DemoSettings, env: dict[str, str]) -
             f"`touch {folder / MARKER}` lets the demo use (and --fresh delete) it.")
 
 
+def _predicted_by_earlier_demo(base: Path) -> bool:
+    """``<base>/predictions`` from a demo run before its marker: the state records a prediction stage."""
+    try:
+        stages = json.loads((base / STATE_FILE).read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(stages, dict) and any(name.startswith("predict_") for name in stages)
+
+
 def remove_previous(base: Path, settings: DemoSettings, env: dict[str, str]) -> None:
-    """--fresh: delete this demo's datasets (only folders holding its marker), predictions and stage record."""
+    """--fresh: delete this demo's datasets and predictions (only folders holding its marker) and its
+    stage record."""
     for _, folder in demo_folders(settings, env):
         if is_marked(folder):
             shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(base / "predictions", ignore_errors=True)
+    if is_marked(base / PREDICTIONS):
+        shutil.rmtree(base / PREDICTIONS, ignore_errors=True)
     (base / STATE_FILE).unlink(missing_ok=True)
 
 
@@ -174,7 +203,8 @@ def run_stages(ctx: DemoContext, stages: list[Stage]) -> dict[str, bool]:
         for stage in bar:
             bar.set_postfix_str(stage.name)
             record = ctx.state.finished(stage.name)
-            stale = any(need in ran for need in stage.needs)
+            # a stage it needs was redone in this run, or in an earlier one that stopped before this stage
+            stale = any(need in ran for need in stage.needs) or bool(ctx.state.redone_since(stage.name, stage.needs))
             if record and record.get("status") == "done" and not stale \
                     and all(p.exists() for p in stage.outputs(ctx)):
                 reused[stage.name] = True
@@ -223,6 +253,13 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
     for flag, folder in (("--base", base), ("--out", out)):
         if folder.exists() and not folder.is_dir():
             raise DemoError(f"{flag} {folder} is a file, not a folder.")
+        try:  # before any stage runs, not after the first ones
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DemoError(f"{flag} {folder}: cannot create it ({error.strerror or error}); choose a folder "
+                            f"you can write to.") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DemoError(f"{flag} {folder} is not writable; choose a folder you can write to.")
     env = demo_environment(base, settings, environ)
     check_dataset_ids(settings, env)
     check_own_folders(base, settings, env)
@@ -235,6 +272,7 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
     for variable, folder in demo_folders(settings, env):
         if variable != "nnUNet_raw":  # marked before nnU-Net's commands make them; the raw datasets'
             mark(folder)  # writers refuse an existing folder, so run_phantom and run_ssl_dataset mark those
+    mark(base / PREDICTIONS)
     ctx = DemoContext(settings=settings, base=base, out=out, env=env, state=state)
     stages = build_stages(settings)
     print(f"logonet_demo: {'quick' if settings.quick else 'full'} run on {settings.device}, LoGoNet-{settings.preset}, "
@@ -270,6 +308,8 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # the console script: `kill` and `timeout` stop the running nnU-Net command too
+        exit_cleanly_on_sigterm()
     try:
         import torch
 

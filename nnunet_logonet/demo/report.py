@@ -72,6 +72,7 @@ def assemble_models(settings: Mapping, models: Sequence, stages: Mapping[str, Ma
             "peak_memory_mb": peak, "peak_memory_source": peak_source,
             "validation_dice_fold0": train.get("validation_dice"),
             "train_wall_s": train.get("wall_s"), "train_cpu_s": train.get("cpu_s"),
+            "train_resumed": bool(train.get("resumed")),
         }
     return out
 
@@ -126,6 +127,7 @@ def table_notes(results: Mapping) -> list[str]:
         f"(first epoch left out: it starts the data-augmentation workers; includes the epoch's "
         f"validation iterations).",
         f"peak mem: {peak}.",
+        *_resumed_note(results),
         *_ssl_note(results),
         _device_note(settings, results.get("machine", {})),
     ]
@@ -145,6 +147,15 @@ def ranking_lines(results: Mapping) -> list[str]:
     lines += [f"{i}. {labels.get(key, key)}: {value:.3f}{' (best)' if key == rank.get('best') else ''}"
               for i, (key, value) in enumerate(ordered, 1)]
     return lines
+
+
+def _resumed_note(results: Mapping) -> list[str]:
+    resumed = [m["label"] for m in results["models"].values() if m.get("train_resumed")]
+    if not resumed:
+        return []
+    return [f"Resumed with --c after an interruption: {', '.join(resumed)}. Peak memory and the training's wall "
+            f"and CPU time are those of the last nnUNetv2_train process only; s/train iter comes from every "
+            f"process's training log."]
 
 
 def _ssl_note(results: Mapping) -> list[str]:

@@ -81,7 +81,7 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
         reader.start()
         try:
             _, status, usage = os.wait4(process.pid, 0)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through exit_cleanly_on_sigterm
             process.terminate()
             process.wait()
             with lock:

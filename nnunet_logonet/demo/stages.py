@@ -25,10 +25,12 @@ from nnunet_logonet.demo.runner import run_command
 from nnunet_logonet.demo.settings import DATASET_NAME, FOLD, SSL_DATASET_NAME, DemoError, DemoSettings, ModelRun
 from nnunet_logonet.demo.state import MARKER, DemoState, is_marked, mark
 
-__all__ = ["DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds", "seconds_per_case",
+__all__ = ["PREDICTIONS", "DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds", "seconds_per_case",
            "seconds_per_iteration"]
 
 CONFIGURATION = "3d_fullres"
+#: ``<base>/predictions``: the test-set predictions of every model, one folder each
+PREDICTIONS = "predictions"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
 SSL_ACCURACY = re.compile(r"pseudo-label accuracy: train ([0-9.na]+), val ([0-9.na]+) \(chance ([0-9.]+)\)")
@@ -70,7 +72,7 @@ class DemoContext:
         return self.out / "logs" / f"{stage}.log"
 
     def predictions(self, model: ModelRun) -> Path:
-        return self.base / "predictions" / model.key
+        return self.base / PREDICTIONS / model.key
 
     def plans_file(self, plans: str, dataset: str | None = None) -> Path:
         return self.preprocessed / (dataset or self.settings.dataset) / f"{plans}.json"
@@ -98,9 +100,10 @@ def epoch_seconds(folder: Path) -> list[list[float]]:
 
 
 def seconds_per_iteration(runs: list[list[float]], iterations: int) -> float | None:
-    """Median epoch time / iterations per epoch, leaving out each run's first epoch when there are
-    others (it also pays for starting nnU-Net's data-augmentation workers)."""
-    steady = [t for times in runs for t in (times[1:] if len(times) > 1 else times)]
+    """Median epoch time / iterations per epoch, leaving out each run's first epoch (it also pays for
+    starting nnU-Net's data-augmentation workers; a run killed after one epoch logged only that), unless
+    no run logged more than one."""
+    steady = [t for times in runs for t in times[1:]] or [t for times in runs for t in times]
     return statistics.median(steady) / iterations if steady else None
 
 
@@ -136,6 +139,12 @@ def _test_cases(ctx: DemoContext) -> list[str]:
     return sorted(p.name[: -len("_0000.nii.gz")] for p in (ctx.raw_dataset / "imagesTs").glob("*_0000.nii.gz"))
 
 
+def _creating(ctx: DemoContext, stage: str, folder: Path) -> None:
+    """Record that ``stage`` is making ``folder`` (absent until now), before it does: a run killed
+    before it could leave its marker there may still use it (cli.check_own_folders)."""
+    ctx.state.record(stage, status="started", creates=str(folder))
+
+
 # ---------------------------------------------------------------------------------- stages
 def _phantom_json_matches(folder: Path, s: DemoSettings) -> bool:
     try:
@@ -155,8 +164,11 @@ def run_phantom(ctx: DemoContext) -> dict:
         if _phantom_json_matches(ctx.raw_dataset, s):
             return {"reused_existing": str(ctx.raw_dataset)}
         raise DemoError(f"{ctx.raw_dataset} exists but was not made with these settings (seed {s.seed}, size "
-                        f"{s.size}, {s.num_train}/{s.num_test}/{s.num_unlabeled} cases). Re-run with --fresh to "
-                        f"replace it, or choose another --dataset-id.")
+                        f"{s.size}, {s.num_train}/{s.num_test}/{s.num_unlabeled} cases). Choose another "
+                        f"--dataset-id to keep it, or re-run with --fresh to replace it (--fresh deletes this "
+                        f"demo's datasets in nnUNet_raw, nnUNet_preprocessed and nnUNet_results, also those "
+                        f"another --base made there).")
+    _creating(ctx, "phantom", ctx.raw_dataset)
     folder = write_dataset(ctx.raw, s.dataset_id, name=DATASET_NAME, num_train=s.num_train, num_test=s.num_test,
                            num_unlabeled=s.num_unlabeled, seed=s.seed, size=s.size)
     mark(folder)
@@ -191,6 +203,8 @@ def run_ssl_dataset(ctx: DemoContext) -> dict:
     s = ctx.settings
     log = ctx.log("ssl_dataset")
     log.unlink(missing_ok=True)
+    if not (ctx.raw / s.ssl_dataset).exists():
+        _creating(ctx, "ssl_dataset", ctx.raw / s.ssl_dataset)
     try:
         info = prepare_pretraining_dataset(s.dataset_id, s.ssl_dataset_id, s.plans, name=SSL_DATASET_NAME,
                                            num_processes=ctx.n_proc, env=_planning_env(ctx), log=log)

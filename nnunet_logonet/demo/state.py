@@ -46,7 +46,9 @@ class DemoState:
             changes = "; ".join(settings.differences(recorded)) or "the demo's code or version"
             raise DemoError(
                 f"--base {base} holds a demo made with other settings ({changes}). Re-run with --fresh to "
-                f"redo every stage there, or pass another --base to keep both.")
+                f"redo every stage there, or pass another --base to keep both (with nnUNet_raw, "
+                f"nnUNet_preprocessed and nnUNet_results set, the datasets are shared between bases: also "
+                f"choose another --dataset-id).")
         return cls(path, settings, stages)
 
     def finished(self, stage: str) -> dict | None:
@@ -54,10 +56,18 @@ class DemoState:
         return record if record and record.get("digest") == self.settings.digest() else None
 
     def record(self, stage: str, **info) -> dict:
-        self.stages[stage] = {**info, "digest": self.settings.digest(),
+        """Record ``stage``'s status and figures; each record gets the next sequence number, so that a
+        stage recorded after one that needs it makes that one stale, also across interrupted runs."""
+        sequence = 1 + max((r.get("sequence", 0) for r in self.stages.values()), default=0)
+        self.stages[stage] = {**info, "digest": self.settings.digest(), "sequence": sequence,
                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.save()
         return self.stages[stage]
+
+    def redone_since(self, stage: str, needs: tuple[str, ...]) -> list[str]:
+        """The stages among ``needs`` recorded (started or finished) after ``stage``'s own record."""
+        own = self.stages.get(stage, {}).get("sequence", 0)
+        return [need for need in needs if self.stages.get(need, {}).get("sequence", 0) > own]
 
     def forget(self, stage: str) -> None:
         if self.stages.pop(stage, None) is not None:

@@ -19,8 +19,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.training.checkpoints import AtomicCheckpoints
 from nnunet_logonet.training.recipes import configure_recipe
-from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 
 PLANNER_FOR = {"LoGoNet": "LoGoNetPlanner (or LoGoNetTinyPlanner on CPU, LoGoNetLPlanner for L)",
                "ULKANet": "ULKANetPlanner"}
@@ -77,7 +77,7 @@ def check_plans_configuration(plans_manager: PlansManager, configuration: str, t
                              f"{', '.join(available) or 'none'}). {fix}\n{use}")
 
 
-class LoGoNetTrainer(nnUNetTrainer):
+class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
     """Trains LoGoNet in nnU-Net's pipeline (augmentation, folds, validation, export unchanged)."""
 
     network_class: type = LoGoNet
@@ -162,13 +162,6 @@ class LoGoNetTrainer(nnUNetTrainer):
                                    "stitching; not verified on this torch build). Set nnUNet_compile=t to use it.")
         return False
 
-    def save_checkpoint(self, filename: str) -> None:
-        """Write to a temporary name and rename, so an interrupted save never leaves a broken file."""
-        remove_stale_pid_temporaries(filename)  # a save killed before its rename left one
-        tmp = f"{filename}.tmp{os.getpid()}"
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
 
 
 class LoGoNetTrainer_paperRecipe(LoGoNetTrainer):
