@@ -501,3 +501,21 @@ def test_archive_gets_the_usual_permissions_and_a_killed_runs_part_file_is_remov
         os.umask(umask)
     assert sorted(p.name for p in out.iterdir()) == sorted(["s.zip", live.name])
     assert (out / "s.zip").stat().st_mode & 0o777 == 0o644
+
+
+def test_names_match_only_where_one_test_case_fits():
+    """A prediction is given to a test case by its MSD name, the nnU-Net channel-0 name, or the same case
+    number with other zero padding only where that number is one case's; anything else is left unmatched,
+    never guessed (another channel's image, a number two cases share)."""
+    from nnunet_logonet.msd.naming import match_predictions
+
+    expected = ["spleen_1.nii.gz", "spleen_2.nii.gz", "liver_7.nii.gz", "liver_07.nii.gz"]
+    files = [Path(n) for n in ("spleen_1.nii.gz", "spleen_2_0000.nii.gz", "spleen_1_0001.nii.gz",
+                               "liver_007.nii.gz", "spleen_9.nii.gz")]
+    found = match_predictions(expected, files)
+    assert found.files == {"spleen_1.nii.gz": Path("spleen_1.nii.gz"), "spleen_2.nii.gz": Path("spleen_2_0000.nii.gz")}
+    assert found.conventions == {"spleen_1.nii.gz": "msd", "spleen_2.nii.gz": "nnunet_channel"}
+    assert sorted(p.name for p in found.unexpected) == ["liver_007.nii.gz", "spleen_1_0001.nii.gz", "spleen_9.nii.gz"]
+    renumbered = match_predictions(["spleen_1.nii.gz", "spleen_12.nii.gz"], [Path("spleen_001.nii.gz")])
+    assert renumbered.files == {"spleen_1.nii.gz": Path("spleen_001.nii.gz")}
+    assert renumbered.conventions == {"spleen_1.nii.gz": "renumbered"}

@@ -522,3 +522,20 @@ def test_presets_are_json_ready_and_complete():
         kwargs = arch_kwargs_for_preset(name)
         assert json.loads(json.dumps(kwargs)) == kwargs
         assert len(kwargs["decoder_channels"]) == len(kwargs["dims"]) + 2
+
+
+def test_lka_sees_the_papers_23_voxel_field():
+    """LKA's 5^3 depthwise then 7^3 depthwise with dilation 3 see 5 + 6 * 3 = 23 voxels per axis (the
+    paper's decomposition of a 21^3-class kernel); parameter and MAC counts cannot tell a dilation of 2
+    (17 voxels) from it. Measured: the input voxels that one output voxel's gradient reaches."""
+    from nnunet_logonet.network.lka import LKA3d
+
+    torch.manual_seed(0)
+    lka = LKA3d(2).double()
+    x = torch.randn(1, 2, 31, 31, 31, dtype=torch.float64, requires_grad=True)
+    lka(x)[0, 0, 15, 15, 15].backward()
+    reached = x.grad.abs().sum(dim=(0, 1)) > 0
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        along = reached.any(dim=other).nonzero().flatten()
+        assert along.tolist() == list(range(15 - 11, 15 + 12)), axis

@@ -127,3 +127,14 @@ def test_the_chart_command_in_the_benchmarks_readme_names_records_that_exist(cap
     assert len(records) >= 10 and all((RECORDS / r).is_file() for r in records)
     assert ratio_chart.main([str(RECORDS / r) for r in records]) == 0  # the table, without redrawing ratios.png
     assert len(_table_rows(capsys.readouterr().out)) >= len(records)
+
+
+def test_a_record_without_stored_ratios_gets_them_as_the_models_time_over_the_references():
+    """Older records keep only the seconds; a ratio computed the wrong way round turns 'slower than nnU-Net'
+    into 'faster'."""
+    record = json.loads(_benchmark_records()[0].read_text())
+    keys = sorted(CHARTED)
+    record["models"] = {"nnunet": {"figures": {key: 2.0 for key in keys}},
+                        "logonet_s": {"figures": {key: 3.0 for key in keys}}}
+    run = ratio_chart.run_ratios(record, Path("old.json"))
+    assert run.ratios == {"logonet_s": {key: pytest.approx(1.5) for key in keys}}

@@ -41,3 +41,44 @@ def test_cpu_optimizer_is_fused_and_steps_like_the_default(recipe, reference):
     resumed, _ = build_optimizer_and_scheduler(_trainer(recipe, copy.deepcopy(net)))
     resumed.load_state_dict(optimizer.state_dict())
     assert resumed.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("recipe, lr, weight_decay, deep_supervision", [
+    ("nnunet", 1e-2, 3e-5, True),  # nnU-Net's defaults (nnUNetTrainer)
+    ("paper", 1e-4, 1e-5, False),  # the paper's fine-tuning (docs/training_recipe.md)
+])
+def test_recipes_set_their_documented_constants(recipe, lr, weight_decay, deep_supervision):
+    trainer = _trainer(recipe, nn.Linear(2, 2))
+    assert (trainer.initial_lr, trainer.weight_decay, trainer.enable_deep_supervision) == \
+        (lr, weight_decay, deep_supervision)
+    optimizer, _ = build_optimizer_and_scheduler(trainer)
+    group = optimizer.param_groups[0]
+    if recipe == "nnunet":
+        assert isinstance(optimizer, torch.optim.SGD) and (group["momentum"], group["nesterov"]) == (0.99, True)
+    else:
+        assert isinstance(optimizer, torch.optim.AdamW) and group["betas"] == (0.9, 0.999)
+    assert group["weight_decay"] == weight_decay
+
+
+def test_learning_rate_schedules_per_epoch():
+    """nnU-Net's poly (1 - epoch/max)^0.9; the paper's linear warm-up over 5 % of the epochs, then cosine to 0."""
+    import math
+
+    def rates(recipe):
+        trainer = _trainer(recipe, nn.Linear(2, 2))
+        trainer.num_epochs = 100
+        optimizer, scheduler = build_optimizer_and_scheduler(trainer)
+        out = []
+        for epoch in range(100):  # as nnUNetTrainer.on_train_epoch_start
+            scheduler.step(epoch)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    poly = rates("nnunet")
+    for epoch in (0, 50, 99):
+        assert poly[epoch] == pytest.approx(1e-2 * (1 - epoch / 100) ** 0.9)
+    paper = rates("paper")
+    assert paper[:5] == pytest.approx([1e-4 * (e + 1) / 6 for e in range(5)])  # 5 warm-up epochs, rising
+    for epoch in (5, 30, 52, 99):
+        assert paper[epoch] == pytest.approx(0.5 * 1e-4 * (1 + math.cos(math.pi * (epoch - 5) / 95)))
+    assert paper[5] == max(paper) == pytest.approx(1e-4) and paper[99] < 1e-7

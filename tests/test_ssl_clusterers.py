@@ -68,6 +68,23 @@ def test_backends_recover_separated_clusters(backend):
         assert adjusted_rand_score(truth, bank.predict(data)[:, i].numpy()) > 0.95
 
 
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_centroids_are_cluster_means_not_seeds(backend):
+    """k-means moves its k-means++ seeds (data points, ~sqrt(24) = 4.9 from their cluster's mean here) to the
+    cluster means (~1 away with 30 points per cluster); the separation test above passes with the seeds too."""
+    data, truth = blobs(centers=5)
+    means = np.stack([data[truth == c].mean(0) for c in range(5)])
+    bank = SliceClusterBank(num_clusterers=2, k_range=(5, 5), sample_fraction=0.5, seed=0, backend=backend,
+                            max_iter=50).fit(data)
+    distances = np.linalg.norm(bank.centroids.numpy()[:, None, :] - means[None], axis=-1).min(1)
+    assert distances.max() < 2.0, distances
+
+
+def test_ks_reach_both_ends_of_their_range():
+    bank = SliceClusterBank(num_clusterers=200, k_range=(3, 5), seed=0)
+    assert set(bank.ks) == {3, 4, 5}
+
+
 def test_fewer_slices_than_k_reduces_k_with_a_warning():
     data, _ = blobs(n=10)
     bank = SliceClusterBank(num_clusterers=3, k_range=(12, 20), seed=0)

@@ -668,3 +668,31 @@ def test_pipeline_redoes_a_fingerprint_and_plans_that_an_interrupted_run_cut_sho
     (target / f"{PLANS}.json").write_text('{"configurations": {"3d_f')
     messages = run_until("nnUNetv2_move_plans_between_datasets")
     assert any(f"{PLANS}.json is not valid JSON" in m and "moving the plans again" in m for m in messages)
+
+
+def test_pseudo_labels_come_from_the_unmasked_batch_and_the_network_sees_the_masked_one():
+    """The pretext task: predict, for each masked slice, the cluster of the clean slice. Labels taken from the
+    masked batch give every zeroed slice the same cluster, and the task becomes spotting the mask (the
+    learning test still passes then: above-chance accuracy is easy either way)."""
+    from types import SimpleNamespace
+
+    from nnunet_logonet.ssl.masking import SliceSequenceMasker
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+
+    torch.manual_seed(0)
+    batch, slices, ks = 2, 12, (3, 4)
+    data = torch.randn(batch, 1, slices, 16, 16) + 5  # no voxel is 0 before masking
+    seen = {}
+    trainer = object.__new__(LoGoNetSSLTrainer)
+    trainer.device, trainer.ssl_tau = torch.device("cpu"), 0.1
+    trainer.masker = SliceSequenceMasker(phi1=0.3, phi2=1.0, slice_axis=2)
+    trainer._labels = lambda x: (seen.setdefault("labelled", x.clone()),
+                                 torch.zeros(batch, slices, len(ks), dtype=torch.long))[1]
+    trainer.network = lambda x: seen.setdefault("network", x.clone())
+    trainer._tap = SimpleNamespace(pop=lambda: None)
+    trainer._head_call = lambda features: torch.randn(batch, slices, sum(ks), requires_grad=True)
+    trainer.ssl_head = SimpleNamespace(ks=ks)
+    loss, _ = trainer.pretext_loss(data)
+    assert torch.equal(seen["labelled"], data)
+    assert (seen["network"] == 0).any() and not (data == 0).any()
+    assert torch.isfinite(loss)

@@ -22,7 +22,8 @@ def _plans(**configurations: list[int]) -> dict:
     arch = {"network_class_name": "nnunet_logonet.network.logonet.LoGoNet", "arch_kwargs": {},
             "_kw_requires_import": []}
     return {"dataset_name": DATASET, "plans_name": "LoGoNetTinyPlans",
-            "configurations": {name: {"patch_size": patch, "architecture": arch}
+            "configurations": {name: {"patch_size": patch, "architecture": arch,
+                                      "data_identifier": f"LoGoNetTinyPlans_{name}"}
                                for name, patch in configurations.items()}}
 
 
