@@ -64,7 +64,8 @@ CPU_GENERATIONS = {
 }
 #: the generations above that have AVX-512; a virtual machine may hide it (an AMD EPYC Zen 4 without
 #: ``avx512f`` in /proc/cpuinfo ran PyTorch's and oneDNN's AVX2 kernels, 2026-12-06), and its record says so
-AVX512_GENERATIONS = frozenset({"Xeon Skylake-SP", "Xeon Cascade Lake", "Xeon Ice Lake", "Xeon Sapphire Rapids",
+AVX512_GENERATIONS = frozenset({"Xeon Skylake-SP", "Xeon Cascade Lake", "Xeon Cooper Lake", "Xeon Ice Lake",
+                                "Xeon Sapphire Rapids",
                                 "Xeon Emerald Rapids", "AMD EPYC Zen 4"})
 
 
@@ -88,8 +89,12 @@ def this_cpu() -> str:
 
 
 def cpu_line() -> str:
-    """The study commands' first line: CPU: <this_cpu()> (<PyTorch's instruction set>), <N> threads."""
-    return f"CPU: {this_cpu()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+    """The study commands' first line: CPU: <this_cpu()> (<PyTorch's instruction set>), <N> threads; the
+    instruction set only where ``this_cpu`` does not already end with it (a CPU not in the table)."""
+    kind, capability = this_cpu(), torch.backends.cpu.get_cpu_capability()
+    shown = capability.replace("AVX512", "AVX-512")
+    isa = "" if kind.endswith(f", {shown}") else f" ({capability})"
+    return f"CPU: {kind}{isa}, {torch.get_num_threads()} threads"
 
 
 def _cpu_name(record: Mapping[str, Any]) -> str:
@@ -99,7 +104,9 @@ def _cpu_name(record: Mapping[str, Any]) -> str:
     for (word, fam, num), generation in CPU_GENERATIONS.items():
         if word in name and (str(family), str(number)) == (fam, num):
             extensions = record.get("cpu_isa_extensions")
-            if generation == "Xeon Skylake-SP" and "avx512_vnni" in (extensions or ()):
+            if generation == "Xeon Skylake-SP" and "avx512_bf16" in (extensions or ()):
+                generation = "Xeon Cooper Lake"  # Cascade Lake's successor on the same model number
+            elif generation == "Xeon Skylake-SP" and "avx512_vnni" in (extensions or ()):
                 generation = "Xeon Cascade Lake"
             if generation in AVX512_GENERATIONS and extensions is not None and "avx512f" not in extensions:
                 generation += " without AVX-512"  # hidden by the hypervisor: the AVX2 kernels run

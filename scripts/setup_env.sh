@@ -8,9 +8,20 @@ python="${PYTHON:-python3}"
 stamp="$venv/.logonet-install-stamp"
 want="$(cat "$repo/setup.cfg" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
+# one set-up at a time: the two README commands started together on a fresh clone both ran pip
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
+  echo "[setup] another set-up of $venv is running; waiting for it to finish"
+  flock 9
+fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtual environment $venv"
   "$python" -m venv "$venv"
+elif ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  # a set-up interrupted while `python -m venv` installed pip leaves a venv without it
+  echo "[setup] $venv has no pip (an interrupted set-up?); repairing it"
+  "$venv/bin/python" -m ensurepip --upgrade >/dev/null 2>&1 || "$python" -m venv --clear "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "import nnunet_logonet, nnunetv2" 2>/dev/null; then
   echo "[setup] installing nnunet-logonet and its dependencies (first time: a few minutes)"
@@ -20,6 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "impo
 else
   echo "[setup] reusing $venv"
 fi
+exec 9>&-
 export PATH="$venv/bin:$PATH"
 # Settings for nnU-Net on small CPU machines (nnU-Net's own variables).
 export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"

@@ -72,6 +72,8 @@ def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):
       "cpu_isa_extensions": ["avx512_vnni", "avx512f"]}, "Xeon Cascade Lake"),
     ({"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_family": "6", "cpu_model_number": "85",
       "cpu_isa_extensions": ["avx512f"]}, "Xeon Skylake-SP"),
+    ({"cpu_model": "Intel(R) Xeon(R) Platinum 8380HL CPU @ 2.90GHz", "cpu_family": "6", "cpu_model_number": "85",
+      "cpu_isa_extensions": ["avx512_bf16", "avx512_vnni", "avx512f"]}, "Xeon Cooper Lake"),
     ({"cpu_model": "Intel(R) Core(TM) i7-1185G7 @ 3.00GHz", "cpu_family": "6", "cpu_model_number": "140",
       "torch_cpu_capability": "AVX512"}, "Intel Core i7-1185G7 (family 6 model 140), AVX-512"),
     ({"cpu_model": "Intel(R) Xeon(R) Processor"}, "Intel Xeon"),  # a record from before the family was kept
@@ -79,3 +81,16 @@ def test_cpu_description_without_cpuinfo_falls_back_to_platform(tmp_path):
 ])
 def test_cpu_kind_names_the_generation_where_the_record_allows(record, kind):
     assert cpu_kind(record) == kind
+
+
+def test_cpu_line_names_the_instruction_set_once(monkeypatch):
+    from nnunet_logonet import machine
+
+    monkeypatch.setattr(machine, "cpu_description", lambda: {
+        "cpu_model": "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz", "cpu_family": "6", "cpu_model_number": "158",
+        "torch_cpu_capability": "AVX2"})
+    monkeypatch.setattr(machine.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert machine.cpu_line().startswith("CPU: Intel Core i7-8700 CPU (family 6 model 158), AVX2, ")
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"cpu_model": "AMD EPYC", "cpu_family": "25",
+                                                             "cpu_model_number": "1"})
+    assert machine.cpu_line().startswith("CPU: AMD EPYC Zen 3 (AVX2), ")

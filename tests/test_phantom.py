@@ -224,6 +224,34 @@ def test_cli_rejects_id_used_by_another_dataset(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset901_Other"]
 
 
+def test_cli_rejects_id_used_in_nnunets_other_folders(tmp_path, monkeypatch, capsys):
+    """nnU-Net finds a dataset id in nnUNet_raw, _preprocessed and _results, and stops ('More than one dataset
+    name found') where two names share it."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    (tmp_path / "results" / "Dataset903_Other").mkdir(parents=True)
+    (tmp_path / "pre" / "Dataset903_Phantom").mkdir(parents=True)  # the same name: the phantom's own, fine
+    with pytest.raises(SystemExit):
+        main(["-d", "903", "-o", str(tmp_path / "raw"), "-q"])
+    error = capsys.readouterr().err
+    assert "Dataset903_Other" in error and "nnUNet_results" in error and "Choose another id" in error
+    assert not (tmp_path / "raw").exists()
+
+
+def test_overwrite_of_a_planned_dataset_says_to_plan_again_with_clean(tmp_path, monkeypatch, capsys):
+    """nnU-Net reuses an existing fingerprint unless --clean: planned as the next command said, the new data
+    got the old data's plans."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    args = ["-d", "904", "--num-train", "1", "--num-test", "0", "--num-unlabeled", "0", "--size", "32",
+            "-o", str(tmp_path / "raw"), "-q"]
+    main(args)
+    assert "--clean" not in capsys.readouterr().err
+    (tmp_path / "pre" / "Dataset904_Phantom").mkdir(parents=True)
+    main([*args, "--overwrite"])
+    error = capsys.readouterr().err
+    assert "plan again with --clean" in error and error.rstrip().endswith("--verify_dataset_integrity --clean")
+
+
 def test_cli_needs_output_folder(monkeypatch, capsys):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     with pytest.raises(SystemExit):

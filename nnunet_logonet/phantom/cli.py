@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from nnunet_logonet.phantom.anatomy import MAX_SIZE, MIN_SIZE
-from nnunet_logonet.phantom.writer import FORMATS, PhantomArgumentError, write_dataset
+from nnunet_logonet.phantom.writer import FORMATS, PhantomArgumentError, dataset_folder_name, write_dataset
 from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
 
 # write_dataset's parameter -> the flag that sets it
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     flags = {**_FLAGS, "root": "-o/--output" if args.output else f"$nnUNet_raw={output}"}
     if Path(output).exists() and not Path(output).is_dir():
         parser.error(f"argument {flags['root']}: {output} is not a folder")
+    if args.fmt == "nnunet":
+        _check_id_unused_in_nnunet_folders(parser, args.dataset_id, dataset_folder_name(args.dataset_id, args.name,
+                                                                                       args.fmt))
     if argv is None:  # the console script, not a call from Python
         exit_cleanly_on_sigterm()
     try:
@@ -76,9 +79,26 @@ def main(argv: list[str] | None = None) -> None:
     print(folder)
     if args.fmt == "nnunet":
         hint = f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity"
+        preprocessed = Path(os.environ.get("nnUNet_preprocessed") or "/nonexistent") / folder.name
+        if args.overwrite and preprocessed.is_dir():  # nnU-Net reuses an existing fingerprint unless --clean
+            print(f"note: {preprocessed} was made from the dataset just replaced; plan again with --clean "
+                  f"(its fingerprint would be reused otherwise)", file=sys.stderr)
+            hint += " --clean"
     else:
         hint = f"nnUNetv2_convert_MSD_dataset -i {folder}"
     print(f"next: {hint}", file=sys.stderr)
+
+
+def _check_id_unused_in_nnunet_folders(parser: argparse.ArgumentParser, dataset_id: int, folder_name: str) -> None:
+    """nnU-Net finds a dataset by its id in all three folders and stops on two names for one id."""
+    prefix = f"Dataset{dataset_id:03d}_"
+    for variable in ("nnUNet_preprocessed", "nnUNet_results"):
+        root = Path(os.environ.get(variable) or "/nonexistent")
+        taken = sorted(p.name for p in root.iterdir() if p.name.startswith(prefix) and p.name != folder_name) \
+            if root.is_dir() else []
+        if taken:
+            parser.error(f"argument -d/--dataset-id: {dataset_id} is already used by {', '.join(taken)} in "
+                         f"{variable}={root}; nnU-Net would find two datasets of that id. Choose another id.")
 
 
 if __name__ == "__main__":
