@@ -271,23 +271,22 @@ def test_files_an_interrupted_run_cut_short_are_made_again(nnunet_dirs, capsys):
     from nnunet_logonet.planning.cli import main
 
     raw = write_dataset(nnunet_dirs / "raw", 812, num_train=2, num_test=0, num_unlabeled=0, size=32, progress=False)
-    argv = ["-d", "812", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]
-    assert main(argv) == 0
     pre = nnunet_dirs / "preprocessed" / raw.name
     fingerprint, plans = pre / "dataset_fingerprint.json", pre / "LoGoNetTinyPlans.json"
     label = sorted((raw / "labelsTr").iterdir())[1]
     copy = pre / "gt_segmentations" / label.name
-    assert copy.read_bytes() == label.read_bytes()
-    for path in (fingerprint, plans, copy):  # as a kill while each was written leaves it
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    capsys.readouterr()
-    assert main(argv) == 0
+    copy.parent.mkdir(parents=True)
+    # what a run killed while writing each leaves (all three written after the raw data)
+    fingerprint.write_text('{"spacings": [[1.0, 1.0')
+    plans.write_text('{"dataset_name": "Dataset812_Phantom", "configurations": {"3d_f')
+    copy.write_bytes(label.read_bytes()[: label.stat().st_size // 2])
+    assert main(["-d", "812", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]) == 0
     out = capsys.readouterr().out
     assert f"{fingerprint} is not valid JSON" in out and "extracting it again" in out
     assert f"{plans} is not valid JSON" in out and "kept as LoGoNetTinyPlans.json.unreadable" in out
     assert "copied 1 label(s) again" in out and label.name.replace(".nii.gz", "") in out
     assert json.loads(fingerprint.read_text())["spacings"] and json.loads(plans.read_text())["configurations"]
-    assert copy.read_bytes() == label.read_bytes()
+    assert all((pre / "gt_segmentations" / f.name).read_bytes() == f.read_bytes() for f in (raw / "labelsTr").iterdir())
     assert (pre / "LoGoNetTinyPlans.json.unreadable").is_file()
     assert [p.name for p in (pre / "gt_segmentations").iterdir() if p.name.startswith(".")] == []
 
