@@ -389,16 +389,21 @@ def test_train_never_deletes_a_training_the_demo_did_not_make(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------ stage reuse
+def _recording_stage(folder: Path, calls: list, name: str, needs: tuple[str, ...] = ()) -> Stage:
+    """A stage that records (name, resuming) in ``calls`` and writes its output file into ``folder``."""
+    def run(ctx):
+        calls.append((name, ctx.resuming))
+        (folder / name).write_text("done")
+        return {"value": name}
+    return Stage(name, name, run, lambda ctx: [folder / name], needs)
+
+
 def test_finished_stages_are_reused_and_a_rerun_stage_makes_dependants_rerun(tmp_path):
     settings = make_settings(quick=True)
     calls = []
 
     def make(name, needs=()):
-        def run(ctx):
-            calls.append((name, ctx.resuming))
-            (tmp_path / name).write_text("done")
-            return {"value": name}
-        return Stage(name, name, run, lambda ctx: [tmp_path / name], needs)
+        return _recording_stage(tmp_path, calls, name, needs)
 
     stages = [make("a"), make("b", ("a",)), make("c")]
 
@@ -424,15 +429,7 @@ def test_a_stage_redone_in_an_interrupted_run_still_makes_its_dependants_stale(t
     interrupted before a was redone must start over, not continue (``--c`` on a checkpoint of old inputs)."""
     settings = make_settings(quick=True)
     calls = []
-
-    def make(name, needs=()):
-        def run(ctx):
-            calls.append((name, ctx.resuming))
-            (tmp_path / name).write_text("done")
-            return {}
-        return Stage(name, name, run, lambda ctx: [tmp_path / name], needs)
-
-    stages = [make("a"), make("b", ("a",))]
+    stages = [_recording_stage(tmp_path, calls, "a"), _recording_stage(tmp_path, calls, "b", ("a",))]
 
     def run_all():
         return run_stages(DemoContext(settings, tmp_path, tmp_path, {}, DemoState.open(tmp_path, settings)), stages)
