@@ -8,6 +8,7 @@ next run remove exactly the folders whose process is gone.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
-           "remove_stale_work_files", "remove_stale_pid_temporaries", "swap_into_place", "exit_cleanly_on_sigterm"]
+           "remove_stale_work_files", "remove_stale_pid_temporaries", "swap_into_place", "read_json_if_whole",
+           "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
@@ -109,6 +111,15 @@ def swap_into_place(work: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:  # the new folder is in place; what is left of the old goes next run
         pass
+
+
+def read_json_if_whole(path: str | os.PathLike) -> dict | None:
+    """``path``'s JSON, or None when there is no such file or it is not valid JSON: nnU-Net writes its
+    fingerprint and plans in place, so a run killed while writing leaves half a file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def exit_cleanly_on_sigterm() -> None:

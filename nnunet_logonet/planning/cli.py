@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nnunet_logonet.planning.data_check import data_spacing_mismatch, repair_label_copies
 from nnunet_logonet.planning.planners import PLANNERS, PlanningError, preprocessing_differences
+from nnunet_logonet.workfolders import read_json_if_whole
 
 
 
@@ -221,7 +222,7 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
     print(f"Fingerprint extraction for {dataset_name}...")
     clean = args.clean
     fingerprint_file = Path(str(nnUNet_preprocessed)) / dataset_name / "dataset_fingerprint.json"
-    if not clean and fingerprint_file.is_file() and not _is_json(fingerprint_file):
+    if not clean and fingerprint_file.is_file() and read_json_if_whole(fingerprint_file) is None:
         print(f"{fingerprint_file} is not valid JSON (cut short by an interrupted run?): extracting it again.")
         clean = True
     try:
@@ -277,16 +278,6 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
         print(f"gt_segmentations: copied {len(repaired)} label(s) again that differed from the raw labels "
               f"(cut short by an interrupted run?): {', '.join(repaired[:10])}{' ...' if len(repaired) > 10 else ''}")
     return 0
-
-
-def _is_json(path: Path) -> bool:
-    import json
-
-    try:
-        json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return True
 
 
 if __name__ == "__main__":

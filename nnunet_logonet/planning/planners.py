@@ -33,6 +33,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunet_logonet.network import LoGoNet, ULKANet, required_patch_multiple
 from nnunet_logonet.network.presets import arch_kwargs_for_preset
 from nnunet_logonet.planning.topology import consistent_topology
+from nnunet_logonet.workfolders import read_json_if_whole
 
 DEFAULT_DATA_IDENTIFIER_PLANS = "nnUNetPlans"
 #: what makes two plans' preprocessed data of a configuration the same: plans-level keys ...
@@ -50,14 +51,6 @@ def preprocessing_differences(plans: dict, config: dict, other_plans: dict, othe
 
     return ([k for k in COMPARED_PLAN_KEYS if not same(plans.get(k), other_plans.get(k))]
             + [k for k in COMPARED_CONFIG_KEYS if not same(config.get(k), other_config.get(k))])
-
-
-def _read_json(path: Path) -> dict | None:
-    """``path``'s JSON, or None when it is not valid JSON (a file cut short)."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 class PlanningError(RuntimeError):
@@ -160,7 +153,7 @@ class LoGoNetPlanner(ExperimentPlanner):
         writes in place: a file cut short by an interrupted run stopped every later planning with a bare
         JSON error. It is kept beside, renamed, and the plans are written anew."""
         plans_file = Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
-        if plans_file.is_file() and _read_json(plans_file) is None:
+        if plans_file.is_file() and read_json_if_whole(plans_file) is None:
             aside = plans_file.with_name(plans_file.name + ".unreadable")
             os.replace(plans_file, aside)
             print(f"{plans_file} is not valid JSON (cut short by an interrupted run?): kept as {aside.name}, "
@@ -177,7 +170,7 @@ class LoGoNetPlanner(ExperimentPlanner):
         if (config is None or config.get("data_identifier") != shared
                 or self.plans_identifier == DEFAULT_DATA_IDENTIFIER_PLANS or not default_file.is_file()):
             return
-        default = _read_json(default_file)
+        default = read_json_if_whole(default_file)
         if default is None:
             differences = [f"{default_file.name} unreadable"]
         else:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nnunet_logonet.workfolders import read_json_if_whole
+
 __all__ = ["PipelineError", "prepare_pretraining_dataset", "main"]
 
 #: keys that nnUNetv2_move_plans_between_datasets rewrites for the target; all others must match the source
@@ -64,17 +66,6 @@ def _source_channel_names(source_raw: Path) -> list[str]:
         raise PipelineError(f"{dataset_json} has no valid channel_names ({names!r}); expected e.g. "
                             f'{{"0": "CT"}} or {{"0": "T2", "1": "ADC"}}, one entry per channel from "0".')
     return ordered
-
-
-def _readable_json(path: Path) -> dict | None:
-    """``path``'s JSON, or None when there is no such file or it is cut short (nnU-Net writes its
-    fingerprint and plans in place, so a run killed while writing leaves half a file)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _same_plans(source: dict, target: dict) -> bool:
@@ -238,7 +229,7 @@ def prepare_pretraining_dataset(
 
     # 2. fingerprint (nnU-Net's preprocessing expects it)
     fingerprint_file = target_pre / "dataset_fingerprint.json"
-    if _readable_json(fingerprint_file) is not None:
+    if read_json_if_whole(fingerprint_file) is not None:
         say("[2/5] fingerprint exists: skipped")
         skipped.append("extract_fingerprint")
     else:
@@ -251,7 +242,7 @@ def prepare_pretraining_dataset(
     # 3. the source's plans: architecture and normalisation of the fine-tuning
     target_plans_file = target_pre / f"{plans}.json"
     moved = False
-    target_plans_now = _readable_json(target_plans_file)
+    target_plans_now = read_json_if_whole(target_plans_file)
     if target_plans_file.exists() and target_plans_now is None:
         say(f"[3/5] {target_plans_file} is not valid JSON (cut short by an interrupted run?): moving the plans again")
     if target_plans_now is not None and _same_plans(source_plans, target_plans_now):

@@ -43,9 +43,9 @@ from nnunet_logonet.ssl.head import SlicePseudoLabelHead
 from nnunet_logonet.ssl.loss import multi_cluster_nll, pseudo_label_accuracy
 from nnunet_logonet.ssl.masking import DEFAULT_PATCH_SIZES, SliceSequenceMasker
 from nnunet_logonet.ssl.transfer import SKIPPED
+from nnunet_logonet.training.checkpoints import write_whole
 from nnunet_logonet.training.recipes import WarmupCosineLRScheduler, optimizer_implementation
 from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, LoGoNetTrainer, with_budget
-from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 
 __all__ = [
     "CACHE_NAME", "LoGoNetSSLTrainer", "LoGoNetSSLTrainerCPU", "LoGoNetSSLTrainer_10epochs",
@@ -526,14 +526,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
             "ssl_head_weights": self.ssl_head.state_dict(),
             "ssl": self._ssl_state(),
         }
-        remove_stale_pid_temporaries(filename)  # a save killed before its rename left one
-        tmp = f"{filename}.tmp{os.getpid()}"
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_whole(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """Resume (``--c``): network without classifiers, head, optimiser, logs; the bank is read

@@ -163,7 +163,6 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         return False
 
 
-
 class LoGoNetTrainer_paperRecipe(LoGoNetTrainer):
     """The paper's fine-tuning recipe: AdamW (lr 1e-4, wd 1e-5), linear warm-up then cosine, Dice+CE,
     no deep supervision. Compared with the default in docs/training_recipe.md."""
