@@ -556,3 +556,27 @@ def test_sigterm_of_the_demo_stops_the_running_command(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         run_command([sys.executable, "-c", "import time; time.sleep(60)"], env=dict(os.environ), log=tmp_path / "l")
     assert started and started[0].poll() is not None
+
+
+@pytest.mark.parametrize("shared", ["base", "dataset"])
+def test_a_second_demo_on_the_same_base_or_dataset_is_refused_while_the_first_runs(tmp_path, monkeypatch, shared):
+    """Two demos in one --base, or on one dataset id of shared nnU-Net folders, wrote the same checkpoints,
+    predictions and state file."""
+    import fcntl
+
+    settings, environ = make_settings(dataset_id=42), _user_environ(tmp_path)
+    first_base = tmp_path / "work"
+    second_base = first_base if shared == "base" else tmp_path / "other"
+    env = demo_environment(first_base, settings, environ)
+    lock = (first_base / ".logonet_demo.lock" if shared == "base"
+            else Path(env["nnUNet_raw"]) / f".{settings.dataset}.logonet_demo.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(cli, "run_stages", _stop)
+    with open(lock, "a+") as held:  # the first demo's lock (a separate open file: flock conflicts in-process too)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345\n")
+        held.flush()
+        with pytest.raises(DemoError, match=r"another logonet_demo \(pid 12345\) is running"):
+            run_demo(settings, base=second_base, out=tmp_path / "out", environ=environ)
+    with pytest.raises(StagesRan):  # released when the first ends
+        run_demo(settings, base=second_base, out=tmp_path / "out", environ=environ)

@@ -78,8 +78,9 @@ def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_on
     from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 
     checkpoint = tmp_path / "checkpoint_best.pth"
-    gone, live, other = (tmp_path / "checkpoint_best.pth.tmp99999999", tmp_path / f"checkpoint_best.pth.tmp{os.getpid()}",
-                         tmp_path / "checkpoint_final.pth.tmp99999999")
+    gone = tmp_path / "checkpoint_best.pth.tmp99999999"
+    live = tmp_path / f"checkpoint_best.pth.tmp{os.getpid()}"
+    other = tmp_path / "checkpoint_final.pth.tmp99999999"
     for path in (checkpoint, gone, live, other):
         path.write_bytes(b"x")
     remove_stale_pid_temporaries(checkpoint)

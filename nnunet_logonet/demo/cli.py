@@ -15,6 +15,7 @@ and a same-named folder without it (a user's own dataset) stops the demo before 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -35,8 +36,8 @@ from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, 
 from nnunet_logonet.machine import cpu_description
 from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
 
-__all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "main",
-           "remove_previous", "run_demo"]
+__all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "demo_locks",
+           "main", "remove_previous", "run_demo"]
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -261,6 +262,47 @@ def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = Fal
         if not os.access(folder, os.W_OK | os.X_OK):
             raise DemoError(f"{flag} {folder} is not writable; choose a folder you can write to.")
     env = demo_environment(base, settings, environ)
+    with demo_locks(base, settings, env):
+        return _run_demo_alone(settings, base=base, out=out, env=env, fresh=fresh, command=command,
+                               started=started, date=date, load_start=load_start)
+
+
+@contextlib.contextmanager
+def demo_locks(base: Path, settings: DemoSettings, env: dict[str, str]):
+    """Hold ``<base>/.logonet_demo.lock`` and ``$nnUNet_raw/.<dataset>.logonet_demo.lock`` while the demo
+    runs: two demos in one --base, or on one dataset id of shared nnU-Net folders, would write the same
+    files (DemoError naming the other run; released when its process ends, however it ends)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    handles = []
+    try:
+        for path in (base / ".logonet_demo.lock", Path(env["nnUNet_raw"]) / f".{settings.dataset}.logonet_demo.lock"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+            handles.append(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process"
+                raise DemoError(f"another logonet_demo ({holder}) is running with the same "
+                                f"{'--base' if path.parent == base else 'dataset id in nnUNet_raw'} ({path}); wait "
+                                f"for it to finish, or use another --base and --dataset-id.") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+        yield
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _run_demo_alone(settings: DemoSettings, *, base: Path, out: Path, env: dict[str, str], fresh: bool, command: str,
+                    started: float, date: str, load_start: list[float]) -> dict:
     check_dataset_ids(settings, env)
     check_own_folders(base, settings, env)
     if fresh:
