@@ -25,8 +25,8 @@ from nnunet_logonet.demo.runner import run_command
 from nnunet_logonet.demo.settings import DATASET_NAME, FOLD, SSL_DATASET_NAME, DemoError, DemoSettings, ModelRun
 from nnunet_logonet.demo.state import MARKER, DemoState, is_marked, mark
 
-__all__ = ["PREDICTIONS", "DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds", "seconds_per_case",
-           "seconds_per_iteration"]
+__all__ = ["PREDICTIONS", "DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds",
+           "seconds_per_case", "seconds_per_iteration"]
 
 CONFIGURATION = "3d_fullres"
 #: ``<base>/predictions``: the test-set predictions of every model, one folder each

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from nnunet_logonet.phantom.anatomy import MAX_SIZE, MIN_SIZE
-from nnunet_logonet.phantom.writer import FORMATS, PhantomArgumentError, dataset_folder_name, write_dataset
+from nnunet_logonet.phantom.writer import (FORMATS, PhantomArgumentError, conflicting_folders, dataset_folder_name,
+                                           write_dataset)
 from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
 
 # write_dataset's parameter -> the flag that sets it
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     print(folder)
     if args.fmt == "nnunet":
         hint = f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity"
-        preprocessed = Path(os.environ.get("nnUNet_preprocessed") or "/nonexistent") / folder.name
-        if args.overwrite and preprocessed.is_dir():  # nnU-Net reuses an existing fingerprint unless --clean
+        preprocessed_root = os.environ.get("nnUNet_preprocessed")
+        preprocessed = Path(preprocessed_root or ".") / folder.name
+        # nnU-Net reuses an existing fingerprint unless --clean
+        if args.overwrite and preprocessed_root and preprocessed.is_dir():
             print(f"note: {preprocessed} was made from the dataset just replaced; plan again with --clean "
                   f"(its fingerprint would be reused otherwise)", file=sys.stderr)
             hint += " --clean"
@@ -91,11 +94,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check_id_unused_in_nnunet_folders(parser: argparse.ArgumentParser, dataset_id: int, folder_name: str) -> None:
     """nnU-Net finds a dataset by its id in all three folders and stops on two names for one id."""
-    prefix = f"Dataset{dataset_id:03d}_"
     for variable in ("nnUNet_preprocessed", "nnUNet_results"):
-        root = Path(os.environ.get(variable) or "/nonexistent")
-        taken = sorted(p.name for p in root.iterdir() if p.name.startswith(prefix) and p.name != folder_name) \
-            if root.is_dir() else []
+        root = os.environ.get(variable)
+        taken = conflicting_folders(Path(root), dataset_id, folder_name) if root else []
         if taken:
             parser.error(f"argument -d/--dataset-id: {dataset_id} is already used by {', '.join(taken)} in "
                          f"{variable}={root}; nnU-Net would find two datasets of that id. Choose another id.")

@@ -144,7 +144,8 @@ def _msd_json(name: str, train: list[str], test: list[str], num_unlabeled: int, 
     }
 
 
-def _conflicting_folders(root: Path, dataset_id: int, folder_name: str, fmt: str) -> list[str]:
+def conflicting_folders(root: Path, dataset_id: int, folder_name: str, fmt: str = "nnunet") -> list[str]:
+    """Folders in ``root`` of another dataset with ``dataset_id`` (nnU-Net stops on two names for one id)."""
     prefix = f"Dataset{dataset_id:03d}_" if fmt == "nnunet" else f"Task{dataset_id:02d}_"
     if not root.is_dir():
         return []
@@ -171,7 +172,7 @@ def write_dataset(root: str | os.PathLike, dataset_id: int, *, name: str = "Phan
         raise NotADirectoryError(f"output root {root} is a file, not a folder")
     folder_name = dataset_folder_name(dataset_id, name, fmt)
     final = root / folder_name
-    taken = _conflicting_folders(root, dataset_id, folder_name, fmt)
+    taken = conflicting_folders(root, dataset_id, folder_name, fmt)
     if taken:
         raise PhantomArgumentError(
             "dataset_id", f"{dataset_id} is already used in {root} by {', '.join(taken)}; "
