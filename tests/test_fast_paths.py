@@ -1497,36 +1497,47 @@ LEVER_MARKERS = {
 }
 
 
-def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[str, ...]) -> dict[str, int]:
-    """Calls of every lever's marker in one inference forward and one training step on 2 threads (the
-    concurrent paths), and the same on 1 thread (the grouped paths, which the concurrent ones replace on 2)."""
-    counts = dict.fromkeys(LEVER_MARKERS, 0)
+#: the four passes the lever markers are counted in: (threads, mode); on 2 threads the concurrent
+#: paths run, on 1 the grouped ones they replace
+MARKER_PASSES = ((2, "eval"), (2, "train"), (1, "eval"), (1, "train"))
+
+
+def _marker_calls(net: nn.Module, x: torch.Tensor, monkeypatch, without: tuple[str, ...],
+                  passes=MARKER_PASSES) -> dict[tuple[int, str], dict[str, int]]:
+    """Calls of every lever's marker in each of ``passes``: an inference forward or a training step,
+    on 2 threads (the concurrent paths) or 1 (the grouped paths, which the concurrent ones replace on 2)."""
+    counts = {}
     with monkeypatch.context() as patched:
         for lever, (owner, name, _) in LEVER_MARKERS.items():
             real = getattr(owner, name)
 
             def spy(*args, _real=real, _lever=lever, **kwargs):
-                counts[_lever] += 1
+                current[_lever] += 1
                 return _real(*args, **kwargs)
 
             patched.setattr(owner, name, spy)
         with reference_kernels(*without) if without else torch.enable_grad():
-            for threads in (2, 1):
+            for threads, mode in passes:
+                current = counts[(threads, mode)] = dict.fromkeys(LEVER_MARKERS, 0)
                 torch.set_num_threads(threads)
-                with torch.no_grad():
-                    net.eval()(x)
-                out = net.train()(x.clone().requires_grad_())
-                sum(o.square().mean() for o in out).backward()
+                if mode == "eval":
+                    with torch.no_grad():
+                        net.eval()(x)
+                else:
+                    out = net.train()(x.clone().requires_grad_())
+                    sum(o.square().mean() for o in out).backward()
             torch.set_num_threads(2)
     return counts
 
 
-_MARKERS_ALL_ON: dict[str, dict[str, int]] = {}
+_MARKERS_ALL_ON: dict[str, dict] = {}
 
 
 @pytest.mark.parametrize("lever", list(LEVERS))
 def test_switching_a_lever_off_changes_what_runs(lever, intra_op_threads, monkeypatch):
-    """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running."""
+    """The switch behind ``logonet_benchmark --without``: each lever's own code path stops running.
+    With the lever off, the passes its code ran in with every lever on are run again (the others
+    never call it)."""
     assert set(LEVER_MARKERS) == set(LEVERS)
     intra_op_threads(2)  # where concurrent_paths runs (the grouped paths' in-place sum: its own test)
     monkeypatch.setattr(narrowing_module, "SWAP_NARROWING_WEIGHT_GRAD", True)
@@ -1536,12 +1547,13 @@ def test_switching_a_lever_off_changes_what_runs(lever, intra_op_threads, monkey
     x = torch.randn(2, 1, 32, 64, 32, generator=torch.Generator().manual_seed(0))
     if "on" not in _MARKERS_ALL_ON:  # the same for every lever: counted once per test session
         _MARKERS_ALL_ON["on"] = _marker_calls(net, x, monkeypatch, ())
-    on = _MARKERS_ALL_ON["on"]
-    assert all(on.values()), on  # every lever runs somewhere in LoGoNet-tiny
-    off = _marker_calls(net, x, monkeypatch, (lever,))
+    on_by_pass = _MARKERS_ALL_ON["on"]
+    assert all(any(calls[name] for calls in on_by_pass.values()) for name in LEVER_MARKERS), on_by_pass
+    passes = [p for p in MARKER_PASSES if on_by_pass[p][lever]]  # every lever runs somewhere in LoGoNet-tiny
+    off = sum(calls[lever] for calls in _marker_calls(net, x, monkeypatch, (lever,), passes).values())
+    on = sum(on_by_pass[p][lever] for p in passes)
     change = LEVER_MARKERS[lever][2]
-    assert {"none": off[lever] == 0, "fewer": 0 < off[lever] < on[lever]}[change], \
-        (lever, on[lever], off[lever])
+    assert {"none": off == 0, "fewer": 0 < off < on}[change], (lever, passes, on, off)
 
 
 @pytest.mark.parametrize("bias", [True, False])
