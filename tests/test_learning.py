@@ -18,7 +18,7 @@ def test_phantom_batch_is_normalised_and_labelled():
 
 
 def test_tiny_logonet_fits_one_batch():
-    history = overfit("tiny", steps=75, report_every=25)
+    history = overfit("tiny", steps=50, report_every=25)  # liver Dice 0.65-0.91 at steps 10-75 (12-07)
     assert history[-1]["liver_dice"] > 0.6, history
     assert history[-1]["loss"] < history[0]["loss"], history
 
