@@ -1,7 +1,7 @@
 """Does a short LoGoNet training through nnU-Net's commands segment anything? (slow: ~7 min on 2 cores)
 
-logonet_phantom -> logonet_plan_and_preprocess -> nnUNetv2_train (30 epochs x 25 iterations) ->
-nnUNetv2_predict -> nnUNetv2_evaluate_folder on held-out cases. CI's own pass
+logonet_phantom -> logonet_plan_and_preprocess -> nnUNetv2_train (30 epochs x 25 iterations), then
+again with --val --npz -> nnUNetv2_predict -> nnUNetv2_evaluate_folder on held-out cases. CI's own pass
 (tests/test_e2e_nnunet.py) trains 40 iterations and checks the workflow; this one checks that the
 whole pipeline (nnU-Net's sampling and augmentation, LoGoNet, its fast inference paths) learns.
 Run it with ``bash scripts/test.sh -m slow``. It caught the too-narrow first `tiny` decoder, which
@@ -32,7 +32,16 @@ LIVER_DICE_FLOOR = 0.25
 def test_short_training_segments_the_liver(tmp_path):
     env = user_environment(tmp_path)
     write_and_plan_phantom(env)
-    run(["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"], env)
+    train = ["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
+    run(train, env)
+    # validation only (README: --val) from checkpoint_final: the training's own validation again, and
+    # the softmax probabilities find_best_configuration's ensembling reads
+    validation = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0" / "validation"
+    validated = json.loads((validation / "summary.json").read_text())["foreground_mean"]["Dice"]
+    run(train + ["--val", "--npz"], env)
+    again = json.loads((validation / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert again == pytest.approx(validated, abs=1e-4), (validated, again)
+    assert list(validation.glob("*.npz")), "--val --npz exported no probabilities"
     summary = predict_and_evaluate(env, TRAINER, tmp_path / "pred")
 
     labels = json.loads((Path(env["nnUNet_raw"]) / DATASET / "dataset.json").read_text())["labels"]
