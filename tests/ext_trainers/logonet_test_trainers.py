@@ -12,3 +12,13 @@ LoGoNetTrainer_ciLearning = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciLearni
 
 #: the MSD workflow test checks names, geometry and labels, not accuracy: one short epoch
 LoGoNetTrainer_ciMSD = with_budget(LoGoNetTrainer, "LoGoNetTrainer_ciMSD", 1, 4, 1, __name__)
+
+
+class LoGoNetTrainer_ciCascade(with_budget(LoGoNetTrainer, "_Budget", 1, 4, 1, __name__)):
+    """The cascade test (tests/test_e2e_cascade.py, slow): one short epoch, and a validation without
+    mirroring (as nnU-Net's nnUNetTrainerNoMirroring), whose 8 mirrored tiles dominated its run time."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, patch, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, patch, None
