@@ -1,4 +1,4 @@
-"""Does a short LoGoNet training through nnU-Net's commands segment anything? (slow: ~7 min on 2 cores)
+"""Does a short LoGoNet training through nnU-Net's commands segment anything? (slow: ~5 min on 2 cores)
 
 logonet_phantom -> logonet_plan_and_preprocess -> nnUNetv2_train (30 epochs x 25 iterations), then
 again with --val --npz -> nnUNetv2_predict -> nnUNetv2_evaluate_folder on held-out cases. CI's own pass
