@@ -1548,8 +1548,9 @@ def test_switching_a_lever_off_changes_what_runs(lever, intra_op_threads, monkey
     if "on" not in _MARKERS_ALL_ON:  # the same for every lever: counted once per test session
         _MARKERS_ALL_ON["on"] = _marker_calls(net, x, monkeypatch, ())
     on_by_pass = _MARKERS_ALL_ON["on"]
+    # every lever runs somewhere in LoGoNet-tiny
     assert all(any(calls[name] for calls in on_by_pass.values()) for name in LEVER_MARKERS), on_by_pass
-    passes = [p for p in MARKER_PASSES if on_by_pass[p][lever]]  # every lever runs somewhere in LoGoNet-tiny
+    passes = [p for p in MARKER_PASSES if on_by_pass[p][lever]]
     off = sum(calls[lever] for calls in _marker_calls(net, x, monkeypatch, (lever,), passes).values())
     on = sum(on_by_pass[p][lever] for p in passes)
     change = LEVER_MARKERS[lever][2]
