@@ -1,4 +1,4 @@
-"""nnU-Net's cascade with LoGoNet, through nnU-Net's commands (slow: ~4 min on 2 cores).
+"""nnU-Net's cascade with LoGoNet, through nnU-Net's commands (slow: ~3 min on 2 cores).
 
 Where nnU-Net would plan a low-resolution stage (images much larger than the patch: the phantom at
 160 voxels, 4 cases: median 58 x 160 x 160, 7.5 patches of LoGoNet-tiny; with 2 cases no low-resolution
