@@ -119,7 +119,11 @@ def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, 
 
     monkeypatch.setattr(rank, "rank_models", untrained)
     assert rank.main(["900", "LoGoNetTrainer:LoGoNetTinyPlans"]) == 1
-    assert "Train every model on folds [0]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Train every model on folds [0]" in err and "--npz" not in err
+    assert rank.main(["900", "LoGoNetTrainer:LoGoNetTinyPlans", "-f", "0", "1", "--ensembling"]) == 1
+    err = capsys.readouterr().err  # ensembling reads the validation probabilities: --npz, or --val --npz after
+    assert "Train every model on folds [0, 1]" in err and "-tr TRAINER -p PLANS --npz" in err and "--val --npz" in err
 
 
 def test_rank_module_imports_neither_torch_nor_nnunet():

@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = rank_models(args.dataset, models, tuple(args.f), args.np, args.ensembling)
     except (RuntimeError, FileNotFoundError) as error:
-        print(f"error: {error}\nTrain every model on folds {args.f} first (nnUNetv2_train ... -tr TRAINER -p PLANS).",
-              file=sys.stderr)
+        npz = " --npz" if args.ensembling else ""
+        print(f"error: {error}\nTrain every model on folds {args.f} first (nnUNetv2_train DATASET {args.c} FOLD "
+              f"-tr TRAINER -p PLANS{npz})" + (", or, for a model trained without --npz, validate it again with "
+                                               "--val --npz" if npz else "") + ".", file=sys.stderr)
         return 1
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,6 +1,8 @@
 """Test-only trainer variants, found by nnU-Net through nnUNet_extTrainer like the real ones.
 Their budgets are the ones the end-to-end tests are calibrated for, independent of the demo's."""
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from nnunet_logonet.training.trainer import LoGoNetTrainer, with_budget
 
 #: CI's end-to-end pass checks the workflow (resume, outputs, geometry, export), not accuracy: 4 short
@@ -22,3 +24,8 @@ class LoGoNetTrainer_ciCascade(with_budget(LoGoNetTrainer, "_Budget", 1, 4, 1, _
         rotation, dummy_2d, patch, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, patch, None
+
+
+#: the ensembling test (tests/test_e2e_ensemble.py, slow): nnU-Net's own trainer and network, one short epoch
+#: as LoGoNetTrainer_ciMSD, so that the two are ranked and ensembled on the same fold
+nnUNetTrainer_ciEnsemble = with_budget(nnUNetTrainer, "nnUNetTrainer_ciEnsemble", 1, 4, 1, __name__)
