@@ -1,4 +1,4 @@
-"""LoGoNet against nnU-Net's baseline on the same fold, ranked and ensembled by nnU-Net (slow: ~3 min on 2 cores).
+"""LoGoNet against nnU-Net's baseline on the same fold, ranked and ensembled by nnU-Net (slow: ~2.5 min on 2 cores).
 
 The workflow README and docs/msd.md give a user who benchmarks LoGoNet against nnU-Net: both trained on
 fold 0 with ``--npz`` -> ``python -m nnunet_logonet.demo.rank ... --ensembling`` (nnU-Net's

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = rank_models(args.dataset, models, tuple(args.f), args.np, args.ensembling)
     except (RuntimeError, FileNotFoundError) as error:
-        npz = " --npz" if args.ensembling else ""
-        print(f"error: {error}\nTrain every model on folds {args.f} first (nnUNetv2_train DATASET {args.c} FOLD "
-              f"-tr TRAINER -p PLANS{npz})" + (", or, for a model trained without --npz, validate it again with "
-                                               "--val --npz" if npz else "") + ".", file=sys.stderr)
+        train = f"nnUNetv2_train DATASET {args.c} FOLD -tr TRAINER -p PLANS"
+        if args.ensembling:  # an ensemble reads the validation probabilities
+            train += " --npz; for a model trained without --npz, validate it again with --val --npz"
+        print(f"error: {error}\nTrain every model on folds {args.f} first ({train}).", file=sys.stderr)
         return 1
     if args.json:
         with open(args.json, "w") as handle:
