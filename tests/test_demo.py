@@ -114,6 +114,17 @@ def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, 
         rank.main(["900", "LoGoNetTrainer"])
     assert "TRAINER:PLANS" in capsys.readouterr().err
 
+    from nnunetv2.utilities import dataset_name_id_conversion
+
+    def unknown(dataset):
+        raise RuntimeError(f"Could not find a dataset with the ID {dataset}. ...")
+
+    monkeypatch.setattr(dataset_name_id_conversion, "maybe_convert_to_dataset_name", unknown)
+    assert rank.main(["999", "LoGoNetTrainer:LoGoNetTinyPlans"]) == 1
+    err = capsys.readouterr().err  # no training helps there: nnU-Net's folders are the fix
+    assert "ID 999" in err and 'eval "$(logonet_env)"' in err and "Train every model" not in err
+    monkeypatch.setattr(dataset_name_id_conversion, "maybe_convert_to_dataset_name", lambda d: "Dataset900_Phantom")
+
     def untrained(*args, **kwargs):
         raise RuntimeError("Trained model ... does not have an output folder")
 

@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         models = [parse_model(m, args.c) for m in args.models]
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as error:  # nnU-Net's message lists its folders; no training would help here
+        print(f"error: {error}\nSet nnU-Net's folders first: eval \"$(logonet_env)\".", file=sys.stderr)
+        return 1
     try:
         result = rank_models(args.dataset, models, tuple(args.f), args.np, args.ensembling)
     except (RuntimeError, FileNotFoundError) as error:
