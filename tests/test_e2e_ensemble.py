@@ -1,10 +1,10 @@
-"""LoGoNet against nnU-Net's baseline on the same fold, ranked and ensembled by nnU-Net (slow: ~2.5 min on 2 cores).
+"""LoGoNet against nnU-Net's baseline on the same folds, ranked and ensembled by nnU-Net (slow: ~3 min on 2 cores).
 
 The workflow README and docs/msd.md give a user who benchmarks LoGoNet against nnU-Net: both trained on
-fold 0 with ``--npz`` -> ``python -m nnunet_logonet.demo.rank ... --ensembling`` (nnU-Net's
+the same folds (0 and 1 here, of nnU-Net's five) with ``--npz`` -> ``python -m nnunet_logonet.demo.rank ... --ensembling`` (nnU-Net's
 ``find_best_configuration``: each model, their ensemble, postprocessing) -> the commands nnU-Net writes
 to ``inference_instructions.txt``, run as written (with the CPU flags) -> and, whichever won,
-``nnUNetv2_ensemble`` of the two models' test-set probabilities. Accuracy is not the question: one short
+``nnUNetv2_ensemble`` of the two models' test-set probabilities, each predicted by both folds. Accuracy is not the question: one short
 epoch each.
 """
 
@@ -28,11 +28,12 @@ BASELINE = ("nnUNetTrainer_ciEnsemble", "nnUNetPlans")  # tests/ext_trainers: 1 
 LOGONET = ("LoGoNetTrainer_ciMSD", "LoGoNetTinyPlans")
 #: what a CPU user adds to the instructions' nnUNetv2_predict lines (they are written for a GPU)
 CPU_PREDICT_FLAGS = ["-device", "cpu", "-npp", "1", "-nps", "1"]
+FOLDS = ["0", "1"]
 
 
 def predict(env: dict, model: tuple[str, str], images: Path, out: Path, *extra: str) -> None:
     trainer, plans = model
-    run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0",
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres", "-f", *FOLDS,
          "-tr", trainer, "-p", plans, *CPU_PREDICT_FLAGS, *extra], env)
 
 
@@ -70,20 +71,22 @@ def test_logonet_and_nnunet_ranked_and_ensembled_by_nnunet(tmp_path):
                    "-np", "1", "-npfp", "1"], env)
     assert "reusing the data nnUNetPlans already preprocessed" in planned.stdout
     for trainer, plans in (BASELINE, LOGONET):
-        run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu",
-             "--npz"], env)
+        for fold in FOLDS:
+            run(["nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", "cpu",
+                 "--npz"], env)
 
     results = Path(env["nnUNet_results"]) / DATASET
     run(["python", "-m", "nnunet_logonet.demo.rank", DATASET_ID, ":".join(BASELINE), ":".join(LOGONET),
-         "-f", "0", "--ensembling"], env)
+         "-f", *FOLDS, "--ensembling"], env)
     info = json.loads((results / "inference_information.json").read_text())
     identifiers = [f"{trainer}__{plans}__3d_fullres" for trainer, plans in (BASELINE, LOGONET)]
-    ensemble = f"ensemble___{identifiers[0]}___{identifiers[1]}___0"
+    ensemble = f"ensemble___{identifiers[0]}___{identifiers[1]}___{'_'.join(FOLDS)}"
     assert set(info["all_results"]) == {*identifiers, ensemble}
     assert all(0.0 <= dice <= 1.0 for dice in info["all_results"].values()), info["all_results"]
     assert (results / "ensembles" / ensemble / "summary.json").is_file()
     won = info["best_model_or_ensemble"]["selected_model_or_models"]
     assert len(won) in (1, 2) and {m["trainer"] for m in won} <= {BASELINE[0], LOGONET[0]}
+    assert info["folds"] == [int(f) for f in FOLDS]
 
     raw = Path(env["nnUNet_raw"]) / DATASET
     images = raw / "imagesTs"
@@ -114,8 +117,8 @@ def test_logonet_and_nnunet_ranked_and_ensembled_by_nnunet(tmp_path):
         assert np.mean(seg == expected) > 0.999  # float32 ties of the two-model mean may break either way
 
     # a model validated without --npz cannot be ensembled: the ranking says how to mend it
-    for npz in (results / f"{BASELINE[0]}__{BASELINE[1]}__3d_fullres" / "fold_0" / "validation").glob("*.npz"):
+    for npz in (results / f"{BASELINE[0]}__{BASELINE[1]}__3d_fullres" / "fold_1" / "validation").glob("*.npz"):
         npz.unlink()
     refused = run(["python", "-m", "nnunet_logonet.demo.rank", DATASET_ID, ":".join(BASELINE), ":".join(LOGONET),
-                   "-f", "0", "--ensembling"], env, check=False)
+                   "-f", *FOLDS, "--ensembling"], env, check=False)
     assert refused.returncode == 1 and "--val --npz" in refused.stderr and BASELINE[0] in refused.stderr

@@ -220,3 +220,27 @@ def test_unknown_plans_identifier_fails_before_training(trained):
     assert proc.returncode != 0
     assert "NoSuchPlans" in proc.stderr
     assert not (Path(env["nnUNet_results"]) / DATASET / "LoGoNetTrainer__NoSuchPlans__3d_fullres").exists()
+
+
+def test_mismatched_pretrained_weights_are_refused_listing_every_key(trained, tmp_path):
+    """README: ``-pretrained_weights`` is checked first and refused with every missing, mismatched or unused
+    key listed (nnU-Net's loader stops at the first missing key and drops unused ones silently)."""
+    env = trained["env"]
+    weights = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["network_weights"]
+    # (nnU-Net never transfers the segmentation layers, so those may differ)
+    convolutions = [k for k, w in weights.items() if k.endswith(".weight") and w.ndim == 5 and "seg_layers" not in k]
+    missing, reshaped = convolutions[0], convolutions[-1]
+    del weights[missing]
+    weights[reshaped] = torch.zeros(*weights[reshaped].shape[:-1], weights[reshaped].shape[-1] + 1)
+    weights["projection_head.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "pretrained_elsewhere.pth"
+    torch.save({"network_weights": weights}, bad)
+    fold = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_3"
+    proc = run(["nnUNetv2_train", "900", "3d_fullres", "3", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+                "-pretrained_weights", str(bad)], env, check=False, timeout=300)
+    assert proc.returncode != 0
+    for named in (bad.name, missing, reshaped, "projection_head.weight", "1 key(s) missing", "1 not in the network",
+                  "1 shape mismatch(es)", "nnUNetv2_move_plans_between_datasets"):
+        assert named in proc.stderr, (named, proc.stderr[-3000:])
+    assert not list(fold.glob("checkpoint_*.pth"))  # refused before the first epoch
