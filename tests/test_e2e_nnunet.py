@@ -55,12 +55,14 @@ def user_environment(base: Path) -> dict:
     return env
 
 
-def write_and_plan_phantom(env: dict) -> None:
-    """Dataset900_Phantom (10 training, 2 held-out cases at 32 voxels), planned for LoGoNet-tiny."""
+def write_and_plan_phantom(env: dict) -> subprocess.CompletedProcess:
+    """Dataset900_Phantom (10 training, 2 held-out cases at 32 voxels), planned for LoGoNet-tiny with the
+    README's command (no -c: nnU-Net's default 3d_fullres and 3d_lowres, of which the phantom gets only the
+    first)."""
     run(["logonet_phantom", "-d", "900", "--num-train", "10", "--num-test", "2", "--num-unlabeled", "0",
          "--size", "32", "--seed", "0", "-q"], env)
-    run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
-         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+    return run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-np", "1", "-npfp", "1",
+                "--verify_dataset_integrity"], env)
 
 
 def predict_and_evaluate(env: dict, trainer: str, pred: Path) -> dict:
@@ -82,7 +84,7 @@ def trained(tmp_path_factory):
     raw = Path(env["nnUNet_raw"]) / DATASET
     results = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
 
-    write_and_plan_phantom(env)
+    planned = write_and_plan_phantom(env)
 
     train = ["nnUNetv2_train", "900", "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
     # start, wait for the first checkpoint, kill hard (as a crash or a lost job would)
@@ -107,7 +109,7 @@ def trained(tmp_path_factory):
     predict_and_evaluate(env, TRAINER, pred)
     preprocessed = Path(env["nnUNet_preprocessed"]) / DATASET
     return {"env": env, "base": base, "raw": raw, "results": results, "pred": pred, "preprocessed": preprocessed,
-            "killed_at_epoch": killed_at_epoch, "resumed_logs": resumed_logs}
+            "killed_at_epoch": killed_at_epoch, "resumed_logs": resumed_logs, "planned": planned}
 
 
 def test_plans_name_logonet_and_a_valid_patch(trained):
@@ -244,3 +246,17 @@ def test_mismatched_pretrained_weights_are_refused_listing_every_key(trained, tm
                   "1 shape mismatch(es)", "nnUNetv2_move_plans_between_datasets"):
         assert named in proc.stderr, (named, proc.stderr[-3000:])
     assert not list(fold.glob("checkpoint_*.pth"))  # refused before the first epoch
+
+
+def test_plan_command_as_the_readme_gives_it_skips_the_lowres_stage_nnunet_did_not_plan(trained):
+    """Without -c the command asks for nnU-Net's default 3d_fullres and 3d_lowres; a dataset too small for a
+    low-resolution stage gets 3d_fullres and a message (docs/planning.md), and asked for alone, 3d_lowres
+    is an error that names what was planned."""
+    out = trained["planned"].stdout
+    assert "3d_lowres: not in LoGoNetTinyPlans" in out and "skipped" in out
+    assert (trained["preprocessed"] / "nnUNetPlans_3d_fullres").is_dir()
+    assert not list(trained["preprocessed"].glob("*3d_lowres*"))
+    proc = run(["logonet_plan_and_preprocess", "-d", "900", "-pl", "LoGoNetTinyPlanner", "-c", "3d_lowres",
+                "-np", "1", "-npfp", "1"], trained["env"], check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "none of -c 3d_lowres is in LoGoNetTinyPlans" in proc.stderr and "Use -c 3d_fullres" in proc.stderr
