@@ -71,3 +71,35 @@ def test_wheel_ships_trainers_and_planners_inside_the_package(tmp_path):
     source = {str(p.relative_to(REPO)) for p in (REPO / "nnunet_logonet").rglob("*.py")}
     missing = sorted(s for s in source if s not in names)
     assert not missing, f"add their packages to setup.cfg [options] packages: {missing}"
+
+
+#: every trainer README.md and docs/ssl.md tell users to pass as -tr, with the epochs its name promises
+ADVERTISED_TRAINERS = {
+    "LoGoNetTrainer": None, "LoGoNetTrainer_1epoch": 1, "LoGoNetTrainer_5epochs": 5, "LoGoNetTrainer_10epochs": 10,
+    "LoGoNetTrainer_50epochs": 50, "LoGoNetTrainer_100epochs": 100, "LoGoNetTrainer_paperRecipe": None,
+    "ULKANetTrainer": None, "ULKANetTrainer_10epochs": 10, "ULKANetTrainer_100epochs": 100,
+    "LoGoNetSSLTrainer": None, "LoGoNetSSLTrainer_10epochs": 10, "LoGoNetSSLTrainer_100epochs": 100,
+}
+
+
+def test_every_advertised_trainer_is_found_by_nnunet_with_the_epochs_its_name_gives(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+    from nnunet_logonet.training.trainer import LoGoNetTrainer, ULKANetTrainer
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(trainers_folder()))
+    readme = (REPO / "README.md").read_text() + (REPO / "docs" / "ssl.md").read_text()
+    bases = (LoGoNetTrainer, ULKANetTrainer, LoGoNetSSLTrainer)
+    for base in bases:  # the budget variants' own settings, without nnU-Net's plans-driven set-up
+        monkeypatch.setattr(base, "__init__", lambda self, *args, **kwargs: setattr(self, "num_epochs", 1000))
+    for name, epochs in ADVERTISED_TRAINERS.items():
+        assert name in readme or name.rsplit("_", 1)[-1] in readme, name
+        found = recursive_find_trainer_class_by_name(name)
+        assert found is not None and found.__name__ == name and issubclass(found, LoGoNetTrainer), name
+        trainer = object.__new__(found)
+        found.__init__(trainer, {}, "3d_fullres", 0, {})
+        assert trainer.num_epochs == (epochs or 1000), name
+    assert recursive_find_trainer_class_by_name("LoGoNetTrainer_paperRecipe").recipe == "paper"
+    assert issubclass(recursive_find_trainer_class_by_name("ULKANetTrainer_10epochs"), ULKANetTrainer)
+    assert issubclass(recursive_find_trainer_class_by_name("LoGoNetSSLTrainer_100epochs"), LoGoNetSSLTrainer)
