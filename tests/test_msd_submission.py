@@ -519,3 +519,41 @@ def test_names_match_only_where_one_test_case_fits():
     renumbered = match_predictions(["spleen_1.nii.gz", "spleen_12.nii.gz"], [Path("spleen_001.nii.gz")])
     assert renumbered.files == {"spleen_1.nii.gz": Path("spleen_001.nii.gz")}
     assert renumbered.conventions == {"spleen_1.nii.gz": "renumbered"}
+
+
+def test_uncompressed_nii_predictions_go_into_the_archive_compressed_under_msd_names(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    predictions = predict_all(task, tmp_path / "pred", rename=lambda name: name.replace(".nii.gz", ".nii"))
+    report = validate_task(task, tmp_path / "pred", progress=False)
+    assert report.complete and "uncompressed .nii" in report.convention
+    with zipfile.ZipFile(write_submission([report], tmp_path / "s.zip", progress=False)) as archive:
+        files = sorted(n for n in archive.namelist() if not n.endswith("/"))
+        assert files == sorted(f"Task09_Spleen/{name}" for name in predictions)
+        for name, expected in predictions.items():
+            assert archive.read(f"Task09_Spleen/{name}")[:2] == b"\x1f\x8b"  # gzip, as the name says
+            image = read_zip_member(archive, f"Task09_Spleen/{name}", tmp_path)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+
+def test_a_label_above_255_is_written_as_uint16(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task99_Wide", "wide", {"0": "background", "1": "a", "300": "b"})
+    (tmp_path / "pred").mkdir()
+    predictions = {image.name: predict_like(image, tmp_path / "pred" / image.name, labels=(0, 1, 300), seed=i,
+                                            dtype=np.int32) for i, image in enumerate(test_cases(task))}
+    report = validate_task(task, tmp_path / "pred", progress=False)
+    assert report.complete and any("written as uint16" in n for r in report.found for n in r.notes)
+    with zipfile.ZipFile(write_submission([report], tmp_path / "s.zip", progress=False)) as archive:
+        for name, expected in predictions.items():
+            image = read_zip_member(archive, f"Task99_Wide/{name}", tmp_path)
+            assert image.GetPixelID() == sitk.sitkUInt16
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+
+@pytest.mark.parametrize("suffix", [".tgz", ".tar"])
+def test_tgz_and_tar_archive_names_are_written_as_such(spleen, suffix):
+    task, pred, predictions, out = spleen
+    assert main(["--task", str(task), str(pred), "-o", str(out / f"submission{suffix}")]) == 0
+    with tarfile.open(out / f"submission{suffix}") as archive:  # "r:*": gzip detected, or plain tar
+        assert sorted(m.name for m in archive.getmembers() if m.isfile()) == \
+            sorted(f"Task09_Spleen/{name}" for name in predictions)
+    assert ((out / f"submission{suffix}").read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".tgz")
