@@ -258,3 +258,18 @@ def test_body_mask_on_unsigned_images_does_not_wrap_the_threshold():
     array[4:8, 5:15, 5:15] = 100
     mask = sitk.GetArrayFromImage(body_mask(sitk.GetImageFromArray(array), threshold=50))
     np.testing.assert_array_equal(mask, (array > 50).astype(np.uint8))
+
+
+def test_hardlink_links_compressed_inputs_and_rewrites_uncompressed_ones(tmp_path, raw):
+    """docs/ssl.md: --hardlink saves the copy of every .nii.gz scan (same file, same inode); an uncompressed
+    .nii is still written as a new .nii.gz, and the dataset is the same as a copied one."""
+    write(tmp_path / "in" / "case1.nii.gz", ct_volume(1))
+    write(tmp_path / "in" / "case2.nii", ct_volume(2))
+    main(["-i", str(tmp_path / "in"), "-d", "560", "--hardlink"])
+    main(["-i", str(tmp_path / "in"), "-d", "561"])
+    linked, copied = raw / "Dataset560_Unlabeled" / "imagesTr", raw / "Dataset561_Unlabeled" / "imagesTr"
+    assert os.path.samefile(linked / "case1_0000.nii.gz", tmp_path / "in" / "case1.nii.gz")
+    assert not os.path.samefile(copied / "case1_0000.nii.gz", tmp_path / "in" / "case1.nii.gz")
+    assert (linked / "case2_0000.nii.gz").stat().st_nlink == 1
+    for name in ("case1_0000.nii.gz", "case2_0000.nii.gz"):
+        assert (linked / name).read_bytes() == (copied / name).read_bytes()
