@@ -299,3 +299,38 @@ def test_unreadable_nnunet_plans_give_logonet_its_own_data_folder(nnunet_dirs, c
     plans = _plan(LoGoNetTinyPlanner, 813)
     assert plans["configurations"]["3d_fullres"]["data_identifier"] == "LoGoNetTinyPlans_3d_fullres"
     assert "nnUNetPlans.json unreadable" in capsys.readouterr().out
+
+
+def test_large_preset_planner_writes_logonet_l_plans_under_its_own_24_gb_target(nnunet_dirs):
+    """README and docs/msd.md: -pl LoGoNetLPlanner writes LoGoNetLPlans, the paper's L preset, planned
+    against 24 GB by default (docs/planning.md), where S keeps to 8 GB on the same data."""
+    from nnunet_logonet.network.presets import arch_kwargs_for_preset
+    from nnunet_logonet.planning.planners import LoGoNetLPlanner, LoGoNetPlanner
+
+    _fake_dataset(nnunet_dirs, 812, (1.0, 1.0, 1.0), (160, 320, 320))
+    large = _plan(LoGoNetLPlanner, 812)["configurations"]["3d_fullres"]
+    small = _plan(LoGoNetPlanner, 812)["configurations"]["3d_fullres"]
+    saved = json.loads((nnunet_dirs / "preprocessed" / "Dataset812_Fake" / "LoGoNetLPlans.json").read_text())
+    assert saved["plans_name"] == "LoGoNetLPlans" and saved["configurations"]["3d_fullres"]["logonet"]["preset"] == "L"
+    strides = large["architecture"]["arch_kwargs"]["strides"]
+    reference = arch_kwargs_for_preset("L", strides)
+    for key in ("dims", "depths", "decoder_channels"):  # the paper's L (Table 9), not S's [64..512] / [3, 4, 6, 3]
+        assert large["architecture"]["arch_kwargs"][key] == reference[key], key
+    assert large["architecture"]["arch_kwargs"]["depths"] == [3, 3, 24, 3]
+    assert 8.0 < large["logonet"]["estimated_memory_gb"] <= 24.0
+    assert small["logonet"]["estimated_memory_gb"] <= 8.0
+    assert np.prod(large["patch_size"]) > np.prod(small["patch_size"])
+
+
+def test_plans_name_and_target_spacing_given_on_the_command_line_get_their_own_plans_and_data(nnunet_dirs, capsys):
+    """docs/msd.md: -overwrite_plans_name keeps pretrained and from-scratch runs side by side; docs/planning.md:
+    with -overwrite_target_spacing the plans get their own data folder instead of nnUNetPlans' shared one."""
+    from nnunet_logonet.planning.cli import main
+
+    _, pre = _fake_dataset(nnunet_dirs, 813, (1.5, 1.0, 1.0), (40, 48, 48))
+    assert main(["-d", "813", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "--no_pp",
+                 "-overwrite_plans_name", "LoGoNetSSLPlans", "-overwrite_target_spacing", "2", "2", "2"]) in (0, None)
+    plans = json.loads((pre / "LoGoNetSSLPlans.json").read_text())
+    assert plans["plans_name"] == "LoGoNetSSLPlans" and not (pre / "LoGoNetTinyPlans.json").exists()
+    full = plans["configurations"]["3d_fullres"]
+    assert full["spacing"] == [2.0, 2.0, 2.0] and full["data_identifier"] == "LoGoNetSSLPlans_3d_fullres"
