@@ -334,3 +334,20 @@ def test_plans_name_and_target_spacing_given_on_the_command_line_get_their_own_p
     assert plans["plans_name"] == "LoGoNetSSLPlans" and not (pre / "LoGoNetTinyPlans.json").exists()
     full = plans["configurations"]["3d_fullres"]
     assert full["spacing"] == [2.0, 2.0, 2.0] and full["data_identifier"] == "LoGoNetSSLPlans_3d_fullres"
+
+
+def test_an_unreadable_image_is_one_message_pointing_to_the_integrity_check(nnunet_dirs, capsys):
+    """docs/planning.md: an error of nnU-Net's fingerprint extraction on bad data is reported in one message
+    that names the dataset and points to --verify_dataset_integrity (nnU-Net's own is a worker's traceback)."""
+    from nnunet_logonet.phantom.writer import write_dataset
+    from nnunet_logonet.planning.cli import main
+
+    raw = write_dataset(nnunet_dirs / "raw", 814, num_train=2, num_test=0, num_unlabeled=0, size=32, progress=False)
+    broken = sorted((raw / "imagesTr").iterdir())[0]
+    broken.write_bytes(b"not a NIfTI image")
+    assert main(["-d", "814", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint extraction of Dataset814_Phantom failed" in err
+    assert f"Check the raw dataset in {raw}" in err and "--verify_dataset_integrity" in err
+    assert str(broken) in err.splitlines()[-2]  # the message itself names the file (nnU-Net's reader error)
+    assert not (nnunet_dirs / "preprocessed" / raw.name / "dataset_fingerprint.json").exists()
