@@ -71,7 +71,11 @@ def main(argv=None) -> None:
     parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64])
     parser.add_argument("--preset", default="tiny")
     args = parser.parse_args(argv)
-    for k, v in calibrate(tuple(args.patch_size), args.preset).items():
+    try:
+        calibration = calibrate(tuple(args.patch_size), args.preset)
+    except ValueError as error:  # an unknown preset or a patch the network cannot take: the message names the fix
+        parser.error(str(error))
+    for k, v in calibration.items():
         print(f"{k}: {v}")
 
 
