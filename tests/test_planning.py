@@ -328,8 +328,9 @@ def test_plans_name_and_target_spacing_given_on_the_command_line_get_their_own_p
     from nnunet_logonet.planning.cli import main
 
     _, pre = _fake_dataset(nnunet_dirs, 813, (1.5, 1.0, 1.0), (40, 48, 48))
-    assert main(["-d", "813", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "--no_pp",
+    assert main(["-d", "813", "-pl", "LoGoNetTinyPlanner", "-c", "2d", "3d_fullres", "--no_pp",
                  "-overwrite_plans_name", "LoGoNetSSLPlans", "-overwrite_target_spacing", "2", "2", "2"]) in (0, None)
+    assert "configuration 2d is skipped" in capsys.readouterr().out  # asked for beside a 3D one: a message
     plans = json.loads((pre / "LoGoNetSSLPlans.json").read_text())
     assert plans["plans_name"] == "LoGoNetSSLPlans" and not (pre / "LoGoNetTinyPlans.json").exists()
     full = plans["configurations"]["3d_fullres"]
