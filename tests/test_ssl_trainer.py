@@ -420,13 +420,17 @@ def test_pretraining_learns_the_pseudo_labels(workspace, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch):
+@pytest.mark.parametrize("damage, logged", [
+    (lambda cache: cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2]), "unreadable"),
+    (lambda cache: cache.unlink(), "no cluster cache"),  # docs/ssl.md: a missing cache is refitted too
+], ids=["corrupt", "missing"])
+def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch, damage, logged):
     fold = workspace["fold"]
     cache = fold / "clusterers.npz"
-    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    damage(cache)
     _resume(workspace, monkeypatch, EPOCHS + 1)  # already finished: only the start-up runs
     log = _log_text(fold).split("Reusing the cluster cache")[-1]
-    assert "unreadable" in log and "Refitting the clusterers" in log
+    assert logged in log and "refitting the clusterers" in log.lower()
     bank = SliceClusterBank.load(cache)  # rewritten, intact
     assert list(bank.ks) == _final(fold)["ssl"]["ks"]
     # the seeded refit gives the checkpoint's bank again, else the head must be reset
