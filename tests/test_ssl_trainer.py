@@ -275,13 +275,24 @@ def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint
     assert fs.main(["-d", str(LABELED), "-p", PLANS, "--pretrained", str(ckpt), "--seeds", "3", "--steps", "2",
                     "--report-every", "1", "--lr", "5e-3", "--preprocessed", str(pre), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["lr"] == 5e-3 and report["steps"] == 2
+    assert report["lr"] == 5e-3 and report["weight_decay"] == 3e-5 and report["recipe"] == "nnunet"
+    assert report["steps"] == 2
     assert [(r["seed"], r["start"]) for r in report["runs"]] == [(3, "scratch"), (3, "pretrained")]
     assert report["cases"] == ["SSLPhantom_000", "SSLPhantom_001"]
     for run in report["runs"]:
         assert [h["step"] for h in run["history"]] == [1, 2]
         assert all(np.isfinite(h["loss"]) and len(h["dice"]) == 6 for h in run["history"])
     assert set(report["summary"]) == {"scratch", "pretrained"}
+    # the paper's recipe (docs/ssl.md: AdamW at its 1e-4, weight decay 1e-5): the report says what was used
+    paper = tmp_path / "paper.json"
+    assert fs.main(["-d", str(LABELED), "-p", PLANS, "--pretrained", str(ckpt), "--seeds", "3", "--steps", "2",
+                    "--recipe", "paper", "--report-every", "1", "--preprocessed", str(pre), "--json", str(paper)]) == 0
+    paper = json.loads(paper.read_text())
+    assert (paper["recipe"], paper["lr"], paper["weight_decay"]) == ("paper", 1e-4, 1e-5)
+    for sgd, adamw in zip(report["runs"], paper["runs"]):
+        # the same start and batch: the same loss before the first update, another one after it
+        assert sgd["history"][0]["loss"] == pytest.approx(adamw["history"][0]["loss"], rel=1e-5)
+        assert sgd["history"][1]["loss"] != pytest.approx(adamw["history"][1]["loss"], rel=1e-4)
 
     folder = fs.preprocessed_dataset(str(LABELED), pre)
     plans_manager, configuration_manager = fs.load_plans(folder, PLANS, "3d_fullres")
@@ -297,6 +308,19 @@ def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint
     x, y, _ = fs.fixed_batch(folder, configuration_manager.data_identifier, configuration_manager.patch_size, 2)
     assert tuple(x.shape) == (2, 1, *configuration_manager.patch_size) and tuple(y.shape) == (2, 1, *x.shape[2:])
     assert y.min() >= 0 and y.max() > 0
+
+
+def test_finetune_start_refuses_bad_settings_before_loading_anything(tmp_path, capsys):
+    from nnunet_logonet.benchmark import finetune_start as fs
+
+    base = ["-d", "123", "-p", "LoGoNetPlans", "--pretrained", str(tmp_path / "missing.pth")]
+    for flags, said in ((["--steps", "0"], "--steps must be >= 1, got 0"), (["--cases", "0"], "--cases must be >= 1"),
+                        (["--report-every", "-1"], "--report-every must be >= 1"),
+                        (["--lr", "0"], "--lr must be > 0, got 0 (leave it out for the recipe's initial rate)"),
+                        (["--recipe", "adam"], "invalid choice: 'adam'")):
+        with pytest.raises(SystemExit) as stop:
+            fs.main(base + flags)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_finetune_start_names_what_is_missing(tmp_path):

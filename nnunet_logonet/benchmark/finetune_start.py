@@ -25,13 +25,14 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
-from nnunet_logonet.training.recipes import RECIPES
+from nnunet_logonet.training.recipes import RECIPES, configure_recipe
 
 __all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts", "main"]
 
@@ -134,7 +135,13 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 150, cases: int = 2, report_every: int = 25,
                    lr: float | None = None, recipe: str = "nnunet", preprocessed: str | os.PathLike | None = None,
                    log=print) -> dict:
-    """Both starts trained on the same fixed batch for every seed; a JSON-ready report."""
+    """Both starts trained on the same fixed batch for every seed; a JSON-ready report. Its ``lr`` and
+    ``weight_decay`` are the ones used: ``lr`` or, when None, the recipe's initial rate."""
+    settings = SimpleNamespace()
+    configure_recipe(settings, recipe)  # the recipe's initial_lr and weight_decay (ValueError for an unknown one)
+    lr = settings.initial_lr if lr is None else lr
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     if not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file {pretrained} does not exist.")
     folder = preprocessed_dataset(dataset, preprocessed)
@@ -146,7 +153,7 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
                                     configuration_manager.patch_size, cases)
     x = x.contiguous(memory_format=torch.channels_last_3d)  # LoGoNet's layout (3D only)
     log(f"fixed batch: {', '.join(identifiers)} at patch {'x'.join(map(str, configuration_manager.patch_size))}; "
-        f"recipe {recipe}, lr {'its initial one' if lr is None else f'{lr:g}'}; "
+        f"recipe {recipe}, lr {lr:g}, weight decay {settings.weight_decay:g}; "
         f"loss / foreground-mean Dice every {report_every} steps")
     runs = []
     for seed in seeds:
@@ -169,7 +176,8 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
             f"left the all-background solution in {summary[start]['took_off']} of {len(mine)} seeds")
     return {"dataset": folder.name, "plans": plans, "configuration": configuration, "pretrained": str(pretrained),
             "cases": identifiers, "patch_size": list(configuration_manager.patch_size), "steps": steps,
-            "seeds": list(seeds), "recipe": recipe, "lr": lr, "take_off_dice": TAKE_OFF_DICE, "runs": runs,
+            "seeds": list(seeds), "recipe": recipe, "lr": lr, "weight_decay": settings.weight_decay,
+            "take_off_dice": TAKE_OFF_DICE, "runs": runs,
             "summary": summary}
 
 
@@ -193,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--cases", args.cases), ("--report-every", args.report_every)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr:g} (leave it out for the recipe's initial rate)")
     report = compare_starts(args.dataset, args.plans, args.pretrained, configuration=args.configuration,
                             seeds=args.seeds, steps=args.steps, cases=args.cases, report_every=args.report_every,
                             lr=args.lr, recipe=args.recipe, preprocessed=args.preprocessed)
