@@ -242,6 +242,41 @@ def test_checkpoint_has_no_classifier_and_keeps_head_and_bank(workspace):
 
 
 @pytest.mark.e2e
+def test_training_log_reports_the_pretext_and_its_cost(workspace):
+    """docs/ssl.md, "Logs": the bank at the start (and that it is smaller than the paper's), per epoch
+    the SSL losses, the pseudo-label accuracy against chance and the labelling time, at the end the
+    share of pseudo-labelling in the pre-training wall time; the figures agree with each other."""
+    import re
+
+    fold = workspace["fold"]
+    ks = _final(fold)["ssl"]["ks"]
+    chance = float(np.mean([1 / k for k in ks]))
+    first_run = min(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime_ns)  # before any resume
+    log = first_run.read_text()
+    start = re.search(r"SSL pre-training: (\d+) clusterers, k (\d+)\.\.(\d+) \(sum (\d+), chance accuracy ([\d.]+)\)", log)
+    assert start, log[:2000]
+    assert [int(g) for g in start.groups()[:4]] == [len(ks), min(ks), max(ks), sum(ks)]
+    assert float(start.group(5)) == pytest.approx(chance, abs=1e-4)
+    assert "INFO: reduced pseudo-label bank for this budget: 12 clusterers, k in 16..64, pool 2 (paper: 80, " \
+           "80..500, raw slices)" in log
+    epochs = re.findall(r"pseudo-label accuracy: train ([\d.]+), val ([\d.na]+) \(chance ([\d.]+)\)", log)
+    assert len(epochs) == EPOCHS and all(float(c) == pytest.approx(chance, abs=1e-4) for _, _, c in epochs)
+    logging = _final(fold)["logging"]
+    assert [float(t) for t, _, _ in epochs] == pytest.approx(logging["ssl_train_accuracy"][:EPOCHS], abs=1e-4)
+    assert len(re.findall(r"train_loss [\d.]+", log)) == len(re.findall(r"val_loss [\d.]+", log)) == EPOCHS
+    times = [tuple(map(float, m)) for m in re.findall(r"Epoch time: ([\d.]+) s \(pseudo-labelling ([\d.]+) s\)", log)]
+    assert len(times) == EPOCHS and all(0 < label < epoch for epoch, label in times)
+    cost = re.search(r"Pseudo-label cost: fitting/loading ([\d.]+) s \+ labelling ([\d.]+) s = ([\d.]+)% of "
+                     r"([\d.]+) s pre-training wall time", log)
+    assert cost, log[-2000:]
+    fit, label, share, wall = map(float, cost.groups())
+    assert label == pytest.approx(sum(label for _, label in times), abs=0.005 * (EPOCHS + 1)), cost.group(0)
+    assert fit > 0 and wall >= sum(epoch for epoch, _ in times) - 0.01 * EPOCHS, cost.group(0)
+    # each figure rounded to 0.01 s, the share to 0.1 %
+    assert share == pytest.approx(100 * (fit + label) / wall, abs=100 * 0.011 / wall + 0.06), cost.group(0)
+
+
+@pytest.mark.e2e
 def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeypatch):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.run.run_training import get_trainer_from_args

@@ -481,8 +481,8 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         t = self._timing
         share = (t["fit_seconds"] + t["label_seconds"]) / t["pretrain_seconds"] if t["pretrain_seconds"] > 0 else 0.0
         self.print_to_log_file(
-            f"Pseudo-label cost: fitting/loading {t['fit_seconds']:.1f} s + labelling {t['label_seconds']:.1f} s = "
-            f"{100 * share:.1f}% of {t['pretrain_seconds']:.1f} s pre-training wall time.")
+            f"Pseudo-label cost: fitting/loading {t['fit_seconds']:.2f} s + labelling {t['label_seconds']:.2f} s = "
+            f"{100 * share:.1f}% of {t['pretrain_seconds']:.2f} s pre-training wall time.")
         super().on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
