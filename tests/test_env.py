@@ -103,3 +103,26 @@ def test_every_advertised_trainer_is_found_by_nnunet_with_the_epochs_its_name_gi
     assert recursive_find_trainer_class_by_name("LoGoNetTrainer_paperRecipe").recipe == "paper"
     assert issubclass(recursive_find_trainer_class_by_name("ULKANetTrainer_10epochs"), ULKANetTrainer)
     assert issubclass(recursive_find_trainer_class_by_name("LoGoNetSSLTrainer_100epochs"), LoGoNetSSLTrainer)
+
+
+def test_readme_demo_command_sets_up_and_hands_its_arguments_to_logonet_demo():
+    """``bash scripts/demo.sh`` (README's main-job command): the set-up finds the installed environment and
+    execs ``logonet_demo`` with the arguments given. Run against this test run's own environment, only where
+    that environment was made by the set-up (its stamp matches): elsewhere the script would reinstall it."""
+    import hashlib
+
+    import pytest
+
+    venv = Path(sys.prefix)
+    want = hashlib.sha256((REPO / "setup.cfg").read_bytes() + (REPO / "pyproject.toml").read_bytes()).hexdigest()
+    stamp = venv / ".logonet-install-stamp"
+    if not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.skip(f"{venv} was not set up by scripts/setup_env.sh for this setup.cfg (no matching {stamp.name})")
+    env = {**os.environ, "LOGONET_VENV": str(venv)}
+    shown = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--help"], capture_output=True, text=True,
+                           env=env, cwd="/", timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert f"[setup] reusing {venv}" in shown.stdout and "usage: logonet_demo" in shown.stdout
+    refused = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--no-such-flag"], capture_output=True,
+                             text=True, env=env, cwd="/", timeout=120)
+    assert refused.returncode == 2 and "--no-such-flag" in refused.stderr

@@ -1,0 +1,107 @@
+"""``python -m nnunet_logonet.benchmark.ssl_benefit`` end to end (slow: ~3 min on 2 cores).
+
+The benchmark docs/ssl.md and README quote for "does pre-training help?": phantom -> nnU-Net's planning
+-> the image-only pre-training dataset -> ``LoGoNetSSLTrainer`` pre-training -> fine-tuning from scratch
+and from the SSL weights -> ``nnUNetv2_predict`` on imagesTs -> nnU-Net's evaluator, every step through
+nnU-Net's commands. Its own budgets (demoQuick: minutes per arm) are swapped for one short epoch per
+training here; everything else runs as the command does. A second run reuses every result.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+SSL_TRAINER, FT_TRAINER = "LoGoNetSSLTrainer_ciBenefit", "LoGoNetTrainer_ciBenefitNoVal"
+#: written by the benchmark into its own nnUNet_extTrainer folder, as its real module is
+EXT_MODULE = textwrap.dedent(f'''
+    from nnunet_logonet.benchmark.ssl_benefit import _skip_final_validation
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+    from nnunet_logonet.training.trainer import LoGoNetTrainer, with_budget
+
+
+    class {SSL_TRAINER}(LoGoNetSSLTrainerCPU):
+        cluster_fit_patches = 20
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 3, 1
+            self.save_every = 1
+
+
+    {FT_TRAINER} = with_budget(LoGoNetTrainer, "{FT_TRAINER}", 1, 4, 1, __name__)
+    {FT_TRAINER}.perform_actual_validation = _skip_final_validation
+''')
+ARGS = ["--quick", "--labeled", "2", "--unlabeled", "2", "--test", "2", "--size", "32", "--device", "cpu",
+        "--dataset-id", "940"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_path, monkeypatch, capsys):
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    monkeypatch.setattr(ssl_benefit, "BUDGETS", {True: (SSL_TRAINER, FT_TRAINER), False: (SSL_TRAINER, FT_TRAINER)})
+    monkeypatch.setattr(ssl_benefit, "EXT_MODULE", EXT_MODULE)
+    # the user's nnU-Net folders are never touched: the benchmark sets its own under --base
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path / "users" / name))
+    base = tmp_path / "work"
+    assert ssl_benefit.main([*ARGS, "--base", str(base)]) == 0
+    report = json.loads((base / "ssl_benefit.json").read_text())
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "users").exists()
+
+    steps = [c["step"] for c in report["commands"]]
+    assert steps == ["plan", "pretrain", "finetune_scratch_0", "predict_scratch_0", "finetune_ssl_0", "predict_ssl_0"]
+    commands = {c["step"]: c["command"] for c in report["commands"]}
+    ssl_checkpoint = (base / "nnUNet_results" / "Dataset941_SSLBenefitPretrain" /
+                      f"{SSL_TRAINER}__LoGoNetTinyPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth")
+    assert ssl_checkpoint.is_file()
+    assert f"-pretrained_weights {ssl_checkpoint}" in commands["finetune_ssl_0"]
+    assert "-pretrained_weights" not in commands["finetune_scratch_0"]
+    assert report["settings"]["pretraining_trainer"] == SSL_TRAINER and report["settings"]["labeled"] == 2
+
+    pre = report["pretraining"]
+    assert len(pre["train_loss"]) == 1 and pre["num_clusterers"] == 12 and pre["k_range"][1] <= 64
+    assert 0 < pre["chance_accuracy"] < 0.1 and 0 < pre["clustering_share"] < 1
+
+    labels = json.loads((base / "nnUNet_raw" / "Dataset940_SSLBenefit" / "dataset.json").read_text())["labels"]
+    organs = [name for name, value in labels.items() if value != 0]
+    for arm in ("scratch", "ssl"):
+        (run,) = report["arms"][arm]
+        assert 0 <= run["test_dice"] <= 1 and sorted(run["per_organ_dice"]) == sorted(organs)
+        assert Path(run["checkpoint"]).is_file() and run["finetune_seconds"] > 0
+        predictions = sorted(p.name for p in (base / f"predictions_{arm}_0").glob("*.nii.gz"))
+        assert predictions == ["SSLBenefit_ts000.nii.gz", "SSLBenefit_ts001.nii.gz"]
+        assert report["mean_test_dice"][arm] == run["test_dice"]
+        # the fine-tuning's log says why nnU-Net's final validation is left out
+        fold = Path(run["checkpoint"]).parent
+        log = "\n".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+        assert "nnU-Net's validation on the training cases is skipped" in log
+        assert not (fold / "validation").exists()
+    assert "test Dice (foreground mean)" in printed and f"mean: scratch {report['mean_test_dice']['scratch']:.4f}" in printed
+
+    # run again: every result is found and reused, nothing is trained or predicted twice
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["commands"] == [] and again["mean_test_dice"] == report["mean_test_dice"]
+    assert all(run["finetune_seconds"] is None for runs in again["arms"].values() for run in runs)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--labeled", "0"], "--labeled must be >= 1, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--dataset-id", "999"], "--dataset-id must be in [1, 998]"),
+])
+def test_ssl_benefit_refuses_bad_settings_before_writing_anything(tmp_path, capsys, flags, said):
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    with pytest.raises(SystemExit) as stop:
+        ssl_benefit.main([*flags, "--base", str(tmp_path / "work")])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
