@@ -19,22 +19,18 @@ import pytest
 SSL_TRAINER, FT_TRAINER = "LoGoNetSSLTrainer_ciBenefit", "LoGoNetTrainer_ciBenefitNoVal"
 #: written by the benchmark into its own nnUNet_extTrainer folder, as its real module is
 EXT_MODULE = textwrap.dedent(f'''
-    from nnunet_logonet.benchmark.ssl_benefit import _skip_final_validation
-    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
-    from nnunet_logonet.training.trainer import LoGoNetTrainer, with_budget
+    from nnunet_logonet.benchmark.ssl_benefit import LoGoNetTrainer_demoQuickNoVal
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer_demoQuick
+    from nnunet_logonet.training.trainer import with_budget
 
 
-    class {SSL_TRAINER}(LoGoNetSSLTrainerCPU):
+    class _FewerPatches(LoGoNetSSLTrainer_demoQuick):
         cluster_fit_patches = 20
 
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 3, 1
-            self.save_every = 1
 
-
-    {FT_TRAINER} = with_budget(LoGoNetTrainer, "{FT_TRAINER}", 1, 4, 1, __name__)
-    {FT_TRAINER}.perform_actual_validation = _skip_final_validation
+    # the benchmark's --quick trainers (its own fine-tuning class: no final validation), shorter
+    {SSL_TRAINER} = with_budget(_FewerPatches, "{SSL_TRAINER}", 1, 3, 1, __name__)
+    {FT_TRAINER} = with_budget(LoGoNetTrainer_demoQuickNoVal, "{FT_TRAINER}", 1, 4, 1, __name__)
 ''')
 ARGS = ["--quick", "--labeled", "2", "--unlabeled", "2", "--test", "2", "--size", "32", "--device", "cpu",
         "--dataset-id", "940"]

@@ -321,7 +321,10 @@ def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint
     # the paper's recipe (docs/ssl.md: AdamW at its 1e-4, weight decay 1e-5): the report says what was used
     paper = tmp_path / "paper.json"
     assert fs.main(["-d", str(LABELED), "-p", PLANS, "--pretrained", str(ckpt), "--seeds", "3", "--steps", "2",
-                    "--recipe", "paper", "--report-every", "1", "--preprocessed", str(pre), "--json", str(paper)]) == 0
+                    "--recipe", "paper", "--report-every", "1", "--preprocessed", str(pre), "--json", str(paper),
+                    "--chart", str(tmp_path / "charts" / "starts.png")]) == 0
+    assert (tmp_path / "charts" / "starts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in (tmp_path / "charts").iterdir()] == ["starts.png"]  # no temporary file left
     paper = json.loads(paper.read_text())
     assert (paper["recipe"], paper["lr"], paper["weight_decay"]) == ("paper", 1e-4, 1e-5)
     for sgd, adamw in zip(report["runs"], paper["runs"]):

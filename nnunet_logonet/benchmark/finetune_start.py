@@ -34,7 +34,8 @@ import torch
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
 from nnunet_logonet.training.recipes import RECIPES, configure_recipe
 
-__all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts", "main"]
+__all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts",
+           "plot_starts", "main"]
 
 STARTS = ("scratch", "pretrained")
 #: a class Dice above this on the batch counts as having left the all-background solution
@@ -181,6 +182,40 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
             "summary": summary}
 
 
+def plot_starts(report: dict, path: str | os.PathLike) -> None:
+    """Loss and foreground-mean Dice of the batch against the step, one colour per seed, the
+    scratch start solid and the pre-trained one dashed; each start's take-off step (a class Dice
+    above TAKE_OFF_DICE) circled. ``report``: :func:`compare_starts`'s, or its JSON read back."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_logonet.figures import save_figure
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(12, 4.5))
+    palette = plt.get_cmap("tab10").colors
+    for run in report["runs"]:
+        color = palette[report["seeds"].index(run["seed"]) % len(palette)]
+        style = "-" if run["start"] == "scratch" else "--"
+        steps = [h["step"] for h in run["history"]]
+        label = f"seed {run['seed']}, {run['start']}"
+        ax_loss.plot(steps, [h["loss"] for h in run["history"]], style, color=color, marker=".", label=label)
+        dice = [statistics.fmean(h["dice"]) for h in run["history"]]
+        ax_dice.plot(steps, dice, style, color=color, marker=".")
+        if run["take_off_step"] is not None:
+            ax_dice.plot(run["take_off_step"], dice[steps.index(run["take_off_step"])], "o", mfc="none", ms=10,
+                         color=color)
+    ax_loss.set(xlabel="step", ylabel="Dice + CE loss on the batch", title="loss")
+    ax_dice.set(xlabel="step", ylabel="foreground-mean Dice of the batch", ylim=(-0.02, 1.02),
+                title=f"Dice (circled: first step with a class Dice > {TAKE_OFF_DICE})")
+    ax_loss.legend(fontsize="small")
+    fig.suptitle(f"Fine-tuning start on one fixed batch: {report['dataset']}, {report['plans']}, recipe "
+                 f"{report['recipe']}, lr {report['lr']:g} (solid: scratch, dashed: pre-trained)")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.finetune_start",
                                      description=__doc__.split("\n\n")[0])
@@ -197,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's initial one)")
     parser.add_argument("--preprocessed", default=None, help="nnU-Net's preprocessed folder (default: $nnUNet_preprocessed)")
     parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--chart", default=None, metavar="PNG", help="also draw loss and Dice against the step here")
     return parser
 
 
@@ -217,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, path)
+    if args.chart:
+        plot_starts(report, args.chart)
+        print(f"wrote {args.chart}")
     return 0
 
 
