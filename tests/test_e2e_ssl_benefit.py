@@ -93,6 +93,8 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     (["--labeled", "0"], "--labeled must be >= 1, got 0"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--dataset-id", "999"], "--dataset-id must be in [1, 998]"),
+    (["--size", "16"], "--size must be in [32, 512], got 16"),  # the phantom's limit
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_ssl_benefit_refuses_bad_settings_before_writing_anything(tmp_path, capsys, flags, said):
     from nnunet_logonet.benchmark import ssl_benefit
@@ -101,3 +103,30 @@ def test_ssl_benefit_refuses_bad_settings_before_writing_anything(tmp_path, caps
         ssl_benefit.main([*flags, "--base", str(tmp_path / "work")])
     assert stop.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys, monkeypatch):
+    """A step nnU-Net refuses (here planning, on a dataset folder that is not a phantom) ends the
+    command with the step, its exit code, its log and the log's last lines; no traceback, no report."""
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    base = tmp_path / "work"
+    dataset = base / "nnUNet_raw" / "Dataset940_SSLBenefit"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "dataset.json").write_text("{not json")
+    assert ssl_benefit.main([*ARGS, "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssl_benefit: error: plan failed (exit ") and f"log {base / 'logs' / 'plan.log'}" in err
+    assert "dataset.json" in err  # the planner's own message, from the log's tail
+    assert not (base / "ssl_benefit.json").exists()
+
+
+def test_ssl_benefit_interrupted_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ssl_benefit, "run", interrupted)
+    assert ssl_benefit.main(["--base", str(tmp_path / "work")]) == 130
+    assert "interrupted. Run the same command again (same --base, without --fresh)" in capsys.readouterr().err

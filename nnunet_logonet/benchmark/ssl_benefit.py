@@ -28,7 +28,7 @@ from pathlib import Path
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
 
-__all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "main", "run"]
+__all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "StepFailed", "main", "run"]
 
 PLANNER, PLANS, CONFIGURATION = "LoGoNetTinyPlanner", "LoGoNetTinyPlans", "3d_fullres"
 BUDGETS = {True: ("LoGoNetSSLTrainer_demoQuick", "LoGoNetTrainer_demoQuickNoVal"),
@@ -50,6 +50,10 @@ LoGoNetTrainer_demoNoVal = type("LoGoNetTrainer_demoNoVal", (LoGoNetTrainer_demo
                                 {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
 LoGoNetTrainer_demoQuickNoVal = type("LoGoNetTrainer_demoQuickNoVal", (LoGoNetTrainer_demoQuick,),
                                      {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
+
+
+class StepFailed(RuntimeError):
+    """One of the benchmark's nnU-Net commands exited with an error; the message names its log."""
 
 
 def _binary(name: str) -> str:
@@ -77,7 +81,7 @@ class _Runner:
                               **({"env": env_overrides} if env_overrides else {})})
         if done.returncode != 0:
             tail = "\n".join(log.read_text().strip().splitlines()[-20:])
-            raise RuntimeError(f"{step} failed (exit {done.returncode}); log {log}:\n{tail}")
+            raise StepFailed(f"{step} failed (exit {done.returncode}); log {log}:\n{tail}")
         return seconds
 
 
@@ -241,7 +245,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= {low}, got {value}")
     if not 1 <= args.dataset_id <= 998:
         parser.error(f"--dataset-id must be in [1, 998] (the pre-training dataset takes id+1), got {args.dataset_id}")
-    report = run(args)
+    from nnunet_logonet.phantom.writer import PhantomArgumentError, check_arguments
+    from nnunet_logonet.ssl.pipeline import PipelineError
+
+    try:  # the phantom's own limits (size, seed), before anything is written
+        check_arguments(dataset_id=args.dataset_id, name="SSLBenefit", num_train=args.labeled, num_test=args.test,
+                        num_unlabeled=args.unlabeled, seed=args.seed, size=args.size, fmt="nnunet")
+    except PhantomArgumentError as error:
+        flag = {"num_train": "--labeled", "num_test": "--test", "num_unlabeled": "--unlabeled"}.get(
+            error.param, f"--{error.param.replace('_', '-')}")
+        parser.error(f"{flag} {error}")
+    try:
+        report = run(args)
+    except (StepFailed, PipelineError, PhantomArgumentError, FileExistsError) as error:
+        print(f"ssl_benefit: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nssl_benefit: interrupted. Run the same command again (same --base, without --fresh): finished "
+              f"steps are reused, an unfinished one is redone.", file=sys.stderr)
+        return 130
     output = Path(args.output) if args.output else Path(args.base) / "ssl_benefit.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
