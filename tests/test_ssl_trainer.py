@@ -376,6 +376,15 @@ def test_finetune_start_names_what_is_missing(tmp_path):
         fs.compare_starts("123", "LoGoNetPlans", ckpt, preprocessed=tmp_path)
 
 
+def test_finetune_start_command_reports_errors_in_one_line(tmp_path, capsys):
+    from nnunet_logonet.benchmark import finetune_start as fs
+
+    assert fs.main(["-d", "123", "-p", "LoGoNetPlans", "--pretrained", str(tmp_path / "ckpt.pth"),
+                    "--preprocessed", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"finetune_start: error: pretrained weights file {tmp_path / 'ckpt.pth'} does not exist.\n"
+
+
 @pytest.mark.e2e
 def test_weights_of_another_preset_are_reported_in_full(workspace):
     ckpt = workspace["fold"] / "checkpoint_final.pth"

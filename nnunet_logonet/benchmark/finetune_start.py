@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,9 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr:g} (leave it out for the recipe's initial rate)")
-    report = compare_starts(args.dataset, args.plans, args.pretrained, configuration=args.configuration,
-                            seeds=args.seeds, steps=args.steps, cases=args.cases, report_every=args.report_every,
-                            lr=args.lr, recipe=args.recipe, preprocessed=args.preprocessed)
+    try:
+        report = compare_starts(args.dataset, args.plans, args.pretrained, configuration=args.configuration,
+                                seeds=args.seeds, steps=args.steps, cases=args.cases, report_every=args.report_every,
+                                lr=args.lr, recipe=args.recipe, preprocessed=args.preprocessed)
+    except (FileNotFoundError, ValueError) as error:  # missing files or plans, a checkpoint of other plans, ...
+        print(f"finetune_start: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nfinetune_start: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
