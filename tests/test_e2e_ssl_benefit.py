@@ -1,4 +1,4 @@
-"""``python -m nnunet_logonet.benchmark.ssl_benefit`` end to end (slow: ~3 min on 2 cores).
+"""``python -m nnunet_logonet.benchmark.ssl_benefit`` end to end (slow: ~2 min on 2 cores).
 
 The benchmark docs/ssl.md and README quote for "does pre-training help?": phantom -> nnU-Net's planning
 -> the image-only pre-training dataset -> ``LoGoNetSSLTrainer`` pre-training -> fine-tuning from scratch
@@ -60,6 +60,7 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert ssl_checkpoint.is_file()
     assert f"-pretrained_weights {ssl_checkpoint}" in commands["finetune_ssl_0"]
     assert "-pretrained_weights" not in commands["finetune_scratch_0"]
+    assert "Loading pretrained weights" in (base / "logs" / "finetune_ssl_0.log").read_text()  # nnU-Net's loader
     assert report["settings"]["pretraining_trainer"] == SSL_TRAINER and report["settings"]["labeled"] == 2
 
     pre = report["pretraining"]
@@ -87,6 +88,19 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["commands"] == [] and again["mean_test_dice"] == report["mean_test_dice"]
     assert all(run["finetune_seconds"] is None for runs in again["arms"].values() for run in runs)
+
+    # a fine-tuning an interrupted run left without its final checkpoint is continued with nnU-Net's --c
+    # (which nnU-Net refuses beside -pretrained_weights: the checkpoint holds the fine-tuned weights), then
+    # its test cases are predicted again
+    fold = Path(report["arms"]["ssl"][0]["checkpoint"]).parent
+    (fold / "checkpoint_final.pth").unlink()
+    assert (fold / "checkpoint_best.pth").is_file()
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "resumed.json")]) == 0
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [c["step"] for c in resumed["commands"]] == ["finetune_ssl_0", "predict_ssl_0"]
+    assert resumed["commands"][0]["command"].endswith(" --c") and "-pretrained_weights" not in resumed["commands"][0]["command"]
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert "Loading pretrained weights" not in (base / "logs" / "finetune_ssl_0.log").read_text()
 
 
 @pytest.mark.parametrize("flags, said", [

@@ -85,6 +85,15 @@ class _Runner:
         return seconds
 
 
+def _training(command: list, fold: Path, pretrained: Path | None = None) -> list:
+    """``command`` (an ``nnUNetv2_train`` line) continued with ``--c`` where an interrupted run left a
+    checkpoint in ``fold``, else started, from ``pretrained`` if given (nnU-Net refuses ``--c`` with
+    ``-pretrained_weights``; the checkpoint holds the fine-tuned weights)."""
+    if any((fold / name).is_file() for name in ("checkpoint_latest.pth", "checkpoint_best.pth")):
+        return [*command, "--c"]
+    return [*command, "-pretrained_weights", pretrained] if pretrained is not None else list(command)
+
+
 def _ssl_summary(checkpoint: Path) -> dict:
     import numpy as np
     import torch
@@ -150,8 +159,8 @@ def run(args: argparse.Namespace) -> dict:
     ssl_fold = results / info["dataset"] / f"{ssl_trainer}__{PLANS}__{CONFIGURATION}" / "fold_all"
     ssl_checkpoint = ssl_fold / "checkpoint_final.pth"
     if not ssl_checkpoint.is_file():
-        runner("pretrain", ["nnUNetv2_train", pretrain_id, CONFIGURATION, "all", "-tr", ssl_trainer, "-p", PLANS,
-                            "-device", device])
+        runner("pretrain", _training(["nnUNetv2_train", pretrain_id, CONFIGURATION, "all", "-tr", ssl_trainer,
+                                      "-p", PLANS, "-device", device], ssl_fold))
     ssl = _ssl_summary(ssl_checkpoint)
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
@@ -164,13 +173,11 @@ def run(args: argparse.Namespace) -> dict:
             fold = arm_results / dataset.name / f"{ft_trainer}__{PLANS}__{CONFIGURATION}" / "fold_all"
             train_seconds = None
             if not (fold / "checkpoint_final.pth").is_file():
-                command = ["nnUNetv2_train", labeled_id, CONFIGURATION, "all", "-tr", ft_trainer, "-p", PLANS,
-                           "-device", device]
-                if arm == "ssl":
-                    command += ["-pretrained_weights", ssl_checkpoint]
+                command = _training(["nnUNetv2_train", labeled_id, CONFIGURATION, "all", "-tr", ft_trainer, "-p",
+                                     PLANS, "-device", device], fold, ssl_checkpoint if arm == "ssl" else None)
                 train_seconds = runner(f"finetune_{arm}_{repeat}", command, **arm_env)
             predictions = base / f"predictions_{arm}_{repeat}"
-            if not (predictions / "summary.json").is_file():
+            if train_seconds is not None or not (predictions / "summary.json").is_file():  # a new model: predict again
                 runner(f"predict_{arm}_{repeat}", [
                     "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", predictions, "-d", labeled_id,
                     "-c", CONFIGURATION, "-f", "all", "-tr", ft_trainer, "-p", PLANS, "-device", device,
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"\nssl_benefit: interrupted. Run the same command again (same --base, without --fresh): finished "
-              f"steps are reused, an unfinished one is redone.", file=sys.stderr)
+              f"steps are reused, an interrupted training is continued (--c).", file=sys.stderr)
         return 130
     output = Path(args.output) if args.output else Path(args.base) / "ssl_benefit.json"
     output.parent.mkdir(parents=True, exist_ok=True)
