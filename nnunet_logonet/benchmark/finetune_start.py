@@ -142,8 +142,6 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
     settings = SimpleNamespace()
     configure_recipe(settings, recipe)  # the recipe's initial_lr and weight_decay (ValueError for an unknown one)
     lr = settings.initial_lr if lr is None else lr
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
     if not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file {pretrained} does not exist.")
     folder = preprocessed_dataset(dataset, preprocessed)

@@ -246,16 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     args.unlabeled = args.unlabeled if args.unlabeled is not None else (8 if args.quick else 16)
     args.test = args.test if args.test is not None else (4 if args.quick else 8)
     args.size = args.size if args.size is not None else (32 if args.quick else 48)
-    for flag, value, low in (("--labeled", args.labeled, 1), ("--unlabeled", args.unlabeled, 0),
-                             ("--test", args.test, 1), ("--repeats", args.repeats, 1)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--test", args.test), ("--repeats", args.repeats)):  # the phantom allows 0 test cases
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     if not 1 <= args.dataset_id <= 998:
         parser.error(f"--dataset-id must be in [1, 998] (the pre-training dataset takes id+1), got {args.dataset_id}")
     from nnunet_logonet.phantom.writer import PhantomArgumentError, check_arguments
     from nnunet_logonet.ssl.pipeline import PipelineError
 
-    try:  # the phantom's own limits (size, seed), before anything is written
+    try:  # the phantom's own limits (cases, size, seed), before anything is written
         check_arguments(dataset_id=args.dataset_id, name="SSLBenefit", num_train=args.labeled, num_test=args.test,
                         num_unlabeled=args.unlabeled, seed=args.seed, size=args.size, fmt="nnunet")
     except PhantomArgumentError as error:
