@@ -221,11 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--dataset", required=True, help="fine-tuning dataset: id (900) or folder name")
     parser.add_argument("-p", "--plans", required=True, help="plans of the fine-tuning (e.g. LoGoNetPlans)")
     parser.add_argument("--pretrained", required=True, help="the file given to nnUNetv2_train -pretrained_weights")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("-c", "--configuration", default="3d_fullres",
+                        help="configuration of the plans (default 3d_fullres)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the random start and of the new classifier; one run per start and seed "
+                             "(default 0 1 2)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps on the batch per run (default 150)")
     parser.add_argument("--cases", type=int, default=2, help="training cases in the fixed batch (default 2)")
-    parser.add_argument("--report-every", type=int, default=25)
+    parser.add_argument("--report-every", type=int, default=25,
+                        help="record loss and Dice every N steps and at the last (default 25)")
     parser.add_argument("--recipe", choices=RECIPES, default="nnunet",
                         help="optimizer: nnU-Net's SGD (default) or the paper's AdamW (docs/training_recipe.md)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's initial one)")
