@@ -55,6 +55,7 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     steps = [c["step"] for c in report["commands"]]
     assert steps == ["plan", "pretrain", "finetune_scratch_0", "predict_scratch_0", "finetune_ssl_0", "predict_ssl_0"]
     commands = {c["step"]: c["command"] for c in report["commands"]}
+    assert all(c["seconds"] > 0 and c["cpu_seconds"] > 0 and c["peak_rss_mb"] > 100 for c in report["commands"])
     ssl_checkpoint = (base / "nnUNet_results" / "Dataset941_SSLBenefitPretrain" /
                       f"{SSL_TRAINER}__LoGoNetTinyPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth")
     assert ssl_checkpoint.is_file()
@@ -121,7 +122,7 @@ def test_ssl_benefit_refuses_bad_settings_before_writing_anything(tmp_path, caps
 
 def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys, monkeypatch):
     """A step nnU-Net refuses (here planning, on a dataset folder that is not a phantom) ends the
-    command with the step, its exit code, its log and the log's last lines; no traceback, no report."""
+    command with the step, its command line, exit code, log and the log's last lines; no traceback, no report."""
     from nnunet_logonet.benchmark import ssl_benefit
 
     base = tmp_path / "work"
@@ -130,7 +131,8 @@ def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys,
     (dataset / "dataset.json").write_text("{not json")
     assert ssl_benefit.main([*ARGS, "--base", str(base)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ssl_benefit: error: plan failed (exit ") and f"log {base / 'logs' / 'plan.log'}" in err
+    assert err.startswith("ssl_benefit: error: plan: `") and "logonet_plan_and_preprocess -d 940" in err
+    assert "failed (exit 2)" in err and f"Last lines of {base / 'logs' / 'plan.log'}" in err
     assert "dataset.json" in err  # the planner's own message, from the log's tail
     assert not (base / "ssl_benefit.json").exists()
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,8 @@ def _binary(name: str) -> str:
 
 
 class _Runner:
-    """Runs one nnU-Net command with the benchmark's environment, output to logs/<step>.log."""
+    """Runs one nnU-Net command with the benchmark's environment through the demo's runner (output to
+    logs/<step>.log, its tail on failure); a training shows its epochs as a progress bar."""
 
     def __init__(self, base: Path, env: dict[str, str]) -> None:
         self.base, self.env = base, env
@@ -70,19 +70,29 @@ class _Runner:
         self.commands: list[dict] = []
 
     def __call__(self, step: str, argv: list[str], **env_overrides: str) -> float:
+        from tqdm import tqdm
+
+        from nnunet_logonet.demo.runner import run_command
+        from nnunet_logonet.demo.settings import DemoError
+        from nnunet_logonet.demo.stages import EPOCH_TIME
+
         argv = [_binary(argv[0]), *map(str, argv[1:])]
-        log = self.base / "logs" / f"{step}.log"
         print(f"  {step}: {' '.join(Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))}", flush=True)
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            done = subprocess.run(argv, env={**self.env, **env_overrides}, stdout=f, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - start
-        self.commands.append({"step": step, "command": " ".join(argv), "seconds": round(seconds, 1),
+        training = Path(argv[0]).name == "nnUNetv2_train"
+        with tqdm(desc=f"    {step}", unit="epoch", leave=False, disable=not training) as bar:
+            def on_line(line: str) -> None:
+                if EPOCH_TIME.search(line):
+                    bar.update()
+
+            try:
+                result = run_command(argv, env={**self.env, **env_overrides}, log=self.base / "logs" / f"{step}.log",
+                                     on_line=on_line)
+            except DemoError as error:
+                raise StepFailed(f"{step}: {error}") from None
+        self.commands.append({"step": step, "command": " ".join(argv), "seconds": round(result.wall_s, 1),
+                              "cpu_seconds": round(result.cpu_s, 1), "peak_rss_mb": round(result.max_rss_mb),
                               **({"env": env_overrides} if env_overrides else {})})
-        if done.returncode != 0:
-            tail = "\n".join(log.read_text().strip().splitlines()[-20:])
-            raise StepFailed(f"{step} failed (exit {done.returncode}); log {log}:\n{tail}")
-        return seconds
+        return result.wall_s
 
 
 def _training(command: list, fold: Path, pretrained: Path | None = None) -> list:
