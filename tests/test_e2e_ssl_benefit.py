@@ -10,6 +10,7 @@ training here; everything else runs as the command does. A second run reuses eve
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -102,6 +103,17 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert resumed["commands"][0]["command"].endswith(" --c") and "-pretrained_weights" not in resumed["commands"][0]["command"]
     assert (fold / "checkpoint_final.pth").is_file()
     assert "Loading pretrained weights" not in (base / "logs" / "finetune_ssl_0.log").read_text()
+
+    # pre-training redone (its checkpoint newer than the fine-tuning's): the SSL arm is fine-tuned again from it,
+    # not reused nor continued; the scratch arm is kept
+    later = (fold / "checkpoint_final.pth").stat().st_mtime + 60
+    os.utime(ssl_checkpoint, (later, later))
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "redone.json")]) == 0
+    redone = json.loads((tmp_path / "redone.json").read_text())
+    assert [c["step"] for c in redone["commands"]] == ["finetune_ssl_0", "predict_ssl_0"]
+    assert f"-pretrained_weights {ssl_checkpoint}" in redone["commands"][0]["command"]
+    assert " --c" not in redone["commands"][0]["command"]
+    assert "fine-tuned from an earlier pre-training: fine-tuning again" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, said", [

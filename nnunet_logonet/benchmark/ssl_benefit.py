@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> dict:
             arm_env = {"nnUNet_results": str(arm_results)}
             fold = arm_results / dataset.name / f"{ft_trainer}__{PLANS}__{CONFIGURATION}" / "fold_all"
             train_seconds = None
+            if arm == "ssl" and any(c.stat().st_mtime < ssl_checkpoint.stat().st_mtime for c in fold.glob("*.pth")):
+                print(f"  {fold} was fine-tuned from an earlier pre-training: fine-tuning again", flush=True)
+                shutil.rmtree(fold)  # the benchmark's own folder; neither reused nor continued with --c
             if not (fold / "checkpoint_final.pth").is_file():
                 command = _training(["nnUNetv2_train", labeled_id, CONFIGURATION, "all", "-tr", ft_trainer, "-p",
                                      PLANS, "-device", device], fold, ssl_checkpoint if arm == "ssl" else None)
