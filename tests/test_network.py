@@ -64,6 +64,26 @@ def n_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------- paper fidelity
 
 
+@pytest.mark.parametrize("preset, depths, dims", [("S", [3, 4, 6, 3], [64, 128, 256, 512]),
+                                                  ("L", [3, 3, 24, 3], [96, 192, 384, 768])])
+def test_presets_are_the_papers_table_9(preset, depths, dims):
+    """Exactly, not through the parameter count: [3, 4, 5, 3] or MLP ratios [8, 8, 3, 4] for S stayed within its
+    3 % (an audit's mutations); the stem 32 -> 64 is the paper's too, and BatchNorm without stochastic depth."""
+    kwargs = arch_kwargs_for_preset(preset)
+    assert (kwargs["depths"], kwargs["dims"], kwargs["mlp_ratios"]) == (depths, dims, [8, 8, 4, 4])
+    assert kwargs["stem_channels"] == [32, 64]
+    assert (kwargs["norm"], kwargs["drop_path_rate"], kwargs["layer_scale_init"]) == ("batch", 0.0, 1e-2)
+    assert (kwargs["local_grid"], kwargs["local_stages"]) == ([2, 2, 2], 2)
+
+
+def test_head_is_the_papers_conv_norm_gelu_then_classifier():
+    """A 1^3 head conv stayed within the MAC tolerance (-5.6 %), and nothing else looked at its kernel."""
+    head = small(LoGoNet).head
+    assert head.conv.kernel_size == (3, 3, 3) and head.conv.padding == (1, 1, 1)
+    assert isinstance(head.norm, nn.BatchNorm3d) and isinstance(head.act, nn.GELU)
+    assert head.seg_layers[0].kernel_size == (1, 1, 1)
+
+
 @pytest.mark.parametrize(
     "cls, preset, paper_millions",
     [(ULKANet, "S", 40.2), (LoGoNet, "S", 67.5), (ULKANet, "L", 121.2), (LoGoNet, "L", 172.5)],
@@ -367,6 +387,90 @@ def test_bad_input_tensor_raises_value_error(cls, shape, match):
 def test_bad_constructor_keywords_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoGoNet(1, 2, **{**arch_kwargs_for_preset("tiny", ISO), **kwargs})
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(dims=[-1, 16, 32, 64]), r"dims must be a non-empty list of ints >= 1, got \[-1"),
+        (dict(dims=[8, 16, 32]), "depths must have 3 entries"),
+        (dict(norm="layer"), "norm must be one of"),
+        (dict(mlp_ratios=[0.01, 4, 4, 4]), r"mlp_ratios\[0\] = 0.01 gives stage 0 \(dims\[0\] = 8\) an MLP of .* 0 "
+                                           r"channels; it must be at least 1 / 8"),
+        (dict(mlp_ratios=[float("nan"), 4, 4, 4]), r"mlp_ratios\[0\] must be a finite number > 0.0, got nan"),
+        (dict(mlp_ratios=[4, 4]), "mlp_ratios must be a list of 4 numbers"),
+        (dict(layer_scale_init=float("nan")), "layer_scale_init must be a finite number, got nan"),
+        (dict(drop_path_rate="x"), r"drop_path_rate must be a finite number >= 0.0 and < 1.0, got 'x'"),
+        (dict(local_stages=9), r"local_stages must be in \[1, 4\]"),
+        (dict(local_grid=[2, 2]), "local_grid must be 3 ints"),
+    ],
+)
+def test_bad_preset_overrides_are_refused_before_they_reach_plans(overrides, match):
+    """``arch_kwargs_for_preset`` writes plans-ready keywords: nonsense came back as if valid and stopped the
+    network's construction later, inside PyTorch ('groups must be a positive integer') or not at all (NaN)."""
+    with pytest.raises(ValueError, match=match):
+        arch_kwargs_for_preset("tiny", **overrides)
+    numpy_scalars = arch_kwargs_for_preset("tiny", mlp_ratios=list(np.float32([4, 4, 4, 4])), local_stages=np.int64(2))
+    assert numpy_scalars["local_stages"] == 2  # NumPy scalars count as the numbers they hold
+
+
+def test_bad_arguments_of_the_building_blocks_are_named():
+    from nnunet_logonet.network.decoder import ULKADecoder
+    from nnunet_logonet.network.encoder import ULKAEncoder
+    from nnunet_logonet.network.layers import ConvUnit
+    from nnunet_logonet.network.lka import LKA3d
+
+    kwargs = arch_kwargs_for_preset("tiny", ISO, model="ULKANet")
+    cases = [
+        (lambda: ULKANet(1, None, **kwargs), "num_classes must be an int >= 1, got None"),
+        (lambda: LoGoNet(1, 2, "no", **arch_kwargs_for_preset("tiny", ISO)), "deep_supervision must be True or False"),
+        (lambda: LKA3d(0), "dim must be an int >= 1, got 0"),
+        (lambda: LKABlock(8, mlp_ratio=0.05), r"mlp_ratio 0.05 gives a 8-channel block an MLP of .* 0 channels"),
+        (lambda: LKABlock(8, mlp_ratio=-1), "mlp_ratio must be a finite number > 0.0"),
+        (lambda: LKABlock(8, drop_path=-0.1), "drop_path must be a finite number >= 0.0 and < 1.0"),
+        (lambda: ConvUnit(0, 4), "in_channels must be an int >= 1, got 0"),
+        (lambda: ULKAEncoder(1, embed_strides=[(4, 4, 4)] * 4, dims=[8, 16, 32, 64], depths=[1, 1, 1],
+                             mlp_ratios=[4] * 4, stem_channels=[4, 4]), "depths must have 4 entries"),
+        (lambda: ULKAEncoder(1, embed_strides=[(4, 4, 4)] * 3, dims=[8, 16, 32, 64], depths=[1] * 4,
+                             mlp_ratios=[4] * 4, stem_channels=[4, 4]), "embed_strides must have one entry per stage"),
+        (lambda: ULKADecoder(encoder_channels=[8, 16, 32, 64], stem_channels=4, strides=ISO,
+                             decoder_channels=[16, 16, 16]), "decoder_channels must have 6 entries"),
+    ]
+    for build, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_inputs_of_the_wrong_kind_are_named(cls):
+    model = small(cls)
+    for bad, match in [(torch.zeros(1, 1, 32, 32, 32, dtype=torch.long), "floating-point input.*torch.int64.*x.float"),
+                       (torch.zeros(0, 1, 32, 32, 32), "at least one sample"),
+                       (np.zeros((1, 1, 32, 32, 32), np.float32), "torch.Tensor input, got ndarray")]:
+        with pytest.raises(ValueError, match=match):
+            model(bad)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("norm, batch, refused", [("instance", 2, True), ("batch", 1, True), ("batch", 2, False)])
+def test_a_one_voxel_bottleneck_is_refused_where_its_norms_need_statistics(cls, norm, batch, refused):
+    """32^3 through the total stride 32 leaves the deepest map one voxel: PyTorch stopped inside the norm
+    ('Expected more than 1 spatial element when training', which instance norm says in inference too).
+    Batch norm infers from its running statistics, so inference there is fine."""
+    model = small(cls, norm=norm).train()
+    x = torch.randn(batch, 1, 32, 32, 32)
+    message = rf"single voxel: .*{norm} norms would normalise one value per channel.*patch twice as large on one axis"
+    if refused:
+        with pytest.raises(ValueError, match=message):
+            model(x)
+    else:
+        model(x)
+    with torch.no_grad():
+        if norm == "instance":
+            with pytest.raises(ValueError, match=message):
+                model.eval()(x)
+        else:
+            assert model.eval()(x).shape == (batch, 3, 32, 32, 32)
 
 
 def test_unknown_preset_lists_valid_names():

@@ -198,8 +198,43 @@ def test_predict_checks_feature_size_and_fitting(fitted):
     "kwargs",
     [{"num_clusterers": 0}, {"k_range": (5, 2)}, {"k_range": (0, 5)}, {"k_range": (5,)}, {"sample_fraction": 0},
      {"sample_fraction": 1.5}, {"backend": "faiss"}, {"seed": -1}, {"pool": 0}, {"slice_axis": 0},
-     {"max_iter": 0}],
+     {"max_iter": 0}, {"k_range": (1, 1)}, {"k_range": 5}, {"sample_fraction": True},
+     {"sample_fraction": float("nan")}],
 )
 def test_invalid_parameters_are_rejected(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs)).split("_")[0]):
         SliceClusterBank(**kwargs)
+
+
+def test_one_cluster_is_refused_as_a_pretext_that_teaches_nothing():
+    with pytest.raises(ValueError, match=r"k_range must be two ints \(low, high\) with 2 <= low <= high, got \(1, 1\)"):
+        SliceClusterBank(k_range=(1, 1))
+
+
+def test_defaults_are_the_papers_bank():
+    """N = 80 clusterers, k drawn in 80..500, each fitted on 10 % of the slices for 350 iterations."""
+    config = SliceClusterBank().config
+    assert (config["num_clusterers"], config["k_range"], config["sample_fraction"], config["max_iter"]) == \
+        (80, [80, 500], 0.1, 350)
+    assert config["pool"] == 1  # raw C*H*W slice features
+
+
+def test_numpy_settings_and_list_slices_are_taken_as_the_numbers_they_hold():
+    data, _ = blobs(n=60)
+    bank = SliceClusterBank(num_clusterers=np.int64(2), k_range=(np.int32(3), 4), sample_fraction=np.float32(0.5),
+                            max_iter=5).fit(data.tolist())
+    assert bank.config["num_clusterers"] == 2 and bank.predict(data).shape == (60, 2)
+
+
+def test_slices_with_nan_or_inf_are_refused_before_fitting():
+    data, _ = blobs(n=60)
+    data[7, 3], data[9, 0] = np.nan, np.inf
+    for slices in (data, torch.from_numpy(data)):
+        with pytest.raises(ValueError, match=r"2 of 60 slices hold NaN or infinite values \(the first: slice 7\)"):
+            SliceClusterBank(**SMALL).fit(slices)
+
+
+def test_predict_chunk_size_must_be_positive(fitted):
+    bank, data = fitted
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
+        bank.predict(data, chunk_size=0)

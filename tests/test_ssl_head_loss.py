@@ -53,10 +53,14 @@ def test_head_rejects_wrong_channels_and_bad_arguments():
     head = SlicePseudoLabelHead(8, KS)
     with pytest.raises(ValueError, match=r"\(B, 8, D, H, W\)"):
         head(torch.randn(1, 4, 4, 4, 4))
-    for kwargs in ({"in_channels": 0, "ks": KS}, {"in_channels": 8, "ks": ()}, {"in_channels": 8, "ks": (3, 0)},
-                   {"in_channels": 8, "ks": KS, "grid": 0}, {"in_channels": 8, "ks": KS, "slice_axis": 1}):
-        with pytest.raises(ValueError):
+    for kwargs, name in (({"in_channels": 0, "ks": KS}, "in_channels"), ({"in_channels": 8, "ks": ()}, "ks"),
+                         ({"in_channels": 8, "ks": (3, 0)}, "ks"), ({"in_channels": 8, "ks": 5}, "ks"),
+                         ({"in_channels": 8, "ks": KS, "grid": 0}, "grid"),
+                         ({"in_channels": 8, "ks": KS, "slice_axis": 1}, "slice_axis")):
+        with pytest.raises(ValueError, match=name):
             SlicePseudoLabelHead(**kwargs)
+    with pytest.raises(ValueError, match="features must be floating point, got torch.int64"):
+        head(torch.zeros(1, 8, 4, 4, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("tau", [0.1, 1.0])
@@ -119,10 +123,22 @@ def test_accuracy_counts_top1_over_masked_slices_and_clusterers():
     assert pseudo_label_accuracy(wrong, targets, KS, slice_mask).item() == pytest.approx(2 / 3)
 
 
+def test_loss_default_temperature_is_the_papers():
+    import inspect
+
+    assert inspect.signature(multi_cluster_nll).parameters["tau"].default == 0.1
+
+
 def test_loss_rejects_bad_input():
     logits, targets, slice_mask = random_batch()
     with pytest.raises(ValueError, match="tau"):
         multi_cluster_nll(logits, targets, KS, slice_mask, tau=0)
+    with pytest.raises(ValueError, match="tau must be a finite number > 0.0, got inf"):  # was a silent NaN loss
+        multi_cluster_nll(logits, targets, KS, slice_mask, tau=float("inf"))
+    with pytest.raises(ValueError, match="targets must be integer cluster indices"):  # were truncated by .long()
+        multi_cluster_nll(logits, targets.float() + 0.7, KS, slice_mask)
+    with pytest.raises(ValueError, match=r"ks \(clusters per clusterer\) must be a non-empty list of ints >= 1"):
+        multi_cluster_nll(logits, targets, (0, 10, 5), slice_mask)
     with pytest.raises(ValueError, match="reduction"):
         multi_cluster_nll(logits, targets, KS, slice_mask, reduction="max")
     with pytest.raises(ValueError, match="logits"):

@@ -112,7 +112,8 @@ def test_extreme_anchor_rates(phi1, expected):
     [
         {"phi1": 1.5}, {"phi1": -0.1}, {"phi2": 2}, {"phi1": "0.1"}, {"chain_length": 0}, {"chain_length": 2.5},
         {"patch_sizes": ()}, {"patch_sizes": (0,)}, {"patch_sizes": (4, "half")}, {"patch_sizes": 4},
-        {"patch_sizes": (2.0,)}, {"slice_axis": 1}, {"slice_axis": 5},
+        {"patch_sizes": (2.0,)}, {"slice_axis": 1}, {"slice_axis": 5}, {"phi1": float("nan")},
+        {"patch_sizes": {4, 8}},  # a set has no order, and the seeded draws follow the order
     ],
 )
 def test_invalid_parameters_are_rejected(kwargs):
@@ -120,8 +121,28 @@ def test_invalid_parameters_are_rejected(kwargs):
         SliceSequenceMasker(**kwargs)
 
 
+def test_defaults_are_the_papers_masking():
+    """phi1 = 0.1 anchors, chains of M = 5 slices, P in {1, 2, 4, ..., 32, full}, phi2 = 0.7."""
+    masker = SliceSequenceMasker()
+    assert (masker.phi1, masker.chain_length, masker.patch_sizes, masker.phi2) == \
+        (0.1, 5, (1, 2, 4, 8, 16, 32, "full"), 0.7)
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
+    """Values read from arrays or plans are often NumPy scalars: 'phi1 must be a probability in [0, 1], got
+    np.float32(0.1)' was the message for one."""
+    import numpy as np
+
+    masker = SliceSequenceMasker(phi1=np.float32(0.1), chain_length=np.int64(3), patch_sizes=[np.int64(2), "full"],
+                                 slice_axis=np.int64(3))
+    assert (masker.phi1, masker.chain_length, masker.patch_sizes, masker.slice_axis) == \
+        (pytest.approx(0.1), 3, (2, "full"), 3)
+
+
 def test_invalid_shapes_are_rejected():
     with pytest.raises(ValueError, match="5D"):
         sample_slice_mask((2, 16, 4, 4))
+    with pytest.raises(ValueError, match="5D"):
+        sample_slice_mask((2, 1, 8.5, 4, 4))
     with pytest.raises(ValueError, match="voxel_mask"):
         apply_mask(torch.zeros(2, 1, 4, 4, 4), torch.zeros(2, 1, 4, 4, 3, dtype=torch.bool))

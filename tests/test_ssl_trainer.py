@@ -399,6 +399,48 @@ def test_weights_of_another_preset_are_reported_in_full(workspace):
     assert "move_plans_between_datasets" in message
 
 
+def test_pretraining_defaults_are_the_papers():
+    """Every pretext setting of ``LoGoNetSSLTrainer`` against the paper (docs/ssl.md); the library's defaults
+    are pinned beside their classes. The budget (1000 epochs) and the torch backend are our documented choices."""
+    from nnunet_logonet.training.ssl_trainer import PAPER_BANK, LoGoNetSSLTrainer, LoGoNetSSLTrainer_100epochs
+
+    paper = dict(cluster_num=80, cluster_k_range=(80, 500), cluster_sample_fraction=0.1, cluster_pool=1,
+                 cluster_max_iter=350, mask_phi1=0.1, mask_chain_length=5,
+                 mask_patch_sizes=(1, 2, 4, 8, 16, 32, "full"), mask_phi2=0.7, ssl_tau=0.1, ssl_initial_lr=1e-4,
+                 ssl_weight_decay=1e-5)
+    assert {name: getattr(LoGoNetSSLTrainer, name) for name in paper} == paper
+    assert PAPER_BANK == {"num_clusterers": 80, "k_range": (80, 500), "pool": 1}
+    assert LoGoNetSSLTrainer_100epochs.__mro__[1] is LoGoNetSSLTrainer
+
+
+@pytest.mark.e2e
+def test_pretraining_optimizer_is_the_papers_adamw(workspace, monkeypatch):
+    """AdamW, betas (0.9, 0.999), lr 1e-4 and weight decay 1e-5 over the network and the pretext head."""
+    import json
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+
+    for key, env_value in workspace["env"].items():
+        monkeypatch.setenv(key, env_value)
+    pre = workspace["base"] / "pre" / f"Dataset{PRETRAIN}_SSLPretrain"
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = LoGoNetSSLTrainer({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json,
+                                torch.device("cpu"))
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager, dataset_json)
+    trainer.network = trainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, channels,
+        trainer.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    optimizer, _ = trainer.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW
+    (group,) = optimizer.param_groups
+    assert (group["initial_lr"], group["weight_decay"], group["betas"]) == (1e-4, 1e-5, (0.9, 0.999))
+    trained = {id(p) for p in group["params"]}
+    assert {id(p) for p in trainer.network.parameters()} | {id(p) for p in trainer.ssl_head.parameters()} == trained
+
+
 def _resume(workspace, monkeypatch, epochs: int):
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
@@ -511,7 +553,13 @@ def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch, d
 @pytest.mark.e2e
 @pytest.mark.parametrize("setting, value, match", [
     ("cluster_k_range", (64, 16), "k_range"), ("cluster_num", 0, "num_clusterers"),
-    ("mask_phi1", 1.5, "phi1"), ("cluster_fit_patches", 0, "cluster_fit_patches")])
+    ("mask_phi1", 1.5, "phi1"), ("cluster_fit_patches", 0, "cluster_fit_patches"),
+    # these were read first after the clusterers had been fitted, or clamped without a word
+    ("ssl_tau", 0, r"LoGoNetSSLTrainerBad.ssl_tau must be a finite number > 0.0, got 0"),
+    ("ssl_tau", float("inf"), "ssl_tau"), ("head_grid", 0, "head_grid"), ("head_hidden", 0, "head_hidden"),
+    ("ssl_initial_lr", -1.0, "ssl_initial_lr"), ("ssl_weight_decay", -1e-5, "ssl_weight_decay"),
+    ("ssl_warmup_fraction", 5.0, r"ssl_warmup_fraction must be a finite number >= 0.0 and < 1.0, got 5.0"),
+    ("cluster_samples_per_cluster", 0, "cluster_samples_per_cluster")])
 def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, value, match):
     import json
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_logonet.network.presets import arch_kwargs_for_preset
 from nnunet_logonet.training.trainer import (
     LoGoNetTrainer,
     LoGoNetTrainer_demoQuick,
@@ -17,12 +18,18 @@ from nnunet_logonet.training.trainer import (
 DATASET = "Dataset910_Phantom"
 
 
-def _plans(**configurations: list[int]) -> dict:
-    """The keys the checks read: names, and per configuration the network and its patch size."""
-    arch = {"network_class_name": "nnunet_logonet.network.logonet.LoGoNet", "arch_kwargs": {},
-            "_kw_requires_import": []}
+#: tiny's strides for a thick-slice patch such as [12, 32, 32]: no pooling along z
+THICK_SLICE_STRIDES = [[1, 1, 1]] + [[1, 2, 2]] * 5
+
+
+def _plans(strides=None, batch_size: int = 2, **configurations: list[int]) -> dict:
+    """The keys the checks read: names, and per configuration the network, its patch and batch size."""
+    def arch(patch):
+        kwargs = arch_kwargs_for_preset("tiny", strides or THICK_SLICE_STRIDES) if len(patch) == 3 else {}
+        return {"network_class_name": "nnunet_logonet.network.logonet.LoGoNet", "arch_kwargs": kwargs,
+                "_kw_requires_import": []}
     return {"dataset_name": DATASET, "plans_name": "LoGoNetTinyPlans",
-            "configurations": {name: {"patch_size": patch, "architecture": arch,
+            "configurations": {name: {"patch_size": patch, "batch_size": batch_size, "architecture": arch(patch),
                                       "data_identifier": f"LoGoNetTinyPlans_{name}"}
                                for name, patch in configurations.items()}}
 
@@ -54,6 +61,39 @@ def test_2d_configuration_in_the_plans_is_refused_as_2d():
 def test_plans_without_any_3d_configuration_say_to_plan_for_logonet():
     with pytest.raises(PlansMismatchError, match=f"logonet_plan_and_preprocess -d {DATASET}"):
         check_plans_configuration(PlansManager(_plans(**{"2d": [64, 64]})), "3d_fullres")
+
+
+def test_a_patch_the_planned_network_cannot_take_is_refused_naming_the_plans_and_valid_sizes(tmp_path, monkeypatch):
+    """It used to pass the constructor and stop at the first forward, after the data loaders had started,
+    with the network's message (no plans file, no fix)."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**_plans(strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, **{"3d_fullres": [48, 48, 48]}), "continue_training": False}
+    with pytest.raises(PlansMismatchError) as error:
+        LoGoNetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    message = str(error.value)
+    assert f"$nnUNet_preprocessed/{DATASET}/LoGoNetTinyPlans.json" in message and "patch size [48, 48, 48]" in message
+    assert "[32, 32, 32] (round down" in message and "[64, 64, 64] (round up)" in message
+    assert "logonet_plan_and_preprocess" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
+                                                       ("batch", 2, False)])
+def test_a_patch_leaving_a_one_voxel_bottleneck_is_refused_where_its_norms_cannot_train(tmp_path, monkeypatch,
+                                                                                      norm, batch_size, refused):
+    """32^3 through tiny's total stride 32 leaves one voxel: instance norm cannot train on it at all, batch
+    norm only with a batch of two or more (PyTorch stopped inside the norm at the first training step)."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = _plans(strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, batch_size=batch_size, **{"3d_fullres": [32, 32, 32]})
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm"] = norm
+    make = lambda: LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0,  # noqa: E731
+                                  {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    if not refused:
+        make()
+        return
+    with pytest.raises(PlansMismatchError, match=rf"a single voxel, so its {norm} norms would normalise one value per "
+                                                 r"channel.*Double the patch size on one axis"):
+        make()
 
 
 @pytest.mark.parametrize("name", ["LoGoNetTrainer_demo", "LoGoNetTrainer_demoQuick", "LoGoNetSSLTrainer_demo",

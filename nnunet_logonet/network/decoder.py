@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .arguments import int_list, positive_int
 from .classifier import Classifier3d
 from .layers import ConvUnit, Upsample3d
 from .shapes import Triple
@@ -56,8 +57,12 @@ class ULKADecoder(nn.Module):
         deep_supervision: bool = False,
     ) -> None:
         super().__init__()
-        num_stages = len(encoder_channels)
-        dc = list(decoder_channels)
+        num_stages = len(int_list(encoder_channels, "encoder_channels"))
+        dc = list(int_list(decoder_channels, "decoder_channels", length=num_stages + 2))
+        if len(strides) != num_stages + 2:
+            raise ValueError(f"strides must have {num_stages + 2} entries (stem, /2, one per encoder stage), got "
+                             f"{len(strides)}: {strides!r}")
+        stem_channels = positive_int(stem_channels, "stem_channels")
         self.skips = nn.ModuleList([_units(c, dc[k + 2], 2, norm) for k, c in enumerate(encoder_channels)])
         blocks = [_units(dc[num_stages + 1], dc[num_stages + 1], 3, norm)]
         for res in range(num_stages, 0, -1):

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .arguments import int_list, positive_int
 from .embedding import PatchEmbed3d
 from .layers import ConvUnit, LayerNorm3d
 from .lka import LKABlock
@@ -74,7 +75,14 @@ class ULKAEncoder(nn.Module):
         layer_scale_init: float = 1e-2,
     ) -> None:
         super().__init__()
-        widths = [input_channels, *stem_channels]
+        input_channels = positive_int(input_channels, "input_channels")
+        dims = int_list(dims, "dims")
+        depths = int_list(depths, "depths", length=len(dims))
+        for name, values in (("embed_strides", embed_strides), ("mlp_ratios", mlp_ratios)):
+            if len(values) != len(dims):
+                raise ValueError(f"{name} must have one entry per stage ({len(dims)}, as dims), got {len(values)}: "
+                                 f"{values!r}")
+        widths = [input_channels, *int_list(stem_channels, "stem_channels")]
         self.stem = nn.Sequential(*[ConvUnit(a, b, norm=norm) for a, b in zip(widths[:-1], widths[1:])])
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]

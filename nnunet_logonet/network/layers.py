@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arguments import positive_int
 from .buffers import active_pool
 from .conv import Conv3d
 from .folding import conv_norm_act
@@ -56,6 +57,7 @@ class ConvUnit(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, *, norm: str = "batch") -> None:
         super().__init__()
+        in_channels, out_channels = positive_int(in_channels, "in_channels"), positive_int(out_channels, "out_channels")
         self.conv = Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
         self.norm = make_norm(norm, out_channels)
         self.act = nn.LeakyReLU(negative_slope=1e-2, inplace=True)

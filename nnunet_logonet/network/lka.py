@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .arguments import positive_int, real_number
 from .conv import Conv3d, conv3d
 from .folding import conv_act, fold_lka_block, foldable_lka_block, lka_block_folded
 from .layers import DropPath, LayerScale3d, make_norm
@@ -53,6 +54,7 @@ class LKA3d(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        dim = positive_int(dim, "dim")
         self.conv0 = LiveTapConv3d(dim, dim, kernel_size=5, padding=2, groups=dim)
         self.conv_spatial = LiveTapConv3d(dim, dim, kernel_size=7, padding=9, dilation=3, groups=dim)
         self.conv1 = Conv3d(dim, dim, kernel_size=1)
@@ -102,12 +104,18 @@ class LKABlock(nn.Module):
         layer_scale_init: float = 1e-2,
     ) -> None:
         super().__init__()
+        dim = positive_int(dim, "dim")
+        hidden = int(dim * real_number(mlp_ratio, "mlp_ratio", minimum=0.0, exclusive_minimum=True))
+        if hidden < 1:
+            raise ValueError(f"mlp_ratio {mlp_ratio!r} gives a {dim}-channel block an MLP of int({dim} * {mlp_ratio}) "
+                             f"= 0 channels; it must be at least 1 / {dim}")
+        drop_path = real_number(drop_path, "drop_path", minimum=0.0, maximum=1.0, exclusive_maximum=True)
         self.norm1 = make_norm(norm, dim)
         self.attn = LKAAttention(dim)
         self.ls1 = LayerScale3d(dim, layer_scale_init)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = make_norm(norm, dim)
-        self.mlp = LKAMlp(dim, int(dim * mlp_ratio))
+        self.mlp = LKAMlp(dim, hidden)
         self.ls2 = LayerScale3d(dim, layer_scale_init)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -45,9 +45,10 @@ from .grouped import (
 from .layers import init_weights, make_norm
 from .memory import conv_feature_map_size, counting_feature_maps, meta_call, meta_input
 from .partition import add_subcrops, add_subcrops_, split_subcrops, stitch_subcrops
-from .presets import arch_kwargs_for_preset, jsonable
-from .shapes import as_triple, check_patch_size, positive_int, required_patch_multiple
-from .ulkanet import ULKAPath, check_input_tensor, validate_arch
+from .arguments import boolean
+from .presets import arch_kwargs_for_preset, jsonable, validate_arch, validate_local_paths
+from .shapes import check_patch_size, deepest_map_voxels, positive_int, required_patch_multiple
+from .ulkanet import ULKAPath, check_deepest_map, check_input_tensor, norm_needs_statistics
 
 __all__ = ["LoGoHead", "LoGoNet"]
 
@@ -145,6 +146,7 @@ class LoGoNet(ReusesOutputBuffers):
         super().__init__()
         num_classes = positive_int(num_classes, "num_classes")
         input_channels = positive_int(input_channels, "input_channels")
+        deep_supervision = boolean(deep_supervision, "deep_supervision")
         cfg = validate_arch(
             strides=strides,
             dims=dims,
@@ -157,10 +159,7 @@ class LoGoNet(ReusesOutputBuffers):
             layer_scale_init=layer_scale_init,
         )
         num_stages = len(cfg["dims"])
-        local_stages = positive_int(local_stages, "local_stages")
-        if local_stages > num_stages:
-            raise ValueError(f"local_stages must be in [1, {num_stages}] (the encoder's stages), got {local_stages}")
-        self.local_grid = as_triple(local_grid, "local_grid")
+        self.local_grid, local_stages = validate_local_paths(local_grid, local_stages, num_stages)
         self.local_stages = local_stages
         self.input_channels = input_channels
         self.num_classes = num_classes
@@ -251,6 +250,9 @@ class LoGoNet(ReusesOutputBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
+        if norm_needs_statistics(self.arch_kwargs["norm"], self.training):
+            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(
+                x.shape[2:], self.strides, self.local_grid, self.local_stages))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
             note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)

@@ -10,9 +10,14 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
-from .shapes import isotropic_strides, normalize_strides
+import numpy as np
 
-__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset", "jsonable"]
+from .arguments import int_list, positive_int, real_number
+from .layers import check_norm
+from .shapes import Triple, as_triple, isotropic_strides, normalize_strides
+
+__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset", "jsonable",
+           "validate_arch", "validate_local_paths"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -47,6 +52,9 @@ COMMON_DEFAULTS: dict[str, Any] = {"norm": "batch", "drop_path_rate": 0.0, "laye
 #: keywords only LoGoNet takes
 LOCAL_DEFAULTS: dict[str, Any] = {"local_grid": [2, 2, 2], "local_stages": 2}
 MODELS = ("LoGoNet", "ULKANet")
+#: the keywords ``validate_arch`` checks (both models take them)
+ARCH_KEYWORDS = ("strides", "dims", "depths", "mlp_ratios", "decoder_channels", "stem_channels", "norm",
+                 "drop_path_rate", "layer_scale_init")
 
 
 def default_decoder_channels(dims: Sequence[int]) -> list[int]:
@@ -69,6 +77,59 @@ def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+def validate_arch(
+    *,
+    strides: Sequence[Sequence[int]],
+    dims: Sequence[int],
+    depths: Sequence[int],
+    mlp_ratios: Sequence[float],
+    decoder_channels: Sequence[int] | None,
+    stem_channels: Sequence[int],
+    norm: str,
+    drop_path_rate: float,
+    layer_scale_init: float,
+) -> dict[str, Any]:
+    """Check the architecture keywords shared by ULKANet and LoGoNet and return them normalised
+    (tuples, ints, floats); ``ValueError`` naming the keyword, the value and what is allowed."""
+    dims = int_list(dims, "dims")
+    num_stages = len(dims)
+    depths = int_list(depths, "depths", length=num_stages)
+    if isinstance(mlp_ratios, (str, bytes)) or not isinstance(mlp_ratios, (Sequence, np.ndarray)) \
+            or len(mlp_ratios) != num_stages:
+        raise ValueError(f"mlp_ratios must be a list of {num_stages} numbers (one per stage), got {mlp_ratios!r}")
+    ratios = tuple(real_number(r, f"mlp_ratios[{i}]", minimum=0.0, exclusive_minimum=True)
+                   for i, r in enumerate(mlp_ratios))
+    for i, (dim, ratio) in enumerate(zip(dims, ratios)):
+        if int(dim * ratio) < 1:
+            raise ValueError(f"mlp_ratios[{i}] = {mlp_ratios[i]!r} gives stage {i} (dims[{i}] = {dim}) an MLP of "
+                             f"int({dim} * {ratio}) = 0 channels; it must be at least 1 / {dim}")
+    stem = int_list(stem_channels, "stem_channels")
+    if decoder_channels is None:
+        decoder_channels = default_decoder_channels(dims)
+    dec = int_list(decoder_channels, "decoder_channels", length=num_stages + 2)
+    return dict(
+        strides=normalize_strides(strides, num_stages),
+        dims=dims,
+        depths=depths,
+        mlp_ratios=ratios,
+        decoder_channels=dec,
+        stem_channels=stem,
+        norm=check_norm(norm),
+        drop_path_rate=real_number(drop_path_rate, "drop_path_rate", minimum=0.0, maximum=1.0,
+                                   exclusive_maximum=True),
+        layer_scale_init=real_number(layer_scale_init, "layer_scale_init"),
+    )
+
+
+def validate_local_paths(local_grid: Any, local_stages: Any, num_stages: int) -> tuple[Triple, int]:
+    """LoGoNet's own keywords: sub-crops per axis and encoder stages of every local path."""
+    grid = as_triple(local_grid, "local_grid")
+    stages = positive_int(local_stages, "local_stages")
+    if stages > num_stages:
+        raise ValueError(f"local_stages must be in [1, {num_stages}] (the encoder's stages), got {stages}")
+    return grid, stages
 
 
 def arch_kwargs_for_preset(
@@ -96,8 +157,12 @@ def arch_kwargs_for_preset(
         raise ValueError(f"unknown {model} keyword(s) {unknown}; valid: {sorted(set(kwargs) | {'strides'})}")
     kwargs.update(overrides)
     if strides is None:
-        strides = isotropic_strides(len(kwargs["dims"]))
-    kwargs["strides"] = [list(s) for s in normalize_strides(strides, len(kwargs["dims"]))]
+        strides = isotropic_strides(len(int_list(kwargs["dims"], "dims")))
+    # checked here, so that a bad override stops before it reaches a plans file, not at training
+    checked = validate_arch(**{key: kwargs[key] for key in ARCH_KEYWORDS if key != "strides"}, strides=strides)
+    if model == "LoGoNet":
+        validate_local_paths(kwargs["local_grid"], kwargs["local_stages"], len(checked["dims"]))
+    kwargs["strides"] = [list(s) for s in checked["strides"]]
     return jsonable(kwargs)
 
 

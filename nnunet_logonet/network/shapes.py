@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from .arguments import positive_int
 
 Triple = tuple[int, int, int]
 
@@ -32,14 +34,8 @@ __all__ = [
     "required_patch_multiple",
     "nearest_valid_patch_sizes",
     "check_patch_size",
+    "deepest_map_voxels",
 ]
-
-
-def positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as a Python int ``>= minimum`` (numpy ints accepted, bools refused)."""
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def as_triple(value: int | Sequence[int], name: str, minimum: int = 1) -> Triple:
@@ -160,3 +156,24 @@ def check_patch_size(
             f"Nearest valid sizes: {list(down)} (round down, at least one multiple) or {list(up)} (round up)."
         )
     return size
+
+
+def deepest_map_voxels(
+    spatial_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    local_grid: int | Sequence[int] = (1, 1, 1),
+    local_stages: int | None = None,
+) -> int:
+    """Voxels of the smallest feature map a norm sees for an input of ``spatial_size``: the global
+    bottleneck (the size over the total stride) or, with ``local_stages``, a local path's deepest map
+    (a sub-crop over the local stride), whichever is smaller. A norm computing statistics needs more than
+    one value per channel (instance norm: these voxels; batch norm in training: these voxels x the batch
+    size). Plain Python, no NumPy: the networks call it in ``forward``, which torch.compile traces."""
+    s = normalize_strides(strides)
+    total = [math.prod(axis) for axis in zip(*s)]
+    voxels = math.prod(int(a) // b for a, b in zip(spatial_size, total))
+    if local_stages is not None:
+        grid = as_triple(local_grid, "local_grid")
+        local = [math.prod(axis) * g for axis, g in zip(zip(*s[: local_stages + 2]), grid)]
+        voxels = min(voxels, math.prod(int(a) // b for a, b in zip(spatial_size, local)))
+    return voxels

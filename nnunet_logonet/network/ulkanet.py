@@ -7,88 +7,44 @@ deep_supervision=..., **arch_kwargs)``).
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
 from .decoder import ULKADecoder
 from .derived import note_unversioned_writes
 from .encoder import ULKAEncoder
-from .layers import check_norm, init_weights
+from .arguments import boolean
+from .layers import init_weights
 from .memory import conv_feature_map_size
-from .presets import arch_kwargs_for_preset, default_decoder_channels, jsonable
+from .presets import arch_kwargs_for_preset, jsonable, validate_arch
 from .shapes import (
     Triple,
     check_patch_size,
+    deepest_map_voxels,
     embedding_strides,
-    normalize_strides,
     positive_int,
     required_patch_multiple,
 )
 
-__all__ = ["ULKAPath", "ULKANet", "check_input_tensor", "validate_arch"]
-
-
-def _positive_ints(values: Sequence[Any], name: str, length: int | None = None) -> tuple[int, ...]:
-    try:
-        items = tuple(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
-    if not items or not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in items):
-        raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
-    if length is not None and len(items) != length:
-        raise ValueError(f"{name} must have {length} entries, got {len(items)}: {values!r}")
-    return tuple(int(v) for v in items)
-
-
-def validate_arch(
-    *,
-    strides: Sequence[Sequence[int]],
-    dims: Sequence[int],
-    depths: Sequence[int],
-    mlp_ratios: Sequence[float],
-    decoder_channels: Sequence[int] | None,
-    stem_channels: Sequence[int],
-    norm: str,
-    drop_path_rate: float,
-    layer_scale_init: float,
-) -> dict[str, Any]:
-    """Check the architecture keywords and return them normalised (tuples, ints)."""
-    dims = _positive_ints(dims, "dims")
-    num_stages = len(dims)
-    depths = _positive_ints(depths, "depths", num_stages)
-    try:
-        ratios = tuple(float(r) for r in mlp_ratios)
-    except (TypeError, ValueError):
-        raise ValueError(f"mlp_ratios must be a list of numbers, got {mlp_ratios!r}") from None
-    if len(ratios) != num_stages or min(ratios) <= 0:
-        raise ValueError(f"mlp_ratios must have {num_stages} positive entries (one per stage), got {mlp_ratios!r}")
-    stem = _positive_ints(stem_channels, "stem_channels")
-    if decoder_channels is None:
-        decoder_channels = default_decoder_channels(dims)
-    dec = _positive_ints(decoder_channels, "decoder_channels", num_stages + 2)
-    if not 0.0 <= float(drop_path_rate) < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
-    return dict(
-        strides=normalize_strides(strides, num_stages),
-        dims=dims,
-        depths=depths,
-        mlp_ratios=ratios,
-        decoder_channels=dec,
-        stem_channels=stem,
-        norm=check_norm(norm),
-        drop_path_rate=float(drop_path_rate),
-        layer_scale_init=float(layer_scale_init),
-    )
+__all__ = ["ULKAPath", "ULKANet", "check_input_tensor", "check_deepest_map", "norm_needs_statistics", "validate_arch"]
 
 
 def check_input_tensor(x: torch.Tensor, input_channels: int, multiple: Triple) -> None:
-    """Raise ``ValueError`` unless ``x`` is (B, input_channels, D, H, W) with sizes divisible by ``multiple``."""
+    """Raise ``ValueError`` unless ``x`` is a floating-point (B >= 1, input_channels, D, H, W) tensor with
+    sizes divisible by ``multiple``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor input, got {type(x).__name__}; convert it with torch.as_tensor")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point input (the weights' dtype, e.g. float32), got {x.dtype}; "
+                         f"convert it with x.float()")
     if x.ndim != 5:
         raise ValueError(f"expected a 5-D input (batch, channels, z, y, x), got shape {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"expected a batch of at least one sample, got shape {tuple(x.shape)}")
     if x.shape[1] != input_channels:
         raise ValueError(f"expected {input_channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
     spatial = tuple(x.shape[2:])
@@ -97,6 +53,31 @@ def check_input_tensor(x: torch.Tensor, input_channels: int, multiple: Triple) -
             f"expected spatial size divisible by {list(multiple)} per axis, got {list(spatial)}; "
             f"pad or crop the input (e.g. to {[-(-s // m) * m for s, m in zip(spatial, multiple)]})"
         )
+
+
+def norm_needs_statistics(norm: str, training: bool) -> bool:
+    """Whether the network's norms compute statistics of the input: instance norm always (each sample by
+    its own), batch norm in training."""
+    return norm == "instance" or training
+
+
+def check_deepest_map(x: torch.Tensor, norm: str, deepest_voxels: int) -> None:
+    """Raise ``ValueError`` when a norm of the deepest feature map would compute statistics of a single
+    value per channel (PyTorch would stop inside the norm, naming neither the patch nor the fix). Call it
+    where ``norm_needs_statistics``. Under multi-GPU training (``SyncBatchNorm``) batch statistics span
+    the ranks, so a batch norm is not judged by this rank's batch."""
+    if norm == "batch" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return
+    values = deepest_voxels if norm == "instance" else x.shape[0] * deepest_voxels
+    if values <= 1:
+        start = f"input of shape {tuple(x.shape)} leaves the network's deepest feature map a single voxel: "
+        if norm == "instance":
+            raise ValueError(start + "its instance norms would normalise one value per channel and sample, which "
+                             "neither training nor inference can do; use a patch twice as large on one axis (or "
+                             "norm='batch' with a batch of 2 or more)")
+        raise ValueError(start + f"with a batch of {x.shape[0]} its batch norms would normalise one value per channel, "
+                                 "which training cannot do; use a batch of 2 or more or a patch twice as large on one "
+                                 "axis")
 
 
 class ULKAPath(nn.Module):
@@ -125,6 +106,7 @@ class ULKAPath(nn.Module):
         input_channels = positive_int(input_channels, "input_channels")
         if num_classes is not None:
             num_classes = positive_int(num_classes, "num_classes")
+        deep_supervision = boolean(deep_supervision, "deep_supervision")
         cfg = validate_arch(
             strides=strides,
             dims=dims,
@@ -204,6 +186,8 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
         drop_path_rate: float = 0.0,
         layer_scale_init: float = 1e-2,
     ) -> None:
+        if num_classes is None:  # ULKAPath takes None for "no classifier"; a segmentation network needs one
+            raise ValueError("num_classes must be an int >= 1, got None")
         super().__init__(
             input_channels,
             strides=strides,
@@ -218,7 +202,7 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
             num_classes=num_classes,
             deep_supervision=deep_supervision,
         )
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self.patch_multiple = required_patch_multiple(self.strides)
         self.apply(init_weights)
         # channels_last_3d weights make every conv (and so every activation) channels-last:
@@ -229,6 +213,8 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
+        if norm_needs_statistics(self.arch_kwargs["norm"], self.training):
+            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(x.shape[2:], self.strides))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
             note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)

@@ -19,6 +19,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nnunet_logonet.network.arguments import positive_int, real_number
 from nnunet_logonet.ssl.masking import check_slice_axis
 from nnunet_logonet.workfolders import new_work_file, remove_stale_work_files
 
@@ -148,17 +150,18 @@ class SliceClusterBank:
         slice_axis: int = 2,
         pool: int = 1,
     ) -> None:
-        for name, value in (("num_clusterers", num_clusterers), ("max_iter", max_iter), ("batch_size", batch_size),
-                            ("pool", pool)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        if (len(k_range) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) for k in k_range)
-                or not 1 <= k_range[0] <= k_range[1]):
-            raise ValueError(f"k_range must be two ints (low, high) with 1 <= low <= high, got {k_range!r}.")
-        if not isinstance(sample_fraction, (int, float)) or not 0.0 < sample_fraction <= 1.0:
-            raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+        num_clusterers, max_iter, batch_size, pool = (
+            positive_int(value, name) for name, value in (("num_clusterers", num_clusterers), ("max_iter", max_iter),
+                                                           ("batch_size", batch_size), ("pool", pool)))
+        # one cluster would make a constant pseudo-label, which teaches the network nothing
+        if (not isinstance(k_range, (list, tuple)) or len(k_range) != 2
+                or not all(isinstance(k, Integral) and not isinstance(k, (bool, np.bool_)) for k in k_range)
+                or not 2 <= k_range[0] <= k_range[1]):
+            raise ValueError(f"k_range must be two ints (low, high) with 2 <= low <= high, got {k_range!r}.")
+        k_range = (int(k_range[0]), int(k_range[1]))
+        sample_fraction = real_number(sample_fraction, "sample_fraction", minimum=0.0, maximum=1.0,
+                                      exclusive_minimum=True)
+        seed = positive_int(seed, "seed", minimum=0)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
         self.config: dict[str, Any] = {
@@ -221,9 +224,17 @@ class SliceClusterBank:
 
     # --- fitting ----------------------------------------------------------------------------
     def fit(self, slices: np.ndarray | torch.Tensor, *, progress: bool = False) -> SliceClusterBank:
-        """Fit every clusterer on its own subset of ``slices`` (n_slices, F), which must be unmasked."""
+        """Fit every clusterer on its own subset of ``slices`` (n_slices, F), which must be unmasked and finite."""
+        if not isinstance(slices, (np.ndarray, torch.Tensor)):
+            slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 2 or slices.shape[0] < 1 or slices.shape[1] < 1:
             raise ValueError(f"slices must be a non-empty (n_slices, features) array, got shape {tuple(slices.shape)}.")
+        finite = torch.isfinite(slices).all(1).cpu().numpy() if isinstance(slices, torch.Tensor) \
+            else np.isfinite(slices).all(1)
+        if not finite.all():
+            raise ValueError(f"{int((~finite).sum())} of {len(finite)} slices hold NaN or infinite values (the first: "
+                             f"slice {int(np.flatnonzero(~finite)[0])}); k-means would put them in arbitrary clusters. "
+                             f"Check the images these patches were cut from.")
         n = int(slices.shape[0])
         cfg = self.config
         drawn = np.random.default_rng(cfg["seed"]).integers(cfg["k_range"][0], cfg["k_range"][1] + 1,
@@ -274,6 +285,7 @@ class SliceClusterBank:
         float32, without gradients, even inside an autocast region of the training loop.
         """
         centroids = self._require_fitted()
+        chunk_size = positive_int(chunk_size, "chunk_size")
         x = torch.as_tensor(slices)
         if x.ndim != 2 or x.shape[1] != centroids.shape[1]:
             raise ValueError(

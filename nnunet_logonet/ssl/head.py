@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_logonet.network.arguments import int_list, positive_int
 from nnunet_logonet.ssl.masking import check_slice_axis
 
 __all__ = ["SlicePseudoLabelHead"]
@@ -44,12 +45,9 @@ class SlicePseudoLabelHead(nn.Module):
         hidden: int = 256,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("grid", grid), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        if len(ks) == 0 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise ValueError(f"ks must be a non-empty sequence of ints >= 1, got {ks!r}.")
-        self.ks = tuple(ks)
+        in_channels, grid, hidden = (positive_int(value, name) for name, value in
+                                     (("in_channels", in_channels), ("grid", grid), ("hidden", hidden)))
+        self.ks = int_list(ks, "ks")
         self.offsets = (0, *torch.tensor(self.ks).cumsum(0).tolist())
         self.slice_axis = check_slice_axis(slice_axis)
         self.grid = grid
@@ -67,6 +65,8 @@ class SlicePseudoLabelHead(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not features.is_floating_point():
+            raise ValueError(f"features must be floating point, got {features.dtype}.")
         if features.ndim != 5 or features.shape[1] != self.norm.normalized_shape[0] // self.grid**2:
             raise ValueError(
                 f"features must be (B, {self.norm.normalized_shape[0] // self.grid ** 2}, D, H, W), "

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from nnunet_logonet.network.arguments import int_list, real_number
 from nnunet_logonet.ssl.clusterers import segment_index
 
 __all__ = ["multi_cluster_nll", "pseudo_label_accuracy"]
@@ -34,12 +35,14 @@ def _masked_segments(
     logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int], slice_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check shapes and return the masked slices' logits ``(M, N, k_max)`` (-inf padded) and targets ``(M, N)``."""
-    ks = tuple(int(k) for k in ks)
+    ks = int_list(ks, "ks (clusters per clusterer)")
     if logits.ndim != 3 or logits.shape[-1] != sum(ks):
         raise ValueError(f"logits must be (B, n_slices, sum(ks)={sum(ks)}), got shape {tuple(logits.shape)}.")
     if targets.shape != (*logits.shape[:2], len(ks)):
         raise ValueError(f"targets must be (B, n_slices, N) = {(*logits.shape[:2], len(ks))}, "
                          f"got {tuple(targets.shape)}.")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer cluster indices (SliceClusterBank.label_patches), got {targets.dtype}.")
     if slice_mask.dtype != torch.bool or slice_mask.shape != logits.shape[:2]:
         raise ValueError(f"slice_mask must be bool of shape {tuple(logits.shape[:2])}, "
                          f"got {slice_mask.dtype} {tuple(slice_mask.shape)}.")
@@ -73,8 +76,7 @@ def multi_cluster_nll(
 
     Returns a scalar. With no masked slice it is 0, finite and still attached to the graph.
     """
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
-        raise ValueError(f"tau must be a positive number, got {tau!r}.")
+    tau = real_number(tau, "tau", minimum=0.0, exclusive_minimum=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     padded, labels = _masked_segments(logits, targets, ks, slice_mask)

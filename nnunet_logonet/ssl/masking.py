@@ -15,10 +15,14 @@ its transpose).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from nnunet_logonet.network.arguments import positive_int, probability
 
 __all__ = ["SliceMask", "SliceSequenceMasker", "apply_mask", "sample_slice_mask"]
 
@@ -42,12 +46,13 @@ class SliceMask(NamedTuple):
 
 def check_slice_axis(slice_axis: int) -> int:
     """Return ``slice_axis`` as a dim index 2..4 of a ``(B, C, D, H, W)`` tensor (accepts -3..-1)."""
-    if isinstance(slice_axis, bool) or not isinstance(slice_axis, int) or slice_axis not in (2, 3, 4, -3, -2, -1):
+    if isinstance(slice_axis, (bool, np.bool_)) or not isinstance(slice_axis, Integral) \
+            or slice_axis not in (2, 3, 4, -3, -2, -1):
         raise ValueError(
             f"slice_axis must be the spatial dim index of a (B, C, D, H, W) tensor: 2, 3 or 4 "
             f"(or -3, -2, -1), got {slice_axis!r}."
         )
-    return slice_axis % 5
+    return int(slice_axis) % 5
 
 
 class SliceSequenceMasker:
@@ -71,23 +76,21 @@ class SliceSequenceMasker:
         phi2: float = 0.7,
         slice_axis: int = 2,
     ) -> None:
-        for name, value in (("phi1", phi1), ("phi2", phi2)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
-        if isinstance(chain_length, bool) or not isinstance(chain_length, int) or chain_length < 1:
-            raise ValueError(f"chain_length (M) must be an int >= 1, got {chain_length!r}.")
-        if isinstance(patch_sizes, (str, int)) or len(patch_sizes) == 0:
+        phi1, phi2 = probability(phi1, "phi1"), probability(phi2, "phi2")
+        chain_length = positive_int(chain_length, "chain_length (M)")
+        # a sequence, not a set: the order of the sizes is the order of the seeded draws
+        if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) == 0:
             raise ValueError(
-                f"patch_sizes must be a non-empty sequence of positive ints or 'full', got {patch_sizes!r}."
+                f"patch_sizes must be a non-empty list or tuple of positive ints or 'full', got {patch_sizes!r}."
             )
         for p in patch_sizes:
-            valid_int = isinstance(p, int) and not isinstance(p, bool) and p >= 1
+            valid_int = isinstance(p, Integral) and not isinstance(p, (bool, np.bool_)) and p >= 1
             if not (valid_int or p == "full"):
                 raise ValueError(f"patch_sizes entries must be positive ints or 'full', got {p!r} in {patch_sizes!r}.")
-        self.phi1 = float(phi1)
+        self.phi1 = phi1
         self.chain_length = chain_length
-        self.patch_sizes = tuple(patch_sizes)
-        self.phi2 = float(phi2)
+        self.patch_sizes = tuple(p if p == "full" else int(p) for p in patch_sizes)
+        self.phi2 = phi2
         self.slice_axis = check_slice_axis(slice_axis)
 
     def __repr__(self) -> str:
@@ -104,7 +107,7 @@ class SliceSequenceMasker:
         device: torch.device | str | None = None,
     ) -> SliceMask:
         """Draw a mask for a batch of the given ``(B, C, D, H, W)`` shape (C is ignored)."""
-        if len(shape) != 5 or any(int(s) < 1 for s in shape):
+        if len(shape) != 5 or any(not isinstance(s, Integral) or isinstance(s, bool) or s < 1 for s in shape):
             raise ValueError(f"shape must be a 5D batch shape (B, C, D, H, W) with positive sizes, got {tuple(shape)}.")
         if device is None and generator is not None:
             device = generator.device

@@ -11,6 +11,8 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from nnunet_logonet.network.arguments import positive_int, real_number
+
 RECIPES = ("nnunet", "paper")
 
 
@@ -19,9 +21,10 @@ class WarmupCosineLRScheduler(_LRScheduler):
     the epoch index, like nnU-Net's PolyLRScheduler, so ``--c`` resumes at the right rate."""
 
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, current_step: int = None):
-        self.initial_lr = initial_lr
-        self.max_steps = max(1, max_steps)
-        self.warmup_steps = max(0, min(warmup_steps, self.max_steps - 1))
+        self.initial_lr = real_number(initial_lr, "initial_lr", minimum=0.0, exclusive_minimum=True)
+        self.max_steps = positive_int(max_steps, "max_steps")
+        # at most max_steps - 1: the last step is always the cosine's
+        self.warmup_steps = min(positive_int(warmup_steps, "warmup_steps", minimum=0), self.max_steps - 1)
         self.ctr = 0
         super().__init__(optimizer, current_step if current_step is not None else -1)
 

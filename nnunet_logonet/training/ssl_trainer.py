@@ -37,6 +37,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_logonet.figures import save_figure
+from nnunet_logonet.network.arguments import positive_int, real_number
 from nnunet_logonet.ssl.clusterers import ClusterCacheError, SliceClusterBank, StaleClusterCacheError
 from nnunet_logonet.ssl.features import PreClassifierFeatures, unwrap_network
 from nnunet_logonet.ssl.head import SlicePseudoLabelHead
@@ -83,7 +84,12 @@ def sync_head_from_rank0(head: nn.Module, optimizer: torch.optim.Optimizer, rese
 
 
 class LoGoNetSSLTrainer(LoGoNetTrainer):
-    """Masked multi-cluster pre-training of LoGoNet (no labels used); paper defaults throughout."""
+    """Masked multi-cluster pre-training of LoGoNet (no labels used).
+
+    The pretext's settings are the paper's (below; ``test_ssl_trainer`` pins them); the budget is
+    nnU-Net's 1000 epochs (``LoGoNetSSLTrainer_100epochs`` is the paper's) and the clustering runs on
+    the torch backend (docs/ssl.md, "Clustering backend: measured").
+    """
 
     # --- pseudo-labels (paper: N = 80, k in 80..500, ~10% of the slices, 350 iterations) -------------
     cluster_num: int = 80
@@ -122,9 +128,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                                           patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2,
                                           slice_axis=self.ssl_slice_axis)
         self._new_bank()  # validates the clusterer settings now, not after the data loaders started
-        if isinstance(self.cluster_samples_per_cluster, bool) or not isinstance(self.cluster_samples_per_cluster, int) \
-                or self.cluster_samples_per_cluster < 1:
-            raise ValueError(f"cluster_samples_per_cluster must be an int >= 1, got {self.cluster_samples_per_cluster!r}.")
+        self._check_pretext_settings()
         self.fit_patch_count  # noqa: B018 -- validates cluster_fit_patches
         self.bank: SliceClusterBank | None = None
         self.ssl_head: SlicePseudoLabelHead | None = None
@@ -138,6 +142,19 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         self._ensure_log_keys()
 
     # ------------------------------------------------------------------------------- set-up
+    def _check_pretext_settings(self) -> None:
+        """The head's, the loss's and the optimiser's settings, checked now: they were read first after the
+        clusterers had been fitted (minutes at the paper's 80), or clamped without a word."""
+        name = type(self).__name__
+        positive_int(self.cluster_samples_per_cluster, f"{name}.cluster_samples_per_cluster")
+        positive_int(self.head_grid, f"{name}.head_grid")
+        positive_int(self.head_hidden, f"{name}.head_hidden")
+        real_number(self.ssl_tau, f"{name}.ssl_tau", minimum=0.0, exclusive_minimum=True)
+        real_number(self.ssl_initial_lr, f"{name}.ssl_initial_lr", minimum=0.0, exclusive_minimum=True)
+        real_number(self.ssl_weight_decay, f"{name}.ssl_weight_decay", minimum=0.0)
+        real_number(self.ssl_warmup_fraction, f"{name}.ssl_warmup_fraction", minimum=0.0, maximum=1.0,
+                    exclusive_maximum=True)
+
     def _bank_config(self) -> dict:
         return {"num_clusterers": self.cluster_num, "k_range": tuple(self.cluster_k_range),
                 "sample_fraction": self.cluster_sample_fraction, "seed": self.cluster_seed,

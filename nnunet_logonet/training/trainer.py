@@ -19,6 +19,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
+from nnunet_logonet.network.arguments import positive_int
+from nnunet_logonet.network.shapes import check_patch_size, deepest_map_voxels
 from nnunet_logonet.training.checkpoints import AtomicCheckpoints
 from nnunet_logonet.training.recipes import configure_recipe
 
@@ -46,6 +48,33 @@ def check_plans_network(plans_manager: PlansManager, configuration_manager: Conf
         f"{expected.__name__}. Plan for {expected.__name__} first:\n"
         f"    logonet_plan_and_preprocess -d {dataset} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
         f"then train with the plans it prints (e.g. -p LoGoNetPlans; planners: {PLANNER_FOR[expected.__name__]}).")
+
+
+def check_plans_patch(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                      configuration: str) -> None:
+    """Stop before the data loaders start when the plans' patch cannot train the planned network: a size
+    its strides do not divide (the first forward would fail, naming neither the plans nor the fix), or a
+    deepest feature map of one voxel, which the norms cannot normalise in training."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    patch = configuration_manager.patch_size
+    batch_size = configuration_manager.configuration.get("batch_size", 2)  # nnU-Net's own checks name a missing one
+    local = {key: kwargs[key] for key in ("local_grid", "local_stages") if key in kwargs}
+    where = (f"Plans '{plans_manager.plans_name}' ({configuration}) of {plans_manager.dataset_name} "
+             f"($nnUNet_preprocessed/{plans_manager.dataset_name}/{plans_manager.plans_name}.json)")
+    try:
+        check_patch_size(patch, kwargs["strides"], **local)
+    except ValueError as error:
+        raise PlansMismatchError(f"{where}: {error} Set the configuration's patch_size to one of them, or plan "
+                                 f"again with logonet_plan_and_preprocess (its planners choose valid sizes).") from None
+    voxels = deepest_map_voxels(patch, kwargs["strides"], **local)
+    norm = kwargs.get("norm", "batch")
+    if (voxels if norm == "instance" else batch_size * voxels) <= 1:
+        raise PlansMismatchError(
+            f"{where}: patch_size {list(patch)} leaves the network's deepest feature map a single voxel, so its "
+            f"{norm} norms would normalise one value per channel{'' if norm == 'instance' else ' at batch size 1'}, "
+            f"which {'neither training nor inference' if norm == 'instance' else 'training'} can do. Double the "
+            f"patch size on one axis"
+            f"{'' if norm == 'instance' else ' or raise batch_size to 2'}.")
 
 
 def _is_3d(plans_manager: PlansManager, configuration: str) -> bool:
@@ -91,6 +120,7 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         check_plans_configuration(plans_manager, configuration, type(self).__name__)
         check_plans_network(plans_manager, plans_manager.get_configuration(configuration), self.network_class,
                             configuration)
+        check_plans_patch(plans_manager, plans_manager.get_configuration(configuration), configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         configure_recipe(self, self.recipe)
 
@@ -180,6 +210,10 @@ def with_budget(base: type, name: str, epochs: int, iterations: int | None = Non
                 val_iterations: int | None = None, module: str | None = None,
                 save_every: int | None = None) -> type:
     """A subclass of ``base`` that differs only in its training length (nnU-Net's _Xepochs pattern)."""
+    epochs = positive_int(epochs, f"{name}: epochs")
+    iterations, val_iterations, save_every = (
+        None if value is None else positive_int(value, f"{name}: {what}")
+        for what, value in (("iterations", iterations), ("val_iterations", val_iterations), ("save_every", save_every)))
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
