@@ -34,6 +34,8 @@ def test_ks_are_drawn_in_range_per_clusterer():
     assert len(bank.ks) == 80 and all(80 <= k <= 500 for k in bank.ks)
     assert len(set(bank.ks)) > 20, "k is not drawn per clusterer"
     assert bank.offsets[-1] == sum(bank.ks) and len(bank.offsets) == 81
+    # both ends are drawn: the range is inclusive ("k in 80..500")
+    assert set(SliceClusterBank(num_clusterers=60, k_range=(2, 4), seed=0).ks) == {2, 3, 4}
 
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
