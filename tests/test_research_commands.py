@@ -8,13 +8,20 @@ import json
 import pytest
 
 
-def test_memory_calibration_prints_the_bytes_per_element_the_planner_uses(capsys):
+@pytest.mark.parametrize("planner", ["LoGoNetPlanner", "LoGoNetLPlanner", "LoGoNetTinyPlanner", "ULKANetPlanner"])
+def test_memory_calibration_prints_the_bytes_per_element_the_planner_uses(capsys, planner):
+    """Each planner's constant is its network's calibration (docs/planning.md): a single 5.4, calibrated on
+    the first presets, had stayed in place after S's and L's full-resolution widths changed (S 5.73, L 6.60:
+    their patches were planned for up to 22 % less memory than they take)."""
     from nnunet_logonet.planning.memory import main
+    from nnunet_logonet.planning.planners import PLANNERS
 
-    main(["--patch-size", "64", "64", "64", "--preset", "tiny"])
+    cls = PLANNERS[planner]
+    main(["--patch-size", "64", "64", "64", "--preset", cls.preset, "--model", cls.network_class.__name__])
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     for key in ("unet_saved_bytes_per_element", "logonet_saved_bytes_per_element", "logonet_gpu_bytes_per_element"):
         assert float(printed[key]) > 0, key
+    assert cls.bytes_per_feature_element == pytest.approx(float(printed["logonet_gpu_bytes_per_element"]), rel=0.01)
 
 
 @pytest.mark.parametrize("argv, phrase", [

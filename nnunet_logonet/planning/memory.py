@@ -6,7 +6,9 @@ tensors for backward per counted feature-map element (GELU inputs, the LKA produ
 so we measure, on any device, the bytes autograd saves per counted element for both networks
 (``saved_activation_bytes``) and scale nnU-Net's GPU figure by the ratio.
 
-Run ``python -m nnunet_logonet.planning.memory`` to recompute the constant used by the planners.
+Run ``python -m nnunet_logonet.planning.memory --preset S`` (``--model ULKANet``, ``--preset L``, ...) to
+recompute the constant of the planner of that network (``LoGoNetPlanner.bytes_per_feature_element`` and
+its subclasses'; ``tests/test_planning.py`` checks that each equals its calibration).
 """
 
 from __future__ import annotations
@@ -48,20 +50,27 @@ def bytes_per_feature_element(network: nn.Module, patch_size, input_channels: in
         tuple(patch_size))
 
 
-def calibrate(patch_size=(64, 64, 64), preset: str = "tiny") -> dict:
-    """LoGoNet's bytes per counted element, scaled to nnU-Net's GPU reference."""
+MODELS = ("LoGoNet", "ULKANet")
+
+
+def calibrate(patch_size=(64, 64, 64), preset: str = "tiny", model: str = "LoGoNet") -> dict:
+    """The network's bytes per counted element, scaled to nnU-Net's GPU reference."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from nnunet_logonet.network import LoGoNet
+    from nnunet_logonet.network import LoGoNet, ULKANet
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
 
     unet = PlainConvUNet(1, 5, (32, 64, 128, 256, 320), nn.Conv3d, 3, (1, 2, 2, 2, 2), (2, 2, 2, 2, 2), 14,
                          (2, 2, 2, 2), conv_bias=True, norm_op=nn.InstanceNorm3d,
                          norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
                          nonlin_kwargs={"inplace": True}, deep_supervision=True)
-    logonet = LoGoNet.from_preset(preset, 1, 14, patch_size, deep_supervision=True)
+    network = {"LoGoNet": LoGoNet, "ULKANet": ULKANet}[model].from_preset(preset, 1, 14, patch_size,
+                                                                         deep_supervision=True)
     unet_ratio = bytes_per_feature_element(unet, patch_size)
-    logonet_ratio = bytes_per_feature_element(logonet, patch_size)
-    return {"patch_size": list(patch_size), "preset": preset,
+    logonet_ratio = bytes_per_feature_element(network, patch_size)
+    return {"patch_size": list(patch_size), "preset": preset, "model": model,
             "unet_saved_bytes_per_element": unet_ratio, "logonet_saved_bytes_per_element": logonet_ratio,
             "logonet_gpu_bytes_per_element": NNUNET_BYTES_PER_ELEMENT * logonet_ratio / unet_ratio}
 
@@ -69,10 +78,11 @@ def calibrate(patch_size=(64, 64, 64), preset: str = "tiny") -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64])
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", help="tiny, S or L (default: tiny)")
+    parser.add_argument("--model", default="LoGoNet", choices=MODELS, help="default: LoGoNet")
     args = parser.parse_args(argv)
     try:
-        calibration = calibrate(tuple(args.patch_size), args.preset)
+        calibration = calibrate(tuple(args.patch_size), args.preset, args.model)
     except ValueError as error:  # an unknown preset or a patch the network cannot take: the message names the fix
         parser.error(str(error))
     for k, v in calibration.items():

@@ -100,8 +100,9 @@ class LoGoNetPlanner(ExperimentPlanner):
     default_plans_name: str = "LoGoNetPlans"
     default_gpu_memory_target_in_gb: float = 8.0
     #: Activation bytes per element counted by ``compute_conv_feature_map_size`` under mixed
-    #: precision: nnU-Net's GPU reference scaled by measured saved-tensor bytes (docs/planning.md).
-    bytes_per_feature_element: float = 5.4
+    #: precision: nnU-Net's GPU reference scaled by measured saved-tensor bytes (docs/planning.md),
+    #: one per network: ``python -m nnunet_logonet.planning.memory --preset S`` gives 5.73 (tested)
+    bytes_per_feature_element: float = 5.73
     #: Upper bound on patch voxels (None = memory decides alone). The tiny planner sets one so CPU
     #: iterations stay short.
     max_patch_voxels: int | None = None
@@ -292,6 +293,7 @@ class LoGoNetLPlanner(LoGoNetPlanner):
     preset = "L"
     default_plans_name = "LoGoNetLPlans"
     default_gpu_memory_target_in_gb = 24.0
+    bytes_per_feature_element = 6.60  # ... memory --preset L
 
 
 class LoGoNetTinyPlanner(LoGoNetPlanner):
@@ -300,6 +302,7 @@ class LoGoNetTinyPlanner(LoGoNetPlanner):
     preset = "tiny"
     default_plans_name = "LoGoNetTinyPlans"
     max_patch_voxels = 64 ** 3
+    bytes_per_feature_element = 4.08  # ... memory --preset tiny
 
 
 class ULKANetPlanner(LoGoNetPlanner):
@@ -307,6 +310,7 @@ class ULKANetPlanner(LoGoNetPlanner):
 
     network_class = ULKANet
     default_plans_name = "ULKANetPlans"
+    bytes_per_feature_element = 5.95  # ... memory --preset S --model ULKANet
 
 
 PLANNED_NETWORKS = {class_path(c): c for c in (LoGoNet, ULKANet)}
