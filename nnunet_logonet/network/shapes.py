@@ -120,7 +120,8 @@ def required_patch_multiple(
     """
     s = normalize_strides(strides)
     grid = as_triple(local_grid, "local_grid")
-    if not isinstance(local_stages, Integral) or not 1 <= local_stages <= len(s) - 2:
+    if not isinstance(local_stages, Integral) or isinstance(local_stages, (bool, np.bool_)) \
+            or not 1 <= local_stages <= len(s) - 2:
         raise ValueError(f"local_stages must be an int in [1, {len(s) - 2}], got {local_stages!r}")
     total = np.prod(np.asarray(s, dtype=np.int64), axis=0)
     local = np.prod(np.asarray(s[: local_stages + 2], dtype=np.int64), axis=0) * np.asarray(grid)
