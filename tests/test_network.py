@@ -84,6 +84,14 @@ def test_head_is_the_papers_conv_norm_gelu_then_classifier():
     assert head.seg_layers[0].kernel_size == (1, 1, 1)
 
 
+def test_lka_block_branches_are_the_papers():
+    """Attention 1x1 -> GELU -> LKA -> 1x1; MLP 1x1 expand (mlp_ratio) -> depthwise 3^3 -> GELU -> 1x1."""
+    block = LKABlock(8, mlp_ratio=4)
+    assert isinstance(block.attn.act, nn.GELU) and isinstance(block.mlp.act, nn.GELU)
+    assert block.mlp.fc1.out_channels == 32 and block.mlp.dwconv.kernel_size == (3, 3, 3)
+    assert block.mlp.dwconv.groups == 32
+
+
 @pytest.mark.parametrize(
     "cls, preset, paper_millions",
     [(ULKANet, "S", 40.2), (LoGoNet, "S", 67.5), (ULKANet, "L", 121.2), (LoGoNet, "L", 172.5)],
