@@ -467,7 +467,8 @@ def test_a_one_voxel_bottleneck_is_refused_where_its_norms_need_statistics(cls, 
     Batch norm infers from its running statistics, so inference there is fine."""
     model = small(cls, norm=norm).train()
     x = torch.randn(batch, 1, 32, 32, 32)
-    message = rf"single voxel: .*{norm} norms would normalise one value per channel.*patch twice as large on one axis"
+    message = rf"single voxel \(the bottleneck, or a local path's deepest map\): .*{norm} norms would normalise one " \
+              r"value per channel.*patch twice as large on one axis"
     if refused:
         with pytest.raises(ValueError, match=message):
             model(x)
@@ -479,6 +480,12 @@ def test_a_one_voxel_bottleneck_is_refused_where_its_norms_need_statistics(cls, 
                 model.eval()(x)
         else:
             assert model.eval()(x).shape == (batch, 3, 32, 32, 32)
+    if norm == "batch":  # BatchNorms frozen in eval inside a training network use their running statistics
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.eval()
+        model(x).sum().backward()
 
 
 def test_unknown_preset_lists_valid_names():

@@ -157,6 +157,17 @@ def test_stale_cache_is_reported(fitted, tmp_path):
         SliceClusterBank.load(tmp_path / "missing.npz")
 
 
+def test_cache_of_a_setting_now_refused_is_stale_so_the_trainer_refits(fitted, tmp_path):
+    """k_range (1, ...) was accepted before one cluster was refused: such a cache is stale, not a crash."""
+    import copy
+
+    old = copy.deepcopy(fitted[0])
+    old.config["k_range"] = [1, 9]
+    old.save(tmp_path / "old.npz")
+    with pytest.raises(StaleClusterCacheError, match=r"a setting this version refuses: k_range must be .* 2 <= low"):
+        SliceClusterBank.load(tmp_path / "old.npz")
+
+
 def test_labels_come_from_the_unmasked_input():
     """The bank is fitted on unmasked slices; labels follow the input, so the trainer must pass unmasked patches."""
     rng = torch.Generator().manual_seed(0)

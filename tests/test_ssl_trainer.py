@@ -558,7 +558,7 @@ def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch, d
     ("ssl_tau", 0, r"LoGoNetSSLTrainerBad.ssl_tau must be a finite number > 0.0, got 0"),
     ("ssl_tau", float("inf"), "ssl_tau"), ("head_grid", 0, "head_grid"), ("head_hidden", 0, "head_hidden"),
     ("ssl_initial_lr", -1.0, "ssl_initial_lr"), ("ssl_weight_decay", -1e-5, "ssl_weight_decay"),
-    ("ssl_warmup_fraction", 5.0, r"ssl_warmup_fraction must be a finite number >= 0.0 and < 1.0, got 5.0"),
+    ("ssl_warmup_fraction", 5.0, r"ssl_warmup_fraction must be a finite number >= 0.0 and <= 1.0, got 5.0"),
     ("cluster_samples_per_cluster", 0, "cluster_samples_per_cluster")])
 def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, value, match):
     import json

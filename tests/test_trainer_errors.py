@@ -77,6 +77,18 @@ def test_a_patch_the_planned_network_cannot_take_is_refused_naming_the_plans_and
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_architecture_in_the_plans_is_named_without_a_patch_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = _plans(**{"3d_fullres": [12, 32, 32]})
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["local_stages"] = 5
+    with pytest.raises(PlansMismatchError) as error:
+        LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}},
+                       torch.device("cpu"))
+    message = str(error.value)
+    assert "local_stages must be an int in [1, 4], got 5; plan again with logonet_plan_and_preprocess" in message
+    assert "patch_size" not in message
+
+
 @pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
                                                        ("batch", 2, False)])
 def test_a_patch_leaving_a_one_voxel_bottleneck_is_refused_where_its_norms_cannot_train(tmp_path, monkeypatch,

@@ -61,7 +61,7 @@ def probability(value: Any, name: str) -> float:
 
 
 def boolean(value: Any, name: str) -> bool:
-    """``value`` as a Python bool; only ``True``/``False`` (or NumPy's) are accepted, not 'no' or 0."""
-    if not isinstance(value, (bool, np.bool_)):
+    """``value`` as a Python bool: ``True``/``False`` (NumPy's too) or the ints 1/0; not 'no' or 2."""
+    if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, Integral) and value in (0, 1))):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)

@@ -250,7 +250,7 @@ class LoGoNet(ReusesOutputBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        if norm_needs_statistics(self.arch_kwargs["norm"], self.training):
+        if norm_needs_statistics(self.arch_kwargs["norm"], self.global_path.decoder.blocks[0][0].norm):
             check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(
                 x.shape[2:], self.strides, self.local_grid, self.local_stages))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)

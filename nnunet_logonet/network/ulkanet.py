@@ -55,10 +55,12 @@ def check_input_tensor(x: torch.Tensor, input_channels: int, multiple: Triple) -
         )
 
 
-def norm_needs_statistics(norm: str, training: bool) -> bool:
-    """Whether the network's norms compute statistics of the input: instance norm always (each sample by
-    its own), batch norm in training."""
-    return norm == "instance" or training
+def norm_needs_statistics(norm: str, deepest_norm: nn.Module) -> bool:
+    """Whether the norms of the deepest feature map compute statistics of the input: instance norm always
+    (each sample by its own), batch norm in training mode, judged by ``deepest_norm`` (a BatchNorm of the
+    deepest map) rather than by the network, so that BatchNorms frozen in eval inside a training network
+    (which normalise with their running statistics) pass."""
+    return norm == "instance" or deepest_norm.training
 
 
 def check_deepest_map(x: torch.Tensor, norm: str, deepest_voxels: int) -> None:
@@ -70,7 +72,8 @@ def check_deepest_map(x: torch.Tensor, norm: str, deepest_voxels: int) -> None:
         return
     values = deepest_voxels if norm == "instance" else x.shape[0] * deepest_voxels
     if values <= 1:
-        start = f"input of shape {tuple(x.shape)} leaves the network's deepest feature map a single voxel: "
+        start = (f"input of shape {tuple(x.shape)} leaves a feature map of a single voxel (the bottleneck, or a "
+                 f"local path's deepest map): ")
         if norm == "instance":
             raise ValueError(start + "its instance norms would normalise one value per channel and sample, which "
                              "neither training nor inference can do; use a patch twice as large on one axis (or "
@@ -213,7 +216,7 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
-        if norm_needs_statistics(self.arch_kwargs["norm"], self.training):
+        if norm_needs_statistics(self.arch_kwargs["norm"], self.decoder.blocks[0][0].norm):
             check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(x.shape[2:], self.strides))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
             note_unversioned_writes()

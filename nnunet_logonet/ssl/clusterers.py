@@ -76,6 +76,10 @@ def slice_features(x: torch.Tensor, *, slice_axis: int = 2, pool: int = 1) -> to
     return planes.reshape(batch, n_slices, -1)
 
 
+def _row_chunks(rows: np.ndarray | torch.Tensor, size: int):
+    return (rows[start:start + size] for start in range(0, rows.shape[0], size))
+
+
 def segment_index(ks: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """``(N, k_max)`` column index of each clusterer's entries in a ``(..., sum k)`` tensor.
 
@@ -229,8 +233,9 @@ class SliceClusterBank:
             slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 2 or slices.shape[0] < 1 or slices.shape[1] < 1:
             raise ValueError(f"slices must be a non-empty (n_slices, features) array, got shape {tuple(slices.shape)}.")
-        finite = torch.isfinite(slices).all(1).cpu().numpy() if isinstance(slices, torch.Tensor) \
-            else np.isfinite(slices).all(1)
+        # in chunks: a (n, F) bool mask of the paper's slice pool would take a quarter of its memory again
+        finite = np.concatenate([(torch.isfinite(rows).all(1).cpu().numpy() if isinstance(rows, torch.Tensor)
+                                  else np.isfinite(rows).all(1)) for rows in _row_chunks(slices, 4096)])
         if not finite.all():
             raise ValueError(f"{int((~finite).sum())} of {len(finite)} slices hold NaN or infinite values (the first: "
                              f"slice {int(np.flatnonzero(~finite)[0])}); k-means would put them in arbitrary clusters. "
@@ -382,7 +387,11 @@ class SliceClusterBank:
             problems.append("checksum mismatch")
         if problems:
             raise CorruptClusterCacheError(f"Cluster cache {path} is corrupt: {'; '.join(problems)}.")
-        bank = cls(**{**config, "k_range": tuple(config["k_range"])})
+        try:
+            bank = cls(**{**config, "k_range": tuple(config["k_range"])})
+        except ValueError as error:  # a setting this version refuses (e.g. k_range (1, ...)): refit, as for a stale one
+            raise StaleClusterCacheError(f"Cluster cache {path} was built with a setting this version refuses: "
+                                         f"{error}") from None
         if len(ks) != bank.config["num_clusterers"]:
             raise CorruptClusterCacheError(f"Cluster cache {path} is corrupt: {len(ks)} clusterers stored, "
                                            f"config says {bank.config['num_clusterers']}.")

@@ -152,8 +152,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         real_number(self.ssl_tau, f"{name}.ssl_tau", minimum=0.0, exclusive_minimum=True)
         real_number(self.ssl_initial_lr, f"{name}.ssl_initial_lr", minimum=0.0, exclusive_minimum=True)
         real_number(self.ssl_weight_decay, f"{name}.ssl_weight_decay", minimum=0.0)
-        real_number(self.ssl_warmup_fraction, f"{name}.ssl_warmup_fraction", minimum=0.0, maximum=1.0,
-                    exclusive_maximum=True)
+        real_number(self.ssl_warmup_fraction, f"{name}.ssl_warmup_fraction", minimum=0.0, maximum=1.0)
 
     def _bank_config(self) -> dict:
         return {"num_clusterers": self.cluster_num, "k_range": tuple(self.cluster_k_range),

@@ -20,7 +20,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network.arguments import positive_int
-from nnunet_logonet.network.shapes import check_patch_size, deepest_map_voxels
+from nnunet_logonet.network.shapes import check_patch_size, deepest_map_voxels, required_patch_multiple
 from nnunet_logonet.training.checkpoints import AtomicCheckpoints
 from nnunet_logonet.training.recipes import configure_recipe
 
@@ -61,19 +61,27 @@ def check_plans_patch(plans_manager: PlansManager, configuration_manager: Config
     local = {key: kwargs[key] for key in ("local_grid", "local_stages") if key in kwargs}
     where = (f"Plans '{plans_manager.plans_name}' ({configuration}) of {plans_manager.dataset_name} "
              f"($nnUNet_preprocessed/{plans_manager.dataset_name}/{plans_manager.plans_name}.json)")
+    replan = "plan again with logonet_plan_and_preprocess (its planners choose valid sizes)"
+    if "strides" not in kwargs:
+        raise PlansMismatchError(f"{where}: the configuration's architecture has no 'strides' in its arch_kwargs; "
+                                 f"{replan}.")
+    try:
+        multiple = required_patch_multiple(kwargs["strides"], **local)
+    except ValueError as error:  # the architecture itself, not the patch
+        raise PlansMismatchError(f"{where}: {error}; {replan}.") from None
     try:
         check_patch_size(patch, kwargs["strides"], **local)
     except ValueError as error:
-        raise PlansMismatchError(f"{where}: {error} Set the configuration's patch_size to one of them, or plan "
-                                 f"again with logonet_plan_and_preprocess (its planners choose valid sizes).") from None
+        raise PlansMismatchError(f"{where}: {error} Set the configuration's patch_size to one of them (every axis a "
+                                 f"multiple of {list(multiple)}), or {replan}.") from None
     voxels = deepest_map_voxels(patch, kwargs["strides"], **local)
     norm = kwargs.get("norm", "batch")
     if (voxels if norm == "instance" else batch_size * voxels) <= 1:
         raise PlansMismatchError(
             f"{where}: patch_size {list(patch)} leaves the network's deepest feature map a single voxel, so its "
             f"{norm} norms would normalise one value per channel{'' if norm == 'instance' else ' at batch size 1'}, "
-            f"which {'neither training nor inference' if norm == 'instance' else 'training'} can do. Double the "
-            f"patch size on one axis"
+            f"which {'neither training nor inference can do' if norm == 'instance' else 'training cannot do'}. "
+            f"Double the patch size on one axis"
             f"{'' if norm == 'instance' else ' or raise batch_size to 2'}.")
 
 
