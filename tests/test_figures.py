@@ -7,7 +7,7 @@ matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from nnunet_logonet.figures import save_figure  # noqa: E402
+from nnunet_logonet.figures import figure_path, save_figure  # noqa: E402
 
 
 def test_writes_the_png_into_a_new_folder_and_closes_the_figure(tmp_path):
@@ -29,3 +29,24 @@ def test_a_failed_save_leaves_the_previous_file_and_no_temporary_one(tmp_path):
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["progress.png"]
     assert fig.number not in plt.get_fignums()
+
+
+def test_a_name_without_suffix_is_drawn_as_png(tmp_path):
+    """matplotlib read the format from the temporary name ('.tmp1234') and stopped after the run."""
+    fig, _ = plt.subplots()
+    save_figure(fig, tmp_path / "ratios")
+    assert (tmp_path / "ratios").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_paths_are_checked_when_the_command_starts(tmp_path):
+    import argparse
+
+    assert figure_path(str(tmp_path / "chart.svg")).name == "chart.svg"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"is a folder; give a file name such as .*chart.png"):
+        figure_path(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write .xyz figures; use one of .*\.png"):
+        figure_path(str(tmp_path / "chart.xyz"))
+    from nnunet_logonet.benchmark.efficiency import build_parser
+
+    with pytest.raises(SystemExit):  # refused before any model is timed
+        build_parser().parse_args(["--chart", str(tmp_path / "chart.xyz")])

@@ -46,3 +46,28 @@ def test_clustering_benchmark_prints_one_record_per_backend_and_pooling(capsys):
                                                                  ("torch", 2)]
     assert all(r["num_clusterers"] == 2 and 2 * 3 <= r["sum_k"] <= 2 * 5 and r["inertia"] > 0 for r in records)
     assert [r["features"] for r in records if r["backend"] == "sklearn"] == [16 * 16, 8 * 8]
+
+
+def test_nnunets_spellings_of_shared_flags_are_understood():
+    """nnU-Net's users type -device, -d and -pretrained_weights: '-device cuda' parsed as '-d evice', and
+    '-pretrained_weights W' as '-p retrained_weights'."""
+    from nnunet_logonet.benchmark import efficiency, finetune_start, lever_ab
+
+    assert efficiency.build_parser().parse_args(["-device", "cuda"]).device == "cuda"
+    assert lever_ab.build_parser().parse_args(["--lever", "stitch_add", "-device", "cpu"]).device == "cpu"
+    args = finetune_start.build_parser().parse_args(["-d", "9", "-p", "LoGoNetPlans", "-pretrained_weights", "w.pth"])
+    assert (args.plans, args.pretrained) == ("LoGoNetPlans", "w.pth")
+    from nnunet_logonet.demo.cli import build_parser as demo_parser
+
+    args = demo_parser().parse_args(["-d", "950", "-device", "cpu"])
+    assert (args.dataset_id, args.device) == (950, "cpu")
+
+
+def test_ssl_benefit_refuses_a_folder_as_its_report_before_training(tmp_path, capsys):
+    """It trained for minutes, then stopped at writing the JSON into the folder, and lost its table too."""
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    with pytest.raises(SystemExit) as stop:
+        ssl_benefit.main(["--base", str(tmp_path / "base"), "--json", str(tmp_path), "-d", "940"])
+    assert stop.value.code == 2 and "is a folder; give the report's file name" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()

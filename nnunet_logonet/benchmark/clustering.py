@@ -88,7 +88,8 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.clustering", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-slices", type=int, default=2000, help="slices every clusterer is fitted on")
     parser.add_argument("--size", type=int, default=64, help="slices are size x size (one channel)")
     parser.add_argument("--num-clusterers", type=int, default=80)
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pools", type=int, nargs="+", default=(1, 2), help="in-plane pooling factors to compare")
     parser.add_argument("--max-iter", type=int, default=350)
     parser.add_argument("--label-slices", type=int, default=128, help="slices labelled per call (batch x depth)")
-    parser.add_argument("--device", default="cpu", help="device for the torch backend and for labelling")
+    parser.add_argument("-device", "--device", default="cpu", help="device for the torch backend and for labelling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)

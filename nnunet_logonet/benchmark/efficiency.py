@@ -58,6 +58,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
+from nnunet_logonet.figures import figure_path
 from nnunet_logonet.machine import cpu_description, cpu_kind
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
@@ -704,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="logonet_benchmark",
         description="Parameters, MACs, latency, training-iteration time, peak memory and sliding-window time of "
                     "LoGoNet and nnU-Net's networks, side by side, as ratios to nnU-Net's default network.")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("-device", "--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--patch-size", nargs=3, type=int, metavar=("D", "H", "W"), default=None,
                        help="patch size (default: 96 96 96 on cuda, the paper's; 64 64 64 on cpu, so that the "
@@ -753,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="write every figure and the device info here when the run completes; until then the "
                              "figures so far are kept in FILE.partial and an existing FILE is left untouched")
-    parser.add_argument("--chart", default=None, metavar="PNG",
+    parser.add_argument("--chart", default=None, type=figure_path, metavar="PNG",
                         help="also draw each model's time ratios to nnunet here (the chart of "
                              "`python -m nnunet_logonet.benchmark.ratio_chart`, which puts several runs' JSONs side by side)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")

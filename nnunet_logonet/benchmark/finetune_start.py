@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
+from nnunet_logonet.figures import figure_path
 from nnunet_logonet.training.recipes import RECIPES, configure_recipe
 
 __all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts",
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", "--dataset", required=True, help="fine-tuning dataset: id (900) or folder name")
     parser.add_argument("-p", "--plans", required=True, help="plans of the fine-tuning (e.g. LoGoNetPlans)")
-    parser.add_argument("--pretrained", required=True, help="the file given to nnUNetv2_train -pretrained_weights")
+    parser.add_argument("--pretrained", "-pretrained_weights", required=True, help="the file given to nnUNetv2_train -pretrained_weights")
     parser.add_argument("-c", "--configuration", default="3d_fullres",
                         help="configuration of the plans (default 3d_fullres)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's initial one)")
     parser.add_argument("--preprocessed", default=None, help="nnU-Net's preprocessed folder (default: $nnUNet_preprocessed)")
     parser.add_argument("--json", default=None, help="also write the report here")
-    parser.add_argument("--chart", default=None, metavar="PNG", help="also draw loss and Dice against the step here")
+    parser.add_argument("--chart", default=None, type=figure_path, metavar="PNG",
+                        help="also draw loss and Dice against the step here")
     return parser
 
 

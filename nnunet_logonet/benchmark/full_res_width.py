@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="patch for the counts (default the paper's 96 96 96)")
     parser.add_argument("--time", action="store_true",
                         help="also measure every variant with logonet_benchmark beside nnU-Net's default network")
-    parser.add_argument("--device", default="cpu", help="device for --time (default cpu)")
+    parser.add_argument("-device", "--device", default="cpu", help="device for --time (default cpu)")
     parser.add_argument("--patch-size", nargs=3, type=int, default=None, metavar=("D", "H", "W"),
                         help="patch for --time (default: logonet_benchmark's for the device)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the counts (and timings) here")

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="calls in a row per state and round, the first untimed (default 1: one timed call); "
                              "e.g. 4 for levers that change what the allocator holds, such as output_buffers")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch size (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--swap-narrowing-weight-grad", action="store_true",
                         help="take the narrowing-convolution lever on any CPU (by default AVX2 CPUs only), "
                              "to measure it where it is off")

@@ -148,10 +148,13 @@ def overfit(variant: str = "tiny", steps: int = 150, seed: int = 0, report_every
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.overfit",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="networks to fit (default: all)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps on the batch (default 150)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of each network's initial weights (default 0)")
     args = parser.parse_args(argv)
+    if args.steps < 1:  # checked before the phantom batch is made
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     batch = phantom_batch()
     print(f"one batch of 2 phantom cases, patch {'x'.join(map(str, PATCH))}; liver Dice of the batch "
           f"(loss) every 25 steps")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nnunet_logonet.benchmark.models import REFERENCE_MODEL
-from nnunet_logonet.figures import save_figure
+from nnunet_logonet.figures import figure_path, save_figure
 from nnunet_logonet.machine import cpu_kind
 
 __all__ = ["FIGURES", "BenchmarkRecordError", "RunRatios", "load_run", "run_ratios", "run_label", "format_table",
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models to show (default: %(default)s)")
     parser.add_argument("--figures", nargs="+", choices=list(FIGURES), default=list(DEFAULT_FIGURES),
                         help="figures to show (default: %(default)s)")
-    parser.add_argument("-o", "--output", help="also draw the chart to this PNG file")
+    parser.add_argument("-o", "--output", type=figure_path, help="also draw the chart to this PNG file")
     return parser
 
 

@@ -244,16 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="demoQuick budgets and fewer cases")
     parser.add_argument("--base", default="ssl_benefit_work", help="work folder (default ./ssl_benefit_work)")
-    parser.add_argument("--output", default=None, help="JSON report (default <base>/ssl_benefit.json)")
+    parser.add_argument("--json", "--output", dest="output", default=None, help="JSON report (default <base>/ssl_benefit.json)")
     parser.add_argument("--labeled", type=int, default=4, help="labeled training cases (default 4)")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabeled cases (default 16; quick 8)")
     parser.add_argument("--test", type=int, default=None, help="test cases (default 8; quick 4)")
     parser.add_argument("--size", type=int, default=None, help="phantom in-plane size (default 48; quick 32)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--repeats", type=int, default=1, help="fine-tunings per arm (default 1)")
-    parser.add_argument("--dataset-id", type=int, default=930, help="labeled dataset ID (default 930; +1 for "
+    parser.add_argument("-d", "--dataset-id", type=int, default=930, help="labeled dataset ID (default 930; +1 for "
                                                                      "the pre-training dataset)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("-device", "--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     args = parser.parse_args(argv)
     args.unlabeled = args.unlabeled if args.unlabeled is not None else (8 if args.quick else 16)
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if not 1 <= args.dataset_id <= 998:
         parser.error(f"--dataset-id must be in [1, 998] (the pre-training dataset takes id+1), got {args.dataset_id}")
+    output = Path(args.output) if args.output else Path(args.base) / "ssl_benefit.json"
+    if output.is_dir():  # found now, not after the trainings
+        parser.error(f"--json {args.output} is a folder; give the report's file name, e.g. {output / 'ssl_benefit.json'}")
     from nnunet_logonet.phantom.writer import PhantomArgumentError, check_arguments
     from nnunet_logonet.ssl.pipeline import PipelineError
 
@@ -283,12 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nssl_benefit: interrupted. Run the same command again (same --base, without --fresh): finished "
               f"steps are reused, an interrupted training is continued (--c).", file=sys.stderr)
         return 130
-    output = Path(args.output) if args.output else Path(args.base) / "ssl_benefit.json"
+    _print(report)  # first: the table survives a report that cannot be written
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output)
-    _print(report)
     print(f"\nreport: {output}")
     return 0
 

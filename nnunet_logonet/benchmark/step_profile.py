@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nnunet_logonet.benchmark.efficiency import default_settings, make_sliding_window, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
+from nnunet_logonet.figures import figure_path
 from nnunet_logonet.network.levers import reference_kernels
 
 __all__ = ["CATEGORIES", "FIGURES", "category", "profile_model", "format_table", "plot_profile", "main"]
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one training step (default), one inference forward or nnU-Net's sliding window "
                              "over one case (1.5x the patch per axis)")
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled calls timed for the median (default 3)")
-    parser.add_argument("--chart", default=None, metavar="PNG", help="also draw the table as stacked bars here")
+    parser.add_argument("--chart", default=None, type=figure_path, metavar="PNG",
+                        help="also draw the table as stacked bars here")
     return parser
 
 

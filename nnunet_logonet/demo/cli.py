@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "predictions and the stage record (default ./demo_work)")
     parser.add_argument("--out", default="demo_results",
                         help="results.json, results.md, figures and logs (default ./demo_results)")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("-device", "--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="LoGoNet size (default: tiny on CPU, S on CUDA)")
     parser.add_argument("--quick", action="store_true", help="smaller phantom and budget; still every stage")
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"redo every stage (first deletes the datasets, trainings and predictions this demo "
                              f"made: dataset folders holding its {MARKER} marker)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--dataset-id", type=int, default=900,
+    parser.add_argument("-d", "--dataset-id", type=int, default=900,
                         help="nnU-Net dataset id of the phantom (default 900); the pretraining dataset uses id+1")
     return parser
 

@@ -76,8 +76,10 @@ def calibrate(patch_size=(64, 64, 64), preset: str = "tiny", model: str = "LoGoN
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64])
+    parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.planning.memory",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--patch-size", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"),
+                        help="training patch the bytes are measured at (default 64 64 64)")
     parser.add_argument("--preset", default="tiny", help="tiny, S or L (default: tiny)")
     parser.add_argument("--model", default="LoGoNet", choices=MODELS, help="default: LoGoNet")
     args = parser.parse_args(argv)

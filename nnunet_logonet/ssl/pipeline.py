@@ -119,15 +119,37 @@ class _Logger:
         else:
             self.call(message)
 
+    @property
+    def on_screen(self) -> bool:
+        """Whether messages go to the terminal (the command line's case): then nnU-Net's own output, with
+        its progress bars, is shown as it comes instead of being collected."""
+        return self.path is None and self.call is print
+
     def run(self, argv: list[str], env: Mapping[str, str]) -> None:
         self(" ".join(argv))
-        done = subprocess.run(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if self.on_screen:
+            output, returncode = _run_showing_output(argv, env)
+        else:
+            done = subprocess.run(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            output, returncode = done.stdout, done.returncode
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(done.stdout)
-        if done.returncode != 0:
-            tail = "\n".join(done.stdout.strip().splitlines()[-15:])
-            raise PipelineError(f"{Path(argv[0]).name} failed with exit code {done.returncode}:\n{tail}")
+                f.write(output)
+        if returncode != 0:
+            tail = "\n".join(output.strip().splitlines()[-15:])
+            raise PipelineError(f"{Path(argv[0]).name} failed with exit code {returncode}:\n{tail}")
+
+
+def _run_showing_output(argv: list[str], env: Mapping[str, str], keep: int = 16384) -> tuple[str, int]:
+    """Run ``argv`` with its output passed to our stdout as it comes (progress bars redraw with \\r, so
+    chunks, not lines); return the output's last ``keep`` characters and the exit code."""
+    process = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = b""
+    while chunk := process.stdout.read1(4096):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        tail = (tail + chunk)[-keep:]
+    return tail.decode(errors="replace"), process.wait()
 
 
 def prepare_pretraining_dataset(
@@ -211,7 +233,7 @@ def prepare_pretraining_dataset(
             f"--name {name} {' '.join(f'--channel-name {c}' for c in channel_names)}")
         try:
             target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, channel_names=channel_names,
-                                           raw_root=raw, progress=False)
+                                           raw_root=raw, progress=say.on_screen)
         except UnlabeledDataError as error:
             raise UnlabeledDataError(f"{error} (the pipeline gives the source's channels, {', '.join(channel_names)} "
                                      f"from {source_raw / 'dataset.json'}: the scans must have the same channels)"
@@ -299,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-source-unlabeled", action="store_true",
                         help="do not add the source's imagesUnlabeled folder")
     parser.add_argument("-c", default="3d_fullres", help="configuration to preprocess (default 3d_fullres)")
-    parser.add_argument("-np", type=int, default=1, help="processes (default 1)")
+    parser.add_argument("-np", type=int, default=4,
+                        help="processes for fingerprint extraction and preprocessing (default 4, as "
+                             "logonet_plan_and_preprocess)")
     args = parser.parse_args(argv)
     try:
         info = prepare_pretraining_dataset(args.s, args.t, args.p, args.i, name=args.name,

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from time import perf_counter, time
@@ -31,6 +32,7 @@ import torch
 from torch import autocast, nn
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.utilities.collate_outputs import collate_outputs
@@ -290,13 +292,17 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         (same patch size and foreground oversampling as training), seeded: the same data and seed
         give the same slices and so the same bank."""
         start = perf_counter()
+        # minutes at the paper's bank before epoch 0 (docs/ssl.md): say so, and show progress on rank 0
+        self.print_to_log_file(f"Fitting {self.cluster_num} clusterers (k in {self.cluster_k_range[0]}.."
+                               f"{self.cluster_k_range[1]}) on the slices of {self.fit_patch_count} patches; "
+                               f"epoch 0 starts after it.")
         slices = self._collect_fit_slices()
         collected = perf_counter() - start
         bank = self._new_bank()
         data = slices.to(self.device) if self.cluster_backend == "torch" else slices
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bank.fit(data)
+            bank.fit(data, progress=self.local_rank == 0)
         for warning in caught:
             self.print_to_log_file(f"WARNING: {warning.message}")
         if bank.ks != self.ssl_head.ks:  # cannot happen unless the bank's reduction rule changes
@@ -319,6 +325,8 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         state = np.random.get_state()  # nnU-Net's loader draws from numpy's global generator
         np.random.seed(self.cluster_seed)
         kept, padding, drawn = [], [], 0
+        bar = tqdm(total=wanted, desc="cropping slices for the clusterers", unit="slice",
+                   disable=self.local_rank != 0, file=sys.stderr)
         try:
             bank = self._new_bank()
             # slices wholly outside the case (patch larger than the image) are padding: all zeros, one
@@ -331,7 +339,9 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                 outside = torch.movedim(batch["target"][0, 0], self.ssl_slice_axis - 2, 0).flatten(1).eq(-1).all(1)
                 kept.append(features[~outside])
                 padding.append(features[outside])
+                bar.update(min(len(kept[-1]), wanted - bar.n))
         finally:
+            bar.close()
             np.random.set_state(state)
         rows = torch.cat(kept)
         if len(rows) < wanted:
