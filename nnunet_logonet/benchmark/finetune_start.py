@@ -161,7 +161,7 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
         for start in STARTS:
             began = time.perf_counter()
             network = build_start(plans_manager, configuration_manager, dataset_json, start, seed, pretrained)
-            history = fit_batch(network, x, y, steps, report_every, lr, recipe)
+            history = fit_batch(network, x, y, steps, report_every, lr, recipe, progress=f"seed {seed} {start}")
             run = {"seed": seed, "start": start, "history": history, "take_off_step": take_off_step(history),
                    "seconds": time.perf_counter() - began}
             runs.append(run)

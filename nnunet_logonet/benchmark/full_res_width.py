@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
 from nnunet_logonet.benchmark.efficiency import (
     DEFAULTS,
@@ -65,9 +66,12 @@ def count_variants(models: Sequence[str], widths: Sequence[int], patch_size: Seq
     """Parameters and fvcore MACs (batch 1) of every model at every width, at ``patch_size``."""
     rows = []
     x = torch.zeros(1, 1, *patch_size)
+    bar = tqdm(total=len(models) * len(widths), desc="counting", unit="variant", file=sys.stderr, leave=False)
     for name in models:
         base = resolve_model(name, patch_size=patch_size)
         for width in widths:
+            bar.set_postfix_str(f"{name} width {width}")
+            bar.update()
             spec = width_variant(base, width)
             net = spec.build()
             macs, _ = count_macs(net, x)
@@ -76,6 +80,7 @@ def count_variants(models: Sequence[str], widths: Sequence[int], patch_size: Seq
                          "parameters": count_parameters(net), "macs": macs,
                          "paper_parameters": paper.get("parameters"), "paper_gflops": paper.get("gflops")})
             del net
+    bar.close()
     return rows
 
 

@@ -22,6 +22,7 @@ from statistics import median
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from nnunet_logonet.machine import this_cpu
 from nnunet_logonet.network.kernels import narrowing
@@ -45,12 +46,16 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
     after the switch inherits the other state's heap.
     """
     samples: dict[str, dict[str, list[float]]] = {}
+    bar = tqdm(total=len(calls) * (rounds + 1), desc="lever on / off", unit="round", file=sys.stderr, leave=False)
     for figure, call in calls.items():
         samples[figure] = {"on": [], "off": []}
+        bar.set_postfix_str(f"{figure}: warm-up")
         for state in ("on", "off"):
             with _kernels(state, levers):
                 call()
+        bar.update()
         for r in range(rounds):
+            bar.set_postfix_str(f"{figure}: round {r + 1}/{rounds}")
             for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
                 with _kernels(state, levers):
                     for i in range(block):
@@ -60,6 +65,8 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
                         _sync(device)
                         if block == 1 or i > 0:
                             samples[figure][state].append(time.perf_counter() - start)
+            bar.update()
+    bar.close()
     return samples
 
 

@@ -13,12 +13,14 @@ full-resolution decoders never leaves the all-background solution (docs/training
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nnunet_logonet.training.recipes import configure_recipe, recipe_optimizer
 
@@ -93,13 +95,15 @@ def build(variant: str, num_classes: int = 7) -> torch.nn.Module:
 
 
 def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-              report_every: int = 25, lr: float | None = None, recipe: str = "nnunet") -> list[dict]:
+              report_every: int = 25, lr: float | None = None, recipe: str = "nnunet",
+              progress: str | None = None) -> list[dict]:
     """Train ``network`` (deep supervision off) on the fixed batch ``x`` [B, C, ...], ``y`` [B, 1, ...]
     with nnU-Net's Dice + CE loss, gradient clipping and the optimizer of ``recipe``
     (``training.recipes``: 'nnunet' SGD with Nesterov momentum 0.99, 'paper' AdamW) at the recipe's
     initial learning rate and weight decay, or at ``lr``, without a schedule. Every ``report_every``
     steps and at the last: the loss, the gradient norm before clipping and each foreground class's
-    Dice of the batch's argmax (train mode, as trained; ``dice[c - 1]`` is class c's)."""
+    Dice of the batch's argmax (train mode, as trained; ``dice[c - 1]`` is class c's). With ``progress``
+    (its label) a progress bar on stderr shows the steps and the last loss."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
@@ -115,7 +119,9 @@ def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
     optimizer = recipe_optimizer(network.parameters(), recipe, lr, settings.weight_decay)
     network.train()
     history = []
-    for step in range(1, steps + 1):
+    bar = tqdm(range(1, steps + 1), desc=progress, unit="step", disable=progress is None, file=sys.stderr,
+               leave=False)
+    for step in bar:
         output = network(x)
         loss = loss_fn(output, y)
         optimizer.zero_grad()
@@ -130,16 +136,17 @@ def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
                 total = (pred == c).sum().item() + (ref == c).sum().item()
                 dice.append(2 * inter / max(1, total))
             history.append({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "dice": dice})
+            bar.set_postfix(loss=f"{history[-1]['loss']:+.3f}")
     return history
 
 
 def overfit(variant: str = "tiny", steps: int = 150, seed: int = 0, report_every: int = 25,
-            batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+            batch: tuple[torch.Tensor, torch.Tensor] | None = None, progress: str | None = None) -> list[dict]:
     """Train ``variant`` on one fixed batch; every ``report_every`` steps the loss and the liver
     Dice of the batch's argmax prediction (train mode, as trained)."""
     torch.manual_seed(seed)
     x, y = batch if batch is not None else phantom_batch()
-    history = fit_batch(build(variant), x, y, steps, report_every)
+    history = fit_batch(build(variant), x, y, steps, report_every, progress=progress)
     for record in history:
         record["liver_dice"] = record["dice"][LIVER - 1]
     return history
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(loss) every 25 steps")
     for variant in args.variants:
         start = time.perf_counter()
-        history = overfit(variant, args.steps, args.seed, batch=batch)
+        history = overfit(variant, args.steps, args.seed, batch=batch, progress=variant)
         cells = "  ".join(f"{h['step']}: {h['liver_dice']:.2f} ({h['loss']:+.2f})" for h in history)
         print(f"{variant:22s} {cells}   [{time.perf_counter() - start:.0f} s]", flush=True)
     return 0
