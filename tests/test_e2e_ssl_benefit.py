@@ -51,6 +51,7 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert ssl_benefit.main([*ARGS, "--base", str(base)]) == 0
     report = json.loads((base / "ssl_benefit.json").read_text())
     printed = capsys.readouterr().out
+    assert (base / "ssl_benefit.png").read_bytes()[:4] == b"\x89PNG" and f"chart: {base / 'ssl_benefit.png'}" in printed
     assert not (tmp_path / "users").exists()
 
     steps = [c["step"] for c in report["commands"]]

@@ -71,3 +71,13 @@ def test_ssl_benefit_refuses_a_folder_as_its_report_before_training(tmp_path, ca
         ssl_benefit.main(["--base", str(tmp_path / "base"), "--json", str(tmp_path), "-d", "940"])
     assert stop.value.code == 2 and "is a folder; give the report's file name" in capsys.readouterr().err
     assert not (tmp_path / "base").exists()
+
+
+def test_ssl_benefit_draws_each_fine_tuning_per_organ(tmp_path):
+    """Its result was a text table only; the chart goes beside the JSON report."""
+    from nnunet_logonet.benchmark.ssl_benefit import plot_arms
+
+    run = lambda dice: {"test_dice": dice, "per_organ_dice": {"liver": 3 * dice, "spleen": 0.0, "aorta": 0.0}}  # noqa: E731
+    report = {"settings": {"test": 4, "quick": True}, "arms": {"scratch": [run(0.2), run(0.1)], "ssl": [run(0.0), run(0.3)]}}
+    plot_arms(report, tmp_path / "ssl_benefit.png")
+    assert (tmp_path / "ssl_benefit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

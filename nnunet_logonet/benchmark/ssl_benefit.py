@@ -219,6 +219,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def plot_arms(report: dict, path: str | os.PathLike) -> None:
+    """The test Dice per organ (and the mean) of every fine-tuning, from scratch and from the SSL weights,
+    as the demo draws its models (``demo.report.plot_dice``)."""
+    from nnunet_logonet.demo.report import plot_dice
+
+    organs = list(report["arms"]["scratch"][0]["per_organ_dice"])
+    models = {}
+    for arm, runs in report["arms"].items():
+        for i, run in enumerate(runs):
+            label = ("from scratch" if arm == "scratch" else "from the SSL weights") + (f" #{i}" if len(runs) > 1
+                                                                                        else "")
+            models[label] = {"label": label, "dice": run["per_organ_dice"], "mean_dice": run["test_dice"]}
+    settings = report["settings"]
+    plot_dice({"organs": organs, "models": models,
+               "settings": {"num_test": settings["test"], "quick": settings["quick"]}}, Path(path))
+
+
 def _print(report: dict) -> None:
     s, p = report["settings"], report["pretraining"]
     print(f"\nSSL benefit on the phantom ({s['labeled']} labeled + {s['unlabeled']} unlabeled training cases, "
@@ -291,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output)
-    print(f"\nreport: {output}")
+    chart = output.with_suffix(".png")
+    plot_arms(report, chart)
+    print(f"\nreport: {output}\nchart: {chart}")
     return 0
 
 
