@@ -47,7 +47,13 @@ from .memory import conv_feature_map_size, counting_feature_maps, meta_call, met
 from .partition import add_subcrops, add_subcrops_, split_subcrops, stitch_subcrops
 from .arguments import boolean
 from .presets import arch_kwargs_for_preset, jsonable, validate_arch, validate_local_paths
-from .shapes import check_patch_size, deepest_map_voxels, positive_int, required_patch_multiple
+from .shapes import (
+    check_patch_size,
+    deepest_map_divisors,
+    deepest_map_voxels,
+    positive_int,
+    required_patch_multiple,
+)
 from .ulkanet import ULKAPath, check_deepest_map, check_input_tensor, norm_needs_statistics
 
 __all__ = ["LoGoHead", "LoGoNet"]
@@ -165,6 +171,7 @@ class LoGoNet(ReusesOutputBuffers):
         self.num_classes = num_classes
         self.strides = cfg["strides"]
         self.patch_multiple = required_patch_multiple(self.strides, self.local_grid, local_stages)
+        self._deepest_divisors = deepest_map_divisors(self.strides, self.local_grid, local_stages)
         #: normalised constructor keywords (JSON-ready), e.g. to rebuild or compare architectures
         self.arch_kwargs = jsonable({**cfg, "local_grid": self.local_grid, "local_stages": local_stages})
 
@@ -251,8 +258,7 @@ class LoGoNet(ReusesOutputBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
         if norm_needs_statistics(self.arch_kwargs["norm"], self.global_path.decoder.blocks[0][0].norm):
-            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(
-                x.shape[2:], self.strides, self.local_grid, self.local_stages))
+            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(x.shape[2:], self._deepest_divisors))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
             note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)

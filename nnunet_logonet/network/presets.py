@@ -156,10 +156,9 @@ def arch_kwargs_for_preset(
     if unknown:
         raise ValueError(f"unknown {model} keyword(s) {unknown}; valid: {sorted(set(kwargs) | {'strides'})}")
     kwargs.update(overrides)
-    if strides is None:
-        strides = isotropic_strides(len(int_list(kwargs["dims"], "dims")))
+    kwargs["strides"] = isotropic_strides(len(int_list(kwargs["dims"], "dims"))) if strides is None else strides
     # checked here, so that a bad override stops before it reaches a plans file, not at training
-    checked = validate_arch(**{key: kwargs[key] for key in ARCH_KEYWORDS if key != "strides"}, strides=strides)
+    checked = validate_arch(**{key: kwargs[key] for key in ARCH_KEYWORDS})
     if model == "LoGoNet":
         validate_local_paths(kwargs["local_grid"], kwargs["local_stages"], len(checked["dims"]))
     kwargs["strides"] = [list(s) for s in checked["strides"]]

@@ -34,6 +34,7 @@ __all__ = [
     "required_patch_multiple",
     "nearest_valid_patch_sizes",
     "check_patch_size",
+    "deepest_map_divisors",
     "deepest_map_voxels",
 ]
 
@@ -159,22 +160,24 @@ def check_patch_size(
     return size
 
 
-def deepest_map_voxels(
-    spatial_size: Sequence[int],
+def deepest_map_divisors(
     strides: Sequence[Sequence[int]],
     local_grid: int | Sequence[int] = (1, 1, 1),
     local_stages: int | None = None,
-) -> int:
-    """Voxels of the smallest feature map a norm sees for an input of ``spatial_size``: the global
-    bottleneck (the size over the total stride) or, with ``local_stages``, a local path's deepest map
-    (a sub-crop over the local stride), whichever is smaller. A norm computing statistics needs more than
-    one value per channel (instance norm: these voxels; batch norm in training: these voxels x the batch
-    size). Plain Python, no NumPy: the networks call it in ``forward``, which torch.compile traces."""
+) -> tuple[Triple, ...]:
+    """What an input's size is divided by to give the deepest feature maps a norm sees: the total stride
+    (the global bottleneck) and, with ``local_stages``, a local path's stride times the sub-crop grid
+    (its deepest map). The networks keep these, so ``forward`` only divides (``deepest_map_voxels``)."""
     s = normalize_strides(strides)
-    total = [math.prod(axis) for axis in zip(*s)]
-    voxels = math.prod(int(a) // b for a, b in zip(spatial_size, total))
+    divisors = [tuple(math.prod(axis) for axis in zip(*s))]
     if local_stages is not None:
         grid = as_triple(local_grid, "local_grid")
-        local = [math.prod(axis) * g for axis, g in zip(zip(*s[: local_stages + 2]), grid)]
-        voxels = min(voxels, math.prod(int(a) // b for a, b in zip(spatial_size, local)))
-    return voxels
+        divisors.append(tuple(math.prod(axis) * g for axis, g in zip(zip(*s[: local_stages + 2]), grid)))
+    return tuple(divisors)  # type: ignore[return-value]
+
+
+def deepest_map_voxels(spatial_size: Sequence[int], divisors: Sequence[Triple]) -> int:
+    """Voxels of the smallest of those maps for an input of ``spatial_size``. A norm computing statistics
+    needs more than one value per channel (instance norm: these voxels; batch norm in training: these
+    voxels x the batch size). Plain Python: the networks call it in ``forward``, which torch.compile traces."""
+    return min(math.prod(int(a) // b for a, b in zip(spatial_size, divisor)) for divisor in divisors)

@@ -13,17 +13,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .arguments import boolean
 from .buffers import ReusesOutputBuffers, pooled_outputs
 from .decoder import ULKADecoder
 from .derived import note_unversioned_writes
 from .encoder import ULKAEncoder
-from .arguments import boolean
 from .layers import init_weights
 from .memory import conv_feature_map_size
 from .presets import arch_kwargs_for_preset, jsonable, validate_arch
 from .shapes import (
     Triple,
     check_patch_size,
+    deepest_map_divisors,
     deepest_map_voxels,
     embedding_strides,
     positive_int,
@@ -207,6 +208,7 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
         )
         self.num_classes = int(num_classes)
         self.patch_multiple = required_patch_multiple(self.strides)
+        self._deepest_divisors = deepest_map_divisors(self.strides)
         self.apply(init_weights)
         # channels_last_3d weights make every conv (and so every activation) channels-last:
         # 2-4x faster 3D convs on CPU, depthwise ones above all (docs/architecture.md)
@@ -217,7 +219,7 @@ class ULKANet(ReusesOutputBuffers, ULKAPath):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_tensor(x, self.input_channels, self.patch_multiple)
         if norm_needs_statistics(self.arch_kwargs["norm"], self.decoder.blocks[0][0].norm):
-            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(x.shape[2:], self.strides))
+            check_deepest_map(x, self.arch_kwargs["norm"], deepest_map_voxels(x.shape[2:], self._deepest_divisors))
         if self.training:  # BatchNorm statistics, then the optimizer, change tensors unversioned (derived.py)
             note_unversioned_writes()
         with pooled_outputs(self, x) as x:  # large outputs into kept buffers (buffers.py, training_buffers.py)

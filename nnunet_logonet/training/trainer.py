@@ -20,7 +20,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network.arguments import positive_int
-from nnunet_logonet.network.shapes import check_patch_size, deepest_map_voxels, required_patch_multiple
+from nnunet_logonet.network.shapes import (
+    check_patch_size,
+    deepest_map_divisors,
+    deepest_map_voxels,
+    required_patch_multiple,
+)
 from nnunet_logonet.training.checkpoints import AtomicCheckpoints
 from nnunet_logonet.training.recipes import configure_recipe
 
@@ -74,7 +79,7 @@ def check_plans_patch(plans_manager: PlansManager, configuration_manager: Config
     except ValueError as error:
         raise PlansMismatchError(f"{where}: {error} Set the configuration's patch_size to one of them (every axis a "
                                  f"multiple of {list(multiple)}), or {replan}.") from None
-    voxels = deepest_map_voxels(patch, kwargs["strides"], **local)
+    voxels = deepest_map_voxels(patch, deepest_map_divisors(kwargs["strides"], **local))
     norm = kwargs.get("norm", "batch")
     if (voxels if norm == "instance" else batch_size * voxels) <= 1:
         raise PlansMismatchError(
