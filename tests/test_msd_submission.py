@@ -557,3 +557,13 @@ def test_tgz_and_tar_archive_names_are_written_as_such(spleen, suffix):
         assert sorted(m.name for m in archive.getmembers() if m.isfile()) == \
             sorted(f"Task09_Spleen/{name}" for name in predictions)
     assert ((out / f"submission{suffix}").read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".tgz")
+
+
+def test_the_module_runs_as_a_script_without_runpys_warning():
+    """`python -m nnunet_logonet.msd.submission` warned that the package had imported the module already."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "nnunet_logonet.msd.submission", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "usage" in run.stdout and "RuntimeWarning" not in run.stderr
