@@ -137,6 +137,33 @@ def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, 
     assert "Train every model on folds [0, 1]" in err and "-tr TRAINER -p PLANS --npz" in err and "--val --npz" in err
 
 
+def test_rank_takes_nnunets_trainer_and_plans_lists_and_leaves_out_the_pairs_never_trained(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """nnUNetv2_find_best_configuration -tr A B -p P Q stops at the pairs nobody trained; the wrapper takes the
+    same lists and ranks the trained pairs."""
+    from nnunet_logonet.demo import rank
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    (tmp_path / "raw" / "Dataset900_Phantom").mkdir(parents=True)
+    for pair in ("nnUNetTrainer__nnUNetPlans", "LoGoNetTrainer__LoGoNetTinyPlans"):
+        (tmp_path / "Dataset900_Phantom" / f"{pair}__3d_fullres").mkdir(parents=True)
+    ranked = []
+    monkeypatch.setattr(rank, "rank_models", lambda dataset, models, *args: ranked.append(models) or {})
+    assert rank.main(["900", "-tr", "nnUNetTrainer", "LoGoNetTrainer", "-p", "nnUNetPlans", "LoGoNetTinyPlans"]) == 0
+    assert [(m["trainer"], m["plans"]) for m in ranked[0]] == [("nnUNetTrainer", "nnUNetPlans"),
+                                                                ("LoGoNetTrainer", "LoGoNetTinyPlans")]
+    assert "left out (no results folder): nnUNetTrainer:LoGoNetTinyPlans, LoGoNetTrainer:nnUNetPlans" in \
+        capsys.readouterr().err
+    assert rank.main(["900", "-tr", "ULKANetTrainer", "-p", "ULKANetPlans"]) == 1
+    assert "none of the trainer x plans pairs has been trained" in capsys.readouterr().err
+    for argv, message in ((["900", "-tr", "LoGoNetTrainer"], "-tr and -p go together"),
+                          (["900"], "name the models")):
+        with pytest.raises(SystemExit):
+            rank.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_rank_module_imports_neither_torch_nor_nnunet():
     """nnU-Net's evaluation pools start with ``spawn``: each worker of ``python -m
     nnunet_logonet.demo.rank`` imports that module again, so it must stay light (with the demo's

@@ -8,6 +8,9 @@ process so nnU-Net reads the caller's ``nnUNet_results``::
 
     python -m nnunet_logonet.demo.rank 900 nnUNetTrainer:nnUNetPlans LoGoNetTrainer:LoGoNetTinyPlans -f 0
 
+nnU-Net's own form works too: ``-tr nnUNetTrainer LoGoNetTrainer -p nnUNetPlans LoGoNetTinyPlans`` takes every
+trainer x plans pair that has a results folder, names the ones it leaves out, and ranks the rest.
+
 It writes nnU-Net's ``inference_information.json`` / ``inference_instructions.txt`` next to the
 dataset's results, as the command does.
 """
@@ -18,7 +21,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["parse_model", "rank_models", "main"]
+__all__ = ["parse_model", "trained_pairs", "rank_models", "main"]
 
 
 def parse_model(text: str, configuration: str = "3d_fullres") -> dict:
@@ -27,6 +30,24 @@ def parse_model(text: str, configuration: str = "3d_fullres") -> dict:
     if not sep or not trainer or not plans:
         raise argparse.ArgumentTypeError(f"expected TRAINER:PLANS (e.g. LoGoNetTrainer:LoGoNetTinyPlans), got {text!r}")
     return {"plans": plans, "configuration": configuration, "trainer": trainer}
+
+
+def trained_pairs(dataset: str | int, trainers: list[str], plans: list[str], configuration: str = "3d_fullres"
+                  ) -> tuple[list[dict], list[str]]:
+    """Every trainer x plans pair (nnU-Net's ``-tr``/``-p``) that has a results folder, as model dicts, and
+    the ``TRAINER:PLANS`` of the pairs without one."""
+    import os
+
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    models, missing = [], []
+    for trainer in trainers:
+        for plan in plans:
+            if os.path.isdir(get_output_folder(dataset, trainer, plan, configuration)):
+                models.append({"plans": plan, "configuration": configuration, "trainer": trainer})
+            else:
+                missing.append(f"{trainer}:{plan}")
+    return models, missing
 
 
 def rank_models(dataset: str | int, models: list[dict], folds: tuple[int, ...] = (0,), num_processes: int = 1,
@@ -42,13 +63,20 @@ def rank_models(dataset: str | int, models: list[dict], folds: tuple[int, ...] =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.demo.rank", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="dataset name or id")
-    parser.add_argument("models", nargs="+", help="TRAINER:PLANS, one per trained model")
+    parser.add_argument("models", nargs="*", help="TRAINER:PLANS, one per trained model")
+    parser.add_argument("-tr", nargs="+", default=[], metavar="TRAINER",
+                        help="nnU-Net's form: trainers, paired with every -p; pairs never trained are left out")
+    parser.add_argument("-p", nargs="+", default=[], metavar="PLANS", help="nnU-Net's form: plans identifiers")
     parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
     parser.add_argument("-f", nargs="+", type=int, default=[0], help="folds that were trained (default 0)")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--ensembling", action="store_true", help="also try pairwise ensembles (needs --npz runs)")
     parser.add_argument("--json", help="also write the ranking here")
     args = parser.parse_args(argv)
+    if bool(args.tr) != bool(args.p):
+        parser.error("-tr and -p go together (every trainer is paired with every plans identifier)")
+    if not args.models and not args.tr:
+        parser.error("name the models: TRAINER:PLANS ... or -tr TRAINER ... -p PLANS ...")
     try:
         models = [parse_model(m, args.c) for m in args.models]
     except argparse.ArgumentTypeError as error:
@@ -60,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:  # nnU-Net's message lists its folders; no training would help here
         print(f"error: {error}\nSet nnU-Net's folders first: eval \"$(logonet_env)\".", file=sys.stderr)
         return 1
+    if args.tr:
+        pairs, missing = trained_pairs(args.dataset, args.tr, args.p, args.c)
+        if missing:
+            print(f"left out (no results folder): {', '.join(missing)}", file=sys.stderr)
+        models += [m for m in pairs if m not in models]
+        if not models:
+            print(f"error: none of the trainer x plans pairs has been trained ({args.c}).", file=sys.stderr)
+            return 1
     try:
         result = rank_models(args.dataset, models, tuple(args.f), args.np, args.ensembling)
     except (RuntimeError, FileNotFoundError) as error:
