@@ -1,10 +1,12 @@
-"""Hidden work folders beside a dataset being written, and the ones killed runs left behind.
+"""Files and folders written whole or not at all, and what killed runs left behind.
 
 The phantom writer and ``logonet_prepare_unlabeled`` write a dataset into
 ``.<target>.<pid>-XXXXXXXX.<suffix>`` next to it and rename it into place when complete, so an
 interrupted run never leaves a half-written dataset. SIGKILL (and SIGTERM, unless the command
 exits through :func:`exit_cleanly_on_sigterm`) skips their cleanup; the pid in the name lets the
-next run remove exactly the folders whose process is gone.
+next run remove exactly the folders whose process is gone. Single files (records, plans copies,
+reports) go through :func:`write_whole` and its text/JSON/copy forms: a temporary file beside the
+target, renamed over it, so a kill leaves the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
-           "remove_stale_work_files", "remove_stale_pid_temporaries", "swap_into_place", "read_json_if_whole",
-           "exit_cleanly_on_sigterm"]
+           "remove_stale_work_files", "remove_stale_pid_temporaries", "write_whole", "write_text_whole",
+           "write_json_whole", "copy_file_whole", "swap_into_place", "read_json_if_whole", "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
@@ -85,15 +88,53 @@ def remove_stale_pid_temporaries(path: str | os.PathLike, marker: str = ".tmp") 
             candidate.unlink(missing_ok=True)
 
 
+def write_whole(filename: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(temporary)``, then rename the temporary file to ``filename`` (nothing when ``write``
+    wrote nothing, as nnU-Net's checkpoint save on ranks other than 0). First removes what a write killed
+    before its rename left (``<filename>.tmp<pid>``: hundreds of MB for a LoGoNet-S checkpoint); a failing
+    ``write`` removes its own temporary file and leaves ``filename`` as it was."""
+    filename = os.fspath(filename)
+    remove_stale_pid_temporaries(filename)
+    tmp = f"{filename}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_whole(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` (its folder is made if needed), written whole or not at all (:func:`write_whole`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_whole(path: str | os.PathLike, data: Any, *, indent: int = 2, **dumps_kwargs: Any) -> None:
+    """``data`` as indented JSON (plus a final newline) in ``path``, written whole or not at all."""
+    write_text_whole(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
+
+
+def copy_file_whole(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """``shutil.copyfile(source, target)``, with ``target`` written whole or not at all."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_whole(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def swap_into_place(work: Path, final: Path) -> None:
     """Rename the complete folder ``work`` to ``final``, replacing what is there.
 
     An existing ``final`` is first moved into a hidden ``old`` work folder beside it; an interrupt
     before the new folder is in place moves it back, so ``final`` is never missing. Deleting the
     old copy comes last: an interrupt there leaves the swap done and the rest of the old copy to
-    ``remove_stale_work_folders(root, final.name, "old")`` of the next run.
+    ``remove_stale_work_folders(root, final.name, "old")`` of the next run. A SIGKILL between the two
+    renames leaves ``final`` missing and its old copy aside: the next swap first puts that copy back.
     """
     root = final.parent
+    for stale in _stale_work_paths(root, final.name, "old"):
+        if not final.exists() and (stale / final.name).exists():
+            os.replace(stale / final.name, final)
     remove_stale_work_folders(root, final.name, "old")
     if not final.exists():
         os.replace(work, final)

@@ -252,6 +252,14 @@ def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dir
     for f in data.iterdir():
         os.utime(f, (later, later))
     assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    # what a label copy killed before its rename leaves is not a case (nnU-Net copied dataset.json here)
+    (pre / "dataset.json").write_text((raw / "dataset.json").read_text())
+    (gt / "case1.nii.gz.tmp999999").write_bytes(b"")
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    (gt / "case1.nii.gz.tmp999999").unlink()
+    (gt / "case1.nii.gz").unlink()  # a label copy missing
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    (gt / "case1.nii.gz").write_bytes(b"")
 
     os.utime(raw / "labelsTr" / "case2.nii.gz", (later + 10, later + 10))  # a label edited after preprocessing
     assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))

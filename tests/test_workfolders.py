@@ -74,6 +74,69 @@ def test_interrupt_while_deleting_the_old_copy_keeps_the_new_folder_and_the_next
     assert (final / "dataset.json").read_text() == "third" and hidden(tmp_path) == []
 
 
+def test_a_swap_killed_between_its_renames_gets_its_old_folder_back_first(tmp_path, monkeypatch):
+    """SIGKILL after the old folder went aside and before the new one came: the next swap restores it
+    before it replaces it (the old copy was deleted unseen before)."""
+    final = dataset(tmp_path, "Dataset001_X", "old")
+    aside = tmp_path / f".{final.name}.99999999-abcd_123.old"  # the killed run's pid is gone
+    aside.mkdir()
+    os.replace(final, aside / final.name)
+    restored = []
+    real_replace = os.replace
+
+    def watch(src, dst):
+        if Path(dst) == final and Path(src) == aside / final.name:
+            restored.append((Path(src) / "dataset.json").read_text())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(workfolders.os, "replace", watch)
+    work = new_work_folder(tmp_path, final.name, "partial")
+    (work / "dataset.json").write_text("new")
+    swap_into_place(work, final)
+    assert restored == ["old"]
+    assert (final / "dataset.json").read_text() == "new" and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer", ["text", "json", "copy"])
+def test_single_files_are_written_whole_or_left_as_they_were(tmp_path, monkeypatch, writer):
+    """Records, plans copies, reports and label copies: a write that fails midway (here: a value JSON
+    cannot hold, a source that is gone, an interrupt) leaves the previous file and no temporary one."""
+    from nnunet_logonet.workfolders import copy_file_whole, write_json_whole, write_text_whole
+
+    target = tmp_path / "sub" / "record.json"
+    target.parent.mkdir()
+    target.write_text("previous")
+    (tmp_path / "sub" / "record.json.tmp99999999").write_text("left by a killed run")
+    with pytest.raises((TypeError, FileNotFoundError, KeyboardInterrupt)):
+        if writer == "json":
+            write_json_whole(target, {"a": object()})
+        elif writer == "copy":
+            copy_file_whole(tmp_path / "missing.nii.gz", target)
+        else:
+            def torn_write(self, data, *args, **kwargs):
+                with open(self, "w") as f:
+                    f.write(data[:3])
+                raise KeyboardInterrupt
+
+            with monkeypatch.context() as patch:
+                patch.setattr(Path, "write_text", torn_write)
+                write_text_whole(target, "the new text")
+    assert target.read_text() == "previous" and not (target.parent / f"record.json.tmp{os.getpid()}").exists()
+    write_text_whole(target, "whole")  # the next write also removes what the killed run left
+    assert sorted(p.name for p in target.parent.iterdir()) == ["record.json"] and target.read_text() == "whole"
+    target.write_text("previous")
+    new = tmp_path / "new" / "deeper" / "record.json"  # folders made as needed
+    if writer == "json":
+        write_json_whole(new, {"a": 1})
+        assert new.read_text() == '{\n  "a": 1\n}\n'
+    elif writer == "copy":
+        copy_file_whole(target, new)
+        assert new.read_text() == "previous"
+    else:
+        write_text_whole(new, "text")
+        assert new.read_text() == "text"
+
+
 def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_ones_kept(tmp_path):
     from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 

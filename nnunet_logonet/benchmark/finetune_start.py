@@ -35,6 +35,7 @@ import torch
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
 from nnunet_logonet.figures import figure_path
 from nnunet_logonet.training.recipes import RECIPES, configure_recipe
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts",
            "plot_starts", "main"]
@@ -260,11 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nfinetune_start: interrupted; nothing was written.", file=sys.stderr)
         return 130
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        write_json_whole(args.json, report)
     if args.chart:
         plot_starts(report, args.chart)
         print(f"wrote {args.chart}")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "StepFailed", "main", "run"]
 
@@ -300,14 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssl_benefit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nssl_benefit: interrupted. Run the same command again (same --base, without --fresh): finished "
-              f"steps are reused, an interrupted training is continued (--c).", file=sys.stderr)
+        print("\nssl_benefit: interrupted. Run the same command again (same --base, without --fresh): finished "
+              "steps are reused, an interrupted training is continued (--c).", file=sys.stderr)
         return 130
     _print(report)  # first: the table survives a report that cannot be written
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, output)
+    write_json_whole(output, report)
     chart = output.with_suffix(".png")
     plot_arms(report, chart)
     print(f"\nreport: {output}\nchart: {chart}")

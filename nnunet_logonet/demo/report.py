@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_logonet.figures import save_figure
+from nnunet_logonet.workfolders import write_json_whole, write_text_whole
 
 __all__ = ["ORGAN_COLOURS", "assemble_models", "format_table", "pick_slice", "plot_dice", "plot_overlay",
            "write_json", "write_markdown"]
@@ -176,7 +176,7 @@ def write_markdown(results: Mapping, path: Path) -> None:
             f"{results.get('wall_s', 0) / 60:.1f} min{_reuse_note(results)}.", "", format_table(results), ""]
     text += [f"- {note}" for note in table_notes(results)]
     text += ranking_lines(results)
-    _atomic_write(path, "\n".join(text) + "\n")
+    write_text_whole(path, "\n".join(text) + "\n")
 
 
 def _reuse_note(results: Mapping) -> str:
@@ -191,7 +191,7 @@ def _reuse_note(results: Mapping) -> str:
 
 
 def write_json(results: Mapping, path: Path) -> None:
-    _atomic_write(path, json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_json_whole(path, results, default=_json_default)
 
 
 def _json_default(value):
@@ -202,14 +202,6 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------- figures

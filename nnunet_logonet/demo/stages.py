@@ -24,6 +24,7 @@ from tqdm import tqdm
 from nnunet_logonet.demo.runner import run_command
 from nnunet_logonet.demo.settings import DATASET_NAME, FOLD, SSL_DATASET_NAME, DemoError, DemoSettings, ModelRun
 from nnunet_logonet.demo.state import MARKER, DemoState, is_marked, mark
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["PREDICTIONS", "DemoContext", "Stage", "build_stages", "checkpoint_folder", "epoch_seconds",
            "seconds_per_case", "seconds_per_iteration"]
@@ -268,9 +269,7 @@ def copy_plans(ctx: DemoContext, source: str, target: str) -> Path:
     plans = json.loads(ctx.plans_file(source).read_text())
     plans["plans_name"] = target
     path = ctx.plans_file(target)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(plans, indent=4) + "\n")
-    os.replace(tmp, path)
+    write_json_whole(path, plans, indent=4)
     return path
 
 

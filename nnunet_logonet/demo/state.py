@@ -11,11 +11,11 @@ without it (a user's own dataset) stops the demo before it writes anything.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from nnunet_logonet.demo.settings import DemoError, DemoSettings
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["MARKER", "STATE_FILE", "DemoState", "is_marked", "mark"]
 
@@ -74,12 +74,9 @@ class DemoState:
             self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": STATE_VERSION, "digest": self.settings.digest(), "settings": self.settings.as_dict(),
                 "stages": self.stages}
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json_whole(self.path, data)
 
 
 def mark(folder: Path) -> Path:

@@ -60,7 +60,11 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
     if not data_folder.is_dir() or not gt_folder.is_dir():
         return False
     cases = [p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")]
-    n_gt = len(list(gt_folder.iterdir()))
+    # label copies only: a copy killed before its rename leaves a ``<case><ending>.tmp<pid>`` file beside them
+    dataset_json = preprocessed_dataset / "dataset.json"
+    ending = load_json(str(dataset_json)).get("file_ending") if dataset_json.is_file() else None
+    n_gt = sum(1 for p in gt_folder.iterdir() if p.is_file() and (p.name.endswith(ending) if ending
+                                                                   else not p.name.startswith(".")))
     if not cases or len(cases) != n_gt:
         return False
     if data_spacing_mismatch(data_folder, plans, configuration):  # written by other plans of the same folder name

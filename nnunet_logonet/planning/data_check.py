@@ -61,8 +61,7 @@ def repair_label_copies(preprocessed_dataset: str | Path, raw_labels: dict[str, 
     validation Dice is computed against a truncated label (read without an error). Each copy goes
     through a temporary file and a rename.
     """
-    import os
-    import shutil
+    from nnunet_logonet.workfolders import copy_file_whole
 
     gt_folder = Path(preprocessed_dataset) / "gt_segmentations"
     repaired = []
@@ -74,9 +73,6 @@ def repair_label_copies(preprocessed_dataset: str | Path, raw_labels: dict[str, 
         except FileNotFoundError:
             if not raw_label.is_file():
                 continue
-        gt_folder.mkdir(parents=True, exist_ok=True)
-        temporary = copy.with_name(f".{copy.name}.tmp{os.getpid()}")
-        shutil.copyfile(raw_label, temporary)
-        os.replace(temporary, copy)
+        copy_file_whole(raw_label, copy)
         repaired.append(case)
     return repaired

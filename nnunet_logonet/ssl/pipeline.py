@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nnunet_logonet.workfolders import read_json_if_whole
+from nnunet_logonet.workfolders import copy_file_whole, read_json_if_whole
 
 __all__ = ["PipelineError", "prepare_pretraining_dataset", "main"]
 
@@ -283,9 +283,7 @@ def prepare_pretraining_dataset(
         skipped.append("copy_dataset_json")
     else:
         say(f"[4/5] cp {target_raw / 'dataset.json'} {dataset_json}")
-        tmp = dataset_json.with_name(f".dataset.json.tmp{os.getpid()}")
-        shutil.copyfile(target_raw / "dataset.json", tmp)
-        os.replace(tmp, dataset_json)
+        copy_file_whole(target_raw / "dataset.json", dataset_json)
         ran.append("copy_dataset_json")
 
     # 5. preprocessing with those plans

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence

@@ -46,9 +46,9 @@ from nnunet_logonet.ssl.head import SlicePseudoLabelHead
 from nnunet_logonet.ssl.loss import multi_cluster_nll, pseudo_label_accuracy
 from nnunet_logonet.ssl.masking import DEFAULT_PATCH_SIZES, SliceSequenceMasker
 from nnunet_logonet.ssl.transfer import SKIPPED
-from nnunet_logonet.training.checkpoints import write_whole
 from nnunet_logonet.training.recipes import WarmupCosineLRScheduler, optimizer_implementation
 from nnunet_logonet.training.trainer import DEMO_BUDGET, DEMO_QUICK_BUDGET, LoGoNetTrainer, with_budget
+from nnunet_logonet.workfolders import write_whole
 
 __all__ = [
     "CACHE_NAME", "LoGoNetSSLTrainer", "LoGoNetSSLTrainerCPU", "LoGoNetSSLTrainer_10epochs",
