@@ -17,10 +17,11 @@ NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def trainers_folder() -> Path:
-    """The folder holding the thin trainer modules, wherever the package is installed."""
-    from nnunet_logonet import trainers
+    """The folder holding the thin trainer modules, wherever the package is installed (found, not
+    imported: printing the variables needs neither PyTorch nor nnU-Net)."""
+    from importlib.util import find_spec
 
-    return Path(trainers.__file__).resolve().parent
+    return Path(find_spec("nnunet_logonet.trainers").origin).resolve().parent
 
 
 def environment(base: str | os.PathLike = "nnUNet_data", environ: dict | None = None) -> dict[str, str]:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_logonet.benchmark.efficiency import (ALLOCATOR_VARIABLES, FIGURES, device_info, format_table, main,
-                                                  time_runs)
+from nnunet_logonet.benchmark.efficiency import format_table, main
+from nnunet_logonet.benchmark.measure import time_runs
 from nnunet_logonet.benchmark.models import MODELS, load_dataset_plans, nnunet_arch, resolve_model
+from nnunet_logonet.benchmark.records import ALLOCATOR_VARIABLES, FIGURES, device_info
 from nnunet_logonet.benchmark.lever_ab import main as lever_ab_main
 
 PATCH = ["32", "32", "32"]
@@ -184,7 +185,7 @@ def test_records_name_the_commit_of_the_code_and_uncommitted_changes(tmp_path):
     (an installed copy, even one inside a checkout) or outside a repository."""
     import subprocess
 
-    from nnunet_logonet.benchmark.efficiency import code_revision
+    from nnunet_logonet.benchmark.records import code_revision
 
     module = tmp_path / "module.py"
     module.write_text("x = 1\n")
@@ -380,7 +381,7 @@ def test_training_step_uses_the_optimizer_of_the_models_trainer(name, trainer_cl
     """The timed step's SGD is the one each trainer builds (LoGoNetTrainer: PyTorch's fused CPU kernel)."""
     from types import SimpleNamespace
 
-    from nnunet_logonet.benchmark.efficiency import default_settings, make_train_step
+    from nnunet_logonet.benchmark.measure import default_settings, make_train_step
     from nnunet_logonet.training.recipes import build_optimizer_and_scheduler
 
     cpu = torch.device("cpu")

@@ -123,6 +123,24 @@ def test_plans_name_logonet_and_a_valid_patch(trained):
     assert "2d" not in plans["configurations"]
 
 
+def test_the_reports_cost_counts_describe_the_trained_network(trained):
+    """The demo report's parameters and MACs come from the plans as nnU-Net builds the network: the
+    parameter count is the trained checkpoint's, the MACs fvcore's for one patch."""
+    import torch
+
+    from nnunet_logonet.demo.costs import network_costs
+
+    costs = network_costs(trained["preprocessed"] / f"{PLANS}.json", trained["raw"] / "dataset.json")
+    weights = torch.load(trained["results"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    buffers = {"running_mean", "running_var", "num_batches_tracked"}
+    trained_params = sum(v.numel() for k, v in weights["network_weights"].items() if k.rsplit(".", 1)[-1] not in buffers)
+    plans = json.loads((trained["preprocessed"] / f"{PLANS}.json").read_text())
+    assert costs["parameters"] == trained_params
+    assert costs["patch_size"] == plans["configurations"]["3d_fullres"]["patch_size"]
+    assert costs["network"] == "nnunet_logonet.network.logonet.LoGoNet"
+    assert costs["macs"] > 10 * costs["parameters"] and not costs["fvcore_uncounted_ops"]
+
+
 def test_training_writes_nnunet_outputs(trained):
     results = trained["results"]
     assert (results / "checkpoint_final.pth").is_file()

@@ -116,6 +116,16 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert " --c" not in redone["commands"][0]["command"]
     assert "fine-tuned from an earlier pre-training: fine-tuning again" in capsys.readouterr().out
 
+    # a summary a kill cut short (nnU-Net writes it in place) is made again, not read
+    summary = base / "predictions_scratch_0" / "summary.json"
+    summary.write_text(summary.read_text()[:100])
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "summary.json")]) == 0
+    assert [c["step"] for c in json.loads((tmp_path / "summary.json").read_text())["commands"]] == ["predict_scratch_0"]
+    assert round(json.loads(summary.read_text())["foreground_mean"]["Dice"], 4) == report["mean_test_dice"]["scratch"]
+    # other data settings are refused: the folder's phantom and models were made with these
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--seed", "5", "--output", str(tmp_path / "no.json")]) == 1
+    assert "--seed 5 (was 0)" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
+
 
 @pytest.mark.parametrize("flags, said", [
     (["--labeled", "0"], "--labeled must be >= 1, got 0"),
@@ -148,6 +158,44 @@ def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys,
     assert "failed (exit 2)" in err and f"Last lines of {base / 'logs' / 'plan.log'}" in err
     assert "dataset.json" in err  # the planner's own message, from the log's tail
     assert not (base / "ssl_benefit.json").exists()
+
+
+def test_ssl_benefit_fresh_deletes_only_a_folder_it_made(tmp_path, capsys):
+    """``--fresh --base .`` once meant ``rm -rf .``: a folder without the command's marker is refused, kept whole."""
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert ssl_benefit.main([*ARGS, "--base", str(mine), "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert f"--fresh would delete {mine}, which ssl_benefit did not make" in err and "Choose another --base" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_ssl_benefit_refuses_a_folder_made_with_other_data_settings(tmp_path, capsys):
+    """A rerun reuses the phantom, models and predictions it finds; under other settings it would report them as
+    the new ones. The folder's marker records the settings; a change is named with the way out."""
+    from nnunet_logonet.benchmark import ssl_benefit
+
+    base = tmp_path / "work"
+    args = ssl_benefit.build_parser().parse_args([*ARGS, "--base", str(base)])  # ARGS give every data setting
+    assert ssl_benefit.open_work_folder(args) == base.resolve()
+    recorded = json.loads((base / ".ssl_benefit").read_text())
+    assert recorded == {"dataset_id": 940, "labeled": 2, "unlabeled": 2, "test": 2, "size": 32, "seed": 0}
+    (base / "kept").write_text("x")
+    assert ssl_benefit.open_work_folder(args) == base.resolve() and (base / "kept").exists()  # same settings: reused
+
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--labeled", "3", "--size", "48"]) == 1
+    err = capsys.readouterr().err
+    assert "holds results made with other settings: --labeled 3 (was 2), --size 48 (was 32)" in err
+    assert "Add --fresh to start over there, or give another --base" in err
+    assert (base / "kept").exists() and json.loads((base / ".ssl_benefit").read_text()) == recorded
+
+    fresh = ssl_benefit.build_parser().parse_args([*ARGS, "--base", str(base), "--labeled", "3", "--fresh"])
+    ssl_benefit.open_work_folder(fresh)  # its own folder: emptied, the new settings recorded
+    assert sorted(p.name for p in base.iterdir()) == [".ssl_benefit"]
+    assert json.loads((base / ".ssl_benefit").read_text())["labeled"] == 3
 
 
 def test_ssl_benefit_interrupted_says_how_to_continue(tmp_path, capsys, monkeypatch):

@@ -29,14 +29,10 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from nnunet_logonet.benchmark.efficiency import (
-    DEFAULTS,
-    count_macs,
-    default_settings,
-    format_table,
-    run_benchmark,
-)
-from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, ModelSpec, count_parameters, resolve_model
+from nnunet_logonet.benchmark.efficiency import format_table, run_benchmark
+from nnunet_logonet.benchmark.measure import DEFAULTS, default_settings
+from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, ModelSpec, resolve_model
+from nnunet_logonet.counting import count_macs, count_parameters
 
 __all__ = ["PAPER", "OUR_MODELS", "width_variant", "count_variants", "main"]
 

@@ -15,16 +15,18 @@ import contextlib
 import os
 import sys
 import time
-from pathlib import Path
 from statistics import median
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from .efficiency import (BenchmarkSettings, _autocast, _available_memory_mb, _sync, _write_json_atomic, add_ratios,
-                         count_macs, device_info, estimate_memory_mb, kernels_for, make_sliding_window, make_train_step,
-                         trainer_optimizer_kwargs)
-from .models import REFERENCE_MODEL, ModelSpec, count_parameters
+from nnunet_logonet.counting import count_macs, count_parameters
+from nnunet_logonet.workfolders import write_json_whole
+
+from .measure import (BenchmarkSettings, autocast, available_memory_mb, estimate_memory_mb, kernels_for,
+                      make_sliding_window, make_train_step, sync, trainer_optimizer_kwargs)
+from .models import REFERENCE_MODEL, ModelSpec
+from .records import add_ratios, device_info
 
 __all__ = ["TIMED_FIGURES", "interleaved_rounds", "paired_ratios", "run_interleaved"]
 
@@ -45,10 +47,10 @@ def interleaved_rounds(calls: dict[str, Callable[[], Any]], rounds: int, device:
 
     def run(name: str) -> float:
         with contexts.get(name, contextlib.nullcontext)():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             calls[name]()
-            _sync(device)
+            sync(device)
             return time.perf_counter() - start
 
     for name in names:
@@ -96,7 +98,7 @@ class _Model:
         if figure == "forward_s":
             def forward() -> None:
                 net.eval()
-                with torch.no_grad(), _autocast(device, settings.amp):
+                with torch.no_grad(), autocast(device, settings.amp):
                     net(self.x1)
             return forward
         if figure == "sliding_window_s":
@@ -130,7 +132,7 @@ def run_interleaved(specs: Sequence[ModelSpec], settings: BenchmarkSettings, rou
                                f"the per-round ratios to {REFERENCE_MODEL}; seconds"},
         "models": {},
     }
-    available = _available_memory_mb(device) if memory_check else None
+    available = available_memory_mb(device) if memory_check else None
     need = {"inference": 0.0, "train": 0.0}
     models: dict[str, _Model] = {}
     for spec in specs:
@@ -165,11 +167,11 @@ def run_interleaved(specs: Sequence[ModelSpec], settings: BenchmarkSettings, rou
             models[name].figures[figure] = median(values)
         _add_paired_ratios(report["models"])
         if json_path is not None:
-            _write_json_atomic(Path(json_path), report)
+            write_json_whole(json_path, report)
     bar.close()
     report["device_info"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if json_path is not None:
-        _write_json_atomic(Path(json_path), report)
+        write_json_whole(json_path, report)
     return report
 
 

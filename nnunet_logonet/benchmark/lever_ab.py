@@ -17,7 +17,6 @@ import datetime as _dt
 import shlex
 import sys
 import time
-from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Sequence
 
@@ -28,9 +27,12 @@ from nnunet_logonet.machine import this_cpu
 from nnunet_logonet.network.kernels import narrowing
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
-from .efficiency import (_autocast, _sync, _write_json_atomic, allocator_settings, default_settings, device_info,
-                         make_sliding_window, make_train_step, parse_device)
+from nnunet_logonet.workfolders import write_json_whole
+
+from .efficiency import parse_device
+from .measure import autocast, default_settings, make_sliding_window, make_train_step, sync
 from .models import MODELS, resolve_model
+from .records import allocator_settings, device_info
 
 FIGURES = {"forward": "fwd s/patch", "train": "train s/iter", "sw": "sw s/case"}
 
@@ -59,10 +61,10 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], levers: Sequence[str]
             for state in (("on", "off") if r % 2 == 0 else ("off", "on")):
                 with _kernels(state, levers):
                     for i in range(block):
-                        _sync(device)
+                        sync(device)
                         start = time.perf_counter()
                         call()
-                        _sync(device)
+                        sync(device)
                         if block == 1 or i > 0:
                             samples[figure][state].append(time.perf_counter() - start)
             bar.update()
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def forward() -> None:
         net.eval()
-        with torch.no_grad(), _autocast(device, settings.amp):  # as logonet_benchmark's forward
+        with torch.no_grad(), autocast(device, settings.amp):  # as logonet_benchmark's forward
             net(x1)
 
     calls: dict[str, Callable[[], Any]] = {}
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "device_info": device_info(device), "allocator": allocator_settings(),
                   "samples_s": samples,
                   "medians_s": {f: {s: median(v) for s, v in by.items()} for f, by in samples.items()}}
-        _write_json_atomic(Path(args.json), report)
+        write_json_whole(args.json, report)
         print(f"\nwrote {args.json}")
     return 0
 

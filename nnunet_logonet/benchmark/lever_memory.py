@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -31,8 +30,11 @@ import torch
 from nnunet_logonet.network import buffers
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
-from .efficiency import _write_json_atomic, allocator_settings, default_settings, device_info, make_train_step
+from nnunet_logonet.workfolders import write_json_whole
+
+from .measure import default_settings, make_train_step
 from .models import MODELS, resolve_model
+from .records import allocator_settings, device_info
 
 __all__ = ["measure", "main"]
 
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "model": args.model, "patch_size": list(args.patch_size), "levers_off": list(args.lever),
                   "figure": args.figure, "calls": args.calls, "device_info": device_info(torch.device("cpu")),
                   "allocator": allocator_settings(), "results": results}
-        _write_json_atomic(Path(args.json), report)
+        write_json_whole(args.json, report)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -300,10 +300,6 @@ def resolve_model(name: str, *, patch_size: Sequence[int], spacing: Sequence[flo
     return MODELS[name](ctx)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
 def feature_map_elements(spec: ModelSpec) -> int:
     """nnU-Net's planner measure (``compute_conv_feature_map_size``) for one sample, built on ``meta``."""
     with torch.device("meta"):

@@ -22,7 +22,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from nnunet_logonet.benchmark.efficiency import time_runs
+from nnunet_logonet.benchmark.measure import time_runs
 from nnunet_logonet.benchmark.models import MODELS, resolve_model
 from nnunet_logonet.machine import cpu_line
 

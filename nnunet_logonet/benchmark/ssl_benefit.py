@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import read_json_if_whole, write_json_whole
 
 __all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "StepFailed", "main", "run"]
 
@@ -50,6 +50,42 @@ LoGoNetTrainer_demoNoVal = type("LoGoNetTrainer_demoNoVal", (LoGoNetTrainer_demo
                                 {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
 LoGoNetTrainer_demoQuickNoVal = type("LoGoNetTrainer_demoQuickNoVal", (LoGoNetTrainer_demoQuick,),
                                      {"perform_actual_validation": _skip_final_validation, "__module__": __name__})
+
+
+#: in the work folder: marks it as this command's (``--fresh`` deletes no other folder) and holds the data settings
+MARKER = ".ssl_benefit"
+#: the settings the work folder's phantom, plans and trainings were made with; others need a new --base
+DATA_SETTINGS = ("dataset_id", "labeled", "unlabeled", "test", "size", "seed")
+
+
+class WorkFolderError(RuntimeError):
+    """The work folder is not this command's, or it holds results of other settings."""
+
+
+def open_work_folder(args: argparse.Namespace) -> Path:
+    """``--base``, made or reused; ``--fresh`` empties it first if this command made it.
+
+    Finished steps are reused on a rerun (phantom, plans, pre-training, fine-tunings, predictions), so a
+    folder made with other data settings is refused rather than reported under the new settings.
+    """
+    base = Path(args.base).expanduser().resolve()
+    marker = base / MARKER
+    settings = {key: getattr(args, key) for key in DATA_SETTINGS}
+    if args.fresh and base.exists():
+        if not marker.is_file() and any(base.iterdir()):
+            raise WorkFolderError(f"--fresh would delete {base}, which ssl_benefit did not make (there is no {MARKER} "
+                                  f"in it). Choose another --base, or delete that folder yourself.")
+        shutil.rmtree(base)
+    recorded = read_json_if_whole(marker) if marker.is_file() else None
+    if recorded is not None:
+        changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+        if changed:
+            said = ", ".join(f"--{key.replace('_', '-')} {new} (was {old})" for key, (old, new) in changed.items())
+            raise WorkFolderError(f"{base} holds results made with other settings: {said}. Its phantom, models and "
+                                  f"predictions would be reported under the new ones. Add --fresh to start over there, "
+                                  f"or give another --base.")
+    write_json_whole(marker, settings)
+    return base
 
 
 class StepFailed(RuntimeError):
@@ -130,10 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     from nnunet_logonet.phantom import write_dataset
     from nnunet_logonet.ssl.pipeline import prepare_pretraining_dataset
 
-    base = Path(args.base).expanduser().resolve()
-    if args.fresh and base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True, exist_ok=True)
+    base = open_work_folder(args)
     ssl_trainer, ft_trainer = BUDGETS[args.quick]
     device = args.device
     if device == "auto":
@@ -191,15 +224,17 @@ def run(args: argparse.Namespace) -> dict:
                                      PLANS, "-device", device], fold, ssl_checkpoint if arm == "ssl" else None)
                 train_seconds = runner(f"finetune_{arm}_{repeat}", command, **arm_env)
             predictions = base / f"predictions_{arm}_{repeat}"
-            if train_seconds is not None or not (predictions / "summary.json").is_file():  # a new model: predict again
+            summary_file = predictions / "summary.json"
+            if train_seconds is not None or read_json_if_whole(summary_file) is None:  # a new model: predict again
                 runner(f"predict_{arm}_{repeat}", [
                     "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", predictions, "-d", labeled_id,
                     "-c", CONFIGURATION, "-f", "all", "-tr", ft_trainer, "-p", PLANS, "-device", device,
                     "--disable_tta", "-npp", 1, "-nps", 1], **arm_env)
+                # nnU-Net writes the summary in place: one a kill cut short is not JSON, and is made again above
                 compute_metrics_on_folder2(str(dataset / "labelsTs"), str(predictions), str(dataset / "dataset.json"),
-                                           str(pre / dataset.name / f"{PLANS}.json"),
-                                           output_file=str(predictions / "summary.json"), num_processes=1)
-            summary = json.loads((predictions / "summary.json").read_text())
+                                           str(pre / dataset.name / f"{PLANS}.json"), output_file=str(summary_file),
+                                           num_processes=1)
+            summary = json.loads(summary_file.read_text())
             labels = json.loads((dataset / "dataset.json").read_text())["labels"]
             names = {str(v): k for k, v in labels.items()}
             arms[arm].append({
@@ -257,7 +292,8 @@ def _print(report: dict) -> None:
           f"(one nnU-Net run per arm and repeat; training is not seeded)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--unlabeled``, ``--test`` and ``--size`` stay None here: their defaults follow ``--quick``."""
     parser = argparse.ArgumentParser(prog="python -m nnunet_logonet.benchmark.ssl_benefit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="demoQuick budgets and fewer cases")
@@ -272,7 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-d", "--dataset-id", type=int, default=930, help="labeled dataset ID (default 930; +1 for "
                                                                      "the pre-training dataset)")
     parser.add_argument("-device", "--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the work folder first (only one this command made); needed to rerun a --base with "
+                             "other data settings (--labeled, --unlabeled, --test, --size, --seed, --dataset-id)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.unlabeled = args.unlabeled if args.unlabeled is not None else (8 if args.quick else 16)
     args.test = args.test if args.test is not None else (4 if args.quick else 8)
@@ -297,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{flag} {error}")
     try:
         report = run(args)
-    except (StepFailed, PipelineError, PhantomArgumentError, FileExistsError) as error:
+    except (StepFailed, PipelineError, PhantomArgumentError, FileExistsError, WorkFolderError) as error:
         print(f"ssl_benefit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

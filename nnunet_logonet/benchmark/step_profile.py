@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nnunet_logonet.benchmark.efficiency import default_settings, make_sliding_window, make_train_step, time_runs
+from nnunet_logonet.benchmark.measure import default_settings, make_sliding_window, make_train_step, time_runs
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, resolve_model
 from nnunet_logonet.figures import figure_path
 from nnunet_logonet.network.levers import reference_kernels
