@@ -194,13 +194,20 @@ def workspace(tmp_path_factory):
                                         log=steps.append)  # finds the phantom's imagesUnlabeled itself
     second = prepare_pretraining_dataset(LABELED, PRETRAIN, PLANS, name="SSLPretrain", env={**os.environ, **env},
                                          log=again.append)
+    # a scan of the image-only dataset written again (as logonet_prepare_unlabeled --overwrite does): its
+    # fingerprint and preprocessed cases describe the old data, so both are made again
+    scan = sorted((base / "raw" / f"Dataset{PRETRAIN:03d}_SSLPretrain" / "imagesTr").glob("*.nii.gz"))[0]
+    scan.write_bytes(scan.read_bytes())
+    redo_steps: list[str] = []
+    redone = prepare_pretraining_dataset(LABELED, PRETRAIN, PLANS, name="SSLPretrain", env={**os.environ, **env},
+                                         log=redo_steps.append)
     run = subprocess.run([str(bin_dir / "nnUNetv2_train"), str(PRETRAIN), "3d_fullres", "all", "-tr", TRAINER,
                           "-p", PLANS, "-device", "cpu"], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     fold = base / "res" / f"Dataset{PRETRAIN}_SSLPretrain" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_all"
     return {"base": base, "env": env, "fold": fold, "steps": steps, "again": again, "first": first,
-            "second": second}
+            "second": second, "redone": redone, "redo_steps": redo_steps}
 
 
 def _log_text(fold: Path) -> str:
@@ -218,6 +225,9 @@ def test_pretraining_dataset_is_built_once_with_the_labeled_plans(workspace):
     pre = workspace["base"] / "pre"
     assert workspace["first"]["skipped"] == [] and len(workspace["first"]["ran"]) == 5, workspace["steps"]
     assert workspace["second"]["ran"] == [], workspace["again"]  # idempotent: every step skipped
+    assert workspace["redone"]["ran"] == ["extract_fingerprint", "preprocess"], workspace["redo_steps"]
+    assert any("was written after its fingerprint" in s for s in workspace["redo_steps"])
+    assert any("preprocessing again" in s for s in workspace["redo_steps"])
     assert any("nnUNetv2_move_plans_between_datasets" in s for s in workspace["steps"])
     source = json.loads((pre / f"Dataset{LABELED}_SSLPhantom" / f"{PLANS}.json").read_text())
     target = json.loads((pre / f"Dataset{PRETRAIN}_SSLPretrain" / f"{PLANS}.json").read_text())

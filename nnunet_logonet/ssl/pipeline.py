@@ -251,11 +251,16 @@ def prepare_pretraining_dataset(
 
     # 2. fingerprint (nnU-Net's preprocessing expects it)
     fingerprint_file = target_pre / "dataset_fingerprint.json"
-    if read_json_if_whole(fingerprint_file) is not None:
+    raw_written = _last_written(target_raw)
+    fingerprint_whole = read_json_if_whole(fingerprint_file) is not None
+    if fingerprint_whole and _mtime(fingerprint_file) >= raw_written:
         say("[2/5] fingerprint exists: skipped")
         skipped.append("extract_fingerprint")
     else:
-        if fingerprint_file.exists():
+        if fingerprint_whole:
+            say(f"[2/5] {target_raw} was written after its fingerprint (logonet_prepare_unlabeled --overwrite?): "
+                f"extracting it again")
+        elif fingerprint_file.exists():
             say(f"[2/5] {fingerprint_file} is not valid JSON (cut short by an interrupted run?): extracting it again")
         say.run([_command("nnUNetv2_extract_fingerprint", env), "-d", tid, "-np", n]
                 + (["--clean"] if fingerprint_file.exists() else []), env)
@@ -293,16 +298,35 @@ def prepare_pretraining_dataset(
                          f"(available: {sorted(target_plans['configurations'])}).")
     data_folder = target_pre / target_plans["configurations"][configuration]["data_identifier"]
     cases = {p.name[: -len("_0000.nii.gz")] for p in (target_raw / "imagesTr").glob("*_0000.nii.gz")}
-    done = {p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")} if data_folder.is_dir() else set()
-    if not moved and cases and cases <= done:
+    done = {p.stem: _mtime(p) for p in data_folder.glob("*.pkl")} if data_folder.is_dir() else {}
+    current = cases == set(done) and all(written >= raw_written for written in done.values())
+    if not moved and cases and current:
         say(f"[5/5] {data_folder} holds all {len(cases)} cases: skipped")
         skipped.append("preprocess")
     else:
+        if done and not moved and not current:
+            say(f"[5/5] {data_folder} holds cases of an earlier {target_raw.name} (other cases, or preprocessed "
+                f"before the raw dataset was last written): preprocessing again")
         say.run([_command("nnUNetv2_preprocess", env), "-d", tid, "-plans_name", plans, "-c", configuration,
                  "-np", n], env)
         ran.append("preprocess")
     return {"dataset": target_raw.name, "preprocessed_folder": str(data_folder), "num_cases": len(cases),
             "ran": ran, "skipped": skipped}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _last_written(raw_dataset: Path) -> float:
+    """When the image-only dataset was last written: its ``dataset.json`` (written anew by every
+    ``prepare_unlabeled``, ``--overwrite`` included) or its newest image, whichever is later (hard-linked
+    scans keep their own times). A fingerprint or preprocessed case older than this describes other data."""
+    files = [raw_dataset / "dataset.json", *(raw_dataset / "imagesTr").glob("*.nii*")]
+    return max((p.stat().st_mtime for p in files if p.is_file()), default=0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
