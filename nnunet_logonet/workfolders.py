@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
            "remove_stale_work_files", "remove_stale_pid_temporaries", "write_whole", "write_text_whole",
-           "write_json_whole", "copy_file_whole", "swap_into_place", "read_json_if_whole", "exit_cleanly_on_sigterm"]
+           "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "read_json_if_whole", "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
@@ -152,6 +152,19 @@ def swap_into_place(work: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:  # the new folder is in place; what is left of the old goes next run
         pass
+
+
+def delete_folder(folder: Path) -> None:
+    """Delete ``folder`` whole or not at all: it is first renamed to a hidden work folder beside it, so an
+    interrupt leaves it complete (marker included) or out of the way, never half-deleted under its name.
+    What an interrupted deletion left aside is removed by the next call for the same name."""
+    folder = Path(folder)
+    remove_stale_work_folders(folder.parent, folder.name, "deleting")
+    if not folder.exists():
+        return
+    aside = new_work_folder(folder.parent, folder.name, "deleting")
+    os.replace(folder, aside / folder.name)
+    shutil.rmtree(aside)
 
 
 def read_json_if_whole(path: str | os.PathLike) -> dict | None:

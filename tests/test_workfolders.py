@@ -137,6 +137,32 @@ def test_single_files_are_written_whole_or_left_as_they_were(tmp_path, monkeypat
         assert new.read_text() == "text"
 
 
+def test_a_folder_is_deleted_whole_and_what_an_interrupt_left_aside_goes_next_time(tmp_path, monkeypatch):
+    """--fresh deleted datasets with rmtree(ignore_errors=True): Ctrl-C midway left half a dataset under its own
+    name, perhaps without the marker that proves the demo made it. Now the name is free at once or not at all."""
+    from nnunet_logonet.workfolders import delete_folder
+
+    folder = dataset(tmp_path, "Dataset950_Demo", "marker")
+    (folder / "imagesTr").mkdir()
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workfolders.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        delete_folder(folder)
+    monkeypatch.setattr(workfolders.shutil, "rmtree", real_rmtree)
+    assert not folder.exists()
+    (leftover,) = hidden(tmp_path)
+    assert leftover.endswith(".deleting") and (tmp_path / leftover / folder.name / "dataset.json").is_file()
+    os.rename(tmp_path / leftover, tmp_path / f".{folder.name}.99999999-abcd_123.deleting")  # its run is gone
+    folder = dataset(tmp_path, "Dataset950_Demo", "again")
+    delete_folder(folder)
+    assert list(tmp_path.iterdir()) == []
+    delete_folder(folder)  # nothing there: nothing to do
+
+
 def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_ones_kept(tmp_path):
     from nnunet_logonet.workfolders import remove_stale_pid_temporaries
 

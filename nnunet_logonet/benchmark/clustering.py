@@ -23,6 +23,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from nnunet_logonet.ssl.clusterers import BACKENDS, SliceClusterBank
+from nnunet_logonet.workfolders import write_json_whole
 
 
 def synthetic_patches(n_slices: int, size: int, seed: int) -> torch.Tensor:
@@ -106,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   k_range=tuple(args.k_range), backends=args.backends, pools=args.pools, max_iter=args.max_iter,
                   label_slices=args.label_slices, device=args.device, seed=args.seed)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_whole(args.json, results)
 
 
 if __name__ == "__main__":

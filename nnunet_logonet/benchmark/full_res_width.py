@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +31,7 @@ from nnunet_logonet.benchmark.efficiency import format_table, run_benchmark
 from nnunet_logonet.benchmark.measure import DEFAULTS, default_settings
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, ModelSpec, resolve_model
 from nnunet_logonet.counting import count_macs, count_parameters
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["PAPER", "OUR_MODELS", "width_variant", "count_variants", "main"]
 
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(report))
         result["timing"] = report
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json_whole(args.json, result, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

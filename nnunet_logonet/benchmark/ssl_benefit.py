@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
-from nnunet_logonet.workfolders import read_json_if_whole, write_json_whole
+from nnunet_logonet.workfolders import delete_folder, read_json_if_whole, write_json_whole
 
 __all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "StepFailed", "main", "run"]
 
@@ -75,7 +74,7 @@ def open_work_folder(args: argparse.Namespace) -> Path:
         if not marker.is_file() and any(base.iterdir()):
             raise WorkFolderError(f"--fresh would delete {base}, which ssl_benefit did not make (there is no {MARKER} "
                                   f"in it). Choose another --base, or delete that folder yourself.")
-        shutil.rmtree(base)
+        delete_folder(base)
     recorded = read_json_if_whole(marker) if marker.is_file() else None
     if recorded is not None:
         changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
@@ -218,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
             train_seconds = None
             if arm == "ssl" and any(c.stat().st_mtime < ssl_checkpoint.stat().st_mtime for c in fold.glob("*.pth")):
                 print(f"  {fold} was fine-tuned from an earlier pre-training: fine-tuning again", flush=True)
-                shutil.rmtree(fold)  # the benchmark's own folder; neither reused nor continued with --c
+                delete_folder(fold)  # the benchmark's own folder; neither reused nor continued with --c
             if not (fold / "checkpoint_final.pth").is_file():
                 command = _training(["nnUNetv2_train", labeled_id, CONFIGURATION, "all", "-tr", ft_trainer, "-p",
                                      PLANS, "-device", device], fold, ssl_checkpoint if arm == "ssl" else None)

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ from nnunet_logonet.demo.settings import DEVICES, PRESETS, DemoError, DemoSettin
 from nnunet_logonet.demo.stages import PREDICTIONS, DemoContext, Stage, build_stages
 from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
 from nnunet_logonet.machine import cpu_description
-from nnunet_logonet.workfolders import exit_cleanly_on_sigterm
+from nnunet_logonet.workfolders import delete_folder, exit_cleanly_on_sigterm
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "demo_locks",
            "main", "remove_previous", "run_demo"]
@@ -162,9 +161,9 @@ def remove_previous(base: Path, settings: DemoSettings, env: dict[str, str]) -> 
     stage record."""
     for _, folder in demo_folders(settings, env):
         if is_marked(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+            delete_folder(folder)
     if is_marked(base / PREDICTIONS):
-        shutil.rmtree(base / PREDICTIONS, ignore_errors=True)
+        delete_folder(base / PREDICTIONS)
     (base / STATE_FILE).unlink(missing_ok=True)
 
 

@@ -18,8 +18,9 @@ dataset's results, as the command does.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from nnunet_logonet.workfolders import write_json_whole
 
 __all__ = ["parse_model", "trained_pairs", "rank_models", "main"]
 
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}\nTrain every model on folds {args.f} first ({train}).", file=sys.stderr)
         return 1
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2, default=str)
+        write_json_whole(args.json, result, default=str)
     return 0
 
 
