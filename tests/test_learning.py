@@ -7,7 +7,7 @@ to leave the all-background solution), which no shape or parameter test can see.
 import pytest
 import torch
 
-from nnunet_logonet.benchmark.overfit import build, fit_batch, overfit, phantom_batch
+from nnunet_logonet.benchmark.overfit import build, class_dice, fit_batch, overfit, phantom_batch
 
 
 def test_phantom_batch_is_normalised_and_labelled():
@@ -15,6 +15,14 @@ def test_phantom_batch_is_normalised_and_labelled():
     assert x.shape == y.shape == (2, 1, 16, 32, 32)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert (y == 5).sum() > 500, "the liver should be the largest organ in the batch"
+
+
+def test_class_dice_per_foreground_class_with_absent_classes_at_zero():
+    reference = torch.tensor([[0, 1, 1, 2, 2, 2, 0, 0]])
+    prediction = torch.tensor([[0, 1, 0, 2, 2, 0, 2, 3]])
+    # class 1: tp 1, fn 1 -> 2/3; class 2: tp 2, fp 1, fn 1 -> 4/6; class 3: fp only -> 0; class 4: nowhere -> 0
+    assert class_dice(prediction, reference, 5) == pytest.approx([2 / 3, 2 / 3, 0.0, 0.0])
+    assert class_dice(reference, reference, 3) == [1.0, 1.0]
 
 
 def test_tiny_logonet_fits_one_batch():

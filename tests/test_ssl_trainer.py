@@ -35,7 +35,6 @@ EPOCHS = 2  # the first run; the resume test adds one more epoch
 
 # a short variant for the tests, found by nnUNetv2_train through nnUNet_extTrainer like ours
 TEST_TRAINER_MODULE = textwrap.dedent(f'''
-    import os
     from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
 
     class {TRAINER}(LoGoNetSSLTrainerCPU):
@@ -43,7 +42,7 @@ TEST_TRAINER_MODULE = textwrap.dedent(f'''
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = int(os.environ.get("LOGONET_TEST_EPOCHS", "{EPOCHS}"))
+            self.num_epochs = {EPOCHS}
             # 10: with 5 the epoch means were noise in 5 of 12 runs (loss 3.57 -> 3.58, accuracy at
             # chance); with 10 the loss fell 0.10-0.50 and accuracy reached 3.5-6.4x chance in 5 of 5
             self.num_iterations_per_epoch = 10
@@ -456,9 +455,9 @@ def _resume(workspace, monkeypatch, epochs: int):
 
     for key, value in workspace["env"].items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("LOGONET_TEST_EPOCHS", str(epochs))
     trainer = get_trainer_from_args(str(PRETRAIN), "3d_fullres", "all", TRAINER, PLANS, continue_training=True,
                                     device=torch.device("cpu"))
+    trainer.num_epochs = epochs  # a trainer attribute, set before nnU-Net's --c loads the checkpoint
     maybe_load_checkpoint(trainer, True, False)  # what nnUNetv2_train --c does
     trainer.run_training()
     return trainer

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from nnunet_logonet.network import LoGoNet, ULKANet, arch_kwargs_for_preset, check_patch_size
+from nnunet_logonet.network.presets import class_path
 from nnunet_logonet.planning.topology import choose_local_grid, consistent_topology, plan_strides
 
 __all__ = [
@@ -107,10 +108,6 @@ class ModelSpec:
         }
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__name__}"
-
-
 def _jsonable(value: Any) -> Any:
     """numpy scalars/arrays and tuples -> plain JSON types, recursively."""
     if isinstance(value, dict):
@@ -164,7 +161,7 @@ def nnunet_arch(patch_size: Sequence[int], spacing: Sequence[float], residual_en
         "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True},
     })
-    return _class_path(network_class), _jsonable(arch_kwargs), _REQUIRES_IMPORT
+    return class_path(network_class), _jsonable(arch_kwargs), _REQUIRES_IMPORT
 
 
 def load_dataset_plans(dataset: str | int, preprocessed_root: str | Path | None = None) -> DatasetPlans:
@@ -267,7 +264,7 @@ def _ours(network: type, preset: str) -> Callable[[_Context], ModelSpec]:
         overrides = {"local_grid": grid} if use_local else {}
         kwargs = arch_kwargs_for_preset(preset, strides, model=network.__name__, **overrides)
         check_patch_size(patch, kwargs["strides"], *((kwargs["local_grid"], kwargs["local_stages"]) if use_local else ()))
-        return ModelSpec(label.lower().replace("-", "_"), f"{label} (LoGoNet planner topology)", _class_path(network),
+        return ModelSpec(label.lower().replace("-", "_"), f"{label} (LoGoNet planner topology)", class_path(network),
                          kwargs, (), patch, ctx.input_channels, ctx.num_classes, prefers_channels_last=True,
                          trainer="LoGoNetTrainer", notes=notes)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nnunet_logonet.training.recipes import configure_recipe, recipe_optimizer
 
-__all__ = ["VARIANTS", "phantom_batch", "fit_batch", "overfit", "main"]
+__all__ = ["VARIANTS", "phantom_batch", "fit_batch", "class_dice", "overfit", "main"]
 
 #: decoder / stem overrides of the tiny preset (full resolution first); ``nnunet`` is nnU-Net's
 #: PlainConvUNet for reference
@@ -129,15 +129,24 @@ def fit_batch(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
         optimizer.step()
         if step % report_every == 0 or step == steps:
-            pred, ref = output.argmax(1), y[:, 0]
-            dice = []
-            for c in range(1, output.shape[1]):
-                inter = ((pred == c) & (ref == c)).sum().item()
-                total = (pred == c).sum().item() + (ref == c).sum().item()
-                dice.append(2 * inter / max(1, total))
+            dice = class_dice(output.argmax(1), y[:, 0], output.shape[1])
             history.append({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "dice": dice})
             bar.set_postfix(loss=f"{history[-1]['loss']:+.3f}")
     return history
+
+
+def class_dice(prediction: torch.Tensor, reference: torch.Tensor, num_classes: int) -> list[float]:
+    """Dice of each foreground class over the batch, from nnU-Net's evaluator's counts
+    (``compute_tp_fp_fn_tn``). A class in neither the prediction nor the batch scores 0, not nnU-Net's NaN,
+    so that the means over classes the fitting reports stay defined."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    prediction, reference = prediction.cpu().numpy(), reference.cpu().numpy()
+    dice = []
+    for c in range(1, num_classes):
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(reference == c, prediction == c)
+        dice.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return [float(d) for d in dice]
 
 
 def overfit(variant: str = "tiny", steps: int = 150, seed: int = 0, report_every: int = 25,

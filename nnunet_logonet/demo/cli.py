@@ -32,13 +32,13 @@ from nnunet_logonet.demo import report
 from nnunet_logonet.demo.settings import DEVICES, PRESETS, DemoError, DemoSettings, make_settings
 from nnunet_logonet.demo.stages import PREDICTIONS, DemoContext, Stage, build_stages
 from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
+from nnunet_logonet.env import NNUNET_FOLDERS
 from nnunet_logonet.machine import cpu_description
 from nnunet_logonet.workfolders import delete_folder, exit_cleanly_on_sigterm
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "demo_locks",
            "main", "remove_previous", "run_demo"]
 
-NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,11 +196,8 @@ def run_ssl_dataset(ctx: DemoContext) -> dict:
     """Image-only dataset ID+1 from the phantom's imagesTr + imagesUnlabeled, preprocessed with the
     LoGoNet plans (logonet_prepare_unlabeled, nnUNetv2_extract_fingerprint,
     nnUNetv2_move_plans_between_datasets, nnUNetv2_preprocess)."""
-    try:
-        from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
-    except ImportError as error:
-        raise DemoError("SSL stage: nnunet_logonet.ssl.pipeline.prepare_pretraining_dataset is not available "
-                        f"({error}); the self-supervised pretraining dataset cannot be built.") from error
+    from nnunet_logonet.ssl.pipeline import PipelineError, prepare_pretraining_dataset
+
     s = ctx.settings
     log = ctx.log("ssl_dataset")
     log.unlink(missing_ok=True)

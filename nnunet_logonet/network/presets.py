@@ -16,7 +16,7 @@ from .arguments import int_list, positive_int, real_number
 from .layers import check_norm
 from .shapes import Triple, as_triple, isotropic_strides, normalize_strides
 
-__all__ = ["PRESETS", "MODELS", "default_decoder_channels", "arch_kwargs_for_preset", "preset", "jsonable",
+__all__ = ["PRESETS", "MODELS", "class_path", "default_decoder_channels", "arch_kwargs_for_preset", "preset", "jsonable",
            "validate_arch", "validate_local_paths"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +55,11 @@ MODELS = ("LoGoNet", "ULKANet")
 #: the keywords ``validate_arch`` checks (both models take them)
 ARCH_KEYWORDS = ("strides", "dims", "depths", "mlp_ratios", "decoder_channels", "stem_channels", "norm",
                  "drop_path_rate", "layer_scale_init")
+
+
+def class_path(cls: type) -> str:
+    """``cls``'s dotted import path: how nnU-Net's plans name a network (``network_class_name``)."""
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def default_decoder_channels(dims: Sequence[int]) -> list[int]:

@@ -18,6 +18,8 @@ import argparse
 import torch
 from torch import nn
 
+from nnunet_logonet.network.presets import MODELS
+
 #: nnU-Net's reference: 560e6 counted elements <-> 8 GB at batch 2 (default_experiment_planner.py).
 NNUNET_BYTES_PER_ELEMENT = 8 * 1024 ** 3 / (2 * 560e6)
 
@@ -48,9 +50,6 @@ def saved_activation_bytes(network: nn.Module, patch_size, input_channels: int =
 def bytes_per_feature_element(network: nn.Module, patch_size, input_channels: int = 1) -> float:
     return saved_activation_bytes(network, patch_size, input_channels) / network.compute_conv_feature_map_size(
         tuple(patch_size))
-
-
-MODELS = ("LoGoNet", "ULKANet")
 
 
 def calibrate(patch_size=(64, 64, 64), preset: str = "tiny", model: str = "LoGoNet") -> dict:

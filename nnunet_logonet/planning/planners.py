@@ -31,7 +31,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunet_logonet.network import LoGoNet, ULKANet, required_patch_multiple
-from nnunet_logonet.network.presets import arch_kwargs_for_preset
+from nnunet_logonet.network.presets import arch_kwargs_for_preset, class_path
 from nnunet_logonet.planning.topology import consistent_topology
 from nnunet_logonet.workfolders import read_json_if_whole
 
@@ -55,10 +55,6 @@ def preprocessing_differences(plans: dict, config: dict, other_plans: dict, othe
 
 class PlanningError(RuntimeError):
     """Planning cannot produce a LoGoNet configuration; the message says what to do instead."""
-
-
-def class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__name__}"
 
 
 @lru_cache(maxsize=256)

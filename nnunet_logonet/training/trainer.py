@@ -20,6 +20,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.network.arguments import positive_int
+from nnunet_logonet.network.presets import class_path
 from nnunet_logonet.network.shapes import (
     check_patch_size,
     deepest_map_divisors,
@@ -37,15 +38,11 @@ class PlansMismatchError(RuntimeError):
     """The plans do not describe the network this trainer trains."""
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__name__}"
-
-
 def check_plans_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                         expected: type, configuration: str = "") -> None:
     """Stop early, with the command to run, when plans were made for another network."""
     found = configuration_manager.network_arch_class_name
-    if found == _class_path(expected):
+    if found == class_path(expected):
         return
     dataset = plans_manager.dataset_name
     raise PlansMismatchError(
@@ -143,7 +140,7 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                                    num_input_channels: int,
                                    num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        if configuration_manager.network_arch_class_name not in (_class_path(LoGoNet), _class_path(ULKANet)):
+        if configuration_manager.network_arch_class_name not in (class_path(LoGoNet), class_path(ULKANet)):
             check_plans_network(plans_manager, configuration_manager, LoGoNet)
         network = get_network_from_plans(
             configuration_manager.network_arch_class_name,
@@ -180,7 +177,11 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
 
     def check_pretrained_weights(self, argv) -> None:
         """Before nnU-Net loads ``-pretrained_weights`` (right after ``initialize``), list every key
-        and shape that does not fit, instead of nnU-Net's first-mismatch assertion."""
+        and shape that does not fit, instead of nnU-Net's first-mismatch assertion.
+
+        nnU-Net hands the file to its loader, not to the trainer, so it is read from ``nnUNetv2_train``'s
+        command line (``argv``). Called from Python (``run_training(..., pretrained_weights=F)``), run
+        ``nnunet_logonet.ssl.transfer.check_pretrained(network, F)`` first for the same list."""
         from nnunet_logonet.ssl.transfer import check_pretrained, pretrained_weights_from_argv
 
         path = pretrained_weights_from_argv(argv)
