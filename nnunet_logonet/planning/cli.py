@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from nnunet_logonet.planning.data_check import data_spacing_mismatch, repair_label_copies
-from nnunet_logonet.planning.planners import PLANNERS, PlanningError, preprocessing_differences
+from nnunet_logonet.planning.planners import (DEFAULT_DATA_IDENTIFIER_PLANS, PLANNERS, PlanningError,
+                                              preprocessing_differences)
 from nnunet_logonet.workfolders import read_json_if_whole
 
 
@@ -271,6 +272,12 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
         n_proc = args.np if args.np is not None else [4]
         if len(n_proc) == len(args.c) and len(todo) != len(args.c):
             n_proc = [n for n, c in zip(n_proc, args.c) if c in todo]
+        for c in todo:
+            folder = preprocessed / plans["configurations"][c]["data_identifier"]
+            if folder.name.startswith(f"{DEFAULT_DATA_IDENTIFIER_PLANS}_") and any(folder.glob("*.pkl")):
+                print(f"{c}: {folder} is shared with nnUNetPlans (same preprocessing) and is made again in place: "
+                      f"nnU-Net deletes it first, so if this run is interrupted, rerun it before training either "
+                      f"network.")
         print("Preprocessing...")
         try:
             preprocess_dataset(dataset_id, plans_identifier, todo, n_proc)
