@@ -20,6 +20,7 @@ STREAM_BLOCK = 1 << 20
 
 
 def is_gzip(path: str | os.PathLike) -> bool:
+    """Whether the file starts with gzip's magic bytes (whatever its name says)."""
     with open(path, "rb") as stream:
         return stream.read(2) == GZIP_MAGIC
 

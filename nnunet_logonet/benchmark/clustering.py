@@ -55,6 +55,8 @@ def run(
     device: str,
     seed: int,
 ) -> list[dict]:
+    """Fit and time a cluster bank per pooling and backend on synthetic slices; one row each (fit
+    seconds, labelling ms per batch, inertia), also printed as JSON."""
     patches = synthetic_patches(n_slices, size, seed)
     results = []
     for pool in pools:

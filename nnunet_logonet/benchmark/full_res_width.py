@@ -80,6 +80,8 @@ def count_variants(models: Sequence[str], widths: Sequence[int], patch_size: Seq
 
 
 def format_counts(rows: Sequence[dict[str, Any]], patch_size: Sequence[int]) -> str:
+    """The rows of :func:`count_variants` as a text table, each count beside its deviation from the
+    paper's (the preset's own width marked)."""
     lines = [f"full-resolution width study at {list(patch_size)}: parameters and GMACs (fvcore, batch 1); "
              "paper = Table 6 (its GFLOPs are most likely MACs)",
              "model        width  params M  vs paper   GMACs  vs paper"]

@@ -91,6 +91,8 @@ class ModelSpec:
     without_levers: tuple[str, ...] = ()
 
     def build(self, *, deep_supervision: bool = False, init: bool = True) -> nn.Module:
+        """The network, built as nnU-Net's trainer builds it (``get_network_from_plans``); ``init=False``
+        skips its weight initialisation (for ``meta`` tensors)."""
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
         return get_network_from_plans(self.network_class_name, self.arch_kwargs, self.kw_requires_import,
@@ -98,6 +100,7 @@ class ModelSpec:
                                       deep_supervision=deep_supervision)
 
     def to_json(self) -> dict[str, Any]:
+        """This model's description as the benchmark's JSON reports record it."""
         return {
             "description": self.description,
             "network_class_name": self.network_class_name,

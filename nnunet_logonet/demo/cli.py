@@ -234,6 +234,8 @@ def _versions() -> dict[str, str]:
 
 
 def write_outputs(ctx: DemoContext, results: dict) -> None:
+    """Write results.json, results.md and the two figures to ``--out`` (results.json again with the
+    overlay's entry)."""
     out = ctx.out
     report.write_json(results, out / "results.json")
     report.write_markdown(results, out / "results.md")
@@ -246,6 +248,8 @@ def write_outputs(ctx: DemoContext, results: dict) -> None:
 
 def run_demo(settings: DemoSettings, *, base: Path, out: Path, fresh: bool = False, command: str = "logonet_demo",
              environ: dict | None = None) -> dict:
+    """The whole demo: check ``base`` and ``out``, hold the locks, run the unfinished stages and write the
+    results; returns what results.json holds."""
     started = time.perf_counter()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start = [round(x, 2) for x in os.getloadavg()]

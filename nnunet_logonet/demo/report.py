@@ -39,6 +39,7 @@ MODEL_COLOURS = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
 def organ_colour(organ: str, index: int) -> tuple[float, float, float]:
+    """The organ's fixed colour; an organ not in ``ORGAN_COLOURS`` gets a fallback by its index."""
     return ORGAN_COLOURS.get(organ, _FALLBACK_COLOURS[index % len(_FALLBACK_COLOURS)])
 
 
@@ -110,6 +111,8 @@ def _device_note(settings: Mapping, machine: Mapping) -> str:
 
 
 def table_notes(results: Mapping) -> list[str]:
+    """The notes under the table: how each column was measured, the budgets, resumed trainings, the
+    SSL pretext accuracy and the device."""
     settings = results["settings"]
     budget = settings["budget"]
     patches = {m["label"]: m.get("patch_size") for m in results["models"].values()}
@@ -170,6 +173,7 @@ def _ssl_note(results: Mapping) -> list[str]:
 
 
 def write_markdown(results: Mapping, path: Path) -> None:
+    """``results.md``: title, date and wall time, the table, its notes and nnU-Net's ranking."""
     settings = results["settings"]
     text = [f"# LoGoNet demo results ({'quick' if settings['quick'] else 'full'})", "",
             f"{results.get('date', '')}, `{results.get('command', 'logonet_demo')}`, total wall time "
@@ -191,6 +195,7 @@ def _reuse_note(results: Mapping) -> str:
 
 
 def write_json(results: Mapping, path: Path) -> None:
+    """``results.json``, written whole; numpy values and paths become plain JSON."""
     write_json_whole(path, results, default=_json_default)
 
 

@@ -27,6 +27,8 @@ TAIL_LINES = 25
 
 @dataclass
 class CommandResult:
+    """What :func:`run_command` measured of one finished command, and where its log is."""
+
     command: list[str]
     log: str
     wall_s: float

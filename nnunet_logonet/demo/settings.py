@@ -46,6 +46,9 @@ class ModelRun:
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """The settings of one demo run (their digest decides whether a recorded stage still applies);
+    the properties derive nnU-Net's dataset, plans and trainer names from them."""
+
     dataset_id: int
     seed: int
     device: str
@@ -118,6 +121,8 @@ class DemoSettings:
 
 
 def resolve_device(device: str, cuda_available: bool) -> str:
+    """``auto`` -> cuda when available, else cpu; a :class:`DemoError` for an unknown device or cuda
+    without CUDA."""
     if device not in DEVICES:
         raise DemoError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
     if device == "auto":

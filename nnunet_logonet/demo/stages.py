@@ -39,6 +39,9 @@ SSL_ACCURACY = re.compile(r"pseudo-label accuracy: train ([0-9.na]+), val ([0-9.
 
 @dataclass
 class DemoContext:
+    """Everything a stage needs: the settings, the work and output folders, nnU-Net's environment
+    and the stage record."""
+
     settings: DemoSettings
     base: Path
     out: Path
@@ -81,6 +84,9 @@ class DemoContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """One step of the demo: ``run`` returns its figures for the record; ``outputs`` must still exist
+    for a finished stage to be reused."""
+
     name: str
     title: str
     run: Callable[[DemoContext], dict]
@@ -91,6 +97,7 @@ class Stage:
 
 # ------------------------------------------------------------------------------ helpers
 def checkpoint_folder(results: Path, dataset: str, trainer: str, plans: str, fold: str) -> Path:
+    """nnU-Net's folder of one training: ``<results>/<dataset>/<trainer>__<plans>__3d_fullres/fold_<fold>``."""
     return results / dataset / f"{trainer}__{plans}__{CONFIGURATION}" / f"fold_{fold}"
 
 
@@ -158,6 +165,8 @@ def _phantom_json_matches(folder: Path, s: DemoSettings) -> bool:
 
 
 def run_phantom(ctx: DemoContext) -> dict:
+    """Write the phantom dataset to nnUNet_raw, or reuse one made with the same settings (any other
+    folder of that name is a :class:`DemoError`)."""
     from nnunet_logonet.phantom import write_dataset
 
     s = ctx.settings
@@ -177,6 +186,7 @@ def run_phantom(ctx: DemoContext) -> dict:
 
 
 def run_plan_nnunet(ctx: DemoContext) -> dict:
+    """nnUNetv2_plan_and_preprocess with nnU-Net's default planner (nnUNetPlans), for the baseline."""
     n = str(ctx.n_proc)
     result = run_command(["nnUNetv2_plan_and_preprocess", "-d", ctx.settings.dataset_id, "-c", CONFIGURATION,
                           "-np", n, "-npfp", n], env=_planning_env(ctx), log=ctx.log("plan_nnunet"))
@@ -184,6 +194,7 @@ def run_plan_nnunet(ctx: DemoContext) -> dict:
 
 
 def run_plan_logonet(ctx: DemoContext) -> dict:
+    """logonet_plan_and_preprocess with the preset's LoGoNet planner; records the patch size it planned."""
     n = str(ctx.n_proc)
     s = ctx.settings
     result = run_command(["logonet_plan_and_preprocess", "-d", s.dataset_id, "-pl", s.planner, "-c", CONFIGURATION,
@@ -251,11 +262,14 @@ def _train(ctx: DemoContext, stage: str, *, dataset_id: int, dataset: str, fold:
 
 
 def ssl_checkpoint(ctx: DemoContext) -> Path:
+    """The SSL pretraining's final checkpoint (fold ``all`` of the pretraining dataset): the weights
+    LoGoNet + SSL starts from."""
     s = ctx.settings
     return checkpoint_folder(ctx.results, s.ssl_dataset, s.ssl_trainer, s.plans, "all") / "checkpoint_final.pth"
 
 
 def run_ssl_pretrain(ctx: DemoContext) -> dict:
+    """nnUNetv2_train of the SSL trainer on the pretraining dataset (fold ``all``, LoGoNet plans)."""
     s = ctx.settings
     return _train(ctx, "ssl_pretrain", dataset_id=s.ssl_dataset_id, dataset=s.ssl_dataset, fold="all",
                   trainer=s.ssl_trainer, plans=s.plans)
@@ -271,6 +285,8 @@ def copy_plans(ctx: DemoContext, source: str, target: str) -> Path:
 
 
 def make_train(model: ModelRun) -> Callable[[DemoContext], dict]:
+    """The training stage of ``model`` (fold 0); the pretrained model first gets its own copy of the
+    LoGoNet plans and starts from the SSL checkpoint."""
     def run(ctx: DemoContext) -> dict:
         s = ctx.settings
         pretrained = None
@@ -287,6 +303,7 @@ def make_train(model: ModelRun) -> Callable[[DemoContext], dict]:
 
 
 def make_predict(model: ModelRun) -> Callable[[DemoContext], dict]:
+    """The prediction stage of ``model``: nnUNetv2_predict on imagesTs into a fresh folder, timed per case."""
     def run(ctx: DemoContext) -> dict:
         s = ctx.settings
         target = ctx.predictions(model)
@@ -306,6 +323,7 @@ def make_predict(model: ModelRun) -> Callable[[DemoContext], dict]:
 
 
 def run_evaluate(ctx: DemoContext) -> dict:
+    """nnUNetv2_evaluate_folder on every model's test predictions: Dice per organ and foreground mean."""
     s = ctx.settings
     organs = {str(v): k for k, v in json.loads((ctx.raw_dataset / "dataset.json").read_text())["labels"].items()
               if v != 0}
@@ -338,6 +356,8 @@ def run_rank(ctx: DemoContext) -> dict:
 
 
 def run_costs(ctx: DemoContext) -> dict:
+    """Parameters and MACs of every model's network at its planned patch
+    (:func:`~nnunet_logonet.demo.costs.network_costs`)."""
     from nnunet_logonet.demo.costs import network_costs
 
     s = ctx.settings
@@ -347,6 +367,8 @@ def run_costs(ctx: DemoContext) -> dict:
 
 # ----------------------------------------------------------------------------------- list
 def build_stages(settings: DemoSettings) -> list[Stage]:
+    """The demo's stages in running order, each with the outputs that show it finished and the stages
+    whose re-run makes it stale."""
     s = settings
 
     def raw_json(ctx):

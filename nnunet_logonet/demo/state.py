@@ -25,6 +25,8 @@ MARKER = ".logonet_demo"
 
 
 class DemoState:
+    """The stage records of one ``--base`` (``demo_state.json``), saved after every change."""
+
     def __init__(self, path: Path, settings: DemoSettings, stages: dict | None = None) -> None:
         self.path = Path(path)
         self.settings = settings
@@ -92,4 +94,5 @@ def mark(folder: Path) -> Path:
 
 
 def is_marked(folder: Path) -> bool:
+    """Whether ``folder`` holds the demo's marker, i.e. the demo made it (:func:`mark`)."""
     return (Path(folder) / MARKER).is_file()

@@ -48,6 +48,8 @@ def saved_activation_bytes(network: nn.Module, patch_size, input_channels: int =
 
 
 def bytes_per_feature_element(network: nn.Module, patch_size, input_channels: int = 1) -> float:
+    """Bytes autograd saves per element of nnU-Net's count (``compute_conv_feature_map_size``), for
+    one sample of ``patch_size``."""
     return saved_activation_bytes(network, patch_size, input_channels) / network.compute_conv_feature_map_size(
         tuple(patch_size))
 

@@ -82,6 +82,8 @@ def recipe_optimizer(params, recipe: str, lr: float, weight_decay: float, **kwar
 
 
 def build_optimizer_and_scheduler(trainer):
+    """The trainer's optimizer and LR scheduler for its recipe: 'paper' AdamW with warm-up (5% of the
+    epochs) then cosine, 'nnunet' SGD with nnU-Net's poly schedule."""
     optimizer = recipe_optimizer(trainer.network.parameters(), trainer.recipe, trainer.initial_lr,
                                  trainer.weight_decay, **optimizer_implementation(trainer.device))
     if trainer.recipe == "paper":

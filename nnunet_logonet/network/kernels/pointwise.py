@@ -53,6 +53,8 @@ def pointwise_forward_route(x: torch.Tensor) -> str:
 
 
 def pointwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Forward of a 1x1x1 convolution on the ``pointwise_gemm`` path: one matrix product over the
+    channels-last rows, or oneDNN's convolution above ``POINTWISE_GEMM_MAX_ROWS`` rows."""
     if pointwise_forward_route(x) == "onednn":
         return torch.mkldnn_convolution(x, weight, bias, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1)
     w = weight.reshape(weight.shape[0], weight.shape[1])
