@@ -407,6 +407,36 @@ def test_unmarked_folders_of_an_earlier_demo_in_its_base_are_taken_over(tmp_path
         [None, None] + [[MARKER]] * 4
 
 
+def test_evaluation_reports_each_organ_under_its_own_name_and_nnunets_foreground_mean(tmp_path, monkeypatch):
+    """The table's Dice columns come from nnUNetv2_evaluate_folder's summary.json: each label's mean under
+    the organ dataset.json names for that label, and the foreground mean as nnU-Net computed it."""
+    settings = make_settings(dataset_id=42, device="cpu")
+    env = demo_environment(tmp_path, settings, {"PATH": ""})
+    ctx = DemoContext(settings, tmp_path, tmp_path / "out", env, DemoState.open(tmp_path, settings))
+    ctx.raw_dataset.mkdir(parents=True)
+    labels = {"background": 0, "spleen": 1, "kidney": 2, "liver": 3}
+    (ctx.raw_dataset / "dataset.json").write_text(json.dumps({"labels": labels}))
+    summaries = {}
+    for i, model in enumerate(settings.models):
+        scores = {"1": 0.91 - i / 10, "2": 0.52 - i / 10, "3": 0.83 - i / 10}
+        summaries[model.key] = {"mean": {k: {"Dice": v} for k, v in scores.items()},
+                                "foreground_mean": {"Dice": 0.77 - i / 10}}
+
+    def evaluate(command, env, log):
+        folder = Path(command[2])
+        folder.mkdir(parents=True, exist_ok=True)
+        key = next(m.key for m in settings.models if ctx.predictions(m) == folder)
+        (folder / "summary.json").write_text(json.dumps(summaries[key]))
+
+    monkeypatch.setattr(stages, "run_command", evaluate)
+    scores = stages.run_evaluate(ctx)["models"]
+    assert set(scores) == {m.key for m in settings.models} and len(scores) >= 2
+    for i, model in enumerate(settings.models):
+        assert scores[model.key]["dice"] == pytest.approx({"spleen": 0.91 - i / 10, "kidney": 0.52 - i / 10,
+                                                           "liver": 0.83 - i / 10})
+        assert scores[model.key]["mean_dice"] == pytest.approx(0.77 - i / 10)
+
+
 def test_train_never_deletes_a_training_the_demo_did_not_make(tmp_path, monkeypatch):
     settings = make_settings(dataset_id=42, device="cpu")
     env = demo_environment(tmp_path, settings, {"PATH": ""})

@@ -600,6 +600,39 @@ def test_fold_batchnorm_formula():
         assert _rel(F.conv3d(x, weight, bias, padding=1), norm(conv(x))) < 1e-5
 
 
+@pytest.mark.parametrize("variance", [0.0, 1e-6])
+def test_fold_batchnorm_keeps_eps_for_channels_that_stopped_varying(variance):
+    """After training some channels' running variance is ~0; there the fold must divide by sqrt(var + eps)
+    as BatchNorm does (without eps: infinite or 300x too large outputs, which random statistics in
+    [0.5, 2] cannot show)."""
+    conv, norm = nn.Conv3d(3, 5, 3, padding=1, bias=True), nn.BatchNorm3d(5)
+    _randomise_batchnorm(norm)
+    norm.running_var[:2] = variance
+    norm.eval()
+    weight, bias = fold_batchnorm(conv, norm)
+    x = torch.randn(1, 3, 5, 5, 5)
+    with torch.no_grad():
+        folded, reference = F.conv3d(x, weight, bias, padding=1), norm(conv(x))
+    assert torch.isfinite(folded).all() and _rel(folded, reference) < 1e-5
+
+
+def test_grouped_drop_path_draws_one_rescaled_mask_per_sample_and_path():
+    """The batched local paths' stochastic depth equals each path's own DropPath: per sample and path
+    everything kept times 1/keep or everything dropped, so the expected output is the input."""
+    from nnunet_logonet.network.layers import DropPath
+
+    torch.manual_seed(0)
+    paths, channels, keep = 8, 3, 0.75
+    drops = [DropPath(1 - keep).train() for _ in range(paths)]
+    x = torch.ones(4000, paths * channels, 1, 1, 1)
+    out = grouped_module._drop_path(x, drops).reshape(4000, paths, channels)
+    assert torch.equal(out.unique(), torch.tensor([0.0, 1 / keep]))
+    assert (out == out[:, :, :1]).all()  # one draw per sample and path, shared by its channels
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert (out[:, :, 0] == 0).float().mean().item() == pytest.approx(1 - keep, abs=0.02)
+    assert grouped_module._drop_path(x, [d.eval() for d in drops]) is x  # inference: no drop
+
+
 def test_instance_norm_is_not_folded_and_still_matches():
     unit = ConvUnit(4, 4, norm="instance").eval()
     x = torch.randn(1, 4, 6, 6, 6)

@@ -108,6 +108,46 @@ def test_a_patch_leaving_a_one_voxel_bottleneck_is_refused_where_its_norms_canno
         make()
 
 
+@pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
+                                                       ("batch", 2, False)])
+def test_a_local_path_whose_deepest_map_is_one_voxel_is_refused_too(tmp_path, monkeypatch, norm, batch_size,
+                                                                     refused):
+    """No pooling after the third stage: the global bottleneck of a 16^3 patch is 2^3 voxels, but each local
+    path sees an 8^3 sub-crop and pools it by 8 to one voxel, where its norms have nothing to normalise."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]]
+    plans = _plans(strides=strides, batch_size=batch_size, **{"3d_fullres": [16, 16, 16]})
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["norm"] = norm
+    assert (arch["local_grid"], arch["local_stages"]) == ([2, 2, 2], 2)
+    make = lambda: LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0,  # noqa: E731
+                                  {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    if not refused:
+        make()
+        return
+    with pytest.raises(PlansMismatchError, match=r"patch_size \[16, 16, 16\] leaves the network's deepest feature map "
+                                                 r"a single voxel"):
+        make()
+
+
+def test_plans_for_the_other_network_are_refused_naming_its_planner(tmp_path, monkeypatch):
+    """ULKANetTrainer on LoGoNet's plans (and the reverse) stops in the constructor, naming the planner to
+    run, before nnU-Net creates the output folder."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False}
+    with pytest.raises(PlansMismatchError, match=r"(?s)describe nnunet_logonet\.network\.logonet\.LoGoNet, not "
+                                                 r"ULKANet.*-pl ULKANetPlanner.*-p ULKANetPlans"):
+        ULKANetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    ulka = plans["configurations"]["3d_fullres"]["architecture"]
+    ulka["network_class_name"] = "nnunet_logonet.network.ulkanet.ULKANet"
+    for key in ("local_grid", "local_stages"):
+        ulka["arch_kwargs"].pop(key)
+    with pytest.raises(PlansMismatchError, match=r"(?s)not LoGoNet.*-pl LoGoNetPlanner.*-p LoGoNetPlans"):
+        LoGoNetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == []
+    ULKANetTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("name", ["LoGoNetTrainer_demo", "LoGoNetTrainer_demoQuick", "LoGoNetSSLTrainer_demo",
                                   "LoGoNetSSLTrainer_demoQuick"])
 def test_demo_trainers_checkpoint_every_epoch_so_a_resume_loses_little(tmp_path, monkeypatch, name):

@@ -49,7 +49,8 @@ def check_plans_network(plans_manager: PlansManager, configuration_manager: Conf
         f"Plans '{plans_manager.plans_name}' ({configuration}) of {dataset} describe {found}, not "
         f"{expected.__name__}. Plan for {expected.__name__} first:\n"
         f"    logonet_plan_and_preprocess -d {dataset} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
-        f"then train with the plans it prints (e.g. -p LoGoNetPlans; planners: {PLANNER_FOR[expected.__name__]}).")
+        f"then train with the plans it prints (e.g. -p {expected.__name__}Plans; planners: "
+        f"{PLANNER_FOR[expected.__name__]}).")
 
 
 def check_plans_patch(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
