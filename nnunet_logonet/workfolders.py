@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
            "remove_stale_work_files", "remove_stale_pid_temporaries", "write_whole", "write_text_whole",
-           "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "read_json_if_whole", "exit_cleanly_on_sigterm"]
+           "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "last_written", "read_json_if_whole", "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
@@ -165,6 +165,15 @@ def delete_folder(folder: Path) -> None:
     aside = new_work_folder(folder.parent, folder.name, "deleting")
     os.replace(folder, aside / folder.name)
     shutil.rmtree(aside)
+
+
+def last_written(path: str | os.PathLike) -> float:
+    """``path``'s modification time; a missing file counts as written now (``inf``), so nothing made from
+    it is taken as up to date."""
+    try:
+        return Path(path).stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def read_json_if_whole(path: str | os.PathLike) -> dict | None:

@@ -89,34 +89,23 @@ def test_a_bad_architecture_in_the_plans_is_named_without_a_patch_fix(tmp_path, 
     assert "patch_size" not in message
 
 
-@pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
-                                                       ("batch", 2, False)])
-def test_a_patch_leaving_a_one_voxel_bottleneck_is_refused_where_its_norms_cannot_train(tmp_path, monkeypatch,
-                                                                                      norm, batch_size, refused):
-    """32^3 through tiny's total stride 32 leaves one voxel: instance norm cannot train on it at all, batch
-    norm only with a batch of two or more (PyTorch stopped inside the norm at the first training step)."""
-    monkeypatch.setenv("nnUNet_results", str(tmp_path))
-    plans = _plans(strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, batch_size=batch_size, **{"3d_fullres": [32, 32, 32]})
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm"] = norm
-    make = lambda: LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0,  # noqa: E731
-                                  {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))
-    if not refused:
-        make()
-        return
-    with pytest.raises(PlansMismatchError, match=rf"a single voxel, so its {norm} norms would normalise one value per "
-                                                 r"channel.*Double the patch size on one axis"):
-        make()
+#: tiny's strides: 32^3 leaves the global bottleneck one voxel
+POOLING_EVERYWHERE = [[1, 1, 1]] + [[2, 2, 2]] * 5
+#: no pooling after the third stage: a 16^3 patch leaves the global bottleneck 2^3 voxels, but each local path
+#: sees an 8^3 sub-crop and pools it by 8 to one voxel
+POOLING_EARLY = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]]
 
 
+@pytest.mark.parametrize("strides, patch", [(POOLING_EVERYWHERE, [32, 32, 32]), (POOLING_EARLY, [16, 16, 16])],
+                         ids=["global-bottleneck", "local-path"])
 @pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
                                                        ("batch", 2, False)])
-def test_a_local_path_whose_deepest_map_is_one_voxel_is_refused_too(tmp_path, monkeypatch, norm, batch_size,
-                                                                     refused):
-    """No pooling after the third stage: the global bottleneck of a 16^3 patch is 2^3 voxels, but each local
-    path sees an 8^3 sub-crop and pools it by 8 to one voxel, where its norms have nothing to normalise."""
+def test_a_patch_leaving_a_one_voxel_deepest_map_is_refused_where_its_norms_cannot_train(
+        tmp_path, monkeypatch, strides, patch, norm, batch_size, refused):
+    """A one-voxel deepest map, global or in a local path: instance norm cannot train on it at all, batch norm
+    only with a batch of two or more (PyTorch stopped inside the norm at the first training step)."""
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
-    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]]
-    plans = _plans(strides=strides, batch_size=batch_size, **{"3d_fullres": [16, 16, 16]})
+    plans = _plans(strides=strides, batch_size=batch_size, **{"3d_fullres": patch})
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["norm"] = norm
     assert (arch["local_grid"], arch["local_stages"]) == ([2, 2, 2], 2)
@@ -125,8 +114,9 @@ def test_a_local_path_whose_deepest_map_is_one_voxel_is_refused_too(tmp_path, mo
     if not refused:
         make()
         return
-    with pytest.raises(PlansMismatchError, match=r"patch_size \[16, 16, 16\] leaves the network's deepest feature map "
-                                                 r"a single voxel"):
+    with pytest.raises(PlansMismatchError, match=rf"patch_size \[{patch[0]}, {patch[1]}, {patch[2]}\] leaves the network's "
+                                                 rf"deepest feature map a single voxel, so its {norm} norms would "
+                                                 r"normalise one value per channel.*Double the patch size on one axis"):
         make()
 
 

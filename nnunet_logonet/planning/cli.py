@@ -15,7 +15,7 @@ from pathlib import Path
 from nnunet_logonet.planning.data_check import data_spacing_mismatch, repair_label_copies
 from nnunet_logonet.planning.planners import (DEFAULT_DATA_IDENTIFIER_PLANS, PLANNERS, PlanningError,
                                               preprocessing_differences)
-from nnunet_logonet.workfolders import read_json_if_whole
+from nnunet_logonet.workfolders import last_written, read_json_if_whole
 
 
 
@@ -74,15 +74,8 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
         return True
     if set(cases) != set(raw_cases):
         return False
-    return all(max(map(_mtime, files)) <= _mtime(data_folder / f"{case}.pkl") for case, files in raw_cases.items())
-
-
-def _mtime(path: Path) -> float:
-    """Last write of ``path``; a missing raw file counts as written now (so nothing is reused)."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return float("inf")
+    return all(max(map(last_written, files)) <= last_written(data_folder / f"{case}.pkl")
+               for case, files in raw_cases.items())
 
 
 def check_dataset_json(raw_dataset: Path) -> dict:

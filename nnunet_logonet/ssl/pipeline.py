@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nnunet_logonet.workfolders import copy_file_whole, read_json_if_whole
+from nnunet_logonet.workfolders import copy_file_whole, last_written, read_json_if_whole
 
 __all__ = ["PipelineError", "prepare_pretraining_dataset", "main"]
 
@@ -251,9 +251,9 @@ def prepare_pretraining_dataset(
 
     # 2. fingerprint (nnU-Net's preprocessing expects it)
     fingerprint_file = target_pre / "dataset_fingerprint.json"
-    raw_written = _last_written(target_raw)
+    raw_written = _dataset_written(target_raw)
     fingerprint_whole = read_json_if_whole(fingerprint_file) is not None
-    if fingerprint_whole and _mtime(fingerprint_file) >= raw_written:
+    if fingerprint_whole and last_written(fingerprint_file) >= raw_written:
         say("[2/5] fingerprint exists: skipped")
         skipped.append("extract_fingerprint")
     else:
@@ -298,7 +298,7 @@ def prepare_pretraining_dataset(
                          f"(available: {sorted(target_plans['configurations'])}).")
     data_folder = target_pre / target_plans["configurations"][configuration]["data_identifier"]
     cases = {p.name[: -len("_0000.nii.gz")] for p in (target_raw / "imagesTr").glob("*_0000.nii.gz")}
-    done = {p.stem: _mtime(p) for p in data_folder.glob("*.pkl")} if data_folder.is_dir() else {}
+    done = {p.stem: last_written(p) for p in data_folder.glob("*.pkl")} if data_folder.is_dir() else {}
     current = cases == set(done) and all(written >= raw_written for written in done.values())
     if not moved and cases and current:
         say(f"[5/5] {data_folder} holds all {len(cases)} cases: skipped")
@@ -314,14 +314,7 @@ def prepare_pretraining_dataset(
             "ran": ran, "skipped": skipped}
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return float("inf")
-
-
-def _last_written(raw_dataset: Path) -> float:
+def _dataset_written(raw_dataset: Path) -> float:
     """When the image-only dataset was last written: its ``dataset.json`` (written anew by every
     ``prepare_unlabeled``, ``--overwrite`` included) or its newest image, whichever is later (hard-linked
     scans keep their own times). A fingerprint or preprocessed case older than this describes other data."""
