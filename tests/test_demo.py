@@ -437,6 +437,25 @@ def test_evaluation_reports_each_organ_under_its_own_name_and_nnunets_foreground
         assert scores[model.key]["mean_dice"] == pytest.approx(0.77 - i / 10)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_peak_memory_is_the_training_process_on_cpu_and_the_allocators_on_cuda(device):
+    """On the CPU the table's peak memory is nnUNetv2_train's peak resident set; on CUDA, where that would
+    count the host's memory, the allocator's peak in a training step from the cost stage."""
+    from nnunet_logonet.demo.report import assemble_models
+
+    settings = make_settings(device=device, cuda_available=True)
+    stages_record = {f"train_{m.key}": {"max_rss_mb": 2000.0 + i} for i, m in enumerate(settings.models)}
+    stages_record["costs"] = {"models": {m.key: {"cuda_training_peak_mb": 500.0 + i}
+                                         for i, m in enumerate(settings.models)}}
+    models = assemble_models({"device": device}, settings.models, stages_record)
+    for i, model in enumerate(settings.models):
+        row = models[model.key]
+        if device == "cpu":
+            assert row["peak_memory_mb"] == 2000.0 + i and "nnUNetv2_train" in row["peak_memory_source"]
+        else:
+            assert row["peak_memory_mb"] == 500.0 + i and "torch.cuda.max_memory_allocated" in row["peak_memory_source"]
+
+
 def test_train_never_deletes_a_training_the_demo_did_not_make(tmp_path, monkeypatch):
     settings = make_settings(dataset_id=42, device="cpu")
     env = demo_environment(tmp_path, settings, {"PATH": ""})

@@ -658,3 +658,16 @@ def test_lka_sees_the_papers_23_voxel_field():
         other = tuple(a for a in range(3) if a != axis)
         along = reached.any(dim=other).nonzero().flatten()
         assert along.tolist() == list(range(15 - 11, 15 + 12)), axis
+
+
+def test_drop_path_rises_linearly_to_the_rate_over_all_blocks():
+    """Stochastic depth as in timm/VAN: block i of n drops with rate * i / (n - 1), the last exactly at
+    ``drop_path_rate``."""
+    from nnunet_logonet.network.encoder import ULKAEncoder
+
+    encoder = ULKAEncoder(1, embed_strides=[[2, 2, 2], [2, 2, 2]], dims=[8, 16], depths=[2, 2], mlp_ratios=[2, 2],
+                          stem_channels=[4], drop_path_rate=0.3)
+    blocks = [m for m in encoder.modules() if isinstance(m, LKABlock)]
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(getattr(b.drop_path2, "drop_prob", 0.0) == r for b, r in zip(blocks, rates))

@@ -159,6 +159,23 @@ def test_organ_sizes_and_positions_vary(cases):
                 assert side * (x.mean() - c.label.shape[2] / 2) > 0, name
 
 
+def test_written_geometry_puts_each_organ_on_its_side_of_the_body(dataset):
+    """In the NIfTI files' physical (LPS) space the body's midline is x = 0 and the patient's right is -x:
+    liver and right kidney there, spleen and left kidney on +x, under the documented BTCV-style labels."""
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    assert (labels["right_kidney"], labels["left_kidney"]) == (2, 3)
+    for label_file in sorted((dataset / "labelsTr").glob("*.nii.gz")):
+        label = sitk.ReadImage(str(label_file))
+        centre = label.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in label.GetSize()])
+        assert abs(centre[0]) < label.GetSpacing()[0], (label_file.name, centre)
+        array = sitk.GetArrayFromImage(label)
+        for organ, side in (("liver", -1), ("right_kidney", -1), ("spleen", 1), ("left_kidney", 1)):
+            z, y, x = np.nonzero(array == labels[organ])
+            assert len(x), (label_file.name, organ)
+            point = label.TransformContinuousIndexToPhysicalPoint([x.mean(), y.mean(), z.mean()])
+            assert side * point[0] > 0, (label_file.name, organ, point)
+
+
 def test_generate_case_rejects_bad_size():
     with pytest.raises(ValueError, match="size"):
         generate_case(0, size=MIN_SIZE - 1)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_logonet.network import check_patch_size, required_patch_multiple
-from nnunet_logonet.planning.topology import consistent_topology, plan_strides
+from nnunet_logonet.planning.topology import choose_local_grid, consistent_topology, plan_strides, round_to_multiple
 
 
 @pytest.mark.parametrize("spacing, patch, first_steps", [
@@ -25,9 +25,31 @@ def test_anisotropic_spacing_gives_anisotropic_strides(spacing, patch, first_ste
 
 
 def test_strides_never_shrink_an_axis_below_min_edge():
+    """8 voxels halve to 4 and to 2 (min_edge, allowed), not to 1."""
     strides = plan_strides((1.0, 1.0, 1.0), (8, 96, 96), min_edge=2)
     total = np.prod(np.asarray(strides), axis=0)
-    assert total[0] <= 4 and total[1] == 32
+    assert total[0] == 4 and total[1] == 32
+
+
+def test_an_axis_twice_as_coarse_waits_as_in_nnunet():
+    """nnU-Net pools an axis only while its spacing is under twice the finest one: at exactly 2x it waits
+    for the in-plane axes to catch up."""
+    strides = plan_strides((2.0, 1.0, 1.0), (64, 128, 128))
+    assert strides[1] == [1, 2, 2] and strides[2] == [2, 2, 2]
+
+
+def test_patch_sizes_round_to_the_nearest_multiple():
+    assert round_to_multiple((50, 40, 100), (32, 32, 32)) == [64, 32, 96]
+    assert round_to_multiple((10, 40, 100), (32, 32, 32), upper=(10, 64, 64)) == [32, 32, 64]
+
+
+@pytest.mark.parametrize("patch, grid", [((32, 32, 32), [2, 2, 2]), ((16, 32, 32), [1, 2, 2]),
+                                          ((16, 16, 16), [1, 1, 1]), ((64, 64, 64), [2, 2, 2])])
+def test_an_axis_is_split_for_the_local_paths_only_where_their_deepest_map_keeps_two_voxels(patch, grid):
+    """The local paths pool a sub-crop by the strides of their first three stages (8 here): a 16-voxel
+    sub-crop keeps 2 voxels and is split, an 8-voxel one would keep 1 and is not."""
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * 5
+    assert choose_local_grid(patch, strides) == grid
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8), (4.0, 0.6, 0.9), (0.7, 0.7, 3.0)])

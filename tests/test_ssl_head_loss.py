@@ -152,3 +152,14 @@ def test_loss_rejects_bad_input():
     out_of_range[b, s, 0] = 3  # k of clusterer 0 is 3
     with pytest.raises(ValueError, match="range"):
         multi_cluster_nll(logits, out_of_range, KS, slice_mask)
+
+
+def test_head_averages_each_cell_of_a_slice():
+    """Each slice is average-pooled to grid x grid cells: two feature maps with the same cell means (one
+    constant, one a checkerboard around it) give the same logits."""
+    torch.manual_seed(0)
+    head = SlicePseudoLabelHead(4, KS, grid=2, hidden=16).eval()
+    constant = torch.randn(1, 4, 3, 1, 1).expand(1, 4, 3, 8, 8).contiguous()
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # +-1, mean 0 per 4x4 cell
+    with torch.no_grad():
+        assert torch.allclose(head(constant), head(constant + 0.5 * checker), atol=1e-5)
