@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
            "remove_stale_work_files", "remove_stale_pid_temporaries", "write_whole", "write_text_whole",
-           "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "last_written", "read_json_if_whole", "exit_cleanly_on_sigterm"]
+           "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "last_written",
+           "read_json_if_whole", "exit_cleanly_on_sigterm"]
 
 
 def process_running(pid: int) -> bool:
