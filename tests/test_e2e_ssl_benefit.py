@@ -105,6 +105,13 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert (fold / "checkpoint_final.pth").is_file()
     assert "Loading pretrained weights" not in (base / "logs" / "finetune_ssl_0.log").read_text()
 
+    # a summary a kill cut short (nnU-Net writes it in place) is made again, not read
+    summary = base / "predictions_scratch_0" / "summary.json"
+    summary.write_text(summary.read_text()[:100])
+    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "summary.json")]) == 0
+    assert [c["step"] for c in json.loads((tmp_path / "summary.json").read_text())["commands"]] == ["predict_scratch_0"]
+    assert round(json.loads(summary.read_text())["foreground_mean"]["Dice"], 4) == report["mean_test_dice"]["scratch"]
+
     # pre-training redone (its checkpoint newer than the fine-tuning's): the SSL arm is fine-tuned again from it,
     # not reused nor continued; the scratch arm is kept
     later = (fold / "checkpoint_final.pth").stat().st_mtime + 60
@@ -116,12 +123,6 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert " --c" not in redone["commands"][0]["command"]
     assert "fine-tuned from an earlier pre-training: fine-tuning again" in capsys.readouterr().out
 
-    # a summary a kill cut short (nnU-Net writes it in place) is made again, not read
-    summary = base / "predictions_scratch_0" / "summary.json"
-    summary.write_text(summary.read_text()[:100])
-    assert ssl_benefit.main([*ARGS, "--base", str(base), "--output", str(tmp_path / "summary.json")]) == 0
-    assert [c["step"] for c in json.loads((tmp_path / "summary.json").read_text())["commands"]] == ["predict_scratch_0"]
-    assert round(json.loads(summary.read_text())["foreground_mean"]["Dice"], 4) == report["mean_test_dice"]["scratch"]
     # other data settings are refused: the folder's phantom and models were made with these
     assert ssl_benefit.main([*ARGS, "--base", str(base), "--seed", "5", "--output", str(tmp_path / "no.json")]) == 1
     assert "--seed 5 (was 0)" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
