@@ -1,4 +1,4 @@
-"""``python -m nnunet_logonet.benchmark.ssl_benefit`` end to end (slow: ~2 min on 2 cores).
+"""``python -m nnunet_logonet.benchmark.ssl_benefit`` end to end (slow: ~3 min on 2 cores).
 
 The benchmark docs/ssl.md and README quote for "does pre-training help?": phantom -> nnU-Net's planning
 -> the image-only pre-training dataset -> ``LoGoNetSSLTrainer`` pre-training -> fine-tuning from scratch
