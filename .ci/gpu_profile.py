@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch, torch.nn.functional as F
 from torch.profiler import profile, ProfilerActivity
 from nnunet_logonet.benchmark.models import resolve_model
-from nnunet_logonet.benchmark.efficiency import make_train_step
+from nnunet_logonet.benchmark.measure import make_train_step
 
 out = sys.argv[1]
 torch.backends.cudnn.benchmark = True

@@ -150,6 +150,8 @@ def swap_into_place(work: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     try:
+        # first out of the name the restore above looks for: a copy cut short by this deletion is never put back
+        os.replace(old / final.name, old / "deleting")
         shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:  # the new folder is in place; what is left of the old goes next run
         pass
@@ -163,14 +165,23 @@ def delete_folder(folder: Path) -> None:
     remove_stale_work_folders(folder.parent, folder.name, "deleting")
     if not folder.exists():
         return
-    aside = new_work_folder(folder.parent, folder.name, "deleting")
-    os.replace(folder, aside / folder.name)
+    try:
+        aside = new_work_folder(folder.parent, folder.name, "deleting")
+    except OSError:  # a parent we may not write to: delete in place, as before
+        shutil.rmtree(folder)
+        return
+    try:
+        os.replace(folder, aside / folder.name)
+    except OSError:  # a mount point, another file system: delete in place, as before
+        aside.rmdir()
+        shutil.rmtree(folder)
+        return
     shutil.rmtree(aside)
 
 
 def last_written(path: str | os.PathLike) -> float:
-    """``path``'s modification time; a missing file counts as written now (``inf``), so nothing made from
-    it is taken as up to date."""
+    """``path``'s modification time, ``inf`` for a missing file: a missing *source* then counts as written
+    just now, so nothing made from it is taken as up to date (compare a missing *output* by its presence)."""
     try:
         return Path(path).stat().st_mtime
     except FileNotFoundError:

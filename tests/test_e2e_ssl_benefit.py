@@ -150,6 +150,7 @@ def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys,
     from nnunet_logonet.benchmark import ssl_benefit
 
     base = tmp_path / "work"
+    ssl_benefit.open_work_folder(ssl_benefit.build_parser().parse_args([*ARGS, "--base", str(base)]))
     dataset = base / "nnUNet_raw" / "Dataset940_SSLBenefit"
     (dataset / "imagesTr").mkdir(parents=True)
     (dataset / "dataset.json").write_text("{not json")
@@ -161,17 +162,21 @@ def test_ssl_benefit_failed_step_is_one_message_naming_its_log(tmp_path, capsys,
     assert not (base / "ssl_benefit.json").exists()
 
 
-def test_ssl_benefit_fresh_deletes_only_a_folder_it_made(tmp_path, capsys):
-    """``--fresh --base .`` once meant ``rm -rf .``: a folder without the command's marker is refused, kept whole."""
+@pytest.mark.parametrize("fresh", [True, False])
+def test_ssl_benefit_uses_and_deletes_only_a_folder_it_made(tmp_path, capsys, fresh):
+    """``--fresh --base .`` once meant ``rm -rf .``, and a folder of unknown settings was reported as this run's:
+    a non-empty folder without the command's marker is refused and kept whole, with or without --fresh."""
     from nnunet_logonet.benchmark import ssl_benefit
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    assert ssl_benefit.main([*ARGS, "--base", str(mine), "--fresh"]) == 1
+    assert ssl_benefit.main([*ARGS, "--base", str(mine), *(["--fresh"] if fresh else [])]) == 1
     err = capsys.readouterr().err
-    assert f"--fresh would delete {mine}, which ssl_benefit did not make" in err and "Choose another --base" in err
-    assert (mine / "thesis.tex").read_text() == "years of work"
+    said = "--fresh would delete" if fresh else "--base is"
+    assert f"{said} {mine}, which holds files but no .ssl_benefit marker: ssl_benefit did not make it" in err
+    assert "Choose another --base" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
 
 
 def test_ssl_benefit_refuses_a_folder_made_with_other_data_settings(tmp_path, capsys):

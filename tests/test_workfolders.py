@@ -66,6 +66,8 @@ def test_interrupt_while_deleting_the_old_copy_keeps_the_new_folder_and_the_next
     assert (final / "dataset.json").read_text() == "second"
     (leftover,) = hidden(tmp_path)
     assert leftover.endswith(".old")
+    # what is left is out of the name a later swap restores from: a copy this deletion cut short is never put back
+    assert not (tmp_path / leftover / final.name).exists()
     # a later run's folder name carries a pid that is gone by then: simulate with a pid above pid_max
     os.rename(tmp_path / leftover, tmp_path / f".{final.name}.99999999-abcd_123.old")
     work = new_work_folder(tmp_path, final.name, "partial")
@@ -161,6 +163,22 @@ def test_a_folder_is_deleted_whole_and_what_an_interrupt_left_aside_goes_next_ti
     delete_folder(folder)
     assert list(tmp_path.iterdir()) == []
     delete_folder(folder)  # nothing there: nothing to do
+
+
+def test_a_folder_that_cannot_be_renamed_aside_is_deleted_in_place(tmp_path, monkeypatch):
+    """A mount point or another file system (EXDEV, EBUSY): the rename fails, the folder is deleted as before."""
+    import errno
+
+    from nnunet_logonet.workfolders import delete_folder
+
+    folder = dataset(tmp_path, "work", "marker")
+
+    def cannot_rename(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(workfolders.os, "replace", cannot_rename)
+    delete_folder(folder)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_live_ones_kept(tmp_path):

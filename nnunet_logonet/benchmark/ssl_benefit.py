@@ -70,10 +70,12 @@ def open_work_folder(args: argparse.Namespace) -> Path:
     base = Path(args.base).expanduser().resolve()
     marker = base / MARKER
     settings = {key: getattr(args, key) for key in DATA_SETTINGS}
+    if base.is_dir() and not marker.is_file() and any(base.iterdir()):
+        what = "--fresh would delete" if args.fresh else "--base is"
+        raise WorkFolderError(f"{what} {base}, which holds files but no {MARKER} marker: ssl_benefit did not make it "
+                              f"(or an older version did, without recording its settings). Choose another --base, or "
+                              f"delete that folder yourself.")
     if args.fresh and base.exists():
-        if not marker.is_file() and any(base.iterdir()):
-            raise WorkFolderError(f"--fresh would delete {base}, which ssl_benefit did not make (there is no {MARKER} "
-                                  f"in it). Choose another --base, or delete that folder yourself.")
         delete_folder(base)
     recorded = read_json_if_whole(marker) if marker.is_file() else None
     if recorded is not None:

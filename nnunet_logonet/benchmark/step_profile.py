@@ -8,9 +8,9 @@
 ``logonet_benchmark`` says how long a step takes; this says what the time is spent on, which is what
 decides the next lever (docs/speed.md). Each model is built as the benchmark builds it (its layout,
 its trainer's optimizer), warmed up, then ``torch.profiler`` records one training step
-(``efficiency.make_train_step``: nnU-Net's Dice + cross-entropy, backward, gradient clipping, SGD)
+(``measure.make_train_step``: nnU-Net's Dice + cross-entropy, backward, gradient clipping, SGD)
 or one inference forward (batch 1, eval mode, no autograd) or nnU-Net's sliding window over one case
-(``efficiency.make_sliding_window``: ``predict_sliding_window_return_logits``, the benchmark's case of
+(``measure.make_sliding_window``: ``predict_sliding_window_return_logits``, the benchmark's case of
 1.5x the patch per axis, 8 tiles, no mirroring; nnU-Net's own work around the network, the Gaussian
 weighting and accumulation, shows up in the elementwise and copy rows). The self time of every operator is
 summed into the categories of ``CATEGORIES`` (first matching rule wins; ``other`` is the framework's

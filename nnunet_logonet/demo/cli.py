@@ -34,7 +34,7 @@ from nnunet_logonet.demo.stages import PREDICTIONS, DemoContext, Stage, build_st
 from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
 from nnunet_logonet.env import NNUNET_FOLDERS
 from nnunet_logonet.machine import cpu_description
-from nnunet_logonet.workfolders import delete_folder, exit_cleanly_on_sigterm
+from nnunet_logonet.workfolders import delete_folder, exit_cleanly_on_sigterm, remove_stale_work_folders
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "demo_locks",
            "main", "remove_previous", "run_demo"]
@@ -310,6 +310,8 @@ def _run_demo_alone(settings: DemoSettings, *, base: Path, out: Path, env: dict[
     check_own_folders(base, settings, env)
     if fresh:
         remove_previous(base, settings, env)
+    for _, folder in [*demo_folders(settings, env), ("", base / PREDICTIONS)]:  # what an interrupted --fresh left
+        remove_stale_work_folders(folder.parent, folder.name, "deleting")
     state = DemoState.open(base, settings)
     base.mkdir(parents=True, exist_ok=True)
     for variable in NNUNET_FOLDERS:

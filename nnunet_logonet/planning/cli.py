@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -62,10 +63,9 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
         return False
     cases = [p.name[: -len(".pkl")] for p in data_folder.glob("*.pkl")]
     # label copies only: a copy killed before its rename leaves a ``<case><ending>.tmp<pid>`` file beside them
-    dataset_json = preprocessed_dataset / "dataset.json"
-    ending = load_json(str(dataset_json)).get("file_ending") if dataset_json.is_file() else None
-    n_gt = sum(1 for p in gt_folder.iterdir() if p.is_file() and (p.name.endswith(ending) if ending
-                                                                   else not p.name.startswith(".")))
+    ending = (read_json_if_whole(preprocessed_dataset / "dataset.json") or {}).get("file_ending")
+    n_gt = sum(1 for p in gt_folder.iterdir() if p.is_file() and (
+        p.name.endswith(ending) if ending else not (p.name.startswith(".") or re.search(r"\.tmp\d+$", p.name))))
     if not cases or len(cases) != n_gt:
         return False
     if data_spacing_mismatch(data_folder, plans, configuration):  # written by other plans of the same folder name
