@@ -40,7 +40,6 @@ __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_f
            "main", "remove_previous", "run_demo"]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logonet_demo",
