@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,20 @@ def test_run_command_logs_measures_and_reports_failures(tmp_path):
         run_command([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], env=env, log=tmp_path / "bad.log")
 
 
+def test_rerun_appends_to_the_log_keeping_the_failed_attempt(tmp_path):
+    """A resumed demo reruns the stage that failed or was interrupted: its output must stay readable."""
+    log = tmp_path / "stage.log"
+    with pytest.raises(DemoError):
+        run_command([sys.executable, "-c", "import sys; print('first attempt'); sys.exit(1)"], env=dict(os.environ),
+                    log=log)
+    run_command([sys.executable, "-c", "print('second attempt')"], env=dict(os.environ), log=log)
+    text = log.read_text()
+    assert text.index("first attempt") < text.index("second attempt")
+    headers = [line for line in text.splitlines() if line.startswith("# ")]
+    assert len(headers) == 2 and all(datetime.fromisoformat(h[2:]).tzinfo is not None for h in headers)
+    assert text.count("$ ") == 2
+
+
 def test_interrupted_command_ends_its_output_pump_quietly(tmp_path, monkeypatch):
     """Ctrl-C while a worker of the command (a grandchild, like nnU-Net's) still writes to its pipe:
     the thread copying the output to the log must end without 'I/O operation on closed file'."""
@@ -275,6 +290,7 @@ def test_interrupted_command_ends_its_output_pump_quietly(tmp_path, monkeypatch)
     finally:
         threading.excepthook = previous_hook
     assert [str(e.exc_value) for e in errors] == []
+    assert log.read_text().rstrip().endswith("# interrupted")
 
 
 # -------------------------------------------------------------------------- bad input

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -639,6 +640,14 @@ def test_pipeline_names_the_missing_source_plans(tmp_path):
     with pytest.raises(ValueError, match="must differ"):
         prepare_pretraining_dataset(910, 910, PLANS, env=env)
     assert not (tmp_path / "raw" / "Dataset911_Pretraining").exists()
+    log = tmp_path / "logs" / "pretraining_dataset.log"  # a log file: an earlier attempt's output is kept
+    log.parent.mkdir()
+    log.write_text("[2/5] nnUNetv2_extract_fingerprint -d 911\nearlier attempt's output\n")
+    with pytest.raises(PipelineError):
+        prepare_pretraining_dataset(910, 911, PLANS, env=env, log=log)
+    lines = log.read_text().splitlines()
+    assert lines[:3] == ["[2/5] nnUNetv2_extract_fingerprint -d 911", "earlier attempt's output", ""]
+    assert lines[3].startswith("# ") and datetime.fromisoformat(lines[3][2:]).tzinfo is not None
 
 
 @pytest.mark.parametrize("configuration, reason", [("2d", "'2d' is not in plans"), ("3d_lowres", "is not in plans"),

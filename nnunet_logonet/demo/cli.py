@@ -6,7 +6,8 @@
 
 Everything runs through nnU-Net's own commands (``nnUNetv2_plan_and_preprocess``,
 ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnUNetv2_evaluate_folder``) with the environment
-``logonet_env`` gives; each command's output goes to ``<out>/logs/<stage>.log``. Finished stages
+``logonet_env`` gives; each command's output goes to ``<out>/logs/<stage>.log`` (a rerun appends, under a
+header line with its start time, so a failed or interrupted attempt's output stays). Finished stages
 are recorded in ``<base>/demo_state.json`` and reused by the next run with the same settings.
 The dataset folders the demo makes carry a ``.logonet_demo`` marker; ``--fresh`` deletes only those,
 and a same-named folder without it (a user's own dataset) stops the demo before it does anything.

@@ -1,5 +1,8 @@
 """Run one nnU-Net command: its whole output to a log file, its cost measured, its lines watchable.
 
+A rerun of a stage (a resumed demo) appends to the stage's log, each attempt under its own header line
+with its start time, so an interrupted or failed attempt's output stays readable after the rerun.
+
 Costs come from the kernel (``os.wait4``): wall time, CPU seconds and peak resident set of the
 command (its largest process; nnU-Net's data-augmentation workers are separate processes). The
 CPU seconds say what a run costs independently of how busy a shared machine is.
@@ -13,6 +16,7 @@ import shlex
 import subprocess
 import threading
 import time
+from datetime import datetime
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +58,11 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
     events: list[tuple[float, str]] = []
     start = time.perf_counter()
     lock = threading.Lock()  # the log is closed under it on Ctrl-C, while the pump may be writing
-    with open(log, "w", encoding="utf-8") as handle:
-        handle.write(f"$ {shlex.join(command)}\n")
+    earlier_attempt = log.is_file() and log.stat().st_size > 0
+    with open(log, "a", encoding="utf-8") as handle:
+        if earlier_attempt:
+            handle.write("\n")
+        handle.write(f"# {datetime.now().astimezone().isoformat(timespec='seconds')}\n$ {shlex.join(command)}\n")
         handle.flush()
         try:
             process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -87,6 +94,7 @@ def run_command(command: Sequence[str], *, env: dict[str, str], log: str | os.Pa
             process.terminate()
             process.wait()
             with lock:
+                handle.write("\n# interrupted\n")
                 handle.close()  # the pump ends at its next line instead of writing to a closed file
             raise
         process.returncode = os.waitstatus_to_exitcode(status)

@@ -211,7 +211,6 @@ def run_ssl_dataset(ctx: DemoContext) -> dict:
 
     s = ctx.settings
     log = ctx.log("ssl_dataset")
-    log.unlink(missing_ok=True)
     if not (ctx.raw / s.ssl_dataset).exists():
         _creating(ctx, "ssl_dataset", ctx.raw / s.ssl_dataset)
     try:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +105,18 @@ def _command(name: str, env: Mapping[str, str]) -> str:
 
 
 class _Logger:
-    """Messages to a callable, or messages and command output appended to a log file."""
+    """Messages to a callable, or messages and command output appended to a log file (each call of the
+    pipeline under a header line with its start time, so an earlier attempt's output stays readable)."""
 
     def __init__(self, log: Log) -> None:
         self.path = Path(log) if isinstance(log, (str, os.PathLike)) else None
         self.call = log if callable(log) else (print if log is None else None)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            separator = "\n" if self.path.is_file() and self.path.stat().st_size > 0 else ""
+            started = datetime.now().astimezone().isoformat(timespec="seconds")
+            with open(self.path, "a") as f:
+                f.write(f"{separator}# {started}\n")
 
     def __call__(self, message: str) -> None:
         if self.path is not None:
