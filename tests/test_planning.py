@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from copy import deepcopy
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -319,6 +321,49 @@ def test_files_an_interrupted_run_cut_short_are_made_again(nnunet_dirs, capsys):
     assert all((pre / "gt_segmentations" / f.name).read_bytes() == f.read_bytes() for f in (raw / "labelsTr").iterdir())
     assert (pre / "LoGoNetTinyPlans.json.unreadable").is_file()
     assert [p.name for p in (pre / "gt_segmentations").iterdir() if p.name.startswith(".")] == []
+
+
+def test_plans_are_written_whole_keeping_a_users_own_configurations_as_nnunet_does(nnunet_dirs, monkeypatch):
+    """The plans file is written as nnU-Net 2.8's save_plans writes it (a configuration only the old file
+    has, e.g. one a user added, is kept; the planned ones are replaced), but whole: a failed write leaves
+    the old file as it was, where nnU-Net's in-place write left half a file."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    from nnunet_logonet import workfolders
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _fake_dataset(nnunet_dirs, 815, (1.5, 1.0, 1.0), (40, 48, 48))
+    planner = LoGoNetTinyPlanner(815)
+    planner.plan_experiment()
+    plans_file = nnunet_dirs / "preprocessed" / "Dataset815_Fake" / "LoGoNetTinyPlans.json"
+    old = json.loads(plans_file.read_text())
+    old["configurations"]["3d_fullres_bs4"] = {"inherits_from": "3d_fullres", "batch_size": 4}
+    old["configurations"]["3d_fullres"]["batch_size"] = 99
+    plans_file.write_text(json.dumps(old, indent=4))
+
+    new = json.loads(plans_file.read_text())
+    del new["configurations"]["3d_fullres_bs4"]
+    new["configurations"]["3d_fullres"]["batch_size"] = 2
+    planner._write_plans_whole(deepcopy(new))
+    ours = plans_file.read_text()
+    plans_file.write_text(json.dumps(old, indent=4))
+    ExperimentPlanner.save_plans(planner, deepcopy(new))  # nnU-Net's own, on the same old file
+    assert json.loads(ours) == json.loads(plans_file.read_text())
+    assert list(json.loads(ours)["configurations"]) == list(json.loads(plans_file.read_text())["configurations"])
+    saved = json.loads(ours)["configurations"]
+    assert saved["3d_fullres"]["batch_size"] == 2 and saved["3d_fullres_bs4"]["batch_size"] == 4
+
+    def half_then_full_disk(path, text, *args, **kwargs):
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError("disk full")
+
+    before = plans_file.read_bytes()
+    monkeypatch.setattr(workfolders.Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        planner._write_plans_whole(deepcopy(new))
+    assert plans_file.read_bytes() == before
+    assert sorted(p.name for p in plans_file.parent.iterdir() if ".tmp" in p.name) == []
 
 
 def test_unreadable_nnunet_plans_give_logonet_its_own_data_folder(nnunet_dirs, capsys):

@@ -33,7 +33,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunet_logonet.network import LoGoNet, ULKANet, required_patch_multiple
 from nnunet_logonet.network.presets import arch_kwargs_for_preset, class_path
 from nnunet_logonet.planning.topology import consistent_topology
-from nnunet_logonet.workfolders import read_json_if_whole
+from nnunet_logonet.workfolders import read_json_if_whole, write_json_whole
 
 DEFAULT_DATA_IDENTIFIER_PLANS = "nnUNetPlans"
 #: what makes two plans' preprocessed data of a configuration the same: plans-level keys ...
@@ -143,7 +143,20 @@ class LoGoNetPlanner(ExperimentPlanner):
         recursive_fix_for_json_export(plans)
         self._unshare_data_that_differs(plans)
         self._set_aside_unreadable_plans()
-        super().save_plans(plans)
+        self._write_plans_whole(plans)
+
+    def _write_plans_whole(self, plans: dict) -> None:
+        """nnU-Net 2.8's ``save_plans`` (configurations only the existing file holds are kept, as
+        nnU-Net keeps a user's own ones), with the file written whole: nnU-Net writes it in place, and
+        an interrupted planning left a file that ``nnUNetv2_train`` stopped on with a bare JSON error."""
+        plans_file = Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
+        old_plans = read_json_if_whole(plans_file) if plans_file.is_file() else None
+        if old_plans is not None:
+            kept = {name: config for name, config in old_plans.get("configurations", {}).items()
+                    if name not in plans["configurations"]}
+            plans["configurations"].update(kept)
+        write_json_whole(plans_file, plans, indent=4)
+        print(f"Plans were saved to {plans_file}")
 
     def _set_aside_unreadable_plans(self) -> None:
         """nnU-Net's ``save_plans`` reads the existing plans file to keep its other configurations, and
