@@ -121,3 +121,12 @@ def test_torch_kmeans_refit_on_cuda_is_bit_identical():
     banks = [SliceClusterBank(num_clusterers=4, k_range=(20, 40), sample_fraction=0.5, seed=3, backend="torch",
                               max_iter=30).fit(data) for _ in range(3)]
     assert len({bank_digest(bank) for bank in banks}) == 1
+
+
+def test_slice_mask_is_drawn_on_the_generators_device():
+    """Drawn with a CUDA generator and no device, the mask comes out on the generator's device (a CPU
+    draw would fail against the CUDA generator, or give a mask that does not fit the CUDA batch)."""
+    from nnunet_logonet.ssl.masking import SliceSequenceMasker
+
+    mask = SliceSequenceMasker().sample((2, 1, 16, 8, 8), generator=torch.Generator("cuda").manual_seed(0))
+    assert mask.voxels.device.type == "cuda" and mask.slices.device.type == "cuda"

@@ -1,5 +1,8 @@
 """Slice clusterer bank: seeding, k reduction, labelling vs scikit-learn, cache integrity, provenance."""
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -94,12 +97,47 @@ def test_fewer_slices_than_k_reduces_k_with_a_warning():
         bank.fit(data)
     assert bank.ks == (10, 10, 10)
     assert bank.predict(data).max() < 10
+    exactly_k = SliceClusterBank(num_clusterers=3, k_range=(10, 10), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many slices as k: nothing to reduce, nothing to warn about
+        exactly_k.fit(data)
+    assert exactly_k.ks == (10, 10, 10)
 
 
 def test_subset_is_never_smaller_than_k():
     data, _ = blobs(n=100)
     bank = SliceClusterBank(num_clusterers=2, k_range=(30, 30), sample_fraction=0.05, seed=0).fit(data)
     assert bank.ks == (30, 30)  # 5% of 100 = 5 slices would be fewer than k = 30
+    for centroids in bank.centroids.split(30):  # 5 slices would give 30 centroids with at most 5 distinct
+        assert len(torch.unique(centroids, dim=0)) == 30
+
+
+def test_a_cluster_left_empty_keeps_its_centroid():
+    """Three distinct slices and k = 4: k-means++ must seed a duplicate, whose cluster stays empty. Its
+    centroid stays where it was (a data slice), not at the zero vector, which would pull masked slices."""
+    data = (torch.tensor([[10.0, 10.0], [11.0, 10.0], [10.0, 11.0]]).repeat_interleave(5, 0))
+    bank = SliceClusterBank(num_clusterers=1, k_range=(4, 4), sample_fraction=1.0, seed=0).fit(data)
+    assert all(bool((data == centroid).all(1).any()) for centroid in bank.centroids), bank.centroids
+
+
+def test_torch_kmeans_runs_lloyd_to_its_fixed_point():
+    """Each centroid is the mean of the slices it labels (Lloyd converged), not a seed moved once."""
+    data = torch.rand(2000, 8, generator=torch.Generator().manual_seed(0))
+    bank = SliceClusterBank(num_clusterers=1, k_range=(16, 16), sample_fraction=1.0, seed=0, max_iter=300).fit(data)
+    labels = bank.predict(data)[:, 0]
+    means = torch.stack([data[labels == c].mean(0) for c in range(16)])
+    assert (bank.centroids - means).abs().max() < 1e-2
+
+
+def test_refit_after_predict_labels_with_the_new_centroids():
+    """``predict`` keeps the centroids on the slices' device; a refit must drop that copy."""
+    first, _ = blobs(seed=0)
+    second, _ = blobs(seed=1)
+    bank = SliceClusterBank(**SMALL, seed=3).fit(first)
+    bank.predict(first)
+    bank.fit(second)
+    fresh = SliceClusterBank(**SMALL, seed=3).fit(second)
+    assert torch.equal(bank.predict(second), fresh.predict(second))
 
 
 def test_save_load_round_trip(fitted, tmp_path):
@@ -142,6 +180,39 @@ def test_cache_with_tampered_centroids_fails_the_checksum(fitted, tmp_path):
     with open(path, "wb") as f:
         np.savez(f, **fields)
     with pytest.raises(CorruptClusterCacheError, match="checksum"):
+        SliceClusterBank.load(path)
+
+
+def _rewrite_cache(path, **changes):
+    with np.load(path) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    fields.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **fields)
+    return fields
+
+
+def test_cache_with_a_tampered_configuration_fails_the_checksum(fitted, tmp_path):
+    """Loaded without an expected configuration, the stored one is what the bank reports: it is checksummed too."""
+    bank, _ = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    config = json.dumps({**bank.config, "seed": 99}, sort_keys=True)
+    _rewrite_cache(path, config=np.asarray(config))
+    with pytest.raises(CorruptClusterCacheError, match="checksum"):
+        SliceClusterBank.load(path)
+
+
+def test_cache_whose_clusterer_count_disagrees_with_its_configuration_is_corrupt(fitted, tmp_path):
+    bank, _ = fitted
+    path = tmp_path / "clusters.npz"
+    bank.save(path)
+    ks = np.asarray(bank.ks[:2], dtype="<i8")
+    centroids = bank.centroids.numpy()[: int(ks.sum())].astype("<f4")
+    config = json.dumps(bank.config, sort_keys=True)  # says 4 clusterers
+    _rewrite_cache(path, ks=ks, centroids=centroids,
+                   checksum=np.asarray(SliceClusterBank._checksum(centroids, ks, config)))
+    with pytest.raises(CorruptClusterCacheError, match="2 clusterers stored, config says 4"):
         SliceClusterBank.load(path)
 
 

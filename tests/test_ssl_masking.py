@@ -1,5 +1,7 @@
 """Masked slice sequences: statistics of phi1, M and phi2, chain structure, patch grid, axes, validation."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -49,7 +51,8 @@ def test_zeroed_fraction_within_masked_slices_matches_phi2(patch_sizes):
     assert voxels[slices].float().mean().item() == pytest.approx(0.7, abs=0.03)
 
 
-@pytest.mark.parametrize("size, height, width", [(4, 16, 16), (4, 10, 13), (3, 7, 5), (16, 10, 10), ("full", 9, 6)])
+@pytest.mark.parametrize("size, height, width", [(4, 16, 16), (4, 10, 13), (3, 7, 5), (16, 10, 10), ("full", 9, 6),
+                                               (8, 16, 6)])  # narrower than P, taller: the edges clip apart
 def test_zeroing_follows_the_patch_grid(size, height, width):
     masker = SliceSequenceMasker(phi1=0.5, chain_length=2, patch_sizes=(size,), phi2=0.5)
     mask = draws(masker, (4, 1, 16, height, width), n=1)[0]
@@ -92,6 +95,8 @@ def test_apply_mask_zeroes_every_channel_and_keeps_the_input():
     assert torch.equal(masked == 0, mask.voxels.expand_as(x))
     assert (x > 0).all(), "the input was modified in place"
     assert torch.equal(apply_mask(x, mask.voxels), masked)
+    with pytest.raises(ValueError, match="must be a bool tensor, got dtype torch.float32"):
+        apply_mask(x, mask.voxels.float())
 
 
 def test_same_generator_seed_gives_the_same_mask():
@@ -126,6 +131,13 @@ def test_defaults_are_the_papers_masking():
     masker = SliceSequenceMasker()
     assert (masker.phi1, masker.chain_length, masker.patch_sizes, masker.phi2) == \
         (0.1, 5, (1, 2, 4, 8, 16, 32, "full"), 0.7)
+    # the functional form draws the same masks by default
+    shape = (2, 1, 32, 16, 16)
+    functional = sample_slice_mask(shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(functional.voxels, masker.sample(shape, generator=torch.Generator().manual_seed(3)).voxels)
+    assert {name: p.default for name, p in inspect.signature(sample_slice_mask).parameters.items()
+            if name in ("phi1", "chain_length", "patch_sizes", "phi2", "slice_axis")} == \
+        {"phi1": 0.1, "chain_length": 5, "patch_sizes": (1, 2, 4, 8, 16, 32, "full"), "phi2": 0.7, "slice_axis": 2}
 
 
 def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
