@@ -82,3 +82,22 @@ def test_learning_rate_schedules_per_epoch():
     for epoch in (5, 30, 52, 99):
         assert paper[epoch] == pytest.approx(0.5 * 1e-4 * (1 + math.cos(math.pi * (epoch - 5) / 95)))
     assert paper[5] == max(paper) == pytest.approx(1e-4) and paper[99] < 1e-7
+
+
+def test_warmup_cosine_schedule_at_its_edges():
+    """Past max_steps (a run resumed with more epochs) the rate stays 0 instead of rising along the cosine;
+    a warm-up as long as the run is cut so the last step still decays; step() without an epoch counts on."""
+    from nnunet_logonet.training.recipes import WarmupCosineLRScheduler
+
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    scheduler = WarmupCosineLRScheduler(optimizer, 1e-3, 10, 2)
+    assert scheduler.lr_at(10) == pytest.approx(0.0, abs=1e-12)
+    assert scheduler.lr_at(15) == pytest.approx(0.0, abs=1e-12) and scheduler.lr_at(20) == pytest.approx(0, abs=1e-12)
+    long_warmup = WarmupCosineLRScheduler(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), 1e-3, 3, 10)
+    assert long_warmup.warmup_steps == 2 and long_warmup.lr_at(2) == pytest.approx(1e-3)
+    counted = WarmupCosineLRScheduler(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), 1e-3, 10, 2)
+    seen = []
+    for _ in range(3):
+        counted.step()
+        seen.append(counted.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([counted.lr_at(step) for step in (1, 2, 3)])

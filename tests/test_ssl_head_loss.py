@@ -163,3 +163,20 @@ def test_head_averages_each_cell_of_a_slice():
     checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # +-1, mean 0 per 4x4 cell
     with torch.no_grad():
         assert torch.allclose(head(constant), head(constant + 0.5 * checker), atol=1e-5)
+
+
+def test_head_is_layer_norm_mlp_with_gelu_on_the_cell_means():
+    """The head's formula written out: cell means of each slice (channel-major), LayerNorm, Linear, GELU,
+    Linear. Max pooling or a dropped GELU (a linear head) give other logits."""
+    torch.manual_seed(0)
+    head = SlicePseudoLabelHead(3, KS, grid=2, hidden=8).eval()
+    for p in head.parameters():  # away from the near-zero init, where GELU is almost linear
+        torch.nn.init.normal_(p)
+    features = torch.randn(2, 3, 5, 6, 4)  # (B, C, D, H, W), slices along D, cells of 3 x 2 voxels
+    cells = features.reshape(2, 3, 5, 2, 3, 2, 2).mean((4, 6))  # (B, C, D, 2, 2)
+    pooled = cells.permute(0, 2, 1, 3, 4).reshape(2, 5, 3 * 4)
+    hidden = F.gelu(F.linear(F.layer_norm(pooled, (12,), head.norm.weight, head.norm.bias), head.fc1.weight,
+                             head.fc1.bias))
+    expected = F.linear(hidden, head.fc2.weight, head.fc2.bias)
+    with torch.no_grad():
+        assert torch.allclose(head(features), expected, atol=1e-5)

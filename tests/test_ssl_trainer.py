@@ -72,9 +72,26 @@ def test_hook_gives_the_classifier_input_and_sees_through_wrappers():
     assert unwrap_network(torch.compile(net)) is net
 
 
+def test_unwrap_looks_through_nested_wrappers():
+    """nnU-Net compiles, then wraps in DDP (or the other way round): each layer is looked through."""
+
+    class Compiled(nn.Module):  # what torch.compile's OptimizedModule exposes
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    net = tiny_logonet()
+    assert unwrap_network(Compiled(Compiled(net))) is net
+
+
 def test_hook_refuses_a_network_without_logonet_head():
     with pytest.raises(ValueError, match="LoGoNet planner"):
         PreClassifierFeatures(nn.Sequential(nn.Conv3d(1, 2, 3)))
+    no_conv = nn.Module()
+    no_conv.head = nn.Module()
+    no_conv.head.act = nn.GELU()  # an activation, but no head.conv to read the channels from
+    with pytest.raises(ValueError, match="LoGoNet planner"):
+        PreClassifierFeatures(no_conv)
 
 
 def test_pretrained_path_is_read_from_the_nnunet_command_line():
@@ -82,6 +99,7 @@ def test_pretrained_path_is_read_from_the_nnunet_command_line():
     assert pretrained_weights_from_argv(argv) == "/x/ckpt.pth"
     assert pretrained_weights_from_argv(["nnUNetv2_train", "-pretrained_weights=/y.pth"]) == "/y.pth"
     assert pretrained_weights_from_argv(["nnUNetv2_train", "1", "3d_fullres", "0"]) is None
+    assert pretrained_weights_from_argv(["nnUNetv2_train", "1", "3d_fullres", "0", "-pretrained_weights"]) is None
 
 
 def test_compare_pretrained_accepts_own_weights_and_lists_every_difference(tmp_path):
@@ -98,6 +116,10 @@ def test_compare_pretrained_accepts_own_weights_and_lists_every_difference(tmp_p
     with pytest.raises(PretrainedMismatchError, match=r"2 key\(s\) missing") as error:
         check_pretrained(net, tmp_path / "partial.pth")
     assert "head.conv.weight" in str(error.value) and "head.conv.bias" in str(error.value)
+    with pytest.raises(PretrainedMismatchError) as error:
+        check_pretrained(net, tmp_path / "partial.pth", max_lines=1)  # a long list is cut, saying how much
+    listed = [line for line in str(error.value).splitlines() if "missing in checkpoint" in line]
+    assert len(listed) == 1 and "... and 1 more" in str(error.value)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(PretrainedMismatchError, match="unreadable"):
         compare_pretrained(net, tmp_path / "junk.pth")
@@ -117,6 +139,9 @@ def test_compare_pretrained_names_checkpoint_keys_the_network_would_drop(tmp_pat
         check_pretrained(four, tmp_path / "eight.pth")
     # the classifiers stay skipped both ways, and a wrapper's 'module.' prefix is looked through
     ckpt = {"network_weights": {f"module.{k}": v for k, v in tiny_logonet(num_classes=7).state_dict().items()}}
+    assert compare_pretrained(eight, ckpt) == []
+    # classifiers the network lacks (a deep-supervision output it does not have) are skipped too
+    ckpt["network_weights"]["module.head.seg_layers.9.weight"] = torch.zeros(3, 8, 1, 1, 1)
     assert compare_pretrained(eight, ckpt) == []
 
 
