@@ -130,8 +130,9 @@ def test_happy_path_archive_has_msd_names_geometry_and_labels(spleen, tmp_path, 
             np.testing.assert_allclose(image.GetDirection(), reference.direction, atol=1e-6)
             assert image.GetPixelID() == sitk.sitkUInt8
             np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
-            # uint8 .nii.gz, as nnUNetv2_predict writes it, goes in untouched
+            # uint8 .nii.gz, as nnUNetv2_predict writes it, goes in untouched (stored: gzip is not zipped again)
             assert archive.read(f"Task09_Spleen/{name}") == (pred / name).read_bytes()
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     assert [p.name for p in out.iterdir()] == ["submission.zip"]
 
 
@@ -203,6 +204,35 @@ def _not_gzip(image_path: Path, pred_path: Path) -> None:
     pred_path.write_bytes(gzip.decompress(pred_path.read_bytes()))
 
 
+def _wrong_size(image_path: Path, pred_path: Path) -> None:
+    """One slice short, the header's spacing, origin and direction right: a crop nnU-Net never writes."""
+    g = read_geometry(image_path)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_path)))[:-1]
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+
+
+def _signed_with(value: int, dtype):
+    def breaker(image_path: Path, pred_path: Path) -> None:
+        array = predict_like(image_path, pred_path).astype(dtype)
+        array.flat[2] = value
+        g = read_geometry(image_path)
+        sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+    return breaker
+
+
+def _one_fractional_voxel(image_path: Path, pred_path: Path) -> None:
+    array = predict_like(image_path, pred_path).astype(np.float32)
+    array.flat[4] = 0.5
+    g = read_geometry(image_path)
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+
+
+def _two_components(image_path: Path, pred_path: Path) -> None:
+    g = read_geometry(image_path)
+    volume = _image(np.zeros(g.size[::-1], np.uint8), g.spacing, g.origin, g.direction)
+    sitk.WriteImage(sitk.Compose(volume, volume), str(pred_path))
+
+
 def _short_data(image_path: Path, pred_path: Path) -> None:
     """A whole gzip stream around a cut NIfTI: ITK reads the missing voxels as 0."""
     pred_path.write_bytes(gzip.compress(gzip.decompress(pred_path.read_bytes())[:-20]))
@@ -218,8 +248,13 @@ def _short_data(image_path: Path, pred_path: Path) -> None:
     (_not_an_image, "cannot be read"),
     (_not_gzip, "not gzip-compressed"),
     (_short_data, "truncated: the decompressed data holds"),
+    (_wrong_size, "size (x, y, z) expected (6, 8, 5), got (6, 8, 4)"),
+    (_signed_with(-1, np.int8), "label values [-1] are not in dataset.json labels"),
+    (_signed_with(-1, np.int16), "label values [-1] are not in dataset.json labels"),
+    (_one_fractional_voxel, "not integers (e.g. 0.5, 1 voxels)"),
+    (_two_components, "has 2 components per voxel"),
 ], ids=["spacing", "label", "4d", "nan", "probabilities", "direction", "unreadable", "not_gzip",
-        "short_data"])
+        "short_data", "size", "negative_int8", "negative_int16", "one_fractional", "vector"])
 def test_invalid_case_is_named_with_reason_and_nothing_written(spleen, capsys, breaker, phrase):
     task, pred, predictions, out = spleen
     breaker(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
@@ -304,6 +339,23 @@ def test_allow_incomplete_writes_valid_subset_and_says_what_is_missing(spleen, c
     with zipfile.ZipFile(archive_path) as archive:
         assert [n for n in archive.namelist() if not n.endswith("/")] == \
             ["Task09_Spleen/spleen_1.nii.gz"]
+
+
+def test_no_valid_prediction_at_all_writes_nothing_even_when_incomplete_is_allowed(spleen):
+    task, pred, _, out = spleen
+    for prediction in pred.iterdir():
+        prediction.unlink()
+    with pytest.raises(IncompleteSubmissionError, match="No valid prediction in any task"):
+        write_submission([(task, pred)], out / "s.zip", allow_incomplete=True, progress=False)
+    assert_nothing_written(out)
+
+
+def test_archive_path_that_is_a_folder_is_refused_before_validation(spleen):
+    task, pred, _, out = spleen
+    (out / "s.zip").mkdir()
+    with pytest.raises(ValueError, match="s.zip is a folder"):
+        write_submission([(task, pred)], out / "s.zip", overwrite=True, progress=False)
+    assert (out / "s.zip").is_dir()
 
 
 def test_existing_archive_not_overwritten_without_flag(spleen, capsys):
@@ -407,10 +459,63 @@ def test_test_list_falls_back_to_imagesTs_and_skips_macos_files(tmp_path):
                          list_test=False)
     predict_all(task, tmp_path / "pred")
     (task / "imagesTs" / "._spleen_1.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "pred" / "._spleen_1.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # copied from a Mac
     report = validate_task(task, tmp_path / "pred", progress=False)
     assert report.test_list_source == "imagesTs/"
     assert report.expected == ["spleen_1.nii.gz", "spleen_3.nii.gz", "spleen_5.nii.gz"]
-    assert report.complete
+    assert report.complete and report.unexpected == []
+
+
+def test_nan_in_an_uncompressed_nii_prediction_is_invalid(spleen):
+    """ITK reads NaN as 0, so the file itself is read again with nibabel, for .nii as for .nii.gz."""
+    task, pred, _, _ = spleen
+    (pred / "spleen_3.nii.gz").unlink()
+    _float_nan(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii")
+    report = validate_task(task, pred, progress=False)
+    assert [r.case for r in report.invalid] == ["spleen_3.nii.gz"]
+    assert any("1 NaN" in reason for reason in report.invalid[0].reasons), report.invalid[0].reasons
+
+
+def test_dataset_json_labels_in_either_form_and_test_lists_checked(tmp_path):
+    from nnunet_logonet.msd.task import parse_labels, read_task
+
+    assert parse_labels({"background": 0, "spleen": 1}, "x") == {0: "background", 1: "spleen"}  # nnU-Net's form
+    with pytest.raises(ValueError, match="cannot read label entry 'a': True"):
+        parse_labels({"a": True}, "x")
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    meta = json.loads((task / "dataset.json").read_text())
+
+    def refused(test, match):
+        (task / "dataset.json").write_text(json.dumps({**meta, "test": test}))
+        with pytest.raises(ValueError, match=match):
+            read_task(task)
+
+    refused(meta["test"] + meta["test"][:1], r"lists \['spleen_1.nii.gz'\] more than once")
+    (task / "imagesTs" / "spleen_5.nii.gz").unlink()
+    refused(meta["test"], r"Test images listed in .*dataset.json are missing: .*spleen_5.nii.gz")
+    for image in (task / "imagesTs").iterdir():
+        image.unlink()
+    refused([], "No test cases in")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_one_byte_short_is_truncated(tmp_path, suffix):
+    """ITK reads the missing voxels as 0; the byte count against the header catches even one byte."""
+    from nnunet_logonet.nifti import file_damage
+
+    path = tmp_path / f"case{suffix}"
+    sitk.WriteImage(_image(np.ones((4, 5, 6), np.uint8), (1.0, 1.0, 1.0), (0, 0, 0)), str(path))
+    assert file_damage(path) is None
+    data = gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes()
+    path.write_bytes(gzip.compress(data[:-1]) if suffix == ".nii.gz" else data[:-1])
+    assert file_damage(path).startswith("truncated")
+
+
+def test_output_pixel_type_is_uint8_up_to_label_255():
+    from nnunet_logonet.msd.validation import output_pixel_type
+
+    assert output_pixel_type({0: "background", 255: "x"}) == sitk.sitkUInt8
+    assert output_pixel_type({0: "background", 256: "x"}) == sitk.sitkUInt16
 
 
 def test_four_d_multimodal_test_images_expect_3d_predictions(tmp_path):
@@ -549,14 +654,15 @@ def test_a_label_above_255_is_written_as_uint16(tmp_path):
             np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
 
 
-@pytest.mark.parametrize("suffix", [".tgz", ".tar"])
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar"])
 def test_tgz_and_tar_archive_names_are_written_as_such(spleen, suffix):
     task, pred, predictions, out = spleen
     assert main(["--task", str(task), str(pred), "-o", str(out / f"submission{suffix}")]) == 0
     with tarfile.open(out / f"submission{suffix}") as archive:  # "r:*": gzip detected, or plain tar
         assert sorted(m.name for m in archive.getmembers() if m.isfile()) == \
             sorted(f"Task09_Spleen/{name}" for name in predictions)
-    assert ((out / f"submission{suffix}").read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".tgz")
+        assert [(m.name, m.mode) for m in archive.getmembers() if m.isdir()] == [("Task09_Spleen", 0o755)]
+    assert ((out / f"submission{suffix}").read_bytes()[:2] == b"\x1f\x8b") == (suffix != ".tar")
 
 
 def test_the_module_runs_as_a_script_without_runpys_warning():

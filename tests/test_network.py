@@ -28,7 +28,7 @@ from nnunet_logonet.network.grouped import group_subcrops, ungroup_subcrops
 from nnunet_logonet.network.lka import LiveTapConv3d, LKABlock
 from nnunet_logonet.network.memory import trace_feature_map_size
 from nnunet_logonet.network.partition import split_subcrops, stitch_subcrops
-from nnunet_logonet.network.shapes import cumulative_strides, isotropic_strides
+from nnunet_logonet.network.shapes import cumulative_strides, isotropic_strides, normalize_strides
 
 ISO = isotropic_strides()
 ANISO = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -355,6 +355,12 @@ def test_required_patch_multiple(strides, grid, stages, expected):
     assert required_patch_multiple(strides, grid, stages) == expected
 
 
+def test_strides_need_the_stem_the_extra_resolution_and_a_stage():
+    with pytest.raises(ValueError, match=r"strides must have >= 3 entries .* got 2"):
+        normalize_strides([[1, 1, 1], [2, 2, 2]])
+    assert normalize_strides([[1, 1, 1], [2, 2, 2], [2, 2, 1]]) == ((1, 1, 1), (2, 2, 2), (2, 2, 1))
+
+
 @pytest.mark.parametrize(
     "patch, down, up", [((100, 96, 96), "[96, 96, 96]", "[128, 96, 96]"), ((96, 96, 20), "[96, 96, 32]", "[96, 96, 32]")]
 )
@@ -362,7 +368,7 @@ def test_bad_patch_size_names_multiple_and_nearest_sizes(patch, down, up):
     with pytest.raises(ValueError) as err:
         check_patch_size(patch, ISO, (2, 2, 2), 2)
     msg = str(err.value)
-    assert "[32, 32, 32]" in msg and down in msg and up in msg
+    assert "[32, 32, 32]" in msg and f"{down} (round down" in msg and f"{up} (round up)" in msg
     with pytest.raises(ValueError, match=r"multiple of \[32, 32, 32\]"):
         LoGoNet.from_preset("tiny", 1, 2, patch)
 

@@ -232,3 +232,31 @@ def test_work_files_get_the_permissions_of_a_plain_open(tmp_path):
     finally:
         os.umask(umask)
     assert path.name.startswith(f".clusterers.npz.{os.getpid()}-") and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_process_of_another_user_counts_as_running(monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: its work files must stay."""
+    def not_permitted(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(workfolders.os, "kill", not_permitted)
+    assert workfolders.process_running(1)
+
+    def gone(pid, signal):
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(workfolders.os, "kill", gone)
+    assert not workfolders.process_running(1)
+
+
+def test_a_write_that_writes_nothing_leaves_nothing(tmp_path):
+    """nnU-Net's checkpoint save writes only on rank 0: the other ranks' whole-file write must do nothing."""
+    workfolders.write_whole(tmp_path / "checkpoint.pth", lambda tmp: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_source_counts_as_written_just_now(tmp_path):
+    """Nothing made from a missing file may look up to date, so its time is later than any file's."""
+    (tmp_path / "made").write_text("x")
+    assert workfolders.last_written(tmp_path / "missing") == float("inf")
+    assert workfolders.last_written(tmp_path / "missing") > workfolders.last_written(tmp_path / "made")
