@@ -16,10 +16,10 @@ import shlex
 import subprocess
 import threading
 import time
-from datetime import datetime
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from nnunet_logonet.demo.settings import DemoError
