@@ -109,8 +109,9 @@ def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, 
 
     assert rank.parse_model("LoGoNetTrainer:LoGoNetTinyPlans") == {
         "plans": "LoGoNetTinyPlans", "configuration": "3d_fullres", "trainer": "LoGoNetTrainer"}
-    with pytest.raises(argparse.ArgumentTypeError, match="TRAINER:PLANS"):
-        rank.parse_model("LoGoNetTrainer")
+    for half in ("LoGoNetTrainer", "LoGoNetTrainer:", ":LoGoNetTinyPlans"):
+        with pytest.raises(argparse.ArgumentTypeError, match="TRAINER:PLANS"):
+            rank.parse_model(half)
     with pytest.raises(SystemExit):
         rank.main(["900", "LoGoNetTrainer"])
     assert "TRAINER:PLANS" in capsys.readouterr().err
@@ -137,6 +138,26 @@ def test_rank_parses_trainer_plans_pairs_and_reports_untrained_models(tmp_path, 
     err = capsys.readouterr().err  # ensembling reads the validation probabilities: --npz, or --val --npz after
     assert "Train every model on folds [0, 1]" in err and "-tr TRAINER -p PLANS --npz" in err and "--val --npz" in err
 
+    def no_validation_files(*args, **kwargs):  # nnU-Net reads a fold's validation summary that is not there
+        raise FileNotFoundError("[Errno 2] No such file or directory: '.../fold_1/validation/summary.json'")
+
+    monkeypatch.setattr(rank, "rank_models", no_validation_files)
+    assert rank.main(["900", "LoGoNetTrainer:LoGoNetTinyPlans", "-f", "0", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "fold_1/validation/summary.json" in err and "Train every model on folds [0, 1]" in err
+
+
+def test_rank_asks_nnunet_to_stop_at_a_missing_fold(monkeypatch):
+    """With strict=False nnU-Net skips folds that were not trained and ranks on the rest, silently."""
+    from nnunetv2.evaluation import find_best_configuration as nnunet_selection
+
+    from nnunet_logonet.demo import rank
+
+    calls = []
+    monkeypatch.setattr(nnunet_selection, "find_best_configuration", lambda *a, **k: calls.append(k) or {})
+    rank.rank_models("Dataset900_Phantom", [rank.parse_model("A:P")], folds=(0, 1))
+    assert calls[0]["strict"] is True and calls[0]["folds"] == (0, 1)
+
 
 def test_rank_takes_nnunets_trainer_and_plans_lists_and_leaves_out_the_pairs_never_trained(tmp_path, capsys,
                                                                                          monkeypatch):
@@ -158,6 +179,9 @@ def test_rank_takes_nnunets_trainer_and_plans_lists_and_leaves_out_the_pairs_nev
         capsys.readouterr().err
     assert rank.main(["900", "-tr", "ULKANetTrainer", "-p", "ULKANetPlans"]) == 1
     assert "none of the trainer x plans pairs has been trained" in capsys.readouterr().err
+    ranked.clear()  # a pair given both ways is ranked once
+    assert rank.main(["900", "nnUNetTrainer:nnUNetPlans", "-tr", "nnUNetTrainer", "-p", "nnUNetPlans"]) == 0
+    assert [(m["trainer"], m["plans"]) for m in ranked[0]] == [("nnUNetTrainer", "nnUNetPlans")]
     for argv, message in ((["900", "-tr", "LoGoNetTrainer"], "-tr and -p go together"),
                           (["900"], "name the models")):
         with pytest.raises(SystemExit):
@@ -297,6 +321,7 @@ def test_interrupted_command_ends_its_output_pump_quietly(tmp_path, monkeypatch)
 @pytest.mark.parametrize("kwargs, flag", [
     ({"preset": "XL"}, "--preset"), ({"device": "tpu"}, "--device"), ({"device": "cuda"}, "--device cuda"),
     ({"dataset_id": 999}, "--dataset-id"), ({"dataset_id": 0}, "--dataset-id"), ({"seed": -1}, "--seed"),
+    ({"dataset_id": True}, "--dataset-id"), ({"seed": True}, "--seed"),
 ])
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(DemoError, match=flag):
@@ -314,6 +339,21 @@ def test_defaults_follow_the_device():
     assert make_settings(device="cpu").preset == "tiny"
     assert make_settings(device="cuda", cuda_available=True).preset == "S"
     assert make_settings(quick=True).budget != make_settings().budget
+    # test-time mirroring (nnUNetv2_predict's default) on a GPU; left out on the CPU, where it costs 8x
+    assert make_settings(device="cuda", cuda_available=True).tta and not make_settings(device="cpu").tta
+
+
+def test_only_the_ssl_model_starts_from_the_pretrained_weights():
+    """The third model is the same trainer as the second, fine-tuned from the SSL checkpoint: without the
+    flag the demo would report a model trained from scratch as '+ SSL'."""
+    models = make_settings().models
+    assert [(m.key, m.pretrained) for m in models] == [("nnunet", False), ("logonet", False), ("logonet_ssl", True)]
+
+
+def test_settings_recorded_without_a_key_count_it_as_changed():
+    settings = make_settings()
+    assert len(settings.differences({})) == len(settings.as_dict())
+    assert settings.differences(settings.as_dict()) == []
 
 
 def test_base_made_with_other_settings_asks_for_fresh(tmp_path):
@@ -321,6 +361,9 @@ def test_base_made_with_other_settings_asks_for_fresh(tmp_path):
     with pytest.raises(DemoError, match=r"seed: 0 -> 1.*--fresh"):
         DemoState.open(tmp_path, make_settings(seed=1))
     assert DemoState.open(tmp_path, make_settings(seed=0)).stages == {}
+    (tmp_path / "demo_state.json").write_text(json.dumps({"digest": make_settings(seed=0).digest()}))  # no stages
+    with pytest.raises(DemoError, match=r"demo_state.json is unreadable .*--fresh"):
+        DemoState.open(tmp_path, make_settings(seed=0))
 
 
 def test_dataset_id_used_by_another_dataset_is_refused(tmp_path):

@@ -58,6 +58,60 @@ def test_2d_configuration_in_the_plans_is_refused_as_2d():
     check_plans_configuration(manager, "3d_fullres")  # a 3D configuration passes
 
 
+def test_the_command_offered_names_the_first_3d_configuration_of_the_plans():
+    manager = PlansManager(_plans(**{"3d_fullres": [12, 32, 32], "3d_lowres": [12, 32, 32]}))
+    with pytest.raises(PlansMismatchError, match="nnUNetv2_train 910 3d_fullres FOLD -tr LoGoNetTrainer"):
+        check_plans_configuration(manager, "3d_cascade_fullres")
+
+
+def test_plans_without_strides_say_to_plan_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = _plans(**{"3d_fullres": [12, 32, 32]})
+    del plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"]
+    with pytest.raises(PlansMismatchError, match="has no 'strides' in its arch_kwargs; plan again with "
+                                                 "logonet_plan_and_preprocess"):
+        LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}},
+                       torch.device("cpu"))
+
+
+def test_network_built_from_plans_is_channels_last_and_only_from_logonet_plans():
+    """nnUNetv2_predict builds the network through this static method alone (no trainer constructor runs):
+    it must refuse a U-Net's plans itself, and give the fast channels-last layout."""
+    manager = PlansManager(_plans(**{"3d_fullres": [32, 32, 32]}))
+    config = manager.get_configuration("3d_fullres")
+    network = LoGoNetTrainer.build_network_architecture(manager, config, 1, 2, enable_deep_supervision=False)
+    weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (1, 1, 1)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    unet = _plans(**{"3d_fullres": [32, 32, 32]})
+    unet["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = \
+        "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    manager = PlansManager(unet)
+    with pytest.raises(PlansMismatchError, match="PlainConvUNet"):
+        LoGoNetTrainer.build_network_architecture(manager, manager.get_configuration("3d_fullres"), 1, 2)
+
+
+def test_initialize_checks_the_pretrained_weights_of_the_command_line(monkeypatch):
+    """nnU-Net hands -pretrained_weights to its loader only, which stops at the first missing key: the
+    trainer's initialize reads the file from the command line and checks it whole first."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    seen = []
+    trainer = object.__new__(LoGoNetTrainer)
+    monkeypatch.setattr(LoGoNetTrainer, "check_preprocessed_data", lambda self: seen.append("data"))
+    monkeypatch.setattr(nnUNetTrainer, "initialize", lambda self: seen.append("nnU-Net"))
+    monkeypatch.setattr(LoGoNetTrainer, "check_pretrained_weights", lambda self, argv: seen.append(argv))
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train", "1", "3d_fullres", "0", "-pretrained_weights", "w.pth"])
+    trainer.initialize()
+    assert seen == ["data", "nnU-Net", ["nnUNetv2_train", "1", "3d_fullres", "0", "-pretrained_weights", "w.pth"]]
+
+
+def test_a_budget_of_no_epochs_is_refused():
+    from nnunet_logonet.training.trainer import with_budget
+
+    with pytest.raises(ValueError, match="LoGoNetTrainer_0epochs: epochs"):
+        with_budget(LoGoNetTrainer, "LoGoNetTrainer_0epochs", 0)
+
+
 def test_plans_without_any_3d_configuration_say_to_plan_for_logonet():
     with pytest.raises(PlansMismatchError, match=f"logonet_plan_and_preprocess -d {DATASET}"):
         check_plans_configuration(PlansManager(_plans(**{"2d": [64, 64]})), "3d_fullres")
@@ -99,7 +153,7 @@ POOLING_EARLY = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1
 @pytest.mark.parametrize("strides, patch", [(POOLING_EVERYWHERE, [32, 32, 32]), (POOLING_EARLY, [16, 16, 16])],
                          ids=["global-bottleneck", "local-path"])
 @pytest.mark.parametrize("norm, batch_size, refused", [("instance", 2, True), ("batch", 1, True),
-                                                       ("batch", 2, False)])
+                                                       ("batch", 2, False), (None, 1, True), (None, 2, False)])
 def test_a_patch_leaving_a_one_voxel_deepest_map_is_refused_where_its_norms_cannot_train(
         tmp_path, monkeypatch, strides, patch, norm, batch_size, refused):
     """A one-voxel deepest map, global or in a local path: instance norm cannot train on it at all, batch norm
@@ -107,7 +161,11 @@ def test_a_patch_leaving_a_one_voxel_deepest_map_is_refused_where_its_norms_cann
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     plans = _plans(strides=strides, batch_size=batch_size, **{"3d_fullres": patch})
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["norm"] = norm
+    if norm is None:  # plans without the key: the networks' default, batch norm
+        arch.pop("norm", None)
+        norm = "batch"
+    else:
+        arch["norm"] = norm
     assert (arch["local_grid"], arch["local_stages"]) == ([2, 2, 2], 2)
     make = lambda: LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0,  # noqa: E731
                                   {"labels": {"background": 0, "a": 1}}, torch.device("cpu"))

@@ -143,7 +143,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         if configuration_manager.network_arch_class_name not in (class_path(LoGoNet), class_path(ULKANet)):
             check_plans_network(plans_manager, configuration_manager, LoGoNet)
-        network = get_network_from_plans(
+        # channels-last weights already: LoGoNet and ULKANet convert themselves when built
+        return get_network_from_plans(
             configuration_manager.network_arch_class_name,
             configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
@@ -151,7 +152,6 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             num_output_channels,
             allow_init=True,
             deep_supervision=enable_deep_supervision)
-        return network.to(memory_format=torch.channels_last_3d)
 
     def initialize(self):
         self.check_preprocessed_data()
