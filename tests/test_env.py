@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from nnunet_logonet.env import environment, trainers_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +42,40 @@ def test_nnunet_finds_our_trainer_through_ext_trainer(monkeypatch):
     assert found.__module__ == "nnunet_logonet.training.trainer"
 
 
-def test_logonet_env_output_evaluates_in_a_shell(tmp_path):
+def test_our_folder_is_listed_once_when_ext_trainer_already_has_it():
+    """Re-running eval "$(logonet_env)" in the same shell must not grow nnUNet_extTrainer each time."""
+    ours = str(trainers_folder())
+    env = environment(environ={"nnUNet_extTrainer": os.pathsep.join(["/my/trainers", ours])})
+    assert env["nnUNet_extTrainer"].split(os.pathsep) == [ours, "/my/trainers"]
+    again = environment(environ={"nnUNet_extTrainer": env["nnUNet_extTrainer"]})
+    assert again["nnUNet_extTrainer"] == env["nnUNet_extTrainer"]
+
+
+def test_base_under_home_is_expanded(tmp_path, monkeypatch):
+    """--base ~/data means the home folder's data (the shell does not expand ``--base=~/data``), not a folder
+    named '~' under the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    env = environment("~/d", {})
+    assert env["nnUNet_raw"] == str((tmp_path / "d" / "nnUNet_raw").resolve())
+    assert env["nnUNet_raw"].startswith(str(Path.home().resolve()))
+
+
+def test_mkdir_creates_the_three_data_folders(tmp_path, monkeypatch, capsys):
+    """logonet_env --mkdir (README quick start) creates the folders, so nnU-Net's commands find them."""
+    from nnunet_logonet.env import NNUNET_FOLDERS, main
+
+    for name in NNUNET_FOLDERS:
+        monkeypatch.delenv(name, raising=False)
+    main(["--base", str(tmp_path / "data"), "--mkdir"])
+    capsys.readouterr()
+    assert all((tmp_path / "data" / name).is_dir() for name in NNUNET_FOLDERS)
+
+
+@pytest.mark.parametrize("base", ["data", "my data"])
+def test_logonet_env_output_evaluates_in_a_shell(tmp_path, base):
+    """The printed exports are quoted: a base folder with a space still gives the right values after eval."""
+    tmp_path = tmp_path / base
     out = subprocess.run([sys.executable, "-m", "nnunet_logonet.env", "--base", str(tmp_path)],
                          capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from copy import deepcopy
 
 import numpy as np
@@ -206,6 +207,8 @@ def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
     (["-c", "2d"], "-c 2d: LoGoNet is 3D only"),  # used to exit 0 with nothing preprocessed
     (["-overwrite_target_spacing", "-1", "1", "1"], "3 positive numbers"),
     (["-overwrite_target_spacing", "0", "0", "0"], "3 positive numbers"),
+    (["-overwrite_target_spacing", "1", "1"], "3 positive numbers"),  # two values: not a 3D spacing
+    (["-np", "1", "2"], "one per configuration"),  # 2 values for 1 configuration: nnU-Net crashes on it
     (["-overwrite_plans_name", "a/b"], "without '/'"),
 ])
 def test_bad_arguments_stop_before_any_folder_is_touched(nnunet_dirs, capsys, argv, message):
@@ -293,6 +296,145 @@ def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dir
     for name in ("imagesTr/case4_0000.nii.gz", "labelsTr/case4.nii.gz"):  # a case added
         (raw / name).write_bytes((raw / name.replace("4", "3")).read_bytes())
     assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+
+def _shared_folder(raw, pre, stored_shape=None):
+    """nnUNetPlans' 3d_fullres data (1 mm) for every raw case of a ``_fake_dataset``, preprocessed after the raw
+    files were written, with the label copies in gt_segmentations; returns plans of the same preprocessing.
+    With ``stored_shape`` each case also has nnU-Net's numpy data, of that shape (its raw images are 4x4x4)."""
+    import os
+    import pickle
+
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1.0, 1.0, 1.0]}
+    plans = {"configurations": {"3d_fullres": config}, "transpose_forward": [0, 1, 2]}
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    data, gt = pre / "nnUNetPlans_3d_fullres", pre / "gt_segmentations"
+    data.mkdir()
+    gt.mkdir()
+    for label in (raw / "labelsTr").iterdir():
+        case = label.name[: -len(".nii.gz")]
+        (gt / label.name).write_bytes(b"")
+        if stored_shape is None:
+            (data / f"{case}.pkl").write_bytes(b"")
+            continue
+        np.savez_compressed(data / f"{case}.npz", data=np.zeros((1, *stored_shape), np.float32),
+                            seg=np.zeros((1, *stored_shape), np.int8))
+        with open(data / f"{case}.pkl", "wb") as f:
+            pickle.dump({"spacing": [1.0, 1.0, 1.0], "shape_after_cropping_and_before_resampling": [4, 4, 4]}, f)
+    later = max(f.stat().st_mtime for f in raw.rglob("*.nii.gz")) + 10
+    for f in data.iterdir():
+        os.utime(f, (later, later))
+    return plans
+
+
+def test_a_label_copy_cut_short_does_not_stand_in_for_a_missing_one_before_dataset_json_is_copied(nnunet_dirs):
+    """Until nnU-Net copies dataset.json into the preprocessed folder the file ending is unknown; a
+    ``<case>.nii.gz.tmp<pid>`` left by a killed label copy must still not count as that case's label, or
+    training would start without the case's ground truth."""
+    from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
+
+    raw, pre = _fake_dataset(nnunet_dirs, 816, (1.0, 1.0, 1.0), (40, 40, 40))
+    plans = _shared_folder(raw, pre)
+    assert not (pre / "dataset.json").exists()
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    (pre / "gt_segmentations" / "case1.nii.gz").unlink()
+    (pre / "gt_segmentations" / "case1.nii.gz.tmp999").write_bytes(b"")
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+
+def test_shared_data_preprocessed_at_another_spacing_is_not_reused(nnunet_dirs):
+    """Other plans of the same data folder name (e.g. moved between datasets) may have written it at another
+    spacing: its cases' shapes then differ from what these plans' resampling gives, and it is redone rather
+    than trained on at the wrong spacing."""
+    from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
+
+    raw, pre = _fake_dataset(nnunet_dirs, 817, (1.0, 1.0, 1.0), (40, 40, 40))
+    plans = _shared_folder(raw, pre, stored_shape=(4, 4, 4))  # 1 mm: what these plans give
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    for f in (pre / "gt_segmentations", pre / "nnUNetPlans_3d_fullres", pre / "nnUNetPlans.json"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    plans = _shared_folder(raw, pre, stored_shape=(2, 2, 2))  # resampled to 2 mm by other plans
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+
+def test_shared_data_is_not_reused_when_nnunet_plans_preprocess_it_differently(nnunet_dirs):
+    """nnUNetPlans planned with -overwrite_target_spacing 2 2 2 keep the folder name nnUNetPlans_3d_fullres:
+    their data, in a folder of the same name, is not LoGoNet's 1 mm data."""
+    from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
+
+    raw, pre = _fake_dataset(nnunet_dirs, 818, (1.0, 1.0, 1.0), (40, 40, 40))
+    plans = _shared_folder(raw, pre)
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    nnunet = deepcopy(plans)
+    nnunet["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]
+    (pre / "nnUNetPlans.json").write_text(json.dumps(nnunet))
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
+
+@pytest.fixture()
+def preprocess_calls(monkeypatch):
+    """nnU-Net's preprocessing entry point replaced by a recorder of its arguments."""
+    from nnunetv2.experiment_planning import plan_and_preprocess_api
+
+    calls = []
+    monkeypatch.setattr(plan_and_preprocess_api, "preprocess_dataset",
+                        lambda dataset_id, plans_identifier, configurations, num_processes:
+                        calls.append((dataset_id, plans_identifier, list(configurations), list(num_processes))))
+    return calls
+
+
+def test_np_given_per_configuration_keeps_the_value_of_each_configuration_still_to_do(nnunet_dirs, monkeypatch,
+                                                                                     preprocess_calls):
+    """-c 3d_fullres 3d_lowres -np 3 5 with 3d_fullres reused from nnUNetPlans: nnU-Net gets one
+    configuration and its own -np (it stops on lists of different lengths)."""
+    from nnunet_logonet.planning import cli
+
+    _fake_dataset(nnunet_dirs, 819, (1.0, 1.0, 1.0), (300, 300, 300))  # large enough for a 3d_lowres
+    monkeypatch.setattr(cli, "shared_data_is_ready", lambda pre, plans, c, raw_cases=None: c == "3d_fullres")
+    assert cli.main(["-d", "819", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "3d_lowres",
+                     "-npfp", "1", "-np", "3", "5"]) == 0
+    assert preprocess_calls == [(819, "LoGoNetTinyPlans", ["3d_lowres"], [5])]
+
+
+def test_force_pp_preprocesses_data_that_could_be_reused(nnunet_dirs, monkeypatch, capsys, preprocess_calls):
+    """--force_pp (docs/planning.md) redoes the shared nnUNetPlans_3d_fullres data even when it is ready
+    (e.g. after the raw images were replaced keeping their dates)."""
+    from nnunet_logonet.planning import cli
+
+    _fake_dataset(nnunet_dirs, 820, (1.0, 1.0, 1.0), (40, 40, 40))
+    monkeypatch.setattr(cli, "shared_data_is_ready", lambda *args, **kwargs: True)
+    argv = ["-d", "820", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]
+    assert cli.main(argv) == 0
+    assert preprocess_calls == [] and "3d_fullres: reusing the data" in capsys.readouterr().out
+    assert cli.main([*argv, "--force_pp"]) == 0
+    assert preprocess_calls == [(820, "LoGoNetTinyPlans", ["3d_fullres"], [1])]
+
+
+def test_no_requested_configuration_in_the_plans_is_an_error(nnunet_dirs, capsys, preprocess_calls):
+    """-c 3d_lowres on data too small for a low-resolution stage: nothing is preprocessed, so the command
+    must fail (exit 2) rather than look successful to a script that then trains."""
+    from nnunet_logonet.planning.cli import main
+
+    _fake_dataset(nnunet_dirs, 821, (1.0, 1.0, 1.0), (40, 40, 40))
+    assert main(["-d", "821", "-pl", "LoGoNetTinyPlanner", "-c", "3d_lowres", "-npfp", "1"]) == 2
+    assert "none of -c 3d_lowres is in LoGoNetTinyPlans" in capsys.readouterr().err
+    assert preprocess_calls == []
+
+
+@pytest.mark.parametrize("variable", ["nnUNet_raw", "nnUNet_preprocessed"])
+def test_an_nnunet_folder_variable_naming_a_file_is_refused(nnunet_dirs, monkeypatch, capsys, variable):
+    """A data folder variable set to a file (a typo, a path swapped with dataset.json) is named as such,
+    instead of nnU-Net's 'could not find dataset' or a NotADirectoryError deep inside it."""
+    from nnunet_logonet.planning.cli import main
+
+    _fake_dataset(nnunet_dirs, 822, (1.0, 1.0, 1.0), (40, 40, 40))
+    not_a_folder = nnunet_dirs / "a_file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv(variable, str(not_a_folder))
+    with pytest.raises(SystemExit) as stop:
+        main(["-d", "822", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "--no_pp"])
+    assert stop.value.code == 2
+    assert f"{variable}={not_a_folder} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_files_an_interrupted_run_cut_short_are_made_again(nnunet_dirs, capsys):

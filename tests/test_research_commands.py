@@ -36,6 +36,26 @@ def test_memory_calibration_refuses_what_the_network_cannot_take(capsys, argv, p
     assert stop.value.code == 2 and phrase in capsys.readouterr().err
 
 
+def test_memory_calibration_counts_a_tensor_saved_through_two_views_once():
+    """Autograd often saves several views of one tensor (channel splits, reshapes); they take its memory
+    once, so the calibration the planner's memory estimate rests on counts the storage once, not per view."""
+    import torch
+    from torch import nn
+
+    from nnunet_logonet.planning.memory import saved_activation_bytes
+
+    class TwoViews(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            y = x + self.w  # add saves nothing; each sin saves its input, a view of y
+            return torch.sin(y[:, :1]) + torch.sin(y[:, 1:])
+
+    assert saved_activation_bytes(TwoViews(), (4, 4, 4), input_channels=2) == 2 * 4 ** 3 * 4  # y, float32
+
+
 def test_clustering_benchmark_prints_one_record_per_backend_and_pooling(capsys):
     from nnunet_logonet.benchmark.clustering import main
 

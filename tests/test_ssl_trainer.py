@@ -891,3 +891,222 @@ def test_pipeline_command_takes_msd_named_scans_from_another_folder(workspace, t
     source = json.loads((base / "pre" / f"Dataset{LABELED}_SSLPhantom" / f"{PLANS}.json").read_text())
     data = base / "pre" / "Dataset912_SpleenUnlabeled" / source["configurations"]["3d_fullres"]["data_identifier"]
     assert sorted(p.stem for p in data.glob("*.pkl")) == ["spleen_1", "spleen_12"]
+
+
+# ------------------------------------------------------------- the SSL trainer's resume and epoch logic, in-process
+def _bare_ssl_trainer(tmp_path):
+    """A LoGoNetSSLTrainer with only what its resume and epoch-end logic read (nnU-Net's constructor,
+    data and network left out): a small bank over 24-feature slices and a head with its optimiser."""
+    from nnunet_logonet.ssl.head import SlicePseudoLabelHead
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+
+    trainer = object.__new__(LoGoNetSSLTrainer)
+    trainer.output_folder = str(tmp_path)
+    trainer.cluster_num, trainer.cluster_k_range, trainer.cluster_sample_fraction = 2, (3, 5), 0.5
+    trainer.cluster_max_iter = 20
+    trainer._feature_dim = lambda: 24
+    trainer._head_reset, trainer._resume_digest, trainer.is_ddp = False, None, False
+    trainer.messages = []
+    trainer.print_to_log_file = lambda *args, **kwargs: trainer.messages.append(" ".join(map(str, args)))
+    rng = np.random.default_rng(0)
+    banks = [trainer._new_bank().fit(rng.normal(size=(200, 24)).astype(np.float32)) for _ in range(2)]
+    assert banks[0].ks == banks[1].ks  # the same settings fitted on other slices: other centroids, same ks
+    trainer.ssl_head = SlicePseudoLabelHead(4, banks[0].ks, grid=1, hidden=8)
+    trainer.optimizer = torch.optim.AdamW(trainer.ssl_head.parameters(), lr=1e-3)
+    trainer.ssl_head(torch.randn(1, 4, 3, 2, 2)).sum().backward()
+    trainer.optimizer.step()  # Adam moments for every head parameter
+    return trainer, banks
+
+
+def test_resume_refits_a_cluster_cache_that_is_not_the_checkpoints_bank(tmp_path):
+    """--c with a cache of the same settings but other centroids (overwritten by another run): reused, the head
+    would be trained on other pseudo-labels than it learned. The seeded refit gives the checkpoint's bank back."""
+    from nnunet_logonet.training.ssl_trainer import bank_digest
+
+    trainer, (checkpoints, other) = _bare_ssl_trainer(tmp_path)
+    trainer._resume_digest = bank_digest(checkpoints)
+    other.save(trainer.cluster_cache)
+    trainer._fit_bank = lambda: checkpoints
+    bank = trainer._load_or_fit_bank()
+    assert bank_digest(bank) == bank_digest(checkpoints)
+    assert any("digest differs" in m for m in trainer.messages)
+    assert any("equal the checkpoint's" in m for m in trainer.messages) and not trainer._head_reset
+    assert bank_digest(SliceClusterBank.load(trainer.cluster_cache)) == bank_digest(checkpoints)
+
+
+def test_resume_whose_refit_differs_restarts_the_head_and_its_moments(tmp_path):
+    """The refitted clusters are other classes: the head's weights and Adam moments for the old ones are noise."""
+    from nnunet_logonet.training.ssl_trainer import bank_digest
+
+    trainer, (checkpoints, refitted) = _bare_ssl_trainer(tmp_path)
+    trainer._resume_digest = bank_digest(checkpoints)  # no cache file: refitted
+    trainer._fit_bank = lambda: refitted
+    with torch.no_grad():
+        for parameter in trainer.ssl_head.parameters():
+            parameter.fill_(2.0)  # what training left, in every parameter (the LayerNorm's too)
+    trainer._load_or_fit_bank()
+    assert trainer._head_reset and any("restarts from random weights" in m for m in trainer.messages)
+    assert not any(bool((p == 2).any()) for p in trainer.ssl_head.parameters())
+    assert not any(p in trainer.optimizer.state for p in trainer.ssl_head.parameters())
+
+
+def _ssl_epoch_end_trainer(tmp_path, num_epochs):
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    trainer, _ = _bare_ssl_trainer(tmp_path)
+    trainer.logger = MetaLogger(str(tmp_path), False)
+    trainer._ensure_log_keys()
+    trainer.current_epoch, trainer.num_epochs, trainer.save_every, trainer.local_rank = 0, num_epochs, 2, 1
+    trainer._best_ema, trainer._epoch_label_seconds = None, 0.0
+    trainer._timing = {"fit_seconds": 0.0, "label_seconds": 0.0, "pretrain_seconds": 0.0}
+    trainer.saved = []
+    trainer.save_checkpoint = lambda path: trainer.saved.append((trainer.current_epoch, Path(path).name))
+    return trainer
+
+
+def test_checkpoint_best_follows_the_rising_ema_of_the_pseudo_label_accuracy(tmp_path):
+    """nnU-Net picks checkpoint_best by the EMA of its Dice slot, which the SSL trainer fills with the
+    validation pseudo-label accuracy; checkpoint_latest every save_every epochs, not at the last (final)."""
+    trainer = _ssl_epoch_end_trainer(tmp_path, num_epochs=4)
+    for epoch, accuracy in enumerate([0.2, 0.1, 0.1, 0.9]):  # EMA 0.2, 0.19, 0.181, 0.2529
+        trainer.logger.log("epoch_start_timestamps", float(epoch), epoch)
+        trainer.on_train_epoch_end([{"loss": np.float32(1.0), "accuracy": np.float32(accuracy)}])
+        trainer.on_validation_epoch_end([{"loss": np.float32(1.0), "accuracy": np.float32(accuracy)}])
+        trainer.on_epoch_end()
+    assert trainer.saved == [(0, "checkpoint_best.pth"), (1, "checkpoint_latest.pth"), (3, "checkpoint_best.pth")]
+
+
+def test_batches_without_masked_slices_leave_the_epoch_means_alone(tmp_path):
+    """A batch with no masked slice has loss 0 and accuracy NaN: logged as such it would pull the epoch's
+    loss toward 0 and its NaN would poison nnU-Net's EMA, which picks checkpoint_best."""
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+
+    empty = LoGoNetSSLTrainer._step_output(torch.tensor(0.0), torch.tensor(float("nan")))
+    assert np.isnan(empty["loss"]) and np.isnan(empty["accuracy"])
+    full = LoGoNetSSLTrainer._step_output(torch.tensor(2.0), torch.tensor(0.25))
+    assert (float(full["loss"]), float(full["accuracy"])) == (2.0, 0.25)
+    trainer = _ssl_epoch_end_trainer(tmp_path, num_epochs=2)
+    trainer.logger.log("epoch_start_timestamps", 0.0, 0)
+    trainer.on_train_epoch_end([full, empty])
+    assert trainer.logger.get_value("train_losses", step=0) == 2.0
+    assert trainer.logger.get_value("ssl_train_accuracy", step=0) == 0.25
+    trainer.on_validation_epoch_end([empty, empty])  # no masked slice in the whole validation
+    assert trainer.logger.get_value("mean_fg_dice", step=0) == 0.0
+    assert trainer.logger.get_value("ema_fg_dice", step=0) == 0.0
+
+
+def test_validation_runs_the_head_in_eval_mode(tmp_path, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer, _ = _bare_ssl_trainer(tmp_path)
+    monkeypatch.setattr(nnUNetTrainer, "on_validation_epoch_start", lambda self: None)
+    trainer.ssl_head.train()
+    trainer.on_validation_epoch_start()
+    assert not trainer.ssl_head.training
+
+
+def _checkpointing_ssl_trainer(tmp_path):
+    """A bare SSL trainer (as above) with a tiny LoGoNet, its feature tap, an optimiser over both and a logger."""
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    from nnunet_logonet.ssl.head import SlicePseudoLabelHead
+
+    trainer, banks = _bare_ssl_trainer(tmp_path)
+    trainer.network = tiny_logonet()
+    trainer._tap = PreClassifierFeatures(trainer.network)
+    trainer.ssl_head = SlicePseudoLabelHead(trainer._tap.channels, banks[0].ks)
+    trainer.optimizer = torch.optim.AdamW([*trainer.network.parameters(), *trainer.ssl_head.parameters()], lr=1e-3)
+    trainer.logger = MetaLogger(str(tmp_path), False)
+    trainer._ensure_log_keys()
+    trainer.bank, trainer.grad_scaler, trainer.device = banks[0], None, torch.device("cpu")
+    trainer.local_rank, trainer.disable_checkpointing, trainer.was_initialized = 0, False, True
+    trainer.current_epoch, trainer._best_ema, trainer.my_init_kwargs = 0, None, {"fold": "all"}
+    trainer.inference_allowed_mirroring_axes = (0, 1, 2)
+    trainer._timing = {"fit_seconds": 0.0, "label_seconds": 0.0, "pretrain_seconds": 0.0}
+    return trainer
+
+
+def test_ssl_checkpoint_round_trip_resumes_epoch_head_bank_and_costs(tmp_path):
+    """--c: the next epoch, the head's weights, the bank it was trained with and the time spent so far (the
+    cost line of the log would undercount otherwise); the classifiers are not in the file (the pretext never
+    trained them, and nnU-Net's -pretrained_weights skips them)."""
+    from nnunet_logonet.training.ssl_trainer import bank_digest
+
+    saving = _checkpointing_ssl_trainer(tmp_path / "a")
+    saving.current_epoch, saving._best_ema = 6, 0.3
+    saving._timing.update(fit_seconds=12.5, label_seconds=3.25, pretrain_seconds=100.0)
+    saving.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert not any(".seg_layers." in key for key in checkpoint["network_weights"])
+
+    resuming = _checkpointing_ssl_trainer(tmp_path / "b")
+    resuming.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert resuming.current_epoch == 7 and resuming._best_ema == 0.3
+    assert resuming._timing == {"fit_seconds": 12.5, "label_seconds": 3.25, "pretrain_seconds": 100.0}
+    assert resuming._resume_digest == bank_digest(saving.bank)
+    for key, value in saving.ssl_head.state_dict().items():
+        assert torch.equal(resuming.ssl_head.state_dict()[key], value)
+
+    del checkpoint["network_weights"]["head.conv.weight"]  # other plans' network, or a file cut by hand
+    with pytest.raises(RuntimeError, match=r"does not fit this network: missing \['head.conv.weight'\]"):
+        _checkpointing_ssl_trainer(tmp_path / "c").load_checkpoint(checkpoint)
+
+
+def test_pretraining_schedule_and_fitting_sizes(tmp_path):
+    """Warm-up over 5 % of the epochs (at least one epoch: at 2 epochs 5 % rounds to none, and the first
+    epoch would run at the full rate); enough patches for the wanted slices (rounded up); the slice features
+    of odd in-plane sizes pooled with the edge cells kept (as the bank pools them); each head k reduced to the
+    number of fitting slices, as the bank reduces it."""
+    from types import SimpleNamespace
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer
+
+    assert LoGoNetSSLTrainer.ssl_warmup_fraction == 0.05
+    trainer, _ = _bare_ssl_trainer(tmp_path)
+    trainer._feature_dim = LoGoNetSSLTrainer._feature_dim.__get__(trainer)
+    trainer.num_epochs, trainer.initial_lr, trainer.weight_decay, trainer.device = 2, 1e-4, 1e-5, torch.device("cpu")
+    trainer.network = tiny_logonet()
+    trainer.configuration_manager = SimpleNamespace(patch_size=[12, 33, 31])
+    trainer.num_input_channels, trainer.cluster_pool = 1, 2
+    trainer.cluster_fit_patches, trainer.cluster_samples_per_cluster = None, 8
+    _, scheduler = trainer.configure_optimizers()
+    assert scheduler.warmup_steps == 1
+    # 8 slices per cluster x k 5 / sample fraction 0.5 = 80 slices, 12 per patch: 6.67 -> 7 patches
+    assert trainer.fit_patch_count == 7
+    assert trainer._feature_dim() == 17 * 16  # ceil(33 / 2) x ceil(31 / 2)
+    assert SliceClusterBank(pool=2).slice_features(torch.zeros(1, 1, 12, 33, 31)).shape[-1] == 17 * 16
+    trainer.cluster_fit_patches = 1
+    trainer.cluster_k_range = (20, 30)  # more than the 12 slices of one patch
+    assert trainer._expected_ks() == (12, 12)
+
+
+def test_fitting_slices_are_cropped_with_a_seed_and_training_randomness_is_left_as_it_was(tmp_path, monkeypatch):
+    """nnU-Net's loader draws from numpy's global generator: the fit seeds it (same slices, same bank) and
+    must put the training's state back, or every seeded run would crop other training patches."""
+    from types import SimpleNamespace
+
+    import nnunet_logonet.training.ssl_trainer as ssl_trainer_module
+
+    trainer, _ = _bare_ssl_trainer(tmp_path)
+    trainer.configuration_manager = SimpleNamespace(patch_size=[4, 8, 8])
+    trainer.cluster_fit_patches, trainer.cluster_seed, trainer.local_rank = 2, 0, 1
+    trainer.do_split = lambda: (["a"], [])
+    trainer.dataset_class = lambda *args, **kwargs: None
+    trainer.preprocessed_dataset_folder, trainer.folder_with_segs_from_previous_stage = "", None
+    trainer.label_manager, trainer.oversample_foreground_percent = None, 0.33
+
+    class Loader:  # one random patch per draw, from numpy's global generator, as nnU-Net's loader
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __next__(self):
+            return {"data": torch.from_numpy(np.random.rand(1, 1, 4, 8, 8)).float(),
+                    "target": torch.zeros(1, 1, 4, 8, 8)}
+
+    monkeypatch.setattr(ssl_trainer_module, "nnUNetDataLoader", Loader)
+    np.random.seed(123)
+    expected_next = np.random.rand()
+    np.random.seed(123)
+    first = trainer._collect_fit_slices()
+    assert np.random.rand() == expected_next
+    assert torch.equal(first, trainer._collect_fit_slices())

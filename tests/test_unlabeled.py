@@ -95,13 +95,20 @@ def test_nnunet_accepts_the_dataset(tmp_path, raw):
 
 
 def test_multichannel_cases_and_channel_names(tmp_path, raw):
+    """Channels keep their order and voxels, an uncompressed non-first channel (b_0001.nii) included."""
     for case in ("a", "b"):
         for channel in range(2):
-            write(tmp_path / "in" / f"{case}_{channel:04d}.nii.gz", ct_volume(channel))
+            ending = ".nii" if (case, channel) == ("b", 1) else ".nii.gz"
+            write(tmp_path / "in" / f"{case}_{channel:04d}{ending}", ct_volume(channel))
     dataset = prepare_unlabeled([tmp_path / "in"], 503, channel_names=["CT", "PET"], progress=False)
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT", "1": "PET"} and meta["numTraining"] == 2
-    assert len(list((dataset / "imagesTr").iterdir())) == 4
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == [
+        "a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"]
+    for case in ("a", "b"):
+        for channel in range(2):
+            image = sitk.ReadImage(str(dataset / "imagesTr" / f"{case}_{channel:04d}.nii.gz"))
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct_volume(channel))
     with pytest.raises(UnlabeledDataError, match="one --channel-name per channel"):
         prepare_unlabeled([tmp_path / "in"], 504, progress=False)
 
@@ -156,13 +163,17 @@ BAD_INPUTS = {
                                 write(d / "x" / "two_0001.nii.gz", ct_volume()[:, :-1]),
                                 write(d / "y" / "one_0000.nii.gz", ct_volume()),
                                 write(d / "y" / "one_0001.nii.gz", ct_volume())), "two_0001", "one grid"),
+    # same size, other voxel spacing: the channels would not overlay
+    "channel spacing": (lambda d: (write(d / "x" / "two_0000.nii.gz", ct_volume()),
+                                   write(d / "x" / "two_0001.nii.gz", ct_volume(), spacing=(0.8, 0.8, 3.0))),
+                        "two_0001", "one grid"),
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
 def test_bad_input_names_the_file_and_writes_nothing(tmp_path, raw, kind):
     make, named, reason = BAD_INPUTS[kind]
-    if kind != "channel grid":
+    if kind not in ("channel grid", "channel spacing"):
         write(tmp_path / "x" / "good.nii.gz", ct_volume()) if kind not in ("empty folder",) else None
     make(tmp_path)
     folders = [tmp_path / "x"] + ([tmp_path / "y"] if (tmp_path / "y").exists() else [])
@@ -183,6 +194,42 @@ def test_existing_dataset_needs_overwrite_and_ids_must_be_unique(tmp_path, raw):
     assert leftovers(raw) == ["Dataset520_Unlabeled"]
     with pytest.raises(UnlabeledDataError, match="already used by"):
         prepare_unlabeled([tmp_path / "in"], 520, name="Other", overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("variable", ["nnUNet_preprocessed", "nnUNet_results"])
+def test_dataset_id_used_in_preprocessed_or_results_is_refused(tmp_path, raw, monkeypatch, variable):
+    """An ID already used elsewhere by nnU-Net would mix two datasets' plans or trainings: refused, naming it."""
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    root = tmp_path / variable
+    (root / "Dataset520_Other").mkdir(parents=True)
+    monkeypatch.setenv(variable, str(root))
+    with pytest.raises(UnlabeledDataError, match=rf"already used by .*Dataset520_Other \({variable}\)"):
+        prepare_unlabeled([tmp_path / "in"], 520, progress=False)
+    assert leftovers(raw) == []
+
+
+def test_hidden_files_beside_the_scans_are_ignored(tmp_path, raw):
+    """macOS leaves .DS_Store and ._scan.nii.gz files in copied folders; they must not stop the run."""
+    write(tmp_path / "in" / "scan.nii.gz", ct_volume())
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"\0" * 16)
+    (tmp_path / "in" / "._scan.nii.gz").write_bytes(b"\0" * 16)
+    dataset = prepare_unlabeled([tmp_path / "in"], 521, progress=False)
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 1
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == ["scan_0000.nii.gz"]
+
+
+def test_ctrl_c_while_writing_leaves_no_work_folder(tmp_path, raw, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, not an Exception) must still remove the hidden work folder."""
+    import nnunetv2.dataset_conversion.generate_dataset_json as gdj
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gdj, "generate_dataset_json", interrupted)
+    write(tmp_path / "in" / "scan.nii.gz", ct_volume())
+    with pytest.raises(KeyboardInterrupt):
+        prepare_unlabeled([tmp_path / "in"], 522, progress=False)
+    assert leftovers(raw) == []
 
 
 @pytest.mark.parametrize("kwargs, reason", [({"dataset_id": 0}, "1..999"), ({"dataset_id": 1000}, "1..999"),

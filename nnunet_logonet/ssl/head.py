@@ -60,8 +60,13 @@ class SlicePseudoLabelHead(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        """A new head's weights; also what a resumed pre-training's head restarts from when its bank was
+        refitted differently (the LayerNorm's learned scale and shift are reset too)."""
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
