@@ -266,18 +266,9 @@ def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dir
     from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
 
     raw, pre = _fake_dataset(nnunet_dirs, 808, (1.0, 1.0, 1.0), (40, 40, 40))
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1.0, 1.0, 1.0]}
-    plans = {"configurations": {"3d_fullres": config}, "transpose_forward": [0, 1, 2]}
-    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
-    data, gt = pre / "nnUNetPlans_3d_fullres", pre / "gt_segmentations"
-    data.mkdir()
-    gt.mkdir()
-    for i in range(4):
-        (data / f"case{i}.pkl").write_bytes(b"")
-        (gt / f"case{i}.nii.gz").write_bytes(b"")
-    later = (raw / "labelsTr" / "case0.nii.gz").stat().st_mtime + 10
-    for f in data.iterdir():
-        os.utime(f, (later, later))
+    plans = _shared_folder(raw, pre)
+    gt = pre / "gt_segmentations"
+    later = (pre / "nnUNetPlans_3d_fullres" / "case0.pkl").stat().st_mtime  # when the data was preprocessed
     assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
     # what a label copy killed before its rename leaves is not a case (nnU-Net copied dataset.json here)
     (pre / "dataset.json").write_text((raw / "dataset.json").read_text())
