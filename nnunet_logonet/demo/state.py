@@ -71,10 +71,6 @@ class DemoState:
         own = self.stages.get(stage, {}).get("sequence", 0)
         return [need for need in needs if self.stages.get(need, {}).get("sequence", 0) > own]
 
-    def forget(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self.save()
-
     def save(self) -> None:
         data = {"version": STATE_VERSION, "digest": self.settings.digest(), "settings": self.settings.as_dict(),
                 "stages": self.stages}
