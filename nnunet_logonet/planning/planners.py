@@ -145,12 +145,16 @@ class LoGoNetPlanner(ExperimentPlanner):
         self._set_aside_unreadable_plans()
         self._write_plans_whole(plans)
 
+    def _plans_file(self) -> Path:
+        """Where nnU-Net's ``save_plans`` puts the plans (its module's ``nnUNet_preprocessed``)."""
+        return Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
+
     def _write_plans_whole(self, plans: dict) -> None:
         """nnU-Net 2.8's ``save_plans`` (configurations only the existing file holds are kept, as
         nnU-Net keeps a user's own ones), with the file written whole: nnU-Net writes it in place, and
         an interrupted planning left a file that ``nnUNetv2_train`` stopped on with a bare JSON error."""
-        plans_file = Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
-        old_plans = read_json_if_whole(plans_file) if plans_file.is_file() else None
+        plans_file = self._plans_file()
+        old_plans = read_json_if_whole(plans_file)  # None: no file (or one set aside as unreadable)
         if old_plans is not None:
             kept = {name: config for name, config in old_plans.get("configurations", {}).items()
                     if name not in plans["configurations"]}
@@ -162,7 +166,7 @@ class LoGoNetPlanner(ExperimentPlanner):
         """nnU-Net's ``save_plans`` reads the existing plans file to keep its other configurations, and
         writes in place: a file cut short by an interrupted run stopped every later planning with a bare
         JSON error. It is kept beside, renamed, and the plans are written anew."""
-        plans_file = Path(nnunet_planner.nnUNet_preprocessed) / self.dataset_name / f"{self.plans_identifier}.json"
+        plans_file = self._plans_file()
         if plans_file.is_file() and read_json_if_whole(plans_file) is None:
             aside = plans_file.with_name(plans_file.name + ".unreadable")
             os.replace(plans_file, aside)
