@@ -673,3 +673,150 @@ def test_the_module_runs_as_a_script_without_runpys_warning():
     run = subprocess.run([sys.executable, "-m", "nnunet_logonet.msd.submission", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "usage" in run.stdout and "RuntimeWarning" not in run.stderr
+
+
+def test_report_says_incomplete_and_names_ignored_files(spleen):
+    task, pred, _, _ = spleen
+    (pred / "spleen_3.nii.gz").unlink()
+    (pred / "spleen_9.nii.gz").write_bytes((pred / "spleen_1.nii.gz").read_bytes())  # no such test case
+    text = validate_task(task, pred, progress=False).format()
+    assert "[INCOMPLETE]" in text.splitlines()[0]
+    assert "MISSING spleen_3.nii.gz" in text
+    assert "ignored 1 file(s) matching no test case: spleen_9.nii.gz" in text
+
+
+def test_report_shows_ten_notes_and_counts_the_rest(tmp_path):
+    from nnunet_logonet.msd.validation import CaseResult, TaskReport
+
+    found = [CaseResult(f"c_{i}.nii.gz", tmp_path / f"c_{i}.nii.gz", notes=("written as uint8",)) for i in range(12)]
+    report = TaskReport("Task09_Spleen", tmp_path, tmp_path, {0: "background"}, [r.case for r in found],
+                        found=found)
+    lines = report.format().splitlines()
+    assert "[complete]" in lines[0]
+    assert sum(line.startswith("  note ") for line in lines) == 10 and lines[-1] == "  ... 2 more notes"
+
+
+def test_a_prediction_found_under_another_name_is_noted(tmp_path):
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS)
+    predict_all(task, tmp_path / "pred", rename=lambda name: name.replace(".nii.gz", "_0000.nii.gz"))
+    report = validate_task(task, tmp_path / "pred", progress=False)
+    assert [n for r in report.found for n in r.notes] == \
+        [f"found as spleen_{i}_0000.nii.gz" for i in (1, 3, 5)]
+    predict_all(task, tmp_path / "msd_names")
+    assert [r.notes for r in validate_task(task, tmp_path / "msd_names", progress=False).found] == [()] * 3
+
+
+def test_spacing_off_by_one_in_a_thousand_is_refused(spleen):
+    task, _, _, _ = spleen
+    g = read_geometry(task / "imagesTs" / "spleen_1.nii.gz")
+    image = _image(np.zeros(g.size[::-1], np.uint8), tuple(s * 1.001 for s in g.spacing), g.origin, g.direction)
+    assert any("spacing (x, y, z) expected" in r for r in check_prediction(image, g, {0, 1})[0])
+
+
+def test_a_2d_prediction_is_a_finding_not_a_crash(spleen):
+    task, _, _, _ = spleen
+    g = read_geometry(task / "imagesTs" / "spleen_1.nii.gz")
+    reasons, _ = check_prediction(sitk.GetImageFromArray(np.zeros(g.size[1::-1], np.uint8)), g, {0, 1})
+    assert len(reasons) == 1 and reasons[0].startswith("has 2 dimensions")
+
+
+def test_integral_float64_map_is_accepted_and_noted(spleen):
+    task, _, _, _ = spleen
+    g = read_geometry(task / "imagesTs" / "spleen_1.nii.gz")
+    image = _image(np.ones(g.size[::-1], np.float64), g.spacing, g.origin, g.direction)
+    reasons, notes = check_prediction(image, g, {0, 1})
+    assert reasons == [] and len(notes) == 1 and "written as uint8" in notes[0]
+
+
+def test_inf_in_a_float_prediction_is_invalid(spleen):
+    """ITK reads +-inf as 0, like NaN; only nibabel's count of the file shows them."""
+    task, pred, _, _ = spleen
+    image_path, pred_path = task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz"
+    array = predict_like(image_path, pred_path).astype(np.float32)
+    array.flat[3] = np.inf
+    g = read_geometry(image_path)
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+    report = validate_task(task, pred, progress=False)
+    assert [r.case for r in report.invalid] == ["spleen_3.nii.gz"]
+    assert any("0 NaN and 1 inf" in reason for reason in report.invalid[0].reasons), report.invalid[0].reasons
+
+
+def test_float_values_near_an_integer_are_not_integers(spleen):
+    """A cast to uint8 would truncate 0.999 to 0: only exact integers are labels."""
+    task, _, _, _ = spleen
+    g = read_geometry(task / "imagesTs" / "spleen_1.nii.gz")
+    array = np.ones(g.size[::-1], np.float32)
+    array.flat[0] = np.float32(0.999)
+    reasons, _ = check_prediction(_image(array, g.spacing, g.origin, g.direction), g, {0, 1})
+    assert any("not integers (e.g. 0.999, 1 voxels)" in r for r in reasons), reasons
+
+
+def test_unreadable_prediction_reason_is_itks_message_not_its_source_line(spleen):
+    task, pred, _, _ = spleen
+    _not_an_image(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
+    (reason,) = validate_task(task, pred, progress=False).invalid[0].reasons
+    assert reason.startswith("cannot be read as an image: Unable to determine ImageIO reader"), reason
+    assert ".cxx" not in reason
+
+
+def test_missing_prediction_folder_is_a_clear_error(spleen, tmp_path):
+    task, _, _, _ = spleen
+    with pytest.raises(ValueError, match=r"Prediction folder .*nope \(for Task09_Spleen\) does not exist"):
+        validate_task(task, tmp_path / "nope", progress=False)
+
+
+def _break_task(task: Path, how: str) -> Path:
+    meta = json.loads((task / "dataset.json").read_text())
+    if how == "no_folder":
+        return task.parent / "Task99_Absent"
+    if how == "no_json":
+        (task / "dataset.json").unlink()
+    elif how == "bad_json":
+        (task / "dataset.json").write_text("{")
+    elif how == "no_test_list_nor_imagesTs":
+        for image in (task / "imagesTs").iterdir():
+            image.unlink()
+        (task / "imagesTs").rmdir()
+        (task / "dataset.json").write_text(json.dumps({**meta, "test": []}))
+    else:
+        changed = {"no_labels": {k: v for k, v in meta.items() if k != "labels"},
+                   "empty_labels": {**meta, "labels": {}},
+                   "test_entry_not_a_path": {**meta, "test": [{"image": meta["test"][0]}]}}[how]
+        (task / "dataset.json").write_text(json.dumps(changed))
+    return task
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no_folder", r"MSD task folder .*Task99_Absent does not exist"),
+    ("no_json", r"dataset.json is missing; --task must be an MSD task folder"),
+    ("bad_json", r"dataset.json is not valid JSON"),
+    ("no_labels", r'dataset.json has no "labels" entry'),
+    ("empty_labels", r'dataset.json: "labels" must be a non-empty mapping'),
+    ("test_entry_not_a_path", r'dataset.json: "test" entries must be file paths'),
+    ("no_test_list_nor_imagesTs", r'lists no "test" cases and .*imagesTs does not exist'),
+])
+def test_a_broken_task_folder_is_a_value_error_naming_the_file(tmp_path, how, message):
+    from nnunet_logonet.msd.task import read_task
+
+    task = _break_task(make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS, n_test=1), how)
+    with pytest.raises(ValueError, match=message):
+        read_task(task)
+
+
+def test_unreadable_or_2d_test_image_header_is_a_value_error(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"Cannot read image header of test image .*bad.nii.gz"):
+        read_geometry(bad)
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5), np.float32)), str(flat))
+    with pytest.raises(ValueError, match=r"flat.nii.gz has 2 dimensions; expected 3"):
+        read_geometry(flat)
+
+
+def test_test_list_fallback_skips_underscore_files_as_nnunets_converter_does(tmp_path):
+    from nnunet_logonet.msd.task import read_task
+
+    task = make_msd_task(tmp_path / "msd", "Task09_Spleen", "spleen", SPLEEN_LABELS, list_test=False)
+    (task / "imagesTs" / "_spleen_1.nii.gz").write_bytes((task / "imagesTs" / "spleen_1.nii.gz").read_bytes())
+    assert list(read_task(task).test_images) == ["spleen_1.nii.gz", "spleen_3.nii.gz", "spleen_5.nii.gz"]

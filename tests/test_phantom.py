@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_logonet.phantom import (
     LABELS,
+    MAX_SIZE,
     MIN_SIZE,
     case_seed,
     generate_case,
@@ -410,3 +411,67 @@ def test_nnunet_plans_and_preprocesses_the_phantom(tmp_path):
     assert np.all(patch <= np.ceil(median / 16) * 16), (patch, median)
     assert fullres["spacing"][0] > fullres["spacing"][1], fullres["spacing"]  # z thicker
     assert len(list((preprocessed / "nnUNetPlans_3d_fullres").glob("*"))) >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# names, bounds and metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_names_and_images_never_repeat_across_splits(dataset):
+    """Test and unlabeled cases have their own names and seeds: a test image in the training or pretraining
+    data would leak the held-out set."""
+    assert sorted(p.name for p in (dataset / "imagesTs").iterdir()) == \
+        ["Phantom_ts000_0000.nii.gz", "Phantom_ts001_0000.nii.gz"]
+    assert sorted(p.name for p in (dataset / "imagesUnlabeled").iterdir()) == \
+        ["Phantom_un000_0000.nii.gz", "Phantom_un001_0000.nii.gz"]
+    hashes = [h for sub in ("imagesTr", "imagesTs", "imagesUnlabeled")
+              for name, h in _hashes(dataset).items() if name.startswith(sub + "/")]
+    assert len(hashes) == 10 and len(set(hashes)) == 10
+
+
+def test_argument_bounds_are_inclusive_and_name_the_parameter():
+    ok = dict(dataset_id=999, name="Phantom", num_train=1, num_test=0, num_unlabeled=0, seed=0, size=MIN_SIZE,
+              fmt="nnunet")
+    phantom_writer.check_arguments(**ok)
+    phantom_writer.check_arguments(**{**ok, "dataset_id": 99, "fmt": "msd", "size": MAX_SIZE})
+    for param, value in (("dataset_id", 0), ("num_train", True), ("size", MAX_SIZE + 1)):
+        with pytest.raises(phantom_writer.PhantomArgumentError) as error:
+            phantom_writer.check_arguments(**{**ok, param: value})
+        assert error.value.param == param and repr(value) in str(error.value)
+
+
+def test_dataset_folder_gets_the_usual_permissions_gzip_files_and_its_seed(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        folder = write_dataset(tmp_path, 910, num_train=1, num_test=1, num_unlabeled=0, seed=5, size=32)
+    finally:
+        os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o755  # a temporary folder is the owner's only
+    files = sorted(folder.rglob("*.nii.gz"))
+    assert len(files) == 4 and all(p.read_bytes()[:2] == b"\x1f\x8b" for p in files)
+    assert json.loads((folder / "dataset.json").read_text())["phantom"] == \
+        {"seed": 5, "size": 32, "generator_version": phantom_writer.GENERATOR_VERSION}
+
+
+def test_root_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = write_dataset("~/raw", 911, num_train=1, num_test=0, num_unlabeled=0, size=32)
+    assert folder == tmp_path / "raw" / "Dataset911_Phantom" and folder.is_dir()
+
+
+def test_msd_dataset_json_lists_test_cases_and_counts(tmp_path):
+    task = write_dataset(tmp_path, 9, fmt="msd", num_train=2, num_test=1, num_unlabeled=1, seed=3, size=32)
+    meta = json.loads((task / "dataset.json").read_text())
+    assert (meta["numTraining"], meta["numTest"]) == (2, 1)
+    assert meta["test"] == ["./imagesTs/Phantom_ts000.nii.gz"]
+    assert (meta["phantom"]["seed"], meta["phantom"]["numUnlabeled"]) == (3, 1)
+    assert [p.name for p in (task / "imagesUnlabeled").iterdir()] == ["Phantom_un000.nii.gz"]
+
+
+def test_msd_id_used_by_another_task_is_refused(tmp_path):
+    (tmp_path / "Task09_Other").mkdir()
+    with pytest.raises(phantom_writer.PhantomArgumentError, match="Task09_Other") as error:
+        write_dataset(tmp_path, 9, fmt="msd", num_train=1, num_test=0, num_unlabeled=0, size=32)
+    assert error.value.param == "dataset_id"
+    assert [p.name for p in tmp_path.iterdir()] == ["Task09_Other"]
