@@ -149,6 +149,18 @@ def test_workers_run_one_openmp_thread_each_and_leave_the_callers_alone():
     assert seen == [2]
 
 
+def test_starting_the_workers_leaves_later_threads_the_callers_thread_count(monkeypatch):
+    """Each worker sets its own OpenMP team to 1, which also sets the default of threads made later
+    (nnUNetPredictor's producer, a DataLoader's pin thread): starting the workers puts the caller's back."""
+    monkeypatch.setattr(concurrent_module, "_workers", None)  # workers started in this test
+    assert concurrent_module.run_concurrently([torch.get_num_threads] * 2) == [1, 1]
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert seen == [2] and torch.get_num_threads() == 2
+
+
 def test_jobs_see_the_callers_grad_mode_levers_and_pools():
     def state():
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), lever_enabled("post_ops"),
@@ -289,6 +301,24 @@ def test_concurrent_training_only_in_cpu_float32_training_on_two_threads(case, m
     torch.set_num_threads(2)
     net.float().train()(torch.randn(2, 1, 32, 32, 32)).square().mean().backward()
     assert runs == [9]
+
+
+def test_concurrent_training_with_frozen_local_paths(monkeypatch):
+    """Fine-tuning with the local paths frozen (neither their parameters nor the input need a gradient):
+    their jobs get no backward, and the step gives the single stream's gradients."""
+    net = _tiny((32, 32, 32)).train()
+    net.local_paths.requires_grad_(False)
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    runs = _spy_training_runs(monkeypatch)
+    fast = _training_step(net, x)
+    assert runs == [9]
+    single = _training_step(net, x, "concurrent_training")
+    assert fast[2].keys() == single[2].keys()
+    grads = {k: g for k, g in single[2].items() if g is not None}
+    assert {k for k, g in fast[2].items() if g is not None} == grads.keys()
+    assert not any(k.startswith("local_paths.") for k in grads)
+    scale = max(g.abs().max() for g in grads.values())
+    assert max(((fast[2][k] - g).abs().max() / scale).item() for k, g in grads.items()) < 5e-2
 
 
 def test_concurrent_training_refuses_autograd_grad_instead_of_misplacing_gradients():

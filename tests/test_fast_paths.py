@@ -8,6 +8,7 @@ network (the reference itself differs that much from a float64 computation; see 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -708,7 +709,7 @@ def test_lka_block_folding_follows_load_state_dict():
     assert _rel(first, second) > 1e-2
 
 
-@pytest.mark.parametrize("hooked", ["norm2", "attn.lka.conv_spatial"])
+@pytest.mark.parametrize("hooked", ["norm2", "attn.lka.conv_spatial", "attn.proj_1"])
 def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks(hooked):
     block = _lka_block()
     assert foldable_lka_block(block)
@@ -736,6 +737,22 @@ def test_lka_block_is_folded_only_in_eval_with_running_statistics_and_no_hooks(h
         with reference_kernels():
             ref = instance(x)
     assert _rel(fast, ref) < 1e-5
+
+
+def test_training_lka_block_with_frozen_batchnorms_keeps_its_stochastic_depth():
+    """Fine-tuning with frozen BatchNorms: a block in training whose norms are in eval is not folded
+    (the fold has no stochastic depth) and draws the reference's drop-path masks."""
+    block = _lka_block(drop_path=0.5).train()
+    for norm in (block.norm1, block.norm2):
+        norm.eval()
+    assert not foldable_lka_block(block)
+    x = torch.randn(8, 8, 4, 4, 4)
+    outputs = []
+    for context in (torch.enable_grad(), reference_kernels()):
+        torch.manual_seed(3)
+        with context:
+            outputs.append(block(x))
+    assert _rel(*outputs) < 1e-5
 
 
 def test_networks_run_no_batchnorm_in_inference(monkeypatch):
@@ -1168,7 +1185,7 @@ def _count_pooled_units(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("widths, momentum, head", [((1,), 0.1, False), ((6,), None, False), ((4, 6), 0.1, False),
-                                                    ((6,), 0.1, True)])
+                                                    ((6,), 0.1, True), ((4, 6), 0.1, True)])
 def test_conv_unit_in_kept_buffers_equals_the_modules(widths, momentum, head, monkeypatch):
     """``training_buffers``: a full-resolution conv unit (conv 3^3 -> BatchNorm -> LeakyReLU) as one
     Function with its tensors in kept memory gives the modules' output and their gradients up to
@@ -1269,6 +1286,46 @@ def test_conv_unit_runs_in_kept_buffers_only_where_it_pays(monkeypatch):
     with buffers_module.pooled_outputs(unit.train(), x):
         unit(x).sum().backward()
     assert calls == [1] and buffers_module.pool_of(unit, training=True).nbytes > 0
+
+
+@pytest.mark.parametrize("case", ["padding_0", "stride_2", "dilation_2", "groups_2", "concat_sum_off"])
+def test_conv_unit_in_kept_buffers_only_for_a_dense_same_3x3x3_convolution(case, monkeypatch):
+    """The training pool's Function convolves 3^3, stride 1, padding 1, dense: a unit with any other
+    geometry runs as the modules (same output shape and values), and so do the parts of a
+    concatenation while ``concat_sum`` is off (the reference builds the concatenation)."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    calls = _count_pooled_units(monkeypatch)
+    torch.manual_seed(0)
+    unit = ConvUnit(8, 8)
+    geometry = {"padding_0": dict(padding=0), "stride_2": dict(stride=2, padding=1),
+                "dilation_2": dict(dilation=2, padding=2), "groups_2": dict(groups=2, padding=1)}
+    if case in geometry:
+        unit.conv = Conv3d(8, 8, kernel_size=3, bias=False, **geometry[case])
+    unit = unit.to(memory_format=CL).train()
+    parts = [torch.randn(2, 4, 6, 7, 5).contiguous(memory_format=CL) for _ in range(2)]
+    x = torch.cat(parts, 1).contiguous(memory_format=CL)
+    reference = copy.deepcopy(unit)
+    with buffers_module.pooled_outputs(unit, x):
+        with reference_kernels("concat_sum") if case == "concat_sum_off" else contextlib.nullcontext():
+            out = unit(tuple(parts) if case == "concat_sum_off" else x)
+    assert calls == []
+    expected = reference(x)
+    assert out.shape == expected.shape and _rel(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("hooked", ["conv", "norm", "act"])
+def test_hooked_conv_unit_runs_as_the_modules_in_training(hooked, monkeypatch):
+    """A forward hook on a full-resolution unit's conv, norm or activation sees its module run in a
+    training step too: the unit leaves the training pool's one Function aside."""
+    monkeypatch.setattr(training_buffers_module, "MIN_BYTES", 0)
+    calls = _count_pooled_units(monkeypatch)
+    unit = ConvUnit(4, 8).to(memory_format=CL).train()
+    seen = []
+    unit.get_submodule(hooked).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 4, 6, 7, 5).contiguous(memory_format=CL)
+    with buffers_module.pooled_outputs(unit, x):
+        unit(x).sum().backward()
+    assert seen == [(2, 8, 6, 7, 5)] and calls == []
 
 
 @pytest.mark.parametrize("scale", [(2, 2, 2), (1, 2, 2)])

@@ -5,6 +5,7 @@ failing before its fix). Every check compares the fast network with the same wei
 ``reference_kernels()``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -78,6 +79,20 @@ def test_validation_after_fused_optimizer_steps_sees_the_new_weights():
         assert _eval_vs_reference(net, x) < 1e-4
 
 
+def test_a_fused_step_between_mode_switches_is_seen_without_a_training_forward():
+    """``train()``/``eval()`` alone drop the caches: a fused optimizer step taken after the validation
+    forwards (gradients of an earlier backward) changes no version counter, and no training forward
+    follows it before the next validation."""
+    net, x = _tiny(), _x()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, fused=True)
+    net.train()
+    net(x).square().mean().backward()
+    assert _eval_vs_reference(net, x) < 1e-4  # fills the caches after the training forward
+    net.train()
+    optimizer.step()
+    assert _eval_vs_reference(net, x) < 1e-4
+
+
 def test_eval_after_batchnorm_recalibration_sees_the_new_statistics():
     """Train-mode forwards under no_grad (BatchNorm recalibration) update running statistics in place
     without a version bump."""
@@ -105,6 +120,53 @@ def test_grouped_running_statistics_follow_a_step_run_as_the_loop():
     for name, value in net.named_buffers():
         if "running" in name:
             assert _rel(value, buffers[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("case", ["one_path_frozen", "cumulative_momentum"])
+def test_grouped_batchnorms_follow_each_paths_own_settings(case):
+    """Training with one local path's BatchNorms frozen in eval (the grouped paths normalise paths in
+    different modes one by one), and BatchNorms with ``momentum=None`` (cumulative averages): the
+    outputs and every path's statistics and batch counts are the reference's."""
+    net, x = _tiny(), _x()
+    if case == "cumulative_momentum":
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.momentum = None
+    reference = copy.deepcopy(net)
+    outputs = []
+    for model, context in ((net, contextlib.nullcontext()), (reference, reference_kernels())):
+        model.train()
+        if case == "one_path_frozen":
+            for m in model.local_paths[0].modules():
+                if isinstance(m, nn.BatchNorm3d):
+                    m.eval()
+        with context:
+            for _ in range(2):
+                out = model(x)
+                out.square().mean().backward()
+        outputs.append(out.detach())
+    assert _rel(*outputs) < 1e-4
+    buffers = dict(reference.named_buffers())
+    for name, value in net.named_buffers():  # (cumulative means of about 0 compare absolutely)
+        torch.testing.assert_close(value, buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("edited", ["running_var", "local_paths.5"])
+def test_in_place_edits_in_eval_are_seen_without_a_mode_switch(edited):
+    """Versioned in-place edits between two eval forwards, with no ``train()``/``eval()`` between (which
+    would rebuild every cache anyway): every BatchNorm's running variance (a hand recalibration), or every
+    tensor of one local path (the grouped paths' caches must be keyed on each path, not the first)."""
+    net, x = _tiny(), _x(batch=1)
+    assert _eval_vs_reference(net, x) < 1e-4  # fills the caches
+    with torch.no_grad():
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            wanted = name.endswith("running_var") if edited == "running_var" else name.startswith(edited + ".")
+            if wanted and t.is_floating_point():
+                t.mul_(1.5)
+        fast = net(x)
+        with reference_kernels():
+            reference = net(x)
+    assert _rel(fast, reference) < 1e-4
 
 
 def test_training_after_a_train_mode_forward_under_inference_mode():
