@@ -17,9 +17,9 @@ import pytest
 from nnunet_logonet.demo import cli, report, stages
 from nnunet_logonet.demo.cli import check_dataset_ids, demo_environment, main, run_demo, run_stages
 from nnunet_logonet.demo.runner import run_command
-from nnunet_logonet.demo.settings import DemoError, make_settings
+from nnunet_logonet.demo.settings import DemoError, DemoSettings, make_settings
 from nnunet_logonet.demo.stages import DemoContext, Stage, epoch_seconds, seconds_per_case, seconds_per_iteration
-from nnunet_logonet.demo.state import DemoState
+from nnunet_logonet.demo.state import DemoState, mark
 
 ORGANS = ["spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "aorta"]
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -646,6 +646,316 @@ def test_report_says_when_a_training_was_resumed():
     results["models"]["nnunet"]["train_resumed"] = True
     (note,) = [note for note in report.table_notes(results) if "Resumed with --c" in note]
     assert results["models"]["nnunet"]["label"] in note and "last nnUNetv2_train process only" in note
+
+
+def test_table_shows_a_nan_dice_as_a_dash():
+    """nnU-Net's evaluator writes NaN for an organ absent from reference and prediction alike."""
+    results = synthetic_results()
+    results["models"]["nnunet"]["dice"]["aorta"] = float("nan")
+    lines = report.format_table(results).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = next([c.strip() for c in r.strip("|").split("|")] for r in lines[2:]
+               if r.split("|")[1].strip() == results["models"]["nnunet"]["label"])
+    assert row[header.index("aorta")] == "–"
+
+
+def test_assembled_models_take_each_figure_from_its_own_stage():
+    settings = make_settings(quick=True, device="cpu")
+    model = settings.models[0]
+    records = {f"train_{model.key}": {"seconds_per_iteration": 1.5, "resumed": True, "max_rss_mb": 900.0},
+               f"predict_{model.key}": {"seconds_per_case": 4.0},
+               "evaluate": {"models": {model.key: {"dice": {"spleen": 0.9}, "mean_dice": 0.8}}},
+               "costs": {"models": {model.key: {"parameters": 10, "macs": 20, "patch_size": [16, 32, 32]}}}}
+    row = report.assemble_models({"device": "cpu"}, settings.models, records)[model.key]
+    assert (row["dice"], row["mean_dice"], row["seconds_per_case"], row["seconds_per_iteration"]) == \
+        ({"spleen": 0.9}, 0.8, 4.0, 1.5)
+    assert row["train_resumed"] is True and row["patch_size"] == [16, 32, 32]
+    other = report.assemble_models({"device": "cpu"}, settings.models, records)[settings.models[1].key]
+    assert other["train_resumed"] is False and other["seconds_per_case"] is None
+
+
+def test_notes_leave_out_a_model_whose_patch_was_not_recorded():
+    results = synthetic_results()
+    results["models"]["nnunet"]["patch_size"] = None  # its costs stage did not record one
+    (note,) = [n for n in report.table_notes(results) if n.startswith("GMACs")]
+    assert results["models"]["nnunet"]["label"] not in note and "16x32x32" in note
+
+
+def test_markdown_title_wall_time_and_no_ranking_section_without_one(tmp_path):
+    results = synthetic_results()  # quick settings, 100 s
+    report.write_markdown(results, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# LoGoNet demo results (quick)") and "total wall time 1.7 min" in text
+    assert "model selection" not in text
+
+
+def test_ssl_note_reports_the_validation_pseudo_label_accuracy():
+    results = synthetic_results()
+    results["ssl_pretraining"] = {"pseudo_label_accuracy": {"train": 0.9, "val": 0.6, "chance": 0.25}}
+    (note,) = [n for n in report.table_notes(results) if n.startswith("SSL pretraining")]
+    assert "masked slices 0.600 (chance 0.250)" in note
+
+
+def test_json_writes_paths_as_text(tmp_path):
+    report.write_json({"log": tmp_path / "a.log"}, tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text()) == {"log": str(tmp_path / "a.log")}
+
+
+def test_pick_slice_counts_background_as_no_organ():
+    label = np.zeros((2, 4, 4), np.uint8)
+    label[0] = 3  # one organ filling the slice
+    label[1, 0, 0] = 3  # the same organ, one voxel
+    assert report.pick_slice({"a": label}) == ("a", 0)
+
+
+def test_overlay_paints_each_organ_in_its_own_colour():
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    organs = {"spleen": 1, "liver": 6}
+    label = np.zeros((8, 8), np.uint8)
+    label[:4] = 6
+    fig, ax = plt.subplots()
+    report._overlay(ax, np.zeros((8, 8)), label, organs)
+    rgba = np.asarray(ax.images[-1].get_array())
+    plt.close(fig)
+    assert np.allclose(rgba[0, 0], (*report.ORGAN_COLOURS["liver"], 0.55))
+    assert np.allclose(rgba[7, 7], 0)  # background left clear
+
+
+def test_overlay_from_files_leaves_out_background_and_models_without_a_prediction(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    raw = tmp_path / "raw"
+    for folder in ("imagesTs", "labelsTs", "pred_a"):
+        (raw / folder).mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "spleen": 1, "liver": 2}}))
+    label = np.zeros((3, 8, 8), np.uint8)
+    label[1, :2, :2] = 1
+    label[1, 4:, 4:] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "labelsTs" / "case_1.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "pred_a" / "case_1.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16)), str(raw / "imagesTs" / "case_1_0000.nii.gz"))
+    drawn = []
+    monkeypatch.setattr(report, "plot_overlay", lambda image, panels, organs, path, title="": drawn.append(organs))
+    info = report.overlay_from_files(raw, {"A": raw / "pred_a", "B": raw / "missing"}, tmp_path / "overlay.png")
+    assert info == {"case": "case_1", "slice": 1, "panels": ["ground truth", "A"]}
+    assert drawn == [{"spleen": 1, "liver": 2}]
+
+
+# ------------------------------------------------------------------ stage commands and records
+def _context(tmp_path: Path, **settings_kwargs) -> DemoContext:
+    settings = make_settings(dataset_id=42, device="cpu", **settings_kwargs)
+    env = demo_environment(tmp_path, settings, {"PATH": ""})
+    return DemoContext(settings, tmp_path, tmp_path / "out", env, DemoState.open(tmp_path, settings))
+
+
+def _recording_command(calls: list, write=None):
+    """A run_command that records each command (and runs ``write(command)`` as the command would)."""
+    from nnunet_logonet.demo.runner import CommandResult
+
+    def run(command, env, log, **kwargs):
+        command = [str(c) for c in command]
+        calls.append((command, env))
+        if write:
+            write(command)
+        return CommandResult(command, str(log), 1.0, 1.0, 100.0, [])
+    return run
+
+
+def test_checkpoint_folder_is_nnunets_layout(tmp_path):
+    assert stages.checkpoint_folder(tmp_path, "Dataset042_Phantom", "T", "P", "0") == \
+        tmp_path / "Dataset042_Phantom" / "T__P__3d_fullres" / "fold_0"
+    ctx = _context(tmp_path)
+    assert stages.ssl_checkpoint(ctx) == stages.checkpoint_folder(
+        ctx.results, ctx.settings.ssl_dataset, ctx.settings.ssl_trainer, ctx.settings.plans, "all") / \
+        "checkpoint_final.pth"
+
+
+def test_seconds_per_case_ignores_a_case_whose_start_was_not_seen():
+    assert seconds_per_case([(2.0, "done with Phantom_ts000.nii.gz")]) == {}
+
+
+@pytest.mark.parametrize("value", [None, "", "0"])
+def test_planning_gets_at_least_one_augmentation_process_without_changing_the_demos_env(tmp_path, value):
+    ctx = _context(tmp_path)
+    ctx.env.pop("nnUNet_n_proc_DA")
+    if value is not None:
+        ctx.env["nnUNet_n_proc_DA"] = value
+    assert stages._planning_env(ctx)["nnUNet_n_proc_DA"] == "1"
+    assert ctx.env.get("nnUNet_n_proc_DA") == value
+
+
+def test_stage_outputs_and_needs_follow_each_model(tmp_path):
+    ctx = _context(tmp_path)
+    s = ctx.settings
+    (ctx.raw_dataset / "imagesTs").mkdir(parents=True)
+    for case in ("Phantom_ts000", "Phantom_ts001"):
+        (ctx.raw_dataset / "imagesTs" / f"{case}_0000.nii.gz").write_bytes(b"")
+    by_name = {stage.name: stage for stage in stages.build_stages(s)}
+    for model in s.models:
+        assert by_name[f"predict_{model.key}"].outputs(ctx) == [
+            ctx.predictions(model) / f"Phantom_ts00{i}.nii.gz" for i in (0, 1)]
+        (final,) = by_name[f"train_{model.key}"].outputs(ctx)
+        assert final.name == "checkpoint_final.pth" and f"{model.trainer}__{model.plans}__" in str(final)
+    assert by_name["train_nnunet"].needs == ("plan_nnunet",)
+    assert by_name["train_logonet"].needs == ("plan_logonet",)
+    assert by_name["train_logonet_ssl"].needs == ("plan_logonet", "ssl_pretrain")
+    assert by_name["rank"].needs == tuple(f"train_{m.key}" for m in s.models)
+    assert by_name["costs"].needs == ("plan_nnunet", "plan_logonet")
+
+
+def test_phantom_is_reused_only_when_made_with_the_same_settings(tmp_path, monkeypatch):
+    import nnunet_logonet.phantom as phantom
+
+    ctx = _context(tmp_path)
+    s = ctx.settings
+
+    def write_dataset(raw, dataset_id, **kwargs):
+        folder = Path(raw) / s.dataset
+        folder.mkdir(parents=True)
+        meta = {"phantom": {"seed": kwargs["seed"], "size": kwargs["size"]}, "numTraining": kwargs["num_train"],
+                "numTest": kwargs["num_test"], "numUnlabeled": kwargs["num_unlabeled"]}
+        (folder / "dataset.json").write_text(json.dumps(meta))
+        return folder
+
+    monkeypatch.setattr(phantom, "write_dataset", write_dataset)
+    assert stages.run_phantom(ctx) == {"folder": str(ctx.raw_dataset)}
+    assert (ctx.raw_dataset / MARKER).is_file()
+    assert ctx.state.stages["phantom"]["creates"] == str(ctx.raw_dataset)  # recorded before it was made
+    assert stages.run_phantom(ctx) == {"reused_existing": str(ctx.raw_dataset)}
+    meta = json.loads((ctx.raw_dataset / "dataset.json").read_text())
+    for key, value in (("numUnlabeled", s.num_unlabeled + 1), ("numTest", s.num_test + 1)):
+        (ctx.raw_dataset / "dataset.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(DemoError, match="not made with these settings.*--fresh"):
+            stages.run_phantom(ctx)
+    (ctx.raw_dataset / "dataset.json").write_text('{"phantom": {')  # cut short
+    with pytest.raises(DemoError, match="not made with these settings"):
+        stages.run_phantom(ctx)
+
+
+def test_logonet_planning_names_the_presets_planner_and_records_its_patch(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    s = ctx.settings
+    plans = {"configurations": {"3d_fullres": {"patch_size": [16, 32, 32]}}}
+
+    def write_plans(command):
+        ctx.plans_file(s.plans).parent.mkdir(parents=True, exist_ok=True)
+        ctx.plans_file(s.plans).write_text(json.dumps(plans))
+
+    calls = []
+    monkeypatch.setattr(stages, "run_command", _recording_command(calls, write_plans))
+    assert stages.run_plan_logonet(ctx)["patch_size"] == [16, 32, 32]
+    command, env = calls[0]
+    assert command[command.index("-pl") + 1] == s.planner == "LoGoNetTinyPlanner"
+
+
+def test_pretraining_dataset_folder_is_marked_even_when_a_later_step_fails(tmp_path, monkeypatch):
+    from nnunet_logonet.ssl import pipeline
+
+    ctx = _context(tmp_path)
+
+    def fail_after_the_raw_folder(*args, **kwargs):
+        (ctx.raw / ctx.settings.ssl_dataset).mkdir(parents=True)
+        raise pipeline.PipelineError("nnUNetv2_preprocess failed")
+
+    monkeypatch.setattr(pipeline, "prepare_pretraining_dataset", fail_after_the_raw_folder)
+    with pytest.raises(DemoError, match="SSL pretraining dataset: nnUNetv2_preprocess failed"):
+        stages.run_ssl_dataset(ctx)
+    assert (ctx.raw / ctx.settings.ssl_dataset / MARKER).is_file()
+
+
+def _train_once(ctx, monkeypatch, *, pretrained=None, logs=None):
+    """stages._train of the LoGoNet model with nnUNetv2_train replaced; returns (command, record)."""
+    model = ctx.settings.models[1]
+    folder = stages.checkpoint_folder(ctx.results, ctx.settings.dataset, model.trainer, model.plans, "0")
+
+    def train(command):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (logs or {}).items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+
+    calls = []
+    monkeypatch.setattr(stages, "run_command", _recording_command(calls, train))
+    info = stages._train(ctx, "train", dataset_id=42, dataset=ctx.settings.dataset, fold="0", trainer=model.trainer,
+                         plans=model.plans, pretrained=pretrained)
+    return calls[0][0], info, folder
+
+
+def test_training_resumes_with_c_only_from_a_checkpoint_and_never_with_pretrained_weights(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    weights = tmp_path / "ssl.pth"
+    mark(ctx.results / ctx.settings.dataset)
+    ctx.resuming = True  # interrupted before its first checkpoint: started over, from the SSL weights
+    command, info, folder = _train_once(ctx, monkeypatch, pretrained=weights)
+    assert "--c" not in command and command[-2:] == ["-pretrained_weights", str(weights)]
+    assert info["resumed"] is False
+    (folder / "checkpoint_latest.pth").write_text("x")
+    command, info, folder = _train_once(ctx, monkeypatch, pretrained=weights)
+    assert command[-1] == "--c" and "-pretrained_weights" not in command and info["resumed"] is True
+    assert (folder / "checkpoint_latest.pth").is_file()
+
+
+def test_training_record_reads_nnunets_log_and_validation_summary(tmp_path, monkeypatch):
+    ctx = _context(tmp_path, quick=True)
+    iterations = ctx.settings.budget["iterations"]
+    log = ("Epoch time: 30.0 s\npseudo-label accuracy: train 0.500, val 0.400 (chance 0.250)\n"
+           f"Epoch time: {2.0 * iterations} s\npseudo-label accuracy: train 0.800, val 0.700 (chance 0.250)\n")
+    summary = json.dumps({"foreground_mean": {"Dice": 0.66}, "mean": {"1": {"Dice": 0.1}}})
+    _, info, _ = _train_once(ctx, monkeypatch, logs={"training_log_2026_1_1_00_00_00.txt": log,
+                                                     "validation/summary.json": summary})
+    assert info["seconds_per_iteration"] == pytest.approx(2.0)
+    assert info["pseudo_label_accuracy"] == {"train": 0.8, "val": 0.7, "chance": 0.25}
+    assert info["validation_dice"] == 0.66
+
+
+def test_ssl_model_trains_on_its_own_plans_copy_and_needs_the_ssl_checkpoint(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    s = ctx.settings
+    model = s.models[2]
+    ctx.plans_file(s.plans).parent.mkdir(parents=True)
+    ctx.plans_file(s.plans).write_text(json.dumps({"plans_name": s.plans, "configurations": {}}))
+    monkeypatch.setattr(stages, "run_command", _stop)
+    with pytest.raises(DemoError, match="SSL checkpoint .* is missing"):
+        stages.make_train(model)(ctx)
+    assert json.loads(ctx.plans_file(model.plans).read_text())["plans_name"] == model.plans == s.ssl_plans
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_prediction_starts_from_an_empty_folder_and_follows_the_tta_setting(tmp_path, monkeypatch, tta):
+    ctx = _context(tmp_path)
+    ctx.settings = DemoSettings(**{**ctx.settings.as_dict(), "tta": tta})
+    model = ctx.settings.models[0]
+    stale = ctx.predictions(model) / "Phantom_ts009.nii.gz"  # a case of an earlier run
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
+    calls = []
+    monkeypatch.setattr(stages, "run_command", _recording_command(calls))
+    stages.make_predict(model)(ctx)
+    assert not stale.exists()
+    assert ("--disable_tta" in calls[0][0]) is not tta
+
+
+def test_rank_record_names_models_by_their_keys(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    models = ctx.settings.models
+    ident = {m.key: f"{m.trainer}__{m.plans}__3d_fullres" for m in models}
+    ranking = {"all_results": {ident[m.key]: 0.5 + i / 10 for i, m in enumerate(models)},
+               "best_model_or_ensemble": {"selected_model_or_models": [
+                   {"trainer": models[1].trainer, "plans_identifier": models[1].plans, "configuration": "3d_fullres"},
+                   {"trainer": models[0].trainer, "plans_identifier": models[0].plans, "configuration": "3d_fullres"}]}}
+
+    def write(command):
+        Path(command[command.index("--json") + 1]).parent.mkdir(parents=True, exist_ok=True)
+        Path(command[command.index("--json") + 1]).write_text(json.dumps(ranking))
+
+    monkeypatch.setattr(stages, "run_command", _recording_command([], write))
+    record = stages.run_rank(ctx)
+    assert record["ranked_dice"] == {m.key: pytest.approx(0.5 + i / 10) for i, m in enumerate(models)}
+    assert record["best"] == models[1].key
 
 
 # ----------------------------------------------------------------------- end to end

@@ -178,8 +178,31 @@ def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
     from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
 
     _fake_dataset(nnunet_dirs, 803, (1.0, 1.0, 1.0), (200, 200, 200))
-    with pytest.raises(PlanningError, match=r"-gpu_memory_target .* too small"):
+    with pytest.raises(PlanningError, match=r"-gpu_memory_target .* too small") as error:
         _plan(LoGoNetPlanner, 803, 0.05)
+    needed, advised = re.search(r"needs about ([0-9.]+) GB.*Use -gpu_memory_target ([0-9.]+) or more",
+                                str(error.value)).groups()
+    assert float(advised) >= float(needed)  # the advice is a target that plans
+
+
+def test_a_memory_target_of_zero_is_refused_before_planning():
+    from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
+
+    with pytest.raises(PlanningError, match="-gpu_memory_target must be positive, got 0"):
+        LoGoNetPlanner(999, gpu_memory_target_in_gb=0)
+
+
+def test_preprocessing_differences_name_plans_and_configuration_keys_compared_as_json():
+    """Plans in memory hold tuples where the file holds lists: the same preprocessing either way."""
+    from nnunet_logonet.planning.planners import preprocessing_differences
+
+    plans = {"transpose_forward": [0, 1, 2], "foreground_intensity_properties_per_channel": {"0": {"mean": 1.0}}}
+    config = {"spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["CTNormalization"]}
+    assert preprocessing_differences(plans, config, {**plans, "transpose_forward": (0, 1, 2)},
+                                     {**config, "spacing": (1.0, 1.0, 1.0)}) == []
+    assert preprocessing_differences(plans, config, {**plans, "transpose_forward": [2, 1, 0]},
+                                     {**config, "normalization_schemes": ["ZScoreNormalization"]}) == \
+        ["transpose_forward", "normalization_schemes"]
 
 
 def test_tiny_planner_caps_patch_for_cpu(nnunet_dirs):
@@ -189,6 +212,42 @@ def test_tiny_planner_caps_patch_for_cpu(nnunet_dirs):
     full = _plan(LoGoNetTinyPlanner, 804)["configurations"]["3d_fullres"]
     assert np.prod(full["patch_size"]) <= 64 ** 3
     assert full["architecture"]["arch_kwargs"]["dims"][0] < 64
+
+
+def test_tiny_planner_scales_the_initial_patch_to_its_cap_keeping_its_shape(nnunet_dirs):
+    """Thin volumes (40 x 300 x 300): the slab-shaped initial patch is scaled down whole, and the
+    local paths are not split along its thin axis."""
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _fake_dataset(nnunet_dirs, 825, (1.0, 1.0, 1.0), (40, 300, 300))
+    full = _plan(LoGoNetTinyPlanner, 825)["configurations"]["3d_fullres"]
+    assert full["patch_size"] == [16, 128, 128]
+    assert full["architecture"]["arch_kwargs"]["local_grid"] == [1, 2, 2]
+
+
+def test_with_memory_to_spare_the_patch_is_nnunets_initial_256_cube(nnunet_dirs):
+    from nnunet_logonet.planning.planners import ULKANetPlanner
+
+    _fake_dataset(nnunet_dirs, 826, (1.0, 1.0, 1.0), (300, 300, 300))
+    assert _plan(ULKANetPlanner, 826, 100.0)["configurations"]["3d_fullres"]["patch_size"] == [256, 256, 256]
+
+
+def test_data_folder_stays_shared_when_nnunet_plans_have_no_3d_fullres(nnunet_dirs):
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner
+
+    _, pre = _fake_dataset(nnunet_dirs, 823, (1.5, 1.0, 1.0), (40, 48, 48))
+    (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
+    assert _plan(LoGoNetTinyPlanner, 823)["configurations"]["3d_fullres"]["data_identifier"] == \
+        "nnUNetPlans_3d_fullres"
+
+
+def test_every_planner_can_be_chosen_on_the_command_line(nnunet_dirs):
+    from nnunet_logonet.planning.cli import main
+
+    _, pre = _fake_dataset(nnunet_dirs, 824, (1.5, 1.0, 1.0), (40, 48, 48))
+    assert main(["-d", "824", "-pl", "ULKANetPlanner", "-c", "3d_fullres", "--no_pp"]) in (0, None)
+    plans = json.loads((pre / "ULKANetPlans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith(".ULKANet")
 
 
 def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
@@ -526,6 +585,7 @@ def test_large_preset_planner_writes_logonet_l_plans_under_its_own_24_gb_target(
         assert large["architecture"]["arch_kwargs"][key] == reference[key], key
     assert large["architecture"]["arch_kwargs"]["depths"] == [3, 3, 24, 3]
     assert 8.0 < large["logonet"]["estimated_memory_gb"] <= 24.0
+    assert (large["logonet"]["gpu_memory_target_gb"], small["logonet"]["gpu_memory_target_gb"]) == (24.0, 8.0)
     assert small["logonet"]["estimated_memory_gb"] <= 8.0
     assert np.prod(large["patch_size"]) > np.prod(small["patch_size"])
 
