@@ -512,3 +512,296 @@ def test_interleave_command_times_every_model_in_rounds(tmp_path, capsys):
     assert "--interleave must be >= 1" in capsys.readouterr().err
     assert main(argv + ["--repeats", "3"]) == 2
     assert "drop --repeats" in capsys.readouterr().err
+
+
+def test_default_settings_per_device():
+    """The CLI help's defaults: cpu 1 warm-up, 3 repeats, one sliding window after none; cuda 3, 10, as
+    --repeats after one; fp16 only on CUDA."""
+    from nnunet_logonet.benchmark.measure import default_settings
+
+    cpu = default_settings(torch.device("cpu"), [64, 64, 64], amp=True)
+    assert (cpu.warmup, cpu.repeats, cpu.sw_warmup, cpu.sw_repeats, cpu.amp) == (1, 3, 0, 1, False)
+    cuda = default_settings(torch.device("cuda"), [96, 96, 96])
+    assert (cuda.warmup, cuda.repeats, cuda.sw_warmup, cuda.sw_repeats, cuda.amp) == (3, 10, 1, 10, True)
+    assert default_settings(torch.device("cpu"), [64] * 3, repeats=5).sw_repeats == 1
+
+
+def test_time_runs_warms_up_then_gives_each_timed_calls_costs(monkeypatch):
+    from nnunet_logonet.benchmark import measure
+
+    calls = []
+    monkeypatch.setattr(measure, "process_costs", lambda: (7 * len(calls), 0.5 * len(calls)))
+    costs: dict = {}
+    times = measure.time_runs(lambda: calls.append(1), warmup=2, repeats=4, device=torch.device("cpu"), costs=costs)
+    assert len(calls) == 6 and len(times) == 4
+    assert costs == {"minor_page_faults": 7, "system_s": 0.5}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_resident_set_is_in_mib_and_falls_back_to_the_peak_since_start(monkeypatch):
+    import os
+
+    from nnunet_logonet.benchmark.measure import ResidentSetPeak
+
+    rss = ResidentSetPeak()
+    statm = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    assert rss.current_mb() == pytest.approx(statm, rel=0.01)
+    rss.reset()
+    assert rss.method.startswith("VmHWM")
+    assert rss.peak_mb() >= rss.current_mb() * 0.99 and rss._maxrss_mb() >= rss.current_mb() * 0.99
+
+    def no_clear_refs(self, *args, **kwargs):
+        raise PermissionError("clear_refs")
+
+    monkeypatch.setattr(Path, "write_text", no_clear_refs)
+    fallback = ResidentSetPeak()
+    fallback.reset()
+    assert fallback.method.startswith("ru_maxrss")
+    assert fallback.peak_mb() == fallback._maxrss_mb()
+
+
+class _FakeRss:
+    before, peak = 500.0, 1700.0
+
+    def __init__(self):
+        self.method = "fake"
+
+    def current_mb(self):
+        return self.before
+
+    def peak_mb(self):
+        return self.peak
+
+    def reset(self):
+        pass
+
+    def release_free_memory(self):
+        pass
+
+
+def test_measured_figures_are_medians_and_the_peak_is_over_the_models_baseline(monkeypatch):
+    from nnunet_logonet.benchmark import measure
+
+    timed = []
+
+    def fake_time_runs(fn, warmup, repeats, device, costs=None):
+        timed.append((warmup, repeats))
+        return [3.0, 1.0, 2.0]
+
+    monkeypatch.setattr(measure, "time_runs", fake_time_runs)
+    monkeypatch.setattr(measure, "ResidentSetPeak", _FakeRss)
+    spec = resolve_model("nnunet", patch_size=[16, 16, 16])
+    settings = measure.default_settings(torch.device("cpu"), spec.patch_size, batch_size=1, warmup=2, repeats=3)
+    result = measure.measure_model(spec, settings)
+    assert timed == [(2, 3), (0, 1), (2, 3)]  # forward, sliding window, training
+    figures = result["figures"]
+    assert figures["forward_s"] == figures["sliding_window_s"] == figures["train_step_s"] == 2.0
+    assert figures["peak_memory_mb"] == 1200.0
+    assert (result["details"]["peak_rss_mb"], result["details"]["rss_before_model_mb"]) == (1700.0, 500.0)
+
+    monkeypatch.setattr(_FakeRss, "peak", 400.0)  # the resident set did not grow: no figure, and why
+    result = measure.measure_model(spec, settings)
+    assert result["figures"]["peak_memory_mb"] is None
+    assert any("peak memory not measured" in note for note in result["details"]["notes"])
+
+    result = measure.measure_model(spec, settings, skip_training="needs ~9.0 GB")
+    assert "train_step_s" not in result["figures"] and "peak_memory_mb" not in result["figures"]
+    assert "training not run: needs ~9.0 GB" in result["details"]["notes"]
+
+
+class _CountingNet(torch.nn.Conv3d):
+    def __init__(self):
+        super().__init__(1, 2, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("mirroring, case, tiles, calls", [(False, None, 8, 8), (True, None, 8, 64),
+                                                           (False, [8, 16, 16], 1, 1)])
+def test_sliding_window_counts_its_tiles_and_mirrors_when_asked(mirroring, case, tiles, calls):
+    from types import SimpleNamespace
+
+    from nnunet_logonet.benchmark.measure import default_settings, make_sliding_window
+
+    spec = SimpleNamespace(patch_size=(16, 16, 16), num_classes=2, input_channels=1)
+    settings = default_settings(torch.device("cpu"), spec.patch_size, mirroring=mirroring, case_size=case)
+    net = _CountingNet().eval()
+    predict, counted = make_sliding_window(net, spec, settings, torch.device("cpu"))
+    predict()
+    assert (counted, net.calls) == (tiles, calls)
+
+
+def test_without_row_switches_off_only_its_levers():
+    import dataclasses
+
+    from nnunet_logonet.benchmark.measure import default_settings, kernels_for
+    from nnunet_logonet.network.levers import lever_enabled
+
+    spec = dataclasses.replace(resolve_model("logonet_tiny", patch_size=[32, 32, 32]), without_levers=("post_ops",))
+    settings = default_settings(torch.device("cpu"), spec.patch_size)
+    factory, label = kernels_for(spec, settings)
+    with factory():
+        assert not lever_enabled("post_ops") and lever_enabled("onednn")
+    assert label == "fast without post_ops"
+    assert spec.to_json()["without_levers"] == ["post_ops"]
+    settings.reference_kernels = True
+    factory, label = kernels_for(spec, settings)
+    with factory():
+        assert not lever_enabled("post_ops") and not lever_enabled("onednn")
+    assert label == "reference"
+
+
+def test_memory_estimate_uses_each_layouts_bytes_per_element():
+    from nnunet_logonet.benchmark.measure import estimate_memory_mb
+    from nnunet_logonet.benchmark.models import feature_map_elements
+    from nnunet_logonet.counting import count_parameters
+
+    for name, per_element in (("nnunet", 18.0), ("logonet_tiny", 8.0)):
+        spec = resolve_model(name, patch_size=[32, 32, 32])
+        elements, params = feature_map_elements(spec), count_parameters(spec.build(init=False))
+        estimate = estimate_memory_mb(spec, 2, "cpu")
+        assert estimate["train_mb"] == pytest.approx((elements * 2 * per_element + params * 16) / 2 ** 20)
+        assert estimate["inference_mb"] == pytest.approx((elements + params) * 4 / 2 ** 20)
+
+
+def test_nnunet_reference_networks_are_the_ones_the_committed_records_measured():
+    """The reference every ratio divides by: nnU-Net's planner's topology for the patch, as recorded."""
+    for record in ("cpu_64.json", "cuda_96_h100.json"):
+        report = json.loads((Path(__file__).parents[1] / "docs/benchmarks" / record).read_text())
+        for name in ("nnunet", "resenc_m"):
+            spec = resolve_model(name, patch_size=report["patch_size"], spacing=report["spacing"])
+            stored = report["models"][name]["spec"]
+            assert (spec.network_class_name, spec.arch_kwargs) == (stored["network_class_name"], stored["arch_kwargs"])
+    _, arch, _ = nnunet_arch([128, 128, 128], [1.0, 1.0, 1.0])
+    assert arch["features_per_stage"] == [32, 64, 128, 256, 320, 320]
+    spec = resolve_model("nnunet", patch_size=[16, 32, 32], input_channels=2, num_classes=3)
+    assert (spec.input_channels, spec.num_classes) == (2, 3)
+    with pytest.raises(ValueError, match="multiple of"):
+        nnunet_arch([33, 64, 64], [1.0, 1.0, 1.0])
+
+
+def test_ratios_divide_by_the_reference_wherever_it_stands_and_skip_what_it_lacks():
+    from nnunet_logonet.benchmark.interleaved import _add_paired_ratios
+    from nnunet_logonet.benchmark.records import add_ratios
+
+    results = {"logonet_s": {"figures": {"parameters": 40, "peak_memory_mb": 900.0, "forward_s": 1.0}},
+               "nnunet": {"figures": {"parameters": 10, "peak_memory_mb": None, "forward_s": 2.0}},
+               "logonet_l": {"status": "skipped"}}
+    add_ratios(results)
+    assert results["logonet_s"]["ratios"] == {"parameters": 4.0, "macs": None, "forward_s": 0.5,
+                                              "train_step_s": None, "peak_memory_mb": None,
+                                              "sliding_window_s": None}
+    assert set(results["logonet_l"]["ratios"]) == set(FIGURES)
+    entries = {"logonet_s": {"figures": {"forward_s": 2.0}, "samples": {"forward_s": [1.0, 2.0]}},
+               "logonet_tiny": {"figures": {"forward_s": 1.0}, "samples": {"forward_s": [1.0, 1.0]}}}
+    _add_paired_ratios(entries)  # no nnunet in the run: no ratios, no ranges
+    assert entries["logonet_s"]["ratios"]["forward_s"] is None and entries["logonet_s"]["ratio_ranges"] == {}
+
+
+def test_allocator_settings_include_preloaded_allocators(monkeypatch):
+    from nnunet_logonet.benchmark.records import allocator_settings
+
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert allocator_settings() == {"MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "libjemalloc.so.2"}
+    info = device_info(torch.device("cpu"))
+    assert info["memory_available_mb"] > 0 and info["logical_cpus"] >= 1
+
+
+def test_table_prints_each_figure_in_its_unit_with_its_ratio_and_the_runs_costs():
+    report = json.loads((Path(__file__).parents[1] / "docs/benchmarks/cpu_64.json").read_text())
+    report["models"]["logonet_s"]["details"]["process_costs_per_call"] = {
+        "train_step_s": {"minor_page_faults": 2.5e6, "system_s": 0.75}}
+    report["models"]["logonet_l"] = {"spec": report["models"]["logonet_l"]["spec"], "status": "skipped",
+                                     "note": "skipped: needs ~90.0 GB even for inference"}
+    table = format_table(report)
+    row = next(line for line in table.splitlines() if line.startswith("logonet_s "))
+    assert row.split()[2:] == ["66.51", "(4.02x)", "70.6", "(1.19x)", "0.697", "(1.07x)", "5.552", "(1.42x)",
+                               "3611", "(1.87x)", "6.42", "(1.23x)"]
+    assert "median of 3 after 1 warm-up (sliding window: 3 after 0)" in table
+    assert "(8 tiles, step 0.5" in table
+    assert "logonet_l: skipped: needs ~90.0 GB" in table
+    assert "logonet_s: 2.50 M minor page faults per training step (0.75 s system time)" in table
+
+    interleaved = json.loads(
+        (Path(__file__).parents[1] / "docs/benchmarks/cpu_64_epyc_zen4_interleaved.json").read_text())
+    lo, hi = interleaved["models"]["logonet_s"]["ratio_ranges"]["forward_s"]
+    table = format_table(interleaved)
+    assert f"logonet_s: per-round ratios fwd {lo:.2f}x-{hi:.2f}x, " in table and lo < hi
+    assert "nnunet: per-round" not in table
+
+
+def test_runs_skip_what_the_estimate_says_cannot_fit(monkeypatch):
+    from nnunet_logonet.benchmark import efficiency
+
+    seen = {}
+
+    def fake_measure(spec, settings, *, skip_training=None):
+        seen[spec.name] = skip_training
+        return {"status": "ok", "figures": {"parameters": 1.0}, "details": {}}
+
+    estimates = {"nnunet": (100.0, 1000.0), "logonet_tiny": (100.0, 5000.0), "logonet_s": (9000.0, 20000.0)}
+    monkeypatch.setattr(efficiency, "measure_model", fake_measure)
+    monkeypatch.setattr(efficiency, "available_memory_mb", lambda device: 3072.0)
+    monkeypatch.setattr(efficiency, "estimate_memory_mb", lambda spec, batch, device: dict(
+        zip(("inference_mb", "train_mb"), estimates[spec.name])))
+    specs = [resolve_model(name, patch_size=[int(p) for p in PATCH]) for name in estimates]
+    settings = efficiency.default_settings(torch.device("cpu"), [int(p) for p in PATCH])
+    report = efficiency.run_benchmark(specs, settings, isolate=False, progress=False)
+    assert seen == {"nnunet": None, "logonet_tiny": "needs ~4.9 GB at batch 2, 3.0 GB available"}
+    assert report["models"]["logonet_s"]["status"] == "skipped"
+    assert "needs ~8.8 GB even for inference, 3.0 GB available" in report["models"]["logonet_s"]["note"]
+    assert len(report["models"]["nnunet"]["details"]["load_average_before"]) == 3
+
+
+def test_interleaved_run_times_in_rounds_skips_training_that_cannot_fit_and_writes_the_end(tmp_path, monkeypatch):
+    import contextlib
+
+    from nnunet_logonet.benchmark import interleaved
+    from nnunet_logonet.benchmark.measure import default_settings
+
+    built = {}
+
+    class FakeModel:
+        def __init__(self, spec, settings, device):
+            self.spec, self.figures, self.details = spec, {"parameters": 1}, {"notes": []}
+            self.kernels = lambda: contextlib.nullcontext()
+            built[spec.name] = self
+
+        def count_macs(self):
+            self.figures["macs"] = 1
+
+        def call(self, figure, settings, device):
+            return lambda: None
+
+    samples = {"nnunet": [2.0, 1.0, 4.0], "logonet_tiny": [3.0, 2.0, 4.0]}  # per round 1.5, 2, 1
+    rounds_called = []
+
+    def fake_rounds(calls, rounds, device, *, warmup=1, contexts=None):
+        rounds_called.append((warmup, {name: contexts[name] for name in calls}))
+        return {name: list(samples[name]) for name in calls}
+
+    estimates = {"nnunet": 5000.0, "logonet_tiny": 100.0}  # the larger one first
+    monkeypatch.setattr(interleaved, "_Model", FakeModel)
+    monkeypatch.setattr(interleaved, "interleaved_rounds", fake_rounds)
+    monkeypatch.setattr(interleaved, "available_memory_mb", lambda device: 3072.0)
+    monkeypatch.setattr(interleaved, "estimate_memory_mb", lambda spec, batch, device: {
+        "inference_mb": 10.0, "train_mb": estimates[spec.name]})
+    specs = [resolve_model(name, patch_size=[int(p) for p in PATCH]) for name in estimates]
+    settings = default_settings(torch.device("cpu"), [int(p) for p in PATCH])
+    out = tmp_path / "interleaved.json"
+    report = interleaved.run_interleaved(specs, settings, 3, json_path=out, progress=False)
+    assert len(rounds_called) == 2  # forward and sliding window; no training
+    for warmup, contexts in rounds_called:  # one warm-up run each, inside each model's own fast paths
+        assert warmup == 1 and contexts == {name: model.kernels for name, model in built.items()}
+    tiny = report["models"]["logonet_tiny"]
+    assert set(tiny["samples"]) == {"forward_s", "sliding_window_s"}
+    assert tiny["figures"]["forward_s"] == 3.0  # the median over rounds
+    assert tiny["ratios"]["forward_s"] == 1.5 and tiny["ratio_ranges"]["forward_s"] == [1.0, 2.0]
+    assert "training not run: the largest model needs ~4.9 GB at batch 2, 3.0 GB available" in tiny["details"]["notes"]
+    assert "load_average_end" in json.loads(out.read_text())["device_info"]
