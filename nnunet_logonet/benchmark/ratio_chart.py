@@ -172,7 +172,10 @@ def format_table(runs: Sequence[RunRatios], models: Sequence[str], figures: Sequ
 
 
 def _ticks(low: float, high: float) -> list[float]:
+    """Round ratios to label on the log axis; over a wide range only those a decade's labels leave room for."""
     candidates = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]
+    if high / low > 8:
+        candidates = [t for t in candidates if t not in (0.3, 1.5)]
     return [t for t in candidates if low <= t <= high]
 
 
@@ -215,7 +218,7 @@ def plot_ratios(runs: Sequence[RunRatios], models: Sequence[str], path: str | os
         ax.set_xscale("log")
         ax.set_xlim(low, high)
         ticks = _ticks(low, high)
-        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8)
         ax.minorticks_off()
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
