@@ -912,6 +912,18 @@ def test_training_record_reads_nnunets_log_and_validation_summary(tmp_path, monk
     assert info["validation_dice"] == 0.66
 
 
+def test_training_record_reads_a_last_epoch_without_masked_slices_as_nan(tmp_path, monkeypatch):
+    """The SSL trainer says "n/a (...)" for an epoch whose validation batches had no masked slice: that epoch
+    is the last one, not skipped for the one before."""
+    ctx = _context(tmp_path, quick=True)
+    log = ("pseudo-label accuracy: train 0.500, val 0.400 (chance 0.250)\n"
+           "pseudo-label accuracy: train 0.8000, val n/a (no masked slice in this epoch's validation batches) "
+           "(chance 0.2500)\n")
+    _, info, _ = _train_once(ctx, monkeypatch, logs={"training_log_2026_1_1_00_00_00.txt": log})
+    accuracy = info["pseudo_label_accuracy"]
+    assert (accuracy["train"], accuracy["chance"]) == (0.8, 0.25) and np.isnan(accuracy["val"])
+
+
 def test_ssl_model_trains_on_its_own_plans_copy_and_needs_the_ssl_checkpoint(tmp_path, monkeypatch):
     ctx = _context(tmp_path)
     s = ctx.settings

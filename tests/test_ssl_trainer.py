@@ -294,11 +294,15 @@ def test_training_log_reports_the_pretext_and_its_cost(workspace):
     assert float(start.group(5)) == pytest.approx(chance, abs=1e-4)
     assert "INFO: reduced pseudo-label bank for this budget: 12 clusterers, k in 16..64, pool 2 (paper: 80, " \
            "80..500, raw slices)" in log
-    epochs = re.findall(r"pseudo-label accuracy: train ([\d.]+), val ([\d.na]+) \(chance ([\d.]+)\)", log)
+    epochs = re.findall(r"pseudo-label accuracy: train ([\d.]+|n/a \([^)]*\)), val ([\d.]+|n/a \([^)]*\)) "
+                        r"\(chance ([\d.]+)\)", log)
     assert len(epochs) == EPOCHS and all(float(c) == pytest.approx(chance, abs=1e-4) for _, _, c in epochs)
     logging = _final(fold)["logging"]
-    assert [float(t) for t, _, _ in epochs] == pytest.approx(logging["ssl_train_accuracy"][:EPOCHS], abs=1e-4)
-    assert len(re.findall(r"train_loss [\d.]+", log)) == len(re.findall(r"val_loss [\d.]+", log)) == EPOCHS
+    assert [float("nan") if t.startswith("n/a") else float(t) for t, _, _ in epochs] == \
+        pytest.approx(logging["ssl_train_accuracy"][:EPOCHS], abs=1e-4, nan_ok=True)
+    # (an epoch whose batches had no masked slice, ~8 % of batches each, says so instead of a number)
+    figure = r"(?:[\d.]+|n/a \(no masked slice in this epoch's (?:training|validation) batches\))"
+    assert len(re.findall(r"train_loss " + figure, log)) == len(re.findall(r"val_loss " + figure, log)) == EPOCHS
     times = [tuple(map(float, m)) for m in re.findall(r"Epoch time: ([\d.]+) s \(pseudo-labelling ([\d.]+) s\)", log)]
     assert len(times) == EPOCHS and all(0 < label < epoch for epoch, label in times)
     cost = re.search(r"Pseudo-label cost: fitting/loading ([\d.]+) s \+ labelling ([\d.]+) s = ([\d.]+)% of "
@@ -993,6 +997,12 @@ def test_batches_without_masked_slices_leave_the_epoch_means_alone(tmp_path):
     trainer.on_validation_epoch_end([empty, empty])  # no masked slice in the whole validation
     assert trainer.logger.get_value("mean_fg_dice", step=0) == 0.0
     assert trainer.logger.get_value("ema_fg_dice", step=0) == 0.0
+    trainer.on_epoch_end()  # the log says why there is no validation figure, instead of "nan" or 0.0
+    assert "train_loss 2.0000" in trainer.messages
+    assert "val_loss n/a (no masked slice in this epoch's validation batches)" in trainer.messages
+    (line,) = [m for m in trainer.messages if m.startswith("pseudo-label accuracy")]
+    assert line.startswith("pseudo-label accuracy: train 0.2500, val n/a (no masked slice in this epoch's "
+                           "validation batches) (chance ")
 
 
 def test_validation_runs_the_head_in_eval_mode(tmp_path, monkeypatch):

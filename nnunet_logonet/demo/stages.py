@@ -34,7 +34,9 @@ CONFIGURATION = "3d_fullres"
 PREDICTIONS = "predictions"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
-SSL_ACCURACY = re.compile(r"pseudo-label accuracy: train ([0-9.na]+), val ([0-9.na]+) \(chance ([0-9.]+)\)")
+# an epoch with no masked slice in its training or validation batches says "n/a (...)" (read as NaN)
+_ACCURACY = r"([0-9.]+|nan|n/a \([^)]*\))"
+SSL_ACCURACY = re.compile(rf"pseudo-label accuracy: train {_ACCURACY}, val {_ACCURACY} \(chance ([0-9.]+)\)")
 
 
 @dataclass
@@ -253,11 +255,15 @@ def _train(ctx: DemoContext, stage: str, *, dataset_id: int, dataset: str, fold:
                 for m in SSL_ACCURACY.finditer(log.read_text(errors="replace"))]
     if accuracy:  # the SSL trainer's pretext accuracy (masked slices), last epoch
         train, val, chance = accuracy[-1].groups()
-        info["pseudo_label_accuracy"] = {"train": float(train), "val": float(val), "chance": float(chance)}
+        info["pseudo_label_accuracy"] = {"train": _accuracy(train), "val": _accuracy(val), "chance": float(chance)}
     summary = folder / "validation" / "summary.json"
     if summary.is_file():
         info["validation_dice"] = json.loads(summary.read_text())["foreground_mean"]["Dice"]
     return info
+
+
+def _accuracy(text: str) -> float:
+    return float("nan") if text.startswith("n/a") else float(text)
 
 
 def ssl_checkpoint(ctx: DemoContext) -> Path:

@@ -64,6 +64,14 @@ PAPER_BANK = {"num_clusterers": 80, "k_range": (80, 500), "pool": 1}
 PADDING_DRAW_FACTOR = 4
 
 
+def _epoch_figure(value: float, part: str) -> str:
+    """An epoch's loss or accuracy for the log: NaN only when no batch of the epoch's ``part`` had a masked
+    slice (nothing to predict; ~8 % of 2 x 12-slice batches each), which the log says in words."""
+    if np.isfinite(value):
+        return f"{value:.4f}"
+    return f"n/a (no masked slice in this epoch's {part} batches)"
+
+
 def bank_digest(bank: SliceClusterBank) -> str:
     """sha256 of a fitted bank's ks and centroids: which pseudo-labels a checkpoint was trained on."""
     digest = hashlib.sha256(np.asarray(bank.ks, dtype="<i8").tobytes())
@@ -453,11 +461,14 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         log.log("ssl_label_seconds", self._epoch_label_seconds, epoch)
         self._timing["label_seconds"] += self._epoch_label_seconds
         epoch_seconds = log.get_value("epoch_end_timestamps", step=-1) - log.get_value("epoch_start_timestamps", step=-1)
-        self.print_to_log_file("train_loss", np.round(log.get_value("train_losses", step=-1), 4))
-        self.print_to_log_file("val_loss", np.round(log.get_value("val_losses", step=-1), 4))
+        train_loss, val_loss = log.get_value("train_losses", step=-1), log.get_value("val_losses", step=-1)
+        self.print_to_log_file("train_loss", _epoch_figure(train_loss, "training"))
+        self.print_to_log_file("val_loss", _epoch_figure(val_loss, "validation"))
+        val_accuracy = log.get_value("mean_fg_dice", step=-1)  # 0.0 for the EMA when no slice was masked
         self.print_to_log_file(
-            f"pseudo-label accuracy: train {log.get_value('ssl_train_accuracy', step=-1):.4f}, val "
-            f"{log.get_value('mean_fg_dice', step=-1):.4f} (chance {np.mean([1 / k for k in self.ssl_head.ks]):.4f})")
+            f"pseudo-label accuracy: train {_epoch_figure(log.get_value('ssl_train_accuracy', step=-1), 'training')}, "
+            f"val {_epoch_figure(val_accuracy if np.isfinite(val_loss) else float('nan'), 'validation')} "
+            f"(chance {np.mean([1 / k for k in self.ssl_head.ks]):.4f})")
         self.print_to_log_file(f"Epoch time: {epoch_seconds:.2f} s (pseudo-labelling {self._epoch_label_seconds:.2f} s)")
 
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
