@@ -320,3 +320,25 @@ def test_hardlink_links_compressed_inputs_and_rewrites_uncompressed_ones(tmp_pat
     assert (linked / "case2_0000.nii.gz").stat().st_nlink == 1
     for name in ("case1_0000.nii.gz", "case2_0000.nii.gz"):
         assert (linked / name).read_bytes() == (copied / name).read_bytes()
+
+
+@pytest.mark.parametrize("dataset_json", ['{"labels": {"background": 0, "liver": 1}}', None, '{"labels": '])
+def test_overwrite_never_replaces_a_dataset_this_command_did_not_make(tmp_path, raw, dataset_json):
+    """One wrong ID with --overwrite must not delete a labeled dataset's ground truth: refused, naming the file,
+    and the folder is left as it was."""
+    labeled = raw / "Dataset521_Liver"
+    (labeled / "labelsTr").mkdir(parents=True)
+    (labeled / "labelsTr" / "case_000.nii.gz").write_bytes(b"ground truth")
+    (labeled / "imagesTs").mkdir()
+    if dataset_json is not None:
+        (labeled / "dataset.json").write_text(dataset_json)
+    write(tmp_path / "in" / "one.nii.gz", ct_volume())
+    why = {None: "is missing", '{"labels": ': "cannot be read"}.get(dataset_json, 'has no "logonet_image_only": true')
+    with pytest.raises(UnlabeledDataError, match=rf"Dataset521_Liver was not made by logonet_prepare_unlabeled "
+                                                 rf"\(.*dataset.json {why}.*Choose another -d ID"):
+        prepare_unlabeled([tmp_path / "in"], 521, name="Liver", overwrite=True, progress=False)
+    assert (labeled / "labelsTr" / "case_000.nii.gz").read_bytes() == b"ground truth"
+    assert (labeled / "imagesTs").is_dir() and leftovers(raw) == ["Dataset521_Liver"]
+    with pytest.raises(SystemExit):
+        main(["-i", str(tmp_path / "in"), "-d", "521", "--name", "Liver", "--overwrite"])
+    assert (labeled / "labelsTr" / "case_000.nii.gz").read_bytes() == b"ground truth"

@@ -18,6 +18,7 @@ renamed at the end, so a failure leaves nothing behind (what a killed run leaves
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -193,8 +194,30 @@ def _check_target(raw_root: Path, dataset_id: int, folder_name: str, overwrite: 
                     f"Dataset ID {dataset_id} is already used by {other} ({var}); choose another -d ID or rename "
                     f"with --name {other.name[len(prefix):]}."
                 )
-    if (raw_root / folder_name).exists() and not overwrite:
-        raise UnlabeledDataError(f"{raw_root / folder_name} already exists; pass --overwrite to replace it.")
+    target = raw_root / folder_name
+    if target.exists() and not overwrite:
+        raise UnlabeledDataError(f"{target} already exists; pass --overwrite to replace it.")
+    if target.exists():
+        _check_replaceable(target)
+
+
+def _check_replaceable(target: Path) -> None:
+    """``--overwrite`` replaces only a dataset this command made: one wrong ID must not delete a labeled
+    dataset's ground truth (its ``labelsTr``, ``imagesTs``, ``dataset.json``)."""
+    meta_file = target / "dataset.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+        made_here = isinstance(meta, dict) and meta.get("logonet_image_only") is True
+        why = "has no \"logonet_image_only\": true"
+    except FileNotFoundError:
+        made_here, why = False, "is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        made_here, why = False, f"cannot be read ({error})"
+    if not made_here:
+        raise UnlabeledDataError(
+            f"{target} was not made by logonet_prepare_unlabeled ({meta_file} {why}), so --overwrite will not "
+            f"replace it: it may be a labeled dataset. Choose another -d ID or --name, or move that folder away "
+            f"yourself if you really mean to replace it.")
 
 
 def prepare_unlabeled(
@@ -219,7 +242,8 @@ def prepare_unlabeled(
             selects nnU-Net's CT normalisation).
         body_threshold: intensity above which a voxel belongs to the placeholder body label.
         hardlink: hard-link ``.nii.gz`` inputs instead of copying them (falls back to a copy across devices).
-        overwrite: replace an existing dataset of the same ID and name.
+        overwrite: replace an existing dataset of the same ID and name, if this function made it (its
+            ``dataset.json`` says ``"logonet_image_only": true``); any other is refused, never deleted.
     """
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
         raise UnlabeledDataError(f"Dataset ID must be an int in 1..999, got {dataset_id!r}.")
@@ -326,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--body-threshold", type=float, default=-500.0,
                         help="intensity above which a voxel is body in the placeholder label (default: -500 HU)")
     parser.add_argument("--hardlink", action="store_true", help="hard-link .nii.gz inputs instead of copying")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this ID and name")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this ID and name that this command made (never a "
+                             "labeled one)")
     args = parser.parse_args(argv)
     if argv is None:  # the console script
         exit_cleanly_on_sigterm()
