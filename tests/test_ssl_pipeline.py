@@ -104,6 +104,31 @@ def test_first_run_does_every_step_and_a_rerun_skips_them(tmp_path, fake_nnunet)
     assert second["ran"] == [] and len(second["skipped"]) == 5
 
 
+def test_a_rerun_with_other_image_folders_makes_the_dataset_again(tmp_path, fake_nnunet):
+    """New scans given by -i on a rerun are pre-trained on, not skipped because the dataset exists; the steps
+    after it are redone with them."""
+    env = make_source(tmp_path)
+    said: list[str] = []
+    run(env)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for case in ("c", "d"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 8, 8), 50.0, np.float32)), str(extra / f"{case}.nii.gz"))
+    again = prepare_pretraining_dataset(SOURCE, TARGET, PLANS, extra_image_folders=[extra], env=env, log=said.append)
+    assert again["ran"][0] == "prepare_unlabeled" and "preprocess" in again["ran"] and again["num_cases"] == 4
+    assert any("holds other cases than the image folders give now: 2 new (c, d): made again" in s for s in said)
+    images = tmp_path / "raw" / "Dataset911_Pretraining" / "imagesTr"
+    assert sorted(p.name for p in images.iterdir()) == [f"{c}_0000.nii.gz" for c in "abcd"]
+    data = tmp_path / "pre" / "Dataset911_Pretraining" / "nnUNetPlans_3d_fullres"
+    assert sorted(p.stem for p in data.glob("*.pkl")) == ["a", "b", "c", "d"]
+    # and back: cases no longer given are dropped; the same folders again skip it
+    said.clear()
+    assert prepare_pretraining_dataset(SOURCE, TARGET, PLANS, env=env, log=said.append)["ran"][0] == "prepare_unlabeled"
+    assert any("2 no longer given (c, d)" in s for s in said)
+    assert sorted(p.name for p in images.iterdir()) == ["a_0000.nii.gz", "b_0000.nii.gz"]
+    assert "prepare_unlabeled" in run(env)["skipped"]
+
+
 def test_changed_source_plans_are_moved_and_preprocessed_again(tmp_path, fake_nnunet):
     """Source re-planned (other patch size): the target must get the new plans and be preprocessed with them."""
     env = make_source(tmp_path)
@@ -191,3 +216,13 @@ def test_cli_reports_errors_with_exit_code_2(capsys):
     """Scripts chaining the command rely on a non-zero exit and a one-line "error:" message."""
     assert main(["-s", "910", "-t", "910"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_names_the_pretraining_command_for_a_gpu_and_for_a_cpu(tmp_path, fake_nnunet, monkeypatch, capsys):
+    """The paper's LoGoNetSSLTrainer fits 80 clusterers up to k 500, far too slow on a CPU: the CPU command too."""
+    for key, value in make_source(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert main(["-s", "910", "-t", "911", "-p", PLANS]) == 0
+    printed = capsys.readouterr().out
+    assert f"nnUNetv2_train 911 3d_fullres all -tr LoGoNetSSLTrainer -p {PLANS}\n" in printed
+    assert f"nnUNetv2_train 911 3d_fullres all -tr LoGoNetSSLTrainerCPU -p {PLANS} -device cpu" in printed

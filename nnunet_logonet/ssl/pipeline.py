@@ -49,6 +49,25 @@ def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
     return found[0] if found else None
 
 
+def _other_scans(target_raw: Path, folders: Sequence[Path]) -> str:
+    """How the image-only dataset's cases differ from those the folders give now ("" if they do not): a rerun
+    with another -i must not quietly pre-train on the old scans."""
+    from nnunet_logonet.ssl.unlabeled import find_cases
+
+    have = {path.name[:-len("_0000.nii.gz")] for path in (target_raw / "imagesTr").glob("*_0000.nii.gz")}
+    wanted = set(find_cases(folders))
+    if have == wanted:
+        return ""
+
+    def listed(names: set[str]) -> str:
+        shown = sorted(names)[:5]
+        return ", ".join(shown) + (f" and {len(names) - len(shown)} more" if len(names) > len(shown) else "")
+
+    parts = [f"{len(wanted - have)} new ({listed(wanted - have)})"] if wanted - have else []
+    parts += [f"{len(have - wanted)} no longer given ({listed(have - wanted)})"] if have - wanted else []
+    return f"holds other cases than the image folders give now: {'; '.join(parts)}"
+
+
 def _source_channel_names(source_raw: Path) -> list[str]:
     """The labeled source's channel names in channel order: the image-only dataset must have the same channels,
     named alike, so that the source's plans (normalisation per channel) apply to it."""
@@ -233,24 +252,31 @@ def prepare_pretraining_dataset(
 
     # 1. image-only raw dataset
     target_raw = _dataset_folder(raw, target_dataset_id)
-    if target_raw is None:
+    rebuild = ""
+    if target_raw is not None:
+        meta = json.loads((target_raw / "dataset.json").read_text())
+        if not meta.get("logonet_image_only"):
+            raise PipelineError(f"dataset {target_dataset_id} already exists as {target_raw} and is not an "
+                                f"image-only dataset made by logonet_prepare_unlabeled; choose another ID.")
+        rebuild = _other_scans(target_raw, folders)
+        if rebuild:
+            name = target_raw.name.split("_", 1)[1]
+    if target_raw is None or rebuild:
+        if rebuild:
+            say(f"[1/5] {target_raw} {rebuild}: made again")
         channel_names = _source_channel_names(source_raw)
         say(f"[1/5] logonet_prepare_unlabeled {' '.join(f'-i {f}' for f in folders)} -d {target_dataset_id} "
             f"--name {name} {' '.join(f'--channel-name {c}' for c in channel_names)}")
         try:
             target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, channel_names=channel_names,
-                                           raw_root=raw, progress=say.on_screen)
+                                           raw_root=raw, progress=say.on_screen, overwrite=bool(rebuild))
         except UnlabeledDataError as error:
             raise UnlabeledDataError(f"{error} (the pipeline gives the source's channels, {', '.join(channel_names)} "
                                      f"from {source_raw / 'dataset.json'}: the scans must have the same channels)"
                                      ) from error
         ran.append("prepare_unlabeled")
     else:
-        meta = json.loads((target_raw / "dataset.json").read_text())
-        if not meta.get("logonet_image_only"):
-            raise PipelineError(f"dataset {target_dataset_id} already exists as {target_raw} and is not an "
-                                f"image-only dataset made by logonet_prepare_unlabeled; choose another ID.")
-        say(f"[1/5] {target_raw} exists: skipped (delete it to rebuild it from other folders)")
+        say(f"[1/5] {target_raw} exists with the same cases: skipped")
         skipped.append("prepare_unlabeled")
     target_pre = preprocessed / target_raw.name
     tid, n = str(target_dataset_id), str(num_processes)
@@ -358,8 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted. Run the same command again: finished steps are skipped, an unfinished one is redone.",
               file=sys.stderr)
         return 130
-    print(f"Ready: {info['dataset']} ({info['num_cases']} cases). Pre-train with:\n"
-          f"    nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainer -p {args.p}")
+    print(f"Ready: {info['dataset']} ({info['num_cases']} cases). Pre-train on a GPU (the paper's settings) with:\n"
+          f"    nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainer -p {args.p}\n"
+          f"or on a CPU (12 clusterers, k 16..64; docs/ssl.md) with:\n"
+          f"    nnUNetv2_train {args.t} {args.c} all -tr LoGoNetSSLTrainerCPU -p {args.p} -device cpu")
     return 0
 
 
