@@ -279,3 +279,30 @@ def test_compile_is_off_by_default_and_follows_nnunets_rules_when_asked_for(tmp_
     monkeypatch.delenv("nnUNet_compile")
     assert trainer._do_i_compile() is False
     assert any("off for LoGoNet by default" in line for line in logged)
+
+
+@pytest.mark.parametrize("trainer", [LoGoNetTrainer, LoGoNetTrainer_demoQuick, ULKANetTrainer])
+def test_a_pretraining_dataset_is_refused_by_the_supervised_trainers_only(tmp_path, monkeypatch, trainer):
+    """An image-only dataset's labels are placeholder body masks: one wrong dataset ID would train a body outliner.
+    Refused before nnU-Net writes anything, naming the file and both fixes; the SSL trainer takes it."""
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
+    from nnunet_logonet.training.trainer import ImageOnlyDatasetError
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False}
+    if trainer is ULKANetTrainer:
+        ulka = plans["configurations"]["3d_fullres"]["architecture"]
+        ulka["network_class_name"] = "nnunet_logonet.network.ulkanet.ULKANet"
+        for key in ("local_grid", "local_stages"):
+            ulka["arch_kwargs"].pop(key)
+    image_only = {"labels": {"background": 0, "body": 1}, "logonet_image_only": True}
+    with pytest.raises(ImageOnlyDatasetError, match=rf"(?s){DATASET} is an image-only dataset.*"
+                                                    rf"\$nnUNet_preprocessed/{DATASET}/dataset.json says "
+                                                    rf"\"logonet_image_only\": true.*{trainer.__name__} would learn.*"
+                                                    rf"labeled dataset's ID.*-tr LoGoNetSSLTrainer"):
+        trainer(plans, "3d_fullres", 0, image_only, torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == []
+    trainer({**plans, "continue_training": False}, "3d_fullres", 0, {**image_only, "logonet_image_only": False},
+            torch.device("cpu"))
+    if trainer is LoGoNetTrainer:
+        LoGoNetSSLTrainerCPU({**plans, "continue_training": False}, "3d_fullres", 0, image_only, torch.device("cpu"))

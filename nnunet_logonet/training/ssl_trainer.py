@@ -127,6 +127,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
     ssl_initial_lr: float = 1e-4
     ssl_weight_decay: float = 1e-5
     ssl_warmup_fraction: float = 0.05
+    learns_from_labels = False  # image-only datasets are what it is for
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

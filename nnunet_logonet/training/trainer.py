@@ -38,6 +38,10 @@ class PlansMismatchError(RuntimeError):
     """The plans do not describe the network this trainer trains."""
 
 
+class ImageOnlyDatasetError(RuntimeError):
+    """A supervised trainer was given a pre-training dataset, whose labels are placeholders."""
+
+
 def check_plans_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                         expected: type, configuration: str = "") -> None:
     """Stop early, with the command to run, when plans were made for another network."""
@@ -124,6 +128,9 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
     #: ``'nnunet'`` (SGD, poly, deep supervision) or ``'paper'`` (AdamW 1e-4, warm-up + cosine).
     #: Chosen by the comparison in docs/training_recipe.md.
     recipe: str = "nnunet"
+    #: False for pre-training, which reads no labels; the others refuse the image-only datasets of
+    #: logonet_prepare_unlabeled, whose labels are placeholder body masks.
+    learns_from_labels: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -132,6 +139,14 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         check_plans_network(plans_manager, plans_manager.get_configuration(configuration), self.network_class,
                             configuration)
         check_plans_patch(plans_manager, plans_manager.get_configuration(configuration), configuration)
+        if self.learns_from_labels and dataset_json.get("logonet_image_only"):
+            dataset = plans_manager.dataset_name
+            raise ImageOnlyDatasetError(
+                f"{dataset} is an image-only dataset for self-supervised pre-training ($nnUNet_preprocessed/{dataset}/"
+                f"dataset.json says \"logonet_image_only\": true): its labels are placeholder body masks made by "
+                f"logonet_prepare_unlabeled, so {type(self).__name__} would learn to outline the body. Train on your "
+                f"labeled dataset's ID, or pre-train on this one with -tr LoGoNetSSLTrainer (LoGoNetSSLTrainerCPU on "
+                f"a CPU) and fine-tune with -pretrained_weights (docs/ssl.md).")
         super().__init__(plans, configuration, fold, dataset_json, device)
         configure_recipe(self, self.recipe)
 
