@@ -169,14 +169,25 @@ def test_rank_takes_nnunets_trainer_and_plans_lists_and_leaves_out_the_pairs_nev
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     (tmp_path / "raw" / "Dataset900_Phantom").mkdir(parents=True)
     for pair in ("nnUNetTrainer__nnUNetPlans", "LoGoNetTrainer__LoGoNetTinyPlans"):
-        (tmp_path / "Dataset900_Phantom" / f"{pair}__3d_fullres").mkdir(parents=True)
+        (tmp_path / "Dataset900_Phantom" / f"{pair}__3d_fullres" / "fold_0" / "validation").mkdir(parents=True)
+    # a training refused at its start (a bad -pretrained_weights) leaves a results folder with only its log
+    refused = tmp_path / "Dataset900_Phantom" / "LoGoNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    refused.mkdir(parents=True)
+    (refused / "training_log_2026_12_7_19_00_00.txt").write_text("refused")
     ranked = []
     monkeypatch.setattr(rank, "rank_models", lambda dataset, models, *args: ranked.append(models) or {})
     assert rank.main(["900", "-tr", "nnUNetTrainer", "LoGoNetTrainer", "-p", "nnUNetPlans", "LoGoNetTinyPlans"]) == 0
     assert [(m["trainer"], m["plans"]) for m in ranked[0]] == [("nnUNetTrainer", "nnUNetPlans"),
                                                                 ("LoGoNetTrainer", "LoGoNetTinyPlans")]
-    assert "left out (no results folder): nnUNetTrainer:LoGoNetTinyPlans, LoGoNetTrainer:nnUNetPlans" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left out (no results folder): nnUNetTrainer:LoGoNetTinyPlans\n" in err
+    assert ("left out (a results folder, but no fold of -f 0 trained to the end: no fold_N/validation): "
+            "LoGoNetTrainer:nnUNetPlans") in err
+    ranked.clear()  # a pair trained on one of the folds asked for is ranked: nnU-Net names the missing fold
+    assert rank.main(["900", "-tr", "LoGoNetTrainer", "-p", "LoGoNetTinyPlans", "-f", "1", "0"]) == 0
+    assert [(m["trainer"], m["plans"]) for m in ranked[0]] == [("LoGoNetTrainer", "LoGoNetTinyPlans")]
+    assert rank.main(["900", "-tr", "LoGoNetTrainer", "-p", "LoGoNetTinyPlans", "-f", "1"]) == 1
+    assert "no fold of -f 1 trained to the end" in capsys.readouterr().err
     assert rank.main(["900", "-tr", "ULKANetTrainer", "-p", "ULKANetPlans"]) == 1
     assert "none of the trainer x plans pairs has been trained" in capsys.readouterr().err
     ranked.clear()  # a pair given both ways is ranked once

@@ -595,6 +595,30 @@ def test_nnunet_pretrained_loader_transfers_all_but_classifiers(cls, tmp_path):
 
 
 @pytest.mark.parametrize("cls", MODELS)
+def test_weights_lacking_only_the_classifiers_are_refused_as_a_pretraining_checkpoint(cls):
+    """What nnUNetv2_predict does with a pre-training checkpoint (strict load): a message saying what the weights
+    are and what to do; every other mismatch keeps PyTorch's own; non-strict loads and whole weights still load."""
+    from nnunet_logonet.network.classifier_weights import ClassifierlessWeightsError
+
+    model = small(cls)
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    without = {k: v for k, v in whole.items() if ".seg_layers." not in k}
+    with pytest.raises(ClassifierlessWeightsError, match=rf"given to {cls.__name__} have no classifiers \(\d+ "
+                                                         rf"'.seg_layers.' keys missing, e.g. \S*seg_layers.0.\S*\).*"
+                                                         rf"pretrained_weights"):
+        model.load_state_dict(without)
+    with pytest.raises(RuntimeError) as error:  # also something the network lacks: not a pre-training checkpoint
+        model.load_state_dict({**without, "extra.weight": torch.zeros(1)})
+    assert not isinstance(error.value, ClassifierlessWeightsError) and "Unexpected key" in str(error.value)
+    body = next(k for k in without if "seg_layers" not in k)
+    with pytest.raises(RuntimeError) as error:  # a missing body weight
+        model.load_state_dict({k: v for k, v in whole.items() if k != body})
+    assert not isinstance(error.value, ClassifierlessWeightsError)
+    assert model.load_state_dict(without, strict=False).missing_keys
+    model.load_state_dict(whole)
+
+
+@pytest.mark.parametrize("cls", MODELS)
 def test_feature_map_size_grows_with_patch_and_equals_a_full_trace(cls):
     model = small(cls, strides=ANISO)
     sizes = [model.compute_conv_feature_map_size(p) for p in [(8, 32, 32), (16, 32, 32), (16, 64, 96)]]

@@ -9,7 +9,8 @@ process so nnU-Net reads the caller's ``nnUNet_results``::
     python -m nnunet_logonet.demo.rank 900 nnUNetTrainer:nnUNetPlans LoGoNetTrainer:LoGoNetTinyPlans -f 0
 
 nnU-Net's own form works too: ``-tr nnUNetTrainer LoGoNetTrainer -p nnUNetPlans LoGoNetTinyPlans`` takes every
-trainer x plans pair that has a results folder, names the ones it leaves out, and ranks the rest.
+trainer x plans pair trained to the end on one of the folds at least, names the ones it leaves out, and ranks
+the rest.
 
 It writes nnU-Net's ``inference_information.json`` / ``inference_instructions.txt`` next to the
 dataset's results, as the command does.
@@ -33,22 +34,28 @@ def parse_model(text: str, configuration: str = "3d_fullres") -> dict:
     return {"plans": plans, "configuration": configuration, "trainer": trainer}
 
 
-def trained_pairs(dataset: str | int, trainers: list[str], plans: list[str], configuration: str = "3d_fullres"
-                  ) -> tuple[list[dict], list[str]]:
-    """Every trainer x plans pair (nnU-Net's ``-tr``/``-p``) that has a results folder, as model dicts, and
-    the ``TRAINER:PLANS`` of the pairs without one."""
+def trained_pairs(dataset: str | int, trainers: list[str], plans: list[str], configuration: str = "3d_fullres",
+                  folds: tuple[int, ...] = (0,)) -> tuple[list[dict], list[str], list[str]]:
+    """Every trainer x plans pair (nnU-Net's ``-tr``/``-p``) trained to the end on at least one of ``folds`` (its
+    ``fold_N/validation``, which nnU-Net's selection reads), as model dicts; the ``TRAINER:PLANS`` of the pairs
+    without a results folder; and of those with one but no such fold (a training refused or cut short before its
+    validation left only a log there). A pair trained on some of the folds is kept: nnU-Net names the missing
+    one."""
     import os
 
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    models, missing = [], []
+    models, missing, unfinished = [], [], []
     for trainer in trainers:
         for plan in plans:
-            if os.path.isdir(get_output_folder(dataset, trainer, plan, configuration)):
-                models.append({"plans": plan, "configuration": configuration, "trainer": trainer})
-            else:
+            folder = get_output_folder(dataset, trainer, plan, configuration)
+            if not os.path.isdir(folder):
                 missing.append(f"{trainer}:{plan}")
-    return models, missing
+            elif not any(os.path.isdir(os.path.join(folder, f"fold_{f}", "validation")) for f in folds):
+                unfinished.append(f"{trainer}:{plan}")
+            else:
+                models.append({"plans": plan, "configuration": configuration, "trainer": trainer})
+    return models, missing, unfinished
 
 
 def rank_models(dataset: str | int, models: list[dict], folds: tuple[int, ...] = (0,), num_processes: int = 1,
@@ -90,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}\nSet nnU-Net's folders first: eval \"$(logonet_env)\".", file=sys.stderr)
         return 1
     if args.tr:
-        pairs, missing = trained_pairs(args.dataset, args.tr, args.p, args.c)
+        pairs, missing, unfinished = trained_pairs(args.dataset, args.tr, args.p, args.c, tuple(args.f))
         if missing:
             print(f"left out (no results folder): {', '.join(missing)}", file=sys.stderr)
+        if unfinished:
+            print(f"left out (a results folder, but no fold of -f {' '.join(map(str, args.f))} trained to the end: "
+                  f"no fold_N/validation): {', '.join(unfinished)}", file=sys.stderr)
         models += [m for m in pairs if m not in models]
         if not models:
             print(f"error: none of the trainer x plans pairs has been trained ({args.c}).", file=sys.stderr)

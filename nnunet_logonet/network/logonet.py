@@ -22,6 +22,7 @@ from torch import nn
 
 from .buffers import ReusesOutputBuffers, pooled_outputs
 from .classifier import Classifier3d
+from .classifier_weights import ExplainsMissingClassifiers
 from .concurrent_paths import (
     concurrent_paths_pay,
     concurrent_training_pays,
@@ -108,7 +109,7 @@ class LoGoHead(nn.Module):
         return [out] + [seg(f) for seg, f in zip(self.seg_layers[1:], global_features[1:])]
 
 
-class LoGoNet(ReusesOutputBuffers):
+class LoGoNet(ExplainsMissingClassifiers, ReusesOutputBuffers):
     """Global + local ULKANets with a shared head, buildable by nnU-Net from plans.
 
     Args:

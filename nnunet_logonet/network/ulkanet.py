@@ -15,6 +15,7 @@ from torch import nn
 
 from .arguments import boolean
 from .buffers import ReusesOutputBuffers, pooled_outputs
+from .classifier_weights import ExplainsMissingClassifiers
 from .decoder import ULKADecoder
 from .derived import note_unversioned_writes
 from .encoder import ULKAEncoder
@@ -155,7 +156,7 @@ class ULKAPath(nn.Module):
     forward = forward_features
 
 
-class ULKANet(ReusesOutputBuffers, ULKAPath):
+class ULKANet(ExplainsMissingClassifiers, ReusesOutputBuffers, ULKAPath):
     """Single-path ULKANet for segmentation, buildable by nnU-Net from plans.
 
     Args:

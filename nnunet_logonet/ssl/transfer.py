@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnunet_logonet.network.classifier_weights import CLASSIFIER_KEY
 from nnunet_logonet.ssl.features import unwrap_network
 
 __all__ = ["PretrainedMismatchError", "check_pretrained", "compare_pretrained", "describe_checkpoint",
            "pretrained_weights_from_argv"]
 
 #: nnU-Net's load_pretrained_weights skips keys containing these (the classifiers)
-SKIPPED = (".seg_layers.",)
+SKIPPED = (CLASSIFIER_KEY,)
 
 
 class PretrainedMismatchError(ValueError):
