@@ -103,7 +103,10 @@ def test_ssl_benefit_runs_both_arms_through_nnunet_and_reuses_its_results(tmp_pa
     assert [c["step"] for c in resumed["commands"]] == ["finetune_ssl_0", "predict_ssl_0"]
     assert resumed["commands"][0]["command"].endswith(" --c") and "-pretrained_weights" not in resumed["commands"][0]["command"]
     assert (fold / "checkpoint_final.pth").is_file()
-    assert "Loading pretrained weights" not in (base / "logs" / "finetune_ssl_0.log").read_text()
+    # the log keeps every attempt, each under its own header (demo/runner.py): the resumed one loads no weights
+    attempts = (base / "logs" / "finetune_ssl_0.log").read_text().split("\n$ ")
+    assert len(attempts) == 3 and "Loading pretrained weights" in attempts[1]
+    assert attempts[-1].split("\n", 1)[0].endswith(" --c") and "Loading pretrained weights" not in attempts[-1]
 
     # a summary a kill cut short (nnU-Net writes it in place) is made again, not read
     summary = base / "predictions_scratch_0" / "summary.json"
