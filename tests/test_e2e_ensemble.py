@@ -69,11 +69,11 @@ def test_logonet_and_nnunet_ranked_and_ensembled_by_nnunet(tmp_path):
     run(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     planned = run(["logonet_plan_and_preprocess", "-d", DATASET_ID, "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
                    "-np", "1", "-npfp", "1"], env)
-    assert "reusing the data nnUNetPlans already preprocessed" in planned.stdout
+    assert "reusing the data already preprocessed in" in planned.stdout and "shared with nnUNetPlans" in planned.stdout
     forced = run(["logonet_plan_and_preprocess", "-d", DATASET_ID, "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres",
                   "-np", "1", "-npfp", "1", "--force_pp"], env)  # docs/planning.md: --force_pp redoes it in any case
     assert "reusing" not in forced.stdout and "Preprocessing" in forced.stdout
-    assert "is shared with nnUNetPlans (same preprocessing) and is made again in place" in forced.stdout
+    assert "is nnUNetPlans' data folder too (same preprocessing) and is made again in place" in forced.stdout
     for trainer, plans in (BASELINE, LOGONET):
         for fold in FOLDS:
             run(["nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", "cpu",

@@ -175,7 +175,7 @@ def test_shrinking_follows_nnunets_rule_and_skips_no_valid_size(nnunet_dirs):
 
 
 def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
-    from nnunet_logonet.planning.planners import LoGoNetPlanner, PlanningError
+    from nnunet_logonet.planning.planners import LoGoNetPlanner, LoGoNetTinyPlanner, PlanningError
 
     _fake_dataset(nnunet_dirs, 803, (1.0, 1.0, 1.0), (200, 200, 200))
     with pytest.raises(PlanningError, match=r"-gpu_memory_target .* too small") as error:
@@ -183,6 +183,10 @@ def test_memory_target_too_small_is_a_clear_error(nnunet_dirs):
     needed, advised = re.search(r"needs about ([0-9.]+) GB.*Use -gpu_memory_target ([0-9.]+) or more",
                                 str(error.value)).groups()
     assert float(advised) >= float(needed)  # the advice is a target that plans
+    assert "or a smaller preset (-pl LoGoNetTinyPlanner)" in str(error.value)
+    with pytest.raises(PlanningError, match=r"too small for LoGoNet-tiny") as error:
+        _plan(LoGoNetTinyPlanner, 803, 0.0001)
+    assert "(tiny is the smallest preset)" in str(error.value) and "LoGoNetTinyPlanner)" not in str(error.value)
 
 
 def test_a_memory_target_of_zero_is_refused_before_planning():

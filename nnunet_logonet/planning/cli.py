@@ -256,9 +256,9 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
     todo = []
     for c in requested:
         if not args.force_pp and shared_data_is_ready(preprocessed, plans, c, raw_cases):
-            print(f"{c}: reusing the data nnUNetPlans already preprocessed in "
-                  f"{preprocessed / plans['configurations'][c]['data_identifier']} (same cases, none changed "
-                  f"since; same spacing, normalisation and resampling; --force_pp to redo)")
+            print(f"{c}: reusing the data already preprocessed in "
+                  f"{preprocessed / plans['configurations'][c]['data_identifier']}, shared with nnUNetPlans (same "
+                  f"cases, none changed since; same spacing, normalisation and resampling; --force_pp to redo)")
         else:
             todo.append(c)
     if todo:
@@ -268,7 +268,7 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
         for c in todo:
             folder = preprocessed / plans["configurations"][c]["data_identifier"]
             if folder.name.startswith(f"{DEFAULT_DATA_IDENTIFIER_PLANS}_") and any(folder.glob("*.pkl")):
-                print(f"{c}: {folder} is shared with nnUNetPlans (same preprocessing) and is made again in place: "
+                print(f"{c}: {folder} is nnUNetPlans' data folder too (same preprocessing) and is made again in place: "
                       f"nnU-Net deletes it first, so if this run is interrupted, rerun it before training either "
                       f"network.")
         print("Preprocessing...")

@@ -237,12 +237,13 @@ class LoGoNetPlanner(ExperimentPlanner):
             shrinkable = [a for a in range(3) if patch[a] - multiple[a] >= multiple[a]]
             if not shrinkable:
                 smallest = estimate(patch, strides, grid, self.min_batch_size)
+                smaller = (" or a smaller preset (-pl LoGoNetTinyPlanner)" if self.preset != "tiny" else
+                           " (tiny is the smallest preset)")
                 raise PlanningError(
                     f"-gpu_memory_target {target:g} GB is too small for {self.network_class.__name__}-{self.preset}: "
-                    f"even the smallest valid patch {patch} needs about {smallest:.2f} GB at batch size "
-                    f"{self.min_batch_size}. "
-                    f"Use -gpu_memory_target {np.ceil(smallest * 10) / 10:g} or more, or a smaller preset "
-                    f"(-pl LoGoNetTinyPlanner).")
+                    f"it would not fit even a patch of {patch} voxels, the smallest the network takes, which needs "
+                    f"about {smallest:.2f} GB at batch size {self.min_batch_size}. Use -gpu_memory_target "
+                    f"{np.ceil(smallest * 10) / 10:g} or more{smaller}; a useful patch needs far more.")
             # nnU-Net's rule: the axis largest relative to the median shape, ties to the last (its
             # argsort()[-1]); the step is the multiple the smaller patch needs, so that a valid size
             # (z 16 -> 12 where the strides allow it) is not skipped
