@@ -316,6 +316,25 @@ def test_training_log_reports_the_pretext_and_its_cost(workspace):
 
 
 @pytest.mark.e2e
+def test_predicting_with_the_pretraining_checkpoint_says_to_fine_tune_it_first(workspace, tmp_path):
+    """nnUNetv2_predict on the pre-training's results folder: the model has no classifiers and learned no
+    segmentation; the error says so and names the command, instead of PyTorch's list of missing keys."""
+    images = tmp_path / "images"
+    images.mkdir()
+    scan = sorted((workspace["base"] / "raw" / f"Dataset{LABELED:03d}_SSLPhantom" / "imagesTr").glob("*.nii.gz"))[0]
+    (images / scan.name).write_bytes(scan.read_bytes())
+    run = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o",
+                          str(tmp_path / "out"), "-d", str(PRETRAIN), "-c", "3d_fullres", "-f", "all", "-tr", TRAINER,
+                          "-p", PLANS, "-device", "cpu"], env={**os.environ, **workspace["env"]},
+                         capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "ClassifierlessWeightsError: The weights given to LoGoNet have no classifiers" in output, output[-3000:]
+    assert "-tr LoGoNetTrainer -p PLANS -pretrained_weights" in output
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+@pytest.mark.e2e
 def test_ssl_weights_load_through_nnunet_into_logonet_trainer(workspace, monkeypatch):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.run.run_training import get_trainer_from_args

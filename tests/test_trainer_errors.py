@@ -249,6 +249,55 @@ def test_data_another_plans_wrote_into_the_shared_folder_is_refused_before_train
     trainer.check_preprocessed_data()
 
 
+@pytest.mark.parametrize("layout", ["npz", "b2nd"])
+def test_cases_of_the_fold_without_whole_preprocessed_data_are_named_before_training(tmp_path, monkeypatch, layout):
+    """A case deleted from (or never written to) the data folder: nnU-Net's loader stops in a worker with
+    "background workers are no longer alive"; refused first, naming the cases, their missing files and both fixes."""
+    import json
+    import shutil
+
+    from nnunet_logonet.training.trainer import MissingPreprocessedDataError
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "transpose_forward": [0, 1, 2]}
+    plans["configurations"]["3d_fullres"].update(data_identifier="nnUNetPlans_3d_fullres", spacing=[1.0, 1.0, 1.0])
+    data = tmp_path / "pre" / DATASET / "nnUNetPlans_3d_fullres"
+    _preprocessed_case(data, (20, 30, 30))
+    whole = {"npz": ("case_000.npz", "case_000.pkl"), "b2nd": ("case_000.b2nd", "case_000_seg.b2nd", "case_000.pkl")}
+    if layout == "b2nd":  # the files' names are all the check reads
+        (data / "case_000.npz").rename(data / "case_000.b2nd")
+        (data / "case_000_seg.b2nd").write_bytes(b"")
+    for case in ("case_001", "case_002", "case_003"):
+        for name in whole[layout]:
+            shutil.copyfile(data / name, data / name.replace("case_000", case))
+    (data / "case_001.pkl").unlink()
+    (data / f"case_002.{layout}").unlink()
+    splits = [{"train": ["case_000", "case_001"], "val": ["case_002"]}, {"train": ["case_002"], "val": ["case_003"]},
+              {"train": ["case_000", "case_003"], "val": []}]
+    (tmp_path / "pre" / DATASET / "splits_final.json").write_text(json.dumps(splits))
+    dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}}
+
+    def trainer(fold):
+        return LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
+                              torch.device("cpu"))
+
+    with pytest.raises(MissingPreprocessedDataError) as error:
+        trainer(0).check_fold_cases_are_preprocessed()
+    message = str(error.value)
+    assert message.startswith(f"2 of the 3 cases of fold 0 ({tmp_path / 'pre' / DATASET / 'splits_final.json'}) "
+                              f"are not whole in {data}: case_001 (no case_001.pkl), case_002 (no case_002.{layout})")
+    assert f"logonet_plan_and_preprocess -d {DATASET}" in message and "nnUNetv2_preprocess -d" in message
+    assert "delete" in message and "splits_final.json so that nnU-Net makes new splits" in message
+    # the whole data check runs it (the spacing check beside it reads the first case: real data in npz only)
+    check = "check_preprocessed_data" if layout == "npz" else "check_fold_cases_are_preprocessed"
+    with pytest.raises(MissingPreprocessedDataError, match="1 of the 2 cases of fold 1"):
+        getattr(trainer(1), check)()
+    getattr(trainer(2), check)()  # its cases are whole
+    getattr(trainer("all"), check)()  # nnU-Net takes the cases the folder holds
+    getattr(trainer(3), check)()  # no such fold in the file: nnU-Net makes one from the folder
+
+
 def test_data_check_follows_nnunets_transpose_and_inheritance(tmp_path):
     from nnunet_logonet.planning.data_check import data_spacing_mismatch
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["data_spacing_mismatch", "repair_label_copies"]
+__all__ = ["data_spacing_mismatch", "missing_case_files", "repair_label_copies"]
 
 
 def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: str) -> str | None:
@@ -50,6 +50,29 @@ def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: s
     return (f"{folder / case} holds data of shape {list(stored)}, but plans {plans.get('plans_name', '?')} "
             f"({configuration}, spacing {target_spacing}) resample this case to {list(expected)}: the folder was "
             f"preprocessed with other plans that share its name ({folder.name})")
+
+
+def missing_case_files(data_folder: str | Path, cases: list[str]) -> dict[str, str]:
+    """Case -> the first file of it that ``data_folder`` lacks, for every case of ``cases`` not whole there.
+
+    nnU-Net's data loader meets such a case in a background worker, and the run ends with
+    "background workers are no longer alive", the real error buried above. Its layout is taken
+    from the folder as nnU-Net's loader takes it (``.b2nd`` + ``_seg.b2nd``, or ``.npz``; ``.pkl``
+    beside each)."""
+    folder = Path(data_folder)
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return {case: f"{folder}/" for case in cases}
+    layout = ((".b2nd", "_seg.b2nd", ".pkl") if any(n.endswith(".b2nd") for n in names) or
+              not any(n.endswith(".npz") for n in names) else (".npz", ".pkl"))
+    missing = {}
+    for case in cases:
+        for suffix in layout:
+            if case + suffix not in names:
+                missing[case] = case + suffix
+                break
+    return missing
 
 
 def repair_label_copies(preprocessed_dataset: str | Path, raw_labels: dict[str, Path], file_ending: str) -> list[str]:

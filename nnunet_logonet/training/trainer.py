@@ -38,6 +38,10 @@ class PlansMismatchError(RuntimeError):
     """The plans do not describe the network this trainer trains."""
 
 
+class MissingPreprocessedDataError(RuntimeError):
+    """Cases of the fold to train have no (or no whole) preprocessed data."""
+
+
 class ImageOnlyDatasetError(RuntimeError):
     """A supervised trainer was given a pre-training dataset, whose labels are placeholders."""
 
@@ -190,6 +194,34 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                 f"differently); for plans moved from another dataset, move them under a name of their own "
                 f"(nnUNetv2_move_plans_between_datasets -s SOURCE -t {dataset} -sp {plans} -tp {plans}_fromSOURCE) "
                 f"and run nnUNetv2_preprocess -d {dataset} -plans_name {plans}_fromSOURCE -c {self.configuration_name}.")
+        self.check_fold_cases_are_preprocessed()
+
+    def check_fold_cases_are_preprocessed(self) -> None:
+        """Refuse a fold whose cases (nnU-Net's ``splits_final.json``) are not whole in the data folder: nnU-Net's
+        loader would stop on them in a background worker ("background workers are no longer alive"), the real
+        error buried above. Fold ``all`` takes the cases the folder holds, so it cannot miss one."""
+        from pathlib import Path
+
+        from nnunet_logonet.planning.data_check import missing_case_files
+        from nnunet_logonet.workfolders import read_json_if_whole
+
+        splits_file = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
+        splits = read_json_if_whole(splits_file) if isinstance(self.fold, int) else None
+        if not isinstance(splits, list) or not 0 <= self.fold < len(splits) or not isinstance(splits[self.fold], dict):
+            return  # nnU-Net makes or remakes the splits from the folder's cases
+        cases = sorted({*splits[self.fold].get("train", []), *splits[self.fold].get("val", [])})
+        missing = missing_case_files(self.preprocessed_dataset_folder, cases)
+        if not missing:
+            return
+        plans, dataset = self.plans_manager.plans_name, self.plans_manager.dataset_name
+        listed = ", ".join(f"{case} (no {name})" for case, name in list(missing.items())[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MissingPreprocessedDataError(
+            f"{len(missing)} of the {len(cases)} cases of fold {self.fold} ({splits_file}) are not whole in "
+            f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again (logonet_plan_and_preprocess -d "
+            f"{dataset} -pl <planner of {plans}>, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} -c "
+            f"{self.configuration_name}); if those cases left the dataset on purpose, delete {splits_file} so that "
+            f"nnU-Net makes new splits.")
 
     def check_pretrained_weights(self, argv) -> None:
         """Before nnU-Net loads ``-pretrained_weights`` (right after ``initialize``), list every key
