@@ -107,6 +107,28 @@ def _plan(planner_cls, dataset_id, target=None):
     return planner.plan_experiment()
 
 
+def test_plans_of_another_network_are_never_replaced(nnunet_dirs):
+    """LoGoNet plans written over a ResEnc's (or nnU-Net's) plans file would make its trainer build LoGoNet under
+    the baseline's name: refused, naming the file and a name to use; the file is left as it was."""
+    import json
+
+    from nnunet_logonet.planning.planners import LoGoNetTinyPlanner, PlanningError
+
+    _, pre = _fake_dataset(nnunet_dirs, 807, (1.0, 1.0, 1.0), (40, 40, 40))
+    theirs = {"plans_name": "nnUNetResEncUNetMPlans", "configurations": {"3d_fullres": {"architecture": {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}}}}
+    (pre / "nnUNetResEncUNetMPlans.json").write_text(json.dumps(theirs))
+    planner = LoGoNetTinyPlanner(807, plans_name="nnUNetResEncUNetMPlans")
+    with pytest.raises(PlanningError, match=r"nnUNetResEncUNetMPlans.json already holds plans for "
+                                            r"dynamic_network_architectures.*ResidualEncoderUNet \(3d_fullres\).*"
+                                            r"-overwrite_plans_name nnUNetResEncUNetMPlans_logonet"):
+        planner.plan_experiment()
+    assert json.loads((pre / "nnUNetResEncUNetMPlans.json").read_text()) == theirs
+    # LoGoNet's own plans of that name are replaced as before (a re-planning)
+    LoGoNetTinyPlanner(807, plans_name="LoGoNetTinyPlans").plan_experiment()
+    LoGoNetTinyPlanner(807, plans_name="LoGoNetTinyPlans").plan_experiment()
+
+
 def test_planner_writes_logonet_3d_configuration(nnunet_dirs):
     from nnunet_logonet.planning.planners import LoGoNetPlanner
 
@@ -273,6 +295,7 @@ def test_2d_only_dataset_is_refused_with_advice(nnunet_dirs):
     (["-overwrite_target_spacing", "1", "1"], "3 positive numbers"),  # two values: not a 3D spacing
     (["-np", "1", "2"], "one per configuration"),  # 2 values for 1 configuration: nnU-Net crashes on it
     (["-overwrite_plans_name", "a/b"], "without '/'"),
+    (["-overwrite_plans_name", "nnUNetPlans"], "that is nnU-Net's default plans name, the baseline's"),
 ])
 def test_bad_arguments_stop_before_any_folder_is_touched(nnunet_dirs, capsys, argv, message):
     """nnU-Net empties the shared preprocessed folder before it checks -np (0 deleted nnUNetPlans' data);

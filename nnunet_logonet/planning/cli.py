@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   or any(ch in args.overwrite_plans_name for ch in "/\\")):
         parser.error(f"-overwrite_plans_name {args.overwrite_plans_name!r}: a plans identifier is a file name "
                      f"(e.g. LoGoNetPlans_custom), without '/'")
+    if args.overwrite_plans_name == DEFAULT_DATA_IDENTIFIER_PLANS:
+        parser.error(f"-overwrite_plans_name {DEFAULT_DATA_IDENTIFIER_PLANS}: that is nnU-Net's default plans name, "
+                     f"the baseline's (nnUNetv2_plan_and_preprocess writes it, -tr nnUNetTrainer reads it); LoGoNet's "
+                     f"plans there would replace it. Choose another name, e.g. LoGoNetPlans_custom")
     for variable in ("nnUNet_raw", "nnUNet_preprocessed"):
         folder = Path(os.environ[variable])
         if folder.exists() and not folder.is_dir():

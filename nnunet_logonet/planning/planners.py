@@ -141,9 +141,27 @@ class LoGoNetPlanner(ExperimentPlanner):
             del plans["configurations"]["2d"]
             print("LoGoNet is a 3D network: the 2d configuration is skipped (use nnUNetPlans for 2d).")
         recursive_fix_for_json_export(plans)
+        self._refuse_to_replace_another_networks_plans(plans)
         self._unshare_data_that_differs(plans)
         self._set_aside_unreadable_plans()
         self._write_plans_whole(plans)
+
+    def _refuse_to_replace_another_networks_plans(self, plans: dict) -> None:
+        """Plans of this name that describe another network (nnU-Net's own, a ResEnc, a user's) are not
+        replaced: their trainer would build LoGoNet from them under its own name, and their results would
+        no longer be a baseline."""
+        plans_file = self._plans_file()
+        old = read_json_if_whole(plans_file) or {}
+        ours = {class_path(LoGoNet), class_path(ULKANet)}
+        for name in plans["configurations"]:
+            config = old.get("configurations", {}).get(name)
+            found = config.get("architecture", {}).get("network_class_name") if isinstance(config, dict) else None
+            if found is not None and found not in ours:
+                raise PlanningError(
+                    f"{plans_file} already holds plans for {found} ({name}); writing {self.network_class.__name__}'s "
+                    f"plans under that name would replace them. Give these plans another name "
+                    f"(-overwrite_plans_name {self.plans_identifier}_logonet), or move that file away if it is no "
+                    f"longer used.")
 
     def _plans_file(self) -> Path:
         """Where nnU-Net's ``save_plans`` puts the plans (its module's ``nnUNet_preprocessed``)."""
