@@ -25,9 +25,12 @@ def figure_path(value: str) -> Path:
     writes; a folder is refused."""
     import argparse
 
+    from nnunet_logonet.workfolders import output_file_argument
+
     path = Path(value)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r} is a folder; give a file name such as {path / 'chart.png'}")
+    output_file_argument(value)
     suffix = path.suffix.lower().lstrip(".")
     if suffix and suffix not in _formats():
         raise argparse.ArgumentTypeError(f"{value!r}: matplotlib cannot write .{suffix} figures; use one of "

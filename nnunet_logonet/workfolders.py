@@ -188,6 +188,25 @@ def last_written(path: str | os.PathLike) -> float:
         return float("inf")
 
 
+def output_file_argument(value: str) -> str:
+    """An ``argparse`` type for a file a command writes at its end (``--json``): checked when it starts, not
+    after a run of minutes. Refused: an empty name, a folder, a path below a file. Missing folders are fine
+    (they are created)."""
+    import argparse
+
+    path = Path(value)
+    if not value or path.name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a file name; give one such as results.json")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a folder; give a file name such as {path / 'results.json'}")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{value!r}: {parent} is a file, so nothing can be written below it")
+            break
+    return value
+
+
 def read_json_if_whole(path: str | os.PathLike) -> dict | None:
     """``path``'s JSON, or None when there is no such file or it is not valid JSON: nnU-Net writes its
     fingerprint and plans in place, so a run killed while writing leaves half a file."""

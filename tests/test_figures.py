@@ -50,3 +50,22 @@ def test_chart_paths_are_checked_when_the_command_starts(tmp_path):
 
     with pytest.raises(SystemExit):  # refused before any model is timed
         build_parser().parse_args(["--chart", str(tmp_path / "chart.xyz")])
+
+
+@pytest.mark.parametrize("module", ["benchmark.efficiency", "benchmark.lever_ab", "benchmark.lever_memory",
+                                    "benchmark.finetune_start", "benchmark.ssl_benefit", "benchmark.clustering",
+                                    "benchmark.full_res_width", "demo.rank"])
+def test_json_outputs_are_checked_when_the_command_starts(tmp_path, capsys, module):
+    """`logonet_benchmark --json FOLDER` ran the whole benchmark, then failed with a traceback and left a .partial
+    file beside the folder; every command's --json is refused first: a folder, a path below a file, no name."""
+    import importlib
+
+    main = importlib.import_module(f"nnunet_logonet.{module}").main
+    (tmp_path / "a_file").write_text("x")
+    for bad, message in ((str(tmp_path), "is a folder; give a file name such as"),
+                         (str(tmp_path / "a_file" / "out.json"), "a_file is a file, so nothing can be written below it"),
+                         ("", "is not a file name")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--json", bad])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -23,7 +23,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from nnunet_logonet.ssl.clusterers import BACKENDS, SliceClusterBank
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 
 def synthetic_patches(n_slices: int, size: int, seed: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--label-slices", type=int, default=128, help="slices labelled per call (batch x depth)")
     parser.add_argument("-device", "--device", default="cpu", help="device for the torch backend and for labelling")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--json", type=output_file_argument, help="also write the rows to this file")
     args = parser.parse_args(argv)
     results = run(n_slices=args.n_slices, size=args.size, num_clusterers=args.num_clusterers,
                   k_range=tuple(args.k_range), backends=args.backends, pools=args.pools, max_iter=args.max_iter,

@@ -65,7 +65,7 @@ from nnunet_logonet.benchmark.records import (FIGURES, add_ratios, describe_allo
 from nnunet_logonet.figures import figure_path
 from nnunet_logonet.machine import cpu_kind
 from nnunet_logonet.network.levers import LEVERS
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 __all__ = ["run_benchmark", "format_table", "build_parser", "main"]
 
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one fresh process per model, for honest memory peaks (default on)")
     parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                         help="skip what the feature-map estimate says cannot fit in free memory (default on)")
-    parser.add_argument("--json", default=None, metavar="FILE",
+    parser.add_argument("--json", type=output_file_argument, default=None, metavar="FILE",
                         help="write every figure and the device info here when the run completes; until then the "
                              "figures so far are kept in FILE.partial and an existing FILE is left untouched")
     parser.add_argument("--chart", default=None, type=figure_path, metavar="PNG",

@@ -35,7 +35,7 @@ import torch
 from nnunet_logonet.benchmark.overfit import center_fit, fit_batch
 from nnunet_logonet.figures import figure_path
 from nnunet_logonet.training.recipes import RECIPES, configure_recipe
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 __all__ = ["STARTS", "TAKE_OFF_DICE", "preprocessed_dataset", "load_plans", "fixed_batch", "build_start", "compare_starts",
            "plot_starts", "main"]
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="optimizer: nnU-Net's SGD (default) or the paper's AdamW (docs/training_recipe.md)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's initial one)")
     parser.add_argument("--preprocessed", default=None, help="nnU-Net's preprocessed folder (default: $nnUNet_preprocessed)")
-    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--json", type=output_file_argument, default=None, help="also write the report here")
     parser.add_argument("--chart", default=None, type=figure_path, metavar="PNG",
                         help="also draw loss and Dice against the step here")
     return parser

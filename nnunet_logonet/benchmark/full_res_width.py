@@ -31,7 +31,7 @@ from nnunet_logonet.benchmark.efficiency import format_table, run_benchmark
 from nnunet_logonet.benchmark.measure import DEFAULTS, default_settings
 from nnunet_logonet.benchmark.models import MODELS, REFERENCE_MODEL, ModelSpec, resolve_model
 from nnunet_logonet.counting import count_macs, count_parameters
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 __all__ = ["PAPER", "OUR_MODELS", "width_variant", "count_variants", "main"]
 
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-device", "--device", default="cpu", help="device for --time (default cpu)")
     parser.add_argument("--patch-size", nargs=3, type=int, default=None, metavar=("D", "H", "W"),
                         help="patch for --time (default: logonet_benchmark's for the device)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the counts (and timings) here")
+    parser.add_argument("--json", type=output_file_argument, default=None, metavar="FILE",
+                        help="write the counts (and timings) here")
     return parser
 
 

@@ -27,7 +27,7 @@ from nnunet_logonet.machine import this_cpu
 from nnunet_logonet.network.kernels import narrowing
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 from .efficiency import parse_device
 from .measure import autocast, default_settings, make_sliding_window, make_train_step, sync
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--swap-narrowing-weight-grad", action="store_true",
                         help="take the narrowing-convolution lever on any CPU (by default AVX2 CPUs only), "
                              "to measure it where it is off")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the samples and the device info here")
+    parser.add_argument("--json", type=output_file_argument, default=None, metavar="FILE",
+                        help="write the samples and the device info here")
     return parser
 
 

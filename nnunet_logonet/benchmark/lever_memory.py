@@ -30,7 +30,7 @@ import torch
 from nnunet_logonet.network import buffers
 from nnunet_logonet.network.levers import LEVERS, reference_kernels
 
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 from .measure import default_settings, make_train_step
 from .models import MODELS, resolve_model
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure", choices=("train", "forward"), default="train",
                         help="training steps (batch 2, default) or inference forwards (batch 1)")
     parser.add_argument("--calls", type=int, default=4, help="calls per process (default 4)")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    parser.add_argument("--json", type=output_file_argument, metavar="PATH", help="also write the figures here")
     parser.add_argument("--child", choices=STATES, help=argparse.SUPPRESS)
     return parser
 

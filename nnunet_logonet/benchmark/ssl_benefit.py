@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from nnunet_logonet.training.trainer import LoGoNetTrainer_demo, LoGoNetTrainer_demoQuick
-from nnunet_logonet.workfolders import delete_folder, read_json_if_whole, write_json_whole
+from nnunet_logonet.workfolders import delete_folder, output_file_argument, read_json_if_whole, write_json_whole
 
 __all__ = ["LoGoNetTrainer_demoNoVal", "LoGoNetTrainer_demoQuickNoVal", "StepFailed", "main", "run"]
 
@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="demoQuick budgets and fewer cases")
     parser.add_argument("--base", default="ssl_benefit_work", help="work folder (default ./ssl_benefit_work)")
-    parser.add_argument("--json", "--output", dest="output", default=None, help="JSON report (default <base>/ssl_benefit.json)")
+    parser.add_argument("--json", "--output", type=output_file_argument, dest="output", default=None,
+                        help="JSON report (default <base>/ssl_benefit.json)")
     parser.add_argument("--labeled", type=int, default=4, help="labeled training cases (default 4)")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabeled cases (default 16; quick 8)")
     parser.add_argument("--test", type=int, default=None, help="test cases (default 8; quick 4)")

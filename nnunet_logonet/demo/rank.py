@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_logonet.workfolders import write_json_whole
+from nnunet_logonet.workfolders import output_file_argument, write_json_whole
 
 __all__ = ["parse_model", "trained_pairs", "rank_models", "main"]
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-f", nargs="+", type=int, default=[0], help="folds that were trained (default 0)")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--ensembling", action="store_true", help="also try pairwise ensembles (needs --npz runs)")
-    parser.add_argument("--json", help="also write the ranking here")
+    parser.add_argument("--json", type=output_file_argument, help="also write the ranking here")
     args = parser.parse_args(argv)
     if bool(args.tr) != bool(args.p):
         parser.error("-tr and -p go together (every trainer is paired with every plans identifier)")
