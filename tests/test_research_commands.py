@@ -89,7 +89,7 @@ def test_ssl_benefit_refuses_a_folder_as_its_report_before_training(tmp_path, ca
 
     with pytest.raises(SystemExit) as stop:
         ssl_benefit.main(["--base", str(tmp_path / "base"), "--json", str(tmp_path), "-d", "940"])
-    assert stop.value.code == 2 and "is a folder; give the report's file name" in capsys.readouterr().err
+    assert stop.value.code == 2 and "is a folder; give a file name such as" in capsys.readouterr().err
     assert not (tmp_path / "base").exists()
 
 
