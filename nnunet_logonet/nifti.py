@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["file_damage", "is_gzip", "nifti_data_end"]
+__all__ = ["file_damage", "is_gzip", "nifti_data_end", "nifti_shape"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 STREAM_BLOCK = 1 << 20
@@ -34,6 +34,19 @@ def nifti_data_end(path: str | os.PathLike) -> int | None:
         voxels = int(np.prod(proxy.shape, dtype=np.int64))
         return int(proxy.offset) + voxels * np.dtype(proxy.dtype).itemsize
     except Exception:  # a header nibabel rejects: ITK's reading stays the judge
+        return None
+
+
+def nifti_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """The data shape a ``.nii``/``.nii.gz`` header declares (trailing dimensions of size 1 included, which
+    ITK drops); None for other files or a header nibabel rejects."""
+    if not str(path).endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel
+
+    try:
+        return tuple(int(s) for s in nibabel.load(str(path)).header.get_data_shape())
+    except Exception:  # ITK's reading stays the judge
         return None
 
 

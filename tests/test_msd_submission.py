@@ -175,6 +175,20 @@ def _four_d(image_path: Path, pred_path: Path) -> None:
     sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(pred_path))
 
 
+def _trailing_singleton(image_path: Path, pred_path: Path) -> None:
+    """A 4D file with a last axis of size 1: ITK reads it as 3D, nibabel (and the evaluation) as 4D."""
+    g = read_geometry(image_path)
+    volume = _image(np.zeros(g.size[::-1], np.uint8), g.spacing, g.origin, g.direction)
+    sitk.WriteImage(sitk.JoinSeries([volume]), str(pred_path))
+
+
+def _image_intensities(image_path: Path, pred_path: Path) -> None:
+    """The test image itself (as int16 CT) instead of its prediction."""
+    g = read_geometry(image_path)
+    array = np.random.default_rng(0).integers(-1000, 1000, size=g.size[::-1]).astype(np.int16)
+    sitk.WriteImage(_image(array, g.spacing, g.origin, g.direction), str(pred_path))
+
+
 def _float_nan(image_path: Path, pred_path: Path) -> None:
     array = predict_like(image_path, pred_path).astype(np.float32)
     array.flat[3] = np.nan
@@ -253,8 +267,11 @@ def _short_data(image_path: Path, pred_path: Path) -> None:
     (_signed_with(-1, np.int16), "label values [-1] are not in dataset.json labels"),
     (_one_fractional_voxel, "not integers (e.g. 0.5, 1 voxels)"),
     (_two_components, "has 2 components per voxel"),
+    (_trailing_singleton, "dimensions (6, 8, 5, 1): ITK drops the trailing ones of size 1"),
+    (_image_intensities, "distinct values look like image intensities, not labels: is this a test image"),
 ], ids=["spacing", "label", "4d", "nan", "probabilities", "direction", "unreadable", "not_gzip",
-        "short_data", "size", "negative_int8", "negative_int16", "one_fractional", "vector"])
+        "short_data", "size", "negative_int8", "negative_int16", "one_fractional", "vector", "trailing_1",
+        "intensities"])
 def test_invalid_case_is_named_with_reason_and_nothing_written(spleen, capsys, breaker, phrase):
     task, pred, predictions, out = spleen
     breaker(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
@@ -347,6 +364,51 @@ def test_no_valid_prediction_at_all_writes_nothing_even_when_incomplete_is_allow
         prediction.unlink()
     with pytest.raises(IncompleteSubmissionError, match="No valid prediction in any task"):
         write_submission([(task, pred)], out / "s.zip", allow_incomplete=True, progress=False)
+    assert_nothing_written(out)
+
+
+def test_image_intensities_are_listed_in_one_short_line(spleen):
+    """imagesTs given as the predictions printed one line of thousands of values."""
+    task, pred, _, _ = spleen
+    _image_intensities(task / "imagesTs" / "spleen_3.nii.gz", pred / "spleen_3.nii.gz")
+    (reason,) = validate_task(task, pred, progress=False).invalid[0].reasons
+    assert len(reason) < 400 and ", ...] (" in reason and " values)" in reason
+
+
+def test_converted_nnunet_dataset_given_as_the_task_names_the_msd_folder_to_give(spleen, tmp_path, capsys):
+    """nnU-Net's DatasetXXX (converted) has other image names than the MSD task: every prediction was reported
+    MISSING under the image names and ignored."""
+    _, pred, _, out = spleen
+    converted = tmp_path / "nnUNet_raw" / "Dataset009_Spleen"
+    (converted / "imagesTs").mkdir(parents=True)
+    (converted / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                        "labels": {"background": 0, "spleen": 1}}))
+    assert main(["--task", str(converted), str(pred), "-o", str(out / "s.zip")]) == 2
+    err = capsys.readouterr().err
+    assert f"{converted} is an nnU-Net dataset" in err and "the original MSD task folder (TaskNN_Name" in err
+    assert_nothing_written(out)
+
+
+def test_prediction_path_that_is_a_file_and_archive_names_that_cannot_be_written(spleen, capsys, monkeypatch):
+    from nnunet_logonet.msd import submission
+
+    task, pred, _, out = spleen
+    assert main(["--task", str(task), str(pred / "spleen_1.nii.gz"), "-o", str(out / "s.zip")]) == 2
+    assert "spleen_1.nii.gz (for Task09_Spleen) is a file; give the folder" in capsys.readouterr().err
+    assert main(["--task", str(task), str(pred), "-o", str(out / ".zip")]) == 2
+    assert "has no name before .zip (it would be a hidden file)" in capsys.readouterr().err
+    monkeypatch.setattr(submission.os, "access", lambda path, mode: False)
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 2
+    assert f"Folder {out} for the archive cannot be written to" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(submission, "_archive_writer", full_disk)
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 's.zip'}: No space left on device" in err
     assert_nothing_written(out)
 
 

@@ -53,6 +53,9 @@ def archive_format(path: str | os.PathLike) -> str:
     name = Path(path).name.lower()
     for suffix, kind in ARCHIVE_FORMATS.items():
         if name.endswith(suffix):
+            if name == suffix:
+                raise ValueError(f"Archive name {Path(path).name!r} has no name before {suffix} (it would be a "
+                                 f"hidden file); give one such as submission{suffix}.")
             return kind
     raise ValueError(f"Archive name {Path(path).name!r} must end with one of "
                      f"{', '.join(ARCHIVE_FORMATS)} (the MSD accepts .zip or .tar.gz).")
@@ -67,9 +70,11 @@ def check_archive_target(path: str | os.PathLike, overwrite: bool) -> Path:
                          f".tar.gz.")
     if archive.exists() and not overwrite:
         raise FileExistsError(f"Archive {archive} already exists; pass --overwrite "
-                              f"(overwrite=True) to replace it, or choose another name.")
+                              f"(overwrite=True from Python) to replace it, or choose another name.")
     if not archive.parent.is_dir():
         raise ValueError(f"Folder {archive.parent} for the archive does not exist; create it first.")
+    if not os.access(archive.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"Folder {archive.parent} for the archive cannot be written to; choose another folder.")
     return archive
 
 
@@ -157,8 +162,8 @@ def write_submission(pairs: Sequence[Pair], archive_path: str | os.PathLike, *,
     if incomplete and not allow_incomplete:
         raise IncompleteSubmissionError(incomplete, "Incomplete submission for "
                                         f"{', '.join(r.task_name for r in incomplete)}; nothing "
-                                        f"written (allow_incomplete=True / --allow-incomplete "
-                                        f"writes the valid cases only).")
+                                        f"written (--allow-incomplete, or allow_incomplete=True from "
+                                        f"Python, writes the valid cases only).")
     if not any(report.found for report in reports):
         raise IncompleteSubmissionError(reports, "No valid prediction in any task; nothing written.")
 
@@ -239,6 +244,10 @@ def _validate_and_write(args: argparse.Namespace) -> int:
         return 1
     except (ValueError, FileExistsError) as error:
         print(f"logonet_msd_submission: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk, not the predictions: nothing half-written is left (write_whole)
+        print(f"logonet_msd_submission: error: cannot write {args.output}: {error.strerror or error}",
+              file=sys.stderr)
         return 2
     written = sum(len(report.found) for report in reports)
     expected = sum(len(report.expected) for report in reports)

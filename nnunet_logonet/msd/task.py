@@ -108,6 +108,11 @@ def read_task(task_folder: str | os.PathLike) -> MSDTask:
         meta = json.loads(dataset_json.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{dataset_json} is not valid JSON: {error}") from error
+    if isinstance(meta, dict) and "channel_names" in meta and "file_ending" in meta and "modality" not in meta:
+        raise ValueError(f'{folder} is an nnU-Net dataset ({dataset_json} has "channel_names" and "file_ending", '
+                         f'no "modality"): --task takes the original MSD task folder (TaskNN_Name, e.g. '
+                         f'Task09_Spleen), whose imagesTs names the archive must use; give the predictions of '
+                         f'nnUNetv2_predict as the second value.')
     if "labels" not in meta:
         raise ValueError(f'{dataset_json} has no "labels" entry.')
     labels = parse_labels(meta["labels"], dataset_json)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nnunet_logonet.msd.naming import match_predictions
 from nnunet_logonet.msd.task import Geometry, MSDTask, read_geometry, read_task
-from nnunet_logonet.nifti import file_damage, is_gzip
+from nnunet_logonet.nifti import file_damage, is_gzip, nifti_shape
 
 __all__ = ["CaseResult", "TaskReport", "check_prediction", "file_damage", "output_pixel_type",
            "validate_task"]
@@ -191,7 +191,11 @@ def check_prediction(image: sitk.Image, reference: Geometry, labels: dict[int, s
     if unknown:
         known = ", ".join(f"{k}={labels[k]}" if isinstance(labels, dict) else str(k)
                           for k in sorted(labels))
-        reasons.append(f"label values {unknown} are not in dataset.json labels ({known})")
+        shown = (f"{unknown}" if len(unknown) <= 10 else
+                 f"[{', '.join(map(str, unknown[:10]))}, ...] ({len(unknown)} values)")
+        image_like = (f"; {len(values)} distinct values look like image intensities, not labels: is this a "
+                      f"test image rather than its prediction?" if len(unknown) > 10 else "")
+        reasons.append(f"label values {shown} are not in dataset.json labels ({known}){image_like}")
     target = output_pixel_type(labels)
     if pixel_id != target and not reasons:
         notes.append(f"stored as {type_name}; written as "
@@ -232,6 +236,10 @@ def check_prediction_file(path: str | os.PathLike, reference: Geometry,
     if str(path).endswith(".gz") and not is_gzip(path):
         return [f"is not gzip-compressed although its name ends .gz; {DAMAGE_FIX}, or compress "
                 f"it with gzip"], []
+    shape = nifti_shape(path)
+    if shape is not None and len(shape) > 3 and set(shape[3:]) == {1} and image.GetDimension() == 3:
+        return [f"its NIfTI header has {len(shape)} dimensions {shape}: ITK drops the trailing ones of size 1, "
+                f"other readers (nibabel, the challenge's evaluation) do not; save it as a 3D image"], []
     nonfinite = (0, 0)
     if image.GetPixelID() in FLOAT_TYPES and str(path).endswith((".nii", ".nii.gz")):
         try:
@@ -262,6 +270,9 @@ def validate_task(task_folder: str | os.PathLike, prediction_folder: str | os.Pa
     """
     task: MSDTask = read_task(task_folder)
     predictions = Path(prediction_folder).expanduser().resolve()
+    if predictions.is_file():
+        raise ValueError(f"Prediction folder {predictions} (for {task.name}) is a file; give the folder "
+                         f"nnUNetv2_predict wrote.")
     if not predictions.is_dir():
         raise ValueError(f"Prediction folder {predictions} (for {task.name}) does not exist.")
     matched = match_predictions(task.test_images, _prediction_files(predictions))
