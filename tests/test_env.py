@@ -112,7 +112,9 @@ def test_wheel_ships_trainers_and_planners_inside_the_package(tmp_path):
 ADVERTISED_TRAINERS = {
     "LoGoNetTrainer": None, "LoGoNetTrainer_1epoch": 1, "LoGoNetTrainer_5epochs": 5, "LoGoNetTrainer_10epochs": 10,
     "LoGoNetTrainer_50epochs": 50, "LoGoNetTrainer_100epochs": 100, "LoGoNetTrainer_paperRecipe": None,
-    "ULKANetTrainer": None, "ULKANetTrainer_10epochs": 10, "ULKANetTrainer_100epochs": 100,
+    "LoGoNetTrainer_paperRecipe_1epoch": 1, "LoGoNetTrainer_paperRecipe_100epochs": 100,
+    "ULKANetTrainer": None, "ULKANetTrainer_1epoch": 1, "ULKANetTrainer_5epochs": 5, "ULKANetTrainer_10epochs": 10,
+    "ULKANetTrainer_100epochs": 100,
     "LoGoNetSSLTrainer": None, "LoGoNetSSLTrainer_10epochs": 10, "LoGoNetSSLTrainer_100epochs": 100,
 }
 
@@ -136,6 +138,8 @@ def test_every_advertised_trainer_is_found_by_nnunet_with_the_epochs_its_name_gi
         found.__init__(trainer, {}, "3d_fullres", 0, {})
         assert trainer.num_epochs == (epochs or 1000), name
     assert recursive_find_trainer_class_by_name("LoGoNetTrainer_paperRecipe").recipe == "paper"
+    assert recursive_find_trainer_class_by_name("LoGoNetTrainer_paperRecipe_1epoch").recipe == "paper"
+    assert issubclass(recursive_find_trainer_class_by_name("ULKANetTrainer_1epoch"), ULKANetTrainer)
     assert issubclass(recursive_find_trainer_class_by_name("ULKANetTrainer_10epochs"), ULKANetTrainer)
     assert issubclass(recursive_find_trainer_class_by_name("LoGoNetSSLTrainer_100epochs"), LoGoNetSSLTrainer)
 

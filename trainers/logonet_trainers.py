@@ -11,8 +11,12 @@ from nnunet_logonet.training.trainer import (  # noqa: F401
     LoGoNetTrainer_demo,
     LoGoNetTrainer_demoQuick,
     LoGoNetTrainer_paperRecipe,
+    LoGoNetTrainer_paperRecipe_1epoch,
+    LoGoNetTrainer_paperRecipe_100epochs,
     LoGoNetTrainer_paperRecipe_demo,
     ULKANetTrainer,
+    ULKANetTrainer_1epoch,
+    ULKANetTrainer_5epochs,
     ULKANetTrainer_10epochs,
     ULKANetTrainer_100epochs,
 )

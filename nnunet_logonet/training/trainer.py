@@ -296,8 +296,13 @@ LoGoNetTrainer_5epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_5epochs", 5
 LoGoNetTrainer_10epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_10epochs", 10)
 LoGoNetTrainer_50epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_50epochs", 50)
 LoGoNetTrainer_100epochs = with_budget(LoGoNetTrainer, "LoGoNetTrainer_100epochs", 100)
+ULKANetTrainer_1epoch = with_budget(ULKANetTrainer, "ULKANetTrainer_1epoch", 1)
+ULKANetTrainer_5epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_5epochs", 5)
 ULKANetTrainer_10epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_10epochs", 10)
 ULKANetTrainer_100epochs = with_budget(ULKANetTrainer, "ULKANetTrainer_100epochs", 100)
+LoGoNetTrainer_paperRecipe_1epoch = with_budget(LoGoNetTrainer_paperRecipe, "LoGoNetTrainer_paperRecipe_1epoch", 1)
+LoGoNetTrainer_paperRecipe_100epochs = with_budget(LoGoNetTrainer_paperRecipe, "LoGoNetTrainer_paperRecipe_100epochs",
+                                                   100)
 
 #: CPU budgets of the demo (logonet_demo) and of the end-to-end tests: equal for every model.
 DEMO_BUDGET = {"epochs": 14, "iterations": 25, "val_iterations": 5}
