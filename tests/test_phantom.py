@@ -270,6 +270,15 @@ def test_overwrite_of_a_planned_dataset_says_to_plan_again_with_clean(tmp_path, 
     assert "plan again with --clean" in error and error.rstrip().endswith("--verify_dataset_integrity --clean")
 
 
+def test_cli_says_when_there_are_too_few_cases_for_nnunets_five_folds(tmp_path, capsys):
+    """With 4 training cases nnUNetv2_train ... 0 stopped in sklearn ("Cannot have number of splits")."""
+    common = ["--num-test", "0", "--num-unlabeled", "0", "--size", "32", "-q"]
+    main(["-d", "905", "--num-train", "4", "-o", str(tmp_path / "a"), *common])
+    assert "note: 4 training case(s): nnU-Net's folds 0-4 need 5 or more" in capsys.readouterr().err
+    main(["-d", "905", "--num-train", "5", "-o", str(tmp_path / "b"), *common])
+    assert "folds 0-4" not in capsys.readouterr().err
+
+
 def test_cli_needs_output_folder(monkeypatch, capsys):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     with pytest.raises(SystemExit):

@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             hint += " --clean"
     else:
         hint = f"nnUNetv2_convert_MSD_dataset -i {folder}"
+    if args.num_train < 5:  # nnU-Net's 5-fold split stops with sklearn's "Cannot have number of splits"
+        print(f"note: {args.num_train} training case(s): nnU-Net's folds 0-4 need 5 or more (its 5-fold split "
+              f"fails on fewer); train fold all (nnUNetv2_train ... all), or write --num-train 5 or more",
+              file=sys.stderr)
     print(f"next: {hint}", file=sys.stderr)
 
 
