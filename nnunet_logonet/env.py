@@ -47,11 +47,32 @@ def main(argv: list[str] | None = None) -> None:
                              "not already set (default: ./nnUNet_data)")
     parser.add_argument("--mkdir", action="store_true", help="also create the data folders")
     args = parser.parse_args(argv)
+    if not args.base.strip():
+        parser.error("--base is empty; give a folder, e.g. --base nnUNet_data")
     variables = environment(args.base)
+    for name in NNUNET_FOLDERS:  # set ones are the user's; the base's are checked before any export is printed
+        problem = _folder_problem(Path(variables[name]))
+        if problem:
+            source = f"{name} (already set)" if os.environ.get(name) else f"--base {args.base}"
+            parser.error(f"{source}: {problem}")
+    lines = []
     for name, value in variables.items():
         if args.mkdir and name in NNUNET_FOLDERS:
-            Path(value).mkdir(parents=True, exist_ok=True)
-        print(f"export {name}={shlex.quote(value)}")
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                parser.error(f"cannot create {value} ({error.strerror or error}); choose another --base")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    print("\n".join(lines))
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` can never be a data folder (it or a folder above it is a file), or None."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else (f"{path} is a file, not a folder" if path == folder else
+                                               f"{path} is a file, so {folder} cannot be a folder")
+    return None
 
 
 if __name__ == "__main__":

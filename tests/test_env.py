@@ -87,6 +87,37 @@ def test_logonet_env_output_evaluates_in_a_shell(tmp_path, base):
     assert all(line.startswith("export ") and shlex.split(line) for line in out.splitlines())
 
 
+def test_a_base_that_cannot_hold_the_folders_is_refused_before_any_export(tmp_path, monkeypatch, capsys):
+    """`--base FILE` printed exports into a file (and with --mkdir crashed with a traceback); `--base ""` meant the
+    current folder without a word. Each is refused naming the path; nothing is printed for eval to run."""
+    from nnunet_logonet.env import NNUNET_FOLDERS, main
+
+    for name in NNUNET_FOLDERS:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in ((["--base", str(tmp_path / "a_file")], "a_file is a file, so"),
+                          (["--base", str(tmp_path / "a_file" / "data"), "--mkdir"], "a_file is a file, so"),
+                          (["--base", ""], "--base is empty")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        captured = capsys.readouterr()
+        assert stop.value.code == 2 and message in captured.err and captured.out == ""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "a_file"))
+    with pytest.raises(SystemExit):
+        main(["--base", str(tmp_path / "data")])
+    assert f"nnUNet_raw (already set): {tmp_path / 'a_file'} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.delenv("nnUNet_raw")
+
+    def denied(self, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(SystemExit):
+        main(["--base", str(tmp_path / "data"), "--mkdir"])
+    captured = capsys.readouterr()
+    assert "cannot create" in captured.err and "Permission denied" in captured.err and captured.out == ""
+
+
 def test_unknown_flag_is_refused():
     proc = subprocess.run([sys.executable, "-m", "nnunet_logonet.env", "--bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--bogus" in proc.stderr
