@@ -657,6 +657,9 @@ def test_report_says_when_a_training_was_resumed():
     results["models"]["nnunet"]["train_resumed"] = True
     (note,) = [note for note in report.table_notes(results) if "Resumed with --c" in note]
     assert results["models"]["nnunet"]["label"] in note and "last nnUNetv2_train process only" in note
+    results["ssl_pretraining"] = {**(results.get("ssl_pretraining") or {}), "resumed": True}
+    (note,) = [note for note in report.table_notes(results) if "Resumed with --c" in note]
+    assert f"{results['models']['nnunet']['label']}, the SSL pretraining." in note and "stage times" in note
 
 
 def test_table_shows_a_nan_dice_as_a_dash():

@@ -336,7 +336,7 @@ def _run_demo_alone(settings: DemoSettings, *, base: Path, out: Path, env: dict[
         "models": report.assemble_models(settings.as_dict(), settings.models, records),
         "ssl_pretraining": {k: records.get("ssl_pretrain", {}).get(k) for k in
                             ("command", "seconds_per_iteration", "pseudo_label_accuracy", "stage_wall_s", "cpu_s",
-                             "max_rss_mb", "folder")},
+                             "max_rss_mb", "folder", "resumed")},
         "find_best_configuration": {"command": records.get("rank", {}).get("command"),
                                     "validation_dice": records.get("rank", {}).get("ranked_dice"),
                                     "best": records.get("rank", {}).get("best")},

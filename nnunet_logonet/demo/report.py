@@ -154,11 +154,13 @@ def ranking_lines(results: Mapping) -> list[str]:
 
 def _resumed_note(results: Mapping) -> list[str]:
     resumed = [m["label"] for m in results["models"].values() if m.get("train_resumed")]
+    if (results.get("ssl_pretraining") or {}).get("resumed"):
+        resumed.append("the SSL pretraining")
     if not resumed:
         return []
     return [f"Resumed with --c after an interruption: {', '.join(resumed)}. Peak memory and the training's wall "
-            f"and CPU time are those of the last nnUNetv2_train process only; s/train iter comes from every "
-            f"process's training log."]
+            f"and CPU time (the stage times in results.json too) are those of the last nnUNetv2_train process "
+            f"only; s/train iter comes from every process's training log."]
 
 
 def _ssl_note(results: Mapping) -> list[str]:
