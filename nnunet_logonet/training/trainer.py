@@ -179,7 +179,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
 
     def check_preprocessed_data(self) -> None:
         """Refuse data another set of plans wrote into this configuration's folder (same data_identifier):
-        nnU-Net would train on it at a spacing these plans do not have, without a word."""
+        nnU-Net would train on it at a spacing these plans do not have, without a word; then a fold whose
+        cases are not all there (:meth:`check_fold_cases_are_preprocessed`)."""
         from nnunet_logonet.planning.data_check import data_spacing_mismatch
 
         problem = data_spacing_mismatch(self.preprocessed_dataset_folder, self.plans_manager.plans,
