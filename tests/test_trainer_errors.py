@@ -298,6 +298,42 @@ def test_cases_of_the_fold_without_whole_preprocessed_data_are_named_before_trai
     getattr(trainer(3), check)()  # no such fold in the file: nnU-Net makes one from the folder
 
 
+def test_a_cascade_stage_without_the_first_stages_segmentations_names_the_folds_to_train(tmp_path, monkeypatch):
+    """3d_cascade_fullres after 3d_lowres trained on fold 0 only: nnU-Net's loader died in a worker on the first
+    case without a previous-stage segmentation; refused first, naming the cases and the trainings to run."""
+    import json
+    import shutil
+
+    from nnunet_logonet.training.trainer import MissingPreprocessedDataError
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    plans = {**_plans(**{"3d_lowres": [12, 32, 32], "3d_cascade_fullres": [12, 32, 32]}),
+             "transpose_forward": [0, 1, 2]}
+    plans["configurations"]["3d_lowres"].update(next_stage="3d_cascade_fullres", spacing=[2.0, 2.0, 2.0])
+    plans["configurations"]["3d_cascade_fullres"].update(previous_stage="3d_lowres", spacing=[1.0, 1.0, 1.0],
+                                                         data_identifier="nnUNetPlans_3d_fullres")
+    data = tmp_path / "pre" / DATASET / "nnUNetPlans_3d_fullres"
+    _preprocessed_case(data, (20, 30, 30))
+    shutil.copyfile(data / "case_000.npz", data / "case_001.npz")
+    shutil.copyfile(data / "case_000.pkl", data / "case_001.pkl")
+    (tmp_path / "pre" / DATASET / "splits_final.json").write_text(json.dumps([{"train": ["case_000"],
+                                                                                "val": ["case_001"]}]))
+    previous = (tmp_path / "results" / DATASET / "LoGoNetTrainer__LoGoNetTinyPlans__3d_lowres" / "predicted_next_stage"
+                / "3d_cascade_fullres")
+    previous.mkdir(parents=True)
+    (previous / "case_001.npz").write_bytes(b"")  # fold 0's validation predicted its own case only
+    trainer = LoGoNetTrainer({**plans, "continue_training": False}, "3d_cascade_fullres", 0,
+                             {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}}, torch.device("cpu"))
+    with pytest.raises(MissingPreprocessedDataError) as error:
+        trainer.check_preprocessed_data()
+    message = str(error.value)
+    assert message.startswith(f"1 of the 2 cases of fold 0 have no 3d_lowres segmentation in {previous}: case_000.")
+    assert f"nnUNetv2_train {DATASET} 3d_lowres FOLD -tr LoGoNetTrainer -p LoGoNetTinyPlans, FOLD 0..4" in message
+    (previous / "case_000.npz").write_bytes(b"")
+    trainer.check_preprocessed_data()
+
+
 def test_data_check_follows_nnunets_transpose_and_inheritance(tmp_path):
     from nnunet_logonet.planning.data_check import data_spacing_mismatch
 

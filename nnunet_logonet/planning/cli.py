@@ -211,9 +211,11 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
     raw = Path(str(nnUNet_raw)) / dataset_name
 
     def failed(step: str, e: BaseException) -> int:
+        check = ("the message above is nnU-Net's check: fix what it names (dataset.json or the file) and run "
+                 "again" if args.verify_dataset_integrity else
+                 "run again with --verify_dataset_integrity, whose checks name the faulty file and value")
         print(f"logonet_plan_and_preprocess: error: {step} of {dataset_name} failed: {type(e).__name__}: {e}\n"
-              f"Check the raw dataset in {raw}: run again with --verify_dataset_integrity, whose checks name "
-              f"the faulty file and value.", file=sys.stderr)
+              f"Check the raw dataset in {raw}: {check}.", file=sys.stderr)
         return 2
 
     try:

@@ -52,20 +52,25 @@ def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: s
             f"preprocessed with other plans that share its name ({folder.name})")
 
 
-def missing_case_files(data_folder: str | Path, cases: list[str]) -> dict[str, str]:
+def missing_case_files(data_folder: str | Path, cases: list[str], segmentations_only: bool = False
+                       ) -> dict[str, str]:
     """Case -> the first file of it that ``data_folder`` lacks, for every case of ``cases`` not whole there.
 
     nnU-Net's data loader meets such a case in a background worker, and the run ends with
     "background workers are no longer alive", the real error buried above. Its layout is taken
     from the folder as nnU-Net's loader takes it (``.b2nd`` + ``_seg.b2nd``, or ``.npz``; ``.pkl``
-    beside each)."""
+    beside each). ``segmentations_only``: a folder of one file per case (``.b2nd`` or ``.npz``), as a cascade's
+    ``predicted_next_stage`` holds."""
     folder = Path(data_folder)
     try:
         names = {p.name for p in folder.iterdir()}
     except OSError:
         return {case: f"{folder}/" for case in cases}
-    layout = ((".b2nd", "_seg.b2nd", ".pkl") if any(n.endswith(".b2nd") for n in names) or
-              not any(n.endswith(".npz") for n in names) else (".npz", ".pkl"))
+    blosc2 = any(n.endswith(".b2nd") for n in names) or not any(n.endswith(".npz") for n in names)
+    if segmentations_only:
+        layout = (".b2nd",) if blosc2 else (".npz",)
+    else:
+        layout = (".b2nd", "_seg.b2nd", ".pkl") if blosc2 else (".npz", ".pkl")
     missing = {}
     for case in cases:
         for suffix in layout:

@@ -212,6 +212,17 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             return  # nnU-Net makes or remakes the splits from the folder's cases
         cases = sorted({*splits[self.fold].get("train", []), *splits[self.fold].get("val", [])})
         missing = missing_case_files(self.preprocessed_dataset_folder, cases)
+        if not missing and self.is_cascaded:  # the previous stage's segmentations of every case, from its validation
+            previous = missing_case_files(self.folder_with_segs_from_previous_stage, cases, segmentations_only=True)
+            if previous:
+                stage = self.configuration_manager.previous_stage_name
+                listed = ", ".join(list(previous)[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
+                raise MissingPreprocessedDataError(
+                    f"{len(previous)} of the {len(cases)} cases of fold {self.fold} have no {stage} segmentation in "
+                    f"{self.folder_with_segs_from_previous_stage}: {listed}. The cascade's second stage reads the "
+                    f"first stage's predictions of every training case, which its validation writes fold by fold: train "
+                    f"{stage} on all five folds first (nnUNetv2_train {self.plans_manager.dataset_name} {stage} FOLD "
+                    f"-tr {type(self).__name__} -p {self.plans_manager.plans_name}, FOLD 0..4; for fold all, its fold all).")
         if not missing:
             return
         plans, dataset = self.plans_manager.plans_name, self.plans_manager.dataset_name
