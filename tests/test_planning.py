@@ -647,3 +647,8 @@ def test_an_unreadable_image_is_one_message_pointing_to_the_integrity_check(nnun
     assert f"Check the raw dataset in {raw}" in err and "--verify_dataset_integrity" in err
     assert str(broken) in err.splitlines()[-2]  # the message itself names the file (nnU-Net's reader error)
     assert not (nnunet_dirs / "preprocessed" / raw.name / "dataset_fingerprint.json").exists()
+    # given the flag already, the hint does not ask for it again
+    main(["-d", "814", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1",
+          "--verify_dataset_integrity"])
+    err = capsys.readouterr().err
+    assert "run again with --verify_dataset_integrity" not in err and "fix what it names" in err
