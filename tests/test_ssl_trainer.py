@@ -406,6 +406,21 @@ def test_finetune_start_trains_both_starts_on_one_batch_and_loads_the_checkpoint
     assert y.min() >= 0 and y.max() > 0
 
 
+@pytest.mark.e2e
+def test_finetune_start_reads_the_pretrained_file_before_any_training(workspace, tmp_path, monkeypatch):
+    """An unreadable file was reported only after the whole scratch run of the first seed."""
+    from nnunet_logonet.benchmark import finetune_start as fs
+    from nnunet_logonet.ssl.transfer import PretrainedMismatchError
+
+    junk = tmp_path / "junk.pth"
+    junk.write_text("junk")
+    fits = []
+    monkeypatch.setattr(fs, "fit_batch", lambda *args, **kwargs: fits.append(args) or [])
+    with pytest.raises(PretrainedMismatchError, match="junk.pth is unreadable"):
+        fs.compare_starts(str(LABELED), PLANS, junk, seeds=(0,), steps=1, preprocessed=workspace["base"] / "pre")
+    assert fits == []
+
+
 def test_finetune_start_refuses_bad_settings_before_loading_anything(tmp_path, capsys):
     from nnunet_logonet.benchmark import finetune_start as fs
 

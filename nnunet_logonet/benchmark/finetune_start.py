@@ -151,6 +151,8 @@ def compare_starts(dataset: str, plans: str, pretrained: str | os.PathLike, *, c
     dataset_json = json.loads((folder / "dataset.json").read_text())
     if plans_manager.get_label_manager(dataset_json).has_regions:
         raise ValueError(f"{folder / 'dataset.json'} defines region-based labels; this check supports plain labels.")
+    # the file read and checked against the network now, not after the first scratch run
+    build_start(plans_manager, configuration_manager, dataset_json, "pretrained", seeds[0] if seeds else 0, pretrained)
     x, y, identifiers = fixed_batch(folder, configuration_manager.data_identifier,
                                     configuration_manager.patch_size, cases)
     x = x.contiguous(memory_format=torch.channels_last_3d)  # LoGoNet's layout (3D only)
