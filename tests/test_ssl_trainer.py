@@ -538,8 +538,10 @@ def test_resume_reuses_the_clusterers_and_never_reads_labels(workspace, monkeypa
     logging = _final(fold)["logging"]
     assert len(logging["train_losses"]) == EPOCHS + 1 and _final(fold)["current_epoch"] == EPOCHS + 1
     patch = trainer.configuration_manager.patch_size
-    out = trainer.train_step({"data": torch.randn(2, 1, *patch)})  # no 'target' key at all
-    assert np.isfinite(out["loss"])
+    # no 'target' key at all; a batch whose masking drew no slice has no loss (NaN, about 8 % of these small
+    # batches; docs/ssl.md), so a few batches: one of them has a masked slice
+    losses = [trainer.train_step({"data": torch.randn(2, 1, *patch)})["loss"] for _ in range(5)]
+    assert any(np.isfinite(loss) for loss in losses), losses
 
 
 def _scores_on_fixed_batches(trainer, batches) -> tuple[float, float]:
