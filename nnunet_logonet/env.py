@@ -68,11 +68,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _folder_problem(folder: Path) -> str | None:
     """Why ``folder`` can never be a data folder (it or a folder above it is a file), or None."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            return None if path.is_dir() else (f"{path} is a file, not a folder" if path == folder else
-                                               f"{path} is a file, so {folder} cannot be a folder")
-    return None
+    from nnunet_logonet.workfolders import file_in_the_way
+
+    folder = folder.absolute()
+    blocking = file_in_the_way(folder)
+    if blocking is None:
+        return None
+    return f"{blocking} is a file, not a folder" if blocking == folder else \
+        f"{blocking} is a file, so {folder} cannot be a folder"
 
 
 if __name__ == "__main__":

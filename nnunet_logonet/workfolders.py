@@ -188,6 +188,16 @@ def last_written(path: str | os.PathLike) -> float:
         return float("inf")
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest existing part of ``path`` (itself or a folder above it) when that is a file, so that
+    ``path`` can be neither a folder nor a file inside one; None otherwise."""
+    path = Path(path).absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def output_file_argument(value: str) -> str:
     """An ``argparse`` type for a file a command writes at its end (``--json``): checked when it starts, not
     after a run of minutes. Refused: an empty name, a folder, a path below a file. Missing folders are fine
@@ -199,11 +209,9 @@ def output_file_argument(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r} is not a file name; give one such as results.json")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r} is a folder; give a file name such as {path / 'results.json'}")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"{value!r}: {parent} is a file, so nothing can be written below it")
-            break
+    blocking = file_in_the_way(path.absolute().parent)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{value!r}: {blocking} is a file, so nothing can be written below it")
     return value
 
 
