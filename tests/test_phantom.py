@@ -263,11 +263,14 @@ def test_overwrite_of_a_planned_dataset_says_to_plan_again_with_clean(tmp_path, 
     args = ["-d", "904", "--num-train", "1", "--num-test", "0", "--num-unlabeled", "0", "--size", "32",
             "-o", str(tmp_path / "raw"), "-q"]
     main(args)
-    assert "--clean" not in capsys.readouterr().err
+    error = capsys.readouterr().err  # the next commands: ours for LoGoNet, nnU-Net's for its baseline
+    assert "next: logonet_plan_and_preprocess -d 904 -pl LoGoNetTinyPlanner --verify_dataset_integrity" in error
+    assert "nnUNetv2_plan_and_preprocess -d 904 -c 3d_fullres" in error and "--clean" not in error
     (tmp_path / "pre" / "Dataset904_Phantom").mkdir(parents=True)
     main([*args, "--overwrite"])
     error = capsys.readouterr().err
-    assert "plan again with --clean" in error and error.rstrip().endswith("--verify_dataset_integrity --clean")
+    assert "plan again with --clean" in error and "-pl LoGoNetTinyPlanner --verify_dataset_integrity --clean" in error
+    assert error.rstrip().endswith("nnUNetv2_plan_and_preprocess -d 904 -c 3d_fullres --clean")
 
 
 def test_cli_says_when_there_are_too_few_cases_for_nnunets_five_folds(tmp_path, capsys):

@@ -391,3 +391,50 @@ def test_a_pretraining_dataset_is_refused_by_the_supervised_trainers_only(tmp_pa
             torch.device("cpu"))
     if trainer is LoGoNetTrainer:
         LoGoNetSSLTrainerCPU({**plans, "continue_training": False}, "3d_fullres", 0, image_only, torch.device("cpu"))
+
+
+def test_a_label_value_dataset_json_lacks_is_named_with_its_file_when_the_loss_stops(tmp_path, monkeypatch):
+    """Without --verify_dataset_integrity nnU-Net preprocesses a stray label value (a 255 of an annotation tool,
+    a label missing from dataset.json) as it is, and training stops at the loss's one-hot encoding with PyTorch's
+    "index 9 is out of bounds for dimension 1 with size 2", naming no file. The trainer names the raw label files,
+    their values, the declared labels and the fix; other errors pass unchanged."""
+    import numpy as np
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_logonet.training.trainer import UndeclaredLabelError
+
+    for variable in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "continue_training": False, "transpose_forward": [0, 1, 2]}
+    plans["configurations"]["3d_fullres"].update(data_identifier="nnUNetPlans_3d_fullres", spacing=[1.0, 1.0, 1.0])
+    data = tmp_path / "nnUNet_preprocessed" / DATASET / "nnUNetPlans_3d_fullres"
+    _preprocessed_case(data, (20, 30, 30))
+    seg = np.zeros((1, 20, 30, 30), np.int16)
+    seg[0, 0, 0, :2] = -1, 1  # nnU-Net's mark outside the nonzero crop, and a declared label: both fine
+    seg[0, 1, 0, :3] = 9, 255, 9
+    np.savez_compressed(data / "case_001.npz", data=np.zeros((1, 20, 30, 30), np.float32), seg=seg)
+    (data / "case_001.pkl").write_bytes((data / "case_000.pkl").read_bytes())
+    dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    trainer = LoGoNetTrainer(plans, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+
+    def one_hot_stops(self, batch):
+        raise RuntimeError("index 9 is out of bounds for dimension 1 with size 2")
+
+    for step in ("train_step", "validation_step"):
+        monkeypatch.setattr(nnUNetTrainer, step, one_hot_stops)
+        with pytest.raises(UndeclaredLabelError) as error:
+            getattr(trainer, step)({})
+        message = str(error.value)
+        raw_label = tmp_path / "nnUNet_raw" / DATASET / "labelsTr" / "case_001.nii.gz"
+        assert f"1 label file(s) hold values dataset.json does not declare: {raw_label} (values [9, 255])" in message
+        assert "case_000" not in message and "declares background=0, a=1, so the network has 2 outputs" in message
+        assert "--clean --verify_dataset_integrity" in message and "index 9 is out of bounds" in message
+        assert isinstance(error.value.__cause__, RuntimeError)
+
+    def out_of_memory(self, batch):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(nnUNetTrainer, "train_step", out_of_memory)
+    with pytest.raises(RuntimeError, match="not enough memory") as error:
+        trainer.train_step({})
+    assert type(error.value) is RuntimeError

@@ -79,14 +79,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     print(folder)
     if args.fmt == "nnunet":
-        hint = f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres --verify_dataset_integrity"
+        hint = (f"logonet_plan_and_preprocess -d {args.dataset_id} -pl LoGoNetTinyPlanner --verify_dataset_integrity "
+                f"(LoGoNet; -pl LoGoNetPlanner for the paper's S on a GPU), and for nnU-Net's baseline "
+                f"nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres")
         preprocessed_root = os.environ.get("nnUNet_preprocessed")
         preprocessed = Path(preprocessed_root or ".") / folder.name
         # nnU-Net reuses an existing fingerprint unless --clean
         if args.overwrite and preprocessed_root and preprocessed.is_dir():
             print(f"note: {preprocessed} was made from the dataset just replaced; plan again with --clean "
                   f"(its fingerprint would be reused otherwise)", file=sys.stderr)
-            hint += " --clean"
+            hint = hint.replace(" --verify_dataset_integrity", " --verify_dataset_integrity --clean") + " --clean"
     else:
         hint = f"nnUNetv2_convert_MSD_dataset -i {folder}"
     if args.num_train < 5:  # nnU-Net's 5-fold split stops with sklearn's "Cannot have number of splits"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["data_spacing_mismatch", "missing_case_files", "repair_label_copies"]
+__all__ = ["data_spacing_mismatch", "missing_case_files", "repair_label_copies", "undeclared_label_values"]
 
 
 def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: str) -> str | None:
@@ -104,3 +104,30 @@ def repair_label_copies(preprocessed_dataset: str | Path, raw_labels: dict[str, 
         copy_file_whole(raw_label, copy)
         repaired.append(case)
     return repaired
+
+
+def undeclared_label_values(data_folder: str | Path, cases: list[str], declared: set[int],
+                            progress: bool = True) -> dict[str, list[int]]:
+    """Case -> the values of its preprocessed segmentation that ``declared`` lacks, for every case of ``cases``
+    that has any.
+
+    nnU-Net checks label values only with ``--verify_dataset_integrity``; without it a stray value (a 255 from
+    an annotation tool, a label missing from dataset.json) is preprocessed as it is and stops training at the
+    loss's one-hot encoding ("index 9 is out of bounds for dimension 1 with size 7"), naming no file. -1 is
+    nnU-Net's own mark for voxels outside the nonzero crop and always allowed."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from tqdm import tqdm
+
+    folder = Path(data_folder)
+    dataset_class = infer_dataset_class(str(folder))
+    dataset = dataset_class(str(folder), list(cases))
+    allowed = set(int(v) for v in declared) | {-1}
+    found = {}
+    for case in tqdm(cases, desc="Reading the labels for values dataset.json lacks", disable=not progress):
+        seg = np.asarray(dataset.load_case(case)[1][:])
+        values = np.unique(seg)
+        extra = sorted(int(v) for v in values if int(v) not in allowed)
+        if extra:
+            found[case] = extra
+    return found

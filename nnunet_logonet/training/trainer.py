@@ -9,7 +9,9 @@ torch.compile policy, channels-last memory layout and atomic checkpoints.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +46,14 @@ class MissingPreprocessedDataError(RuntimeError):
 
 class ImageOnlyDatasetError(RuntimeError):
     """A supervised trainer was given a pre-training dataset, whose labels are placeholders."""
+
+
+class UndeclaredLabelError(RuntimeError):
+    """The preprocessed segmentations hold a value the dataset's dataset.json does not declare."""
+
+
+#: PyTorch's words when a target value has no output channel (the loss's one-hot encoding, on CPU)
+_ONE_HOT_OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimension 1 with size (\d+)")
 
 
 def check_plans_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -248,6 +258,60 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         if path:
             check_pretrained(self.network, path, network_description=(
                 f"{self.__class__.__name__}, plans {self.plans_manager.plans_name}, {self.configuration_name}"))
+
+    def train_step(self, batch: dict) -> dict:
+        try:
+            return super().train_step(batch)
+        except RuntimeError as error:
+            explained = self.explain_label_error(error)
+            if explained is None:
+                raise
+            raise explained from error
+
+    def validation_step(self, batch: dict) -> dict:
+        try:
+            return super().validation_step(batch)
+        except RuntimeError as error:
+            explained = self.explain_label_error(error)
+            if explained is None:
+                raise
+            raise explained from error
+
+    def explain_label_error(self, error: RuntimeError) -> UndeclaredLabelError | None:
+        """nnU-Net's loss stops on a label value dataset.json lacks with PyTorch's "index 9 is out of bounds for
+        dimension 1 with size 7", naming no file (nnU-Net checks the values only with
+        --verify_dataset_integrity). Read the fold's segmentations for the cases and values, and name the raw
+        files and the fix; None for any other error."""
+        match = _ONE_HOT_OUT_OF_BOUNDS.search(str(error))
+        if match is None:
+            return None
+        from nnunet_logonet.planning.data_check import undeclared_label_values
+
+        label_manager = self.label_manager
+        declared = set(label_manager.all_labels)
+        if label_manager.has_ignore_label:
+            declared.add(label_manager.ignore_label)
+        train_cases, val_cases = self.do_split()
+        found = undeclared_label_values(self.preprocessed_dataset_folder, sorted({*train_cases, *val_cases}),
+                                        declared, progress=self.local_rank == 0)
+        dataset, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
+        raw_labels = Path(os.environ.get("nnUNet_raw") or "$nnUNet_raw") / dataset / "labelsTr"
+        ending = self.dataset_json.get("file_ending", "")
+        if found:
+            listed = ", ".join(f"{raw_labels / (case + ending)} (values {values})"
+                               for case, values in list(found.items())[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            where = f"{len(found)} label file(s) hold values dataset.json does not declare: {listed}{more}"
+        else:
+            where = (f"a label value {match.group(1)} that dataset.json does not declare, in the data of fold "
+                     f"{self.fold}")
+        names = ", ".join(f"{name}={value}" for name, value in self.dataset_json.get("labels", {}).items())
+        return UndeclaredLabelError(
+            f"{dataset}: {where}. Its dataset.json declares {names}, so the network has {match.group(2)} outputs and "
+            f"nnU-Net's loss stopped ({match.group(0)}). Correct those label files (or declare the label in "
+            f"{Path(os.environ.get('nnUNet_raw') or '$nnUNet_raw') / dataset / 'dataset.json'}), then preprocess "
+            f"again with nnU-Net's check on: logonet_plan_and_preprocess -d {dataset} -pl <planner of {plans}> "
+            f"--clean --verify_dataset_integrity.")
 
     def configure_optimizers(self):
         from nnunet_logonet.training.recipes import build_optimizer_and_scheduler
