@@ -260,17 +260,14 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                 f"{self.__class__.__name__}, plans {self.plans_manager.plans_name}, {self.configuration_name}"))
 
     def train_step(self, batch: dict) -> dict:
-        try:
-            return super().train_step(batch)
-        except RuntimeError as error:
-            explained = self.explain_label_error(error)
-            if explained is None:
-                raise
-            raise explained from error
+        return self._explaining_label_errors(super().train_step, batch)
 
     def validation_step(self, batch: dict) -> dict:
+        return self._explaining_label_errors(super().validation_step, batch)
+
+    def _explaining_label_errors(self, step, batch: dict) -> dict:
         try:
-            return super().validation_step(batch)
+            return step(batch)
         except RuntimeError as error:
             explained = self.explain_label_error(error)
             if explained is None:
