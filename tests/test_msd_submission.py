@@ -158,6 +158,19 @@ def test_missing_case_is_named_and_nothing_written(spleen, capsys):
     assert_nothing_written(out)
 
 
+def test_a_folder_named_like_a_case_is_named_as_a_folder_not_missing(spleen, capsys):
+    """A prediction unzipped into a folder of the file's name: the file is not missing, it is in the wrong place."""
+    task, pred, _, out = spleen
+    (pred / "spleen_3.nii.gz").unlink()
+    (pred / "spleen_3.nii.gz").mkdir()
+    report = validate_task(task, pred, progress=False)
+    assert report.missing == [] and [r.case for r in report.invalid] == ["spleen_3.nii.gz"]
+    assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 1
+    printed = capsys.readouterr().out
+    assert f"INVALID spleen_3.nii.gz: {pred.resolve() / 'spleen_3.nii.gz'} is a folder, not a prediction file" in printed
+    assert_nothing_written(out)
+
+
 def _wrong_spacing(image_path: Path, pred_path: Path) -> None:
     g = read_geometry(image_path)
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_path)))

@@ -293,7 +293,12 @@ def validate_task(task_folder: str | os.PathLike, prediction_folder: str | os.Pa
                 f"several files match this case ({names}); keep exactly one",)))
             continue
         if case not in matched.files:
-            report.missing.append(case)
+            folder = predictions / case
+            if folder.is_dir():  # e.g. unzipped into a folder of the file's name
+                report.invalid.append(CaseResult(case, None, (
+                    f"{folder} is a folder, not a prediction file; put the NIfTI file itself there",)))
+            else:
+                report.missing.append(case)
             continue
         path = matched.files[case]
         reasons, notes = check_prediction_file(path, read_geometry(task.test_images[case]),
