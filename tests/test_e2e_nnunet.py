@@ -231,7 +231,7 @@ def test_plans_of_another_network_stop_before_training(trained):
     proc = run(["nnUNetv2_train", "900", "3d_fullres", "1", "-tr", "LoGoNetTrainer", "-p", "nnUNetPlans",
                 "-device", "cpu"], env, check=False, timeout=300)
     assert proc.returncode != 0
-    assert "logonet_plan_and_preprocess -d Dataset900_Phantom -pl LoGoNetPlanner" in proc.stderr
+    assert "logonet_plan_and_preprocess -d 900 -pl LoGoNetPlanner" in proc.stderr
     assert not (Path(env["nnUNet_results"]) / DATASET / "LoGoNetTrainer__nnUNetPlans__3d_fullres").exists()
 
 

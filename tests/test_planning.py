@@ -314,6 +314,17 @@ def test_bad_arguments_stop_before_any_folder_is_touched(nnunet_dirs, capsys, ar
     assert not (pre / "LoGoNetPlans.json").exists()
 
 
+def test_dataset_argument_takes_the_id_or_the_folder_name_nnunet_prints():
+    """nnU-Net names a dataset by its folder in plans, logs and messages; -d takes that as well as the ID."""
+    from nnunet_logonet.planning.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-d", "611", "Dataset012_Liver", "7"]).d == [611, 12, 7]
+    for bad in ("Dataset_Phantom", "Task09_Spleen", "1234", "611x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["-d", bad])
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda raw: (raw / "dataset.json").unlink(), "dataset.json does not exist"),
     (lambda raw: (raw / "dataset.json").write_text('{"labels": {'), "is not valid JSON"),

@@ -113,7 +113,7 @@ def test_a_budget_of_no_epochs_is_refused():
 
 
 def test_plans_without_any_3d_configuration_say_to_plan_for_logonet():
-    with pytest.raises(PlansMismatchError, match=f"logonet_plan_and_preprocess -d {DATASET}"):
+    with pytest.raises(PlansMismatchError, match="logonet_plan_and_preprocess -d 910 -pl"):
         check_plans_configuration(PlansManager(_plans(**{"2d": [64, 64]})), "3d_fullres")
 
 
@@ -287,7 +287,9 @@ def test_cases_of_the_fold_without_whole_preprocessed_data_are_named_before_trai
     message = str(error.value)
     assert message.startswith(f"2 of the 3 cases of fold 0 ({tmp_path / 'pre' / DATASET / 'splits_final.json'}) "
                               f"are not whole in {data}: case_001 (no case_001.pkl), case_002 (no case_002.{layout})")
-    assert f"logonet_plan_and_preprocess -d {DATASET}" in message and "nnUNetv2_preprocess -d" in message
+    # the ID, which both commands' -d takes, and the planner nnU-Net recorded in the plans (a placeholder here)
+    assert "logonet_plan_and_preprocess -d 910 -pl <planner of LoGoNetTinyPlans>" in message
+    assert "nnUNetv2_preprocess -d 910 -plans_name LoGoNetTinyPlans" in message
     assert "delete" in message and "splits_final.json so that nnU-Net makes new splits" in message
     # the whole data check runs it (the spacing check beside it reads the first case: real data in npz only)
     check = "check_preprocessed_data" if layout == "npz" else "check_fold_cases_are_preprocessed"
@@ -329,7 +331,7 @@ def test_a_cascade_stage_without_the_first_stages_segmentations_names_the_folds_
         trainer.check_preprocessed_data()
     message = str(error.value)
     assert message.startswith(f"1 of the 2 cases of fold 0 have no 3d_lowres segmentation in {previous}: case_000.")
-    assert f"nnUNetv2_train {DATASET} 3d_lowres FOLD -tr LoGoNetTrainer -p LoGoNetTinyPlans, FOLD 0..4" in message
+    assert f"nnUNetv2_train 910 3d_lowres FOLD -tr LoGoNetTrainer -p LoGoNetTinyPlans, FOLD 0..4" in message
     (previous / "case_000.npz").write_bytes(b"")
     trainer.check_preprocessed_data()
 
@@ -415,6 +417,7 @@ def test_a_label_value_dataset_json_lacks_is_named_with_its_file_when_the_loss_s
     np.savez_compressed(data / "case_001.npz", data=np.zeros((1, 20, 30, 30), np.float32), seg=seg)
     (data / "case_001.pkl").write_bytes((data / "case_000.pkl").read_bytes())
     dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    plans["experiment_planner_used"] = "LoGoNetTinyPlanner"  # nnU-Net records it; the fix names it
     trainer = LoGoNetTrainer(plans, "3d_fullres", "all", dataset_json, torch.device("cpu"))
 
     def one_hot_stops(self, batch):
@@ -428,7 +431,8 @@ def test_a_label_value_dataset_json_lacks_is_named_with_its_file_when_the_loss_s
         raw_label = tmp_path / "nnUNet_raw" / DATASET / "labelsTr" / "case_001.nii.gz"
         assert f"1 label file(s) hold values dataset.json does not declare: {raw_label} (values [9, 255])" in message
         assert "case_000" not in message and "declares background=0, a=1, so the network has 2 outputs" in message
-        assert "--clean --verify_dataset_integrity" in message and "index 9 is out of bounds" in message
+        assert "logonet_plan_and_preprocess -d 910 -pl LoGoNetTinyPlanner --clean --verify_dataset_integrity" in message
+        assert "index 9 is out of bounds" in message
         assert isinstance(error.value.__cause__, RuntimeError)
 
     def out_of_memory(self, batch):

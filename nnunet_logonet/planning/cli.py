@@ -116,11 +116,21 @@ def check_dataset_json(raw_dataset: Path) -> dict:
     return dataset
 
 
+def dataset_id_argument(text: str) -> int:
+    """``-d``: an ID (``611``) or, as nnU-Net's messages and folders name it, ``Dataset611_Phantom``."""
+    match = re.fullmatch(r"(?:Dataset)?(\d{1,3})(?:_[A-Za-z0-9_-]+)?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a dataset ID such as 611 (or its folder name, Dataset611_Name), "
+                                         f"got {text!r}")
+    return int(match.group(1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logonet_plan_and_preprocess",
         description="Fingerprint, plan (with a LoGoNet planner) and preprocess datasets with nnU-Net's API.")
-    parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset IDs, e.g. 900")
+    parser.add_argument("-d", nargs="+", type=dataset_id_argument, required=True,
+                        help="dataset IDs, e.g. 900 (or folder names, Dataset900_Phantom)")
     parser.add_argument("-pl", default="LoGoNetPlanner", choices=sorted(PLANNERS),
                         help="LoGoNet planner (default LoGoNetPlanner = preset S, plans LoGoNetPlans; "
                              "LoGoNetTinyPlanner for CPU runs)")

@@ -56,6 +56,22 @@ class UndeclaredLabelError(RuntimeError):
 _ONE_HOT_OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimension 1 with size (\d+)")
 
 
+def dataset_id_of(plans_manager: PlansManager) -> str:
+    """The ID that every command of nnU-Net and ours takes for ``-d`` (611 of Dataset611_Phantom); the plans name
+    the dataset by its folder, which ``nnUNetv2_preprocess -d`` and ``logonet_plan_and_preprocess -d`` refuse."""
+    match = re.match(r"Dataset(\d{3})_", plans_manager.dataset_name)
+    return str(int(match.group(1))) if match else plans_manager.dataset_name
+
+
+def planner_of(plans_manager: PlansManager) -> str:
+    """The ``-pl`` of ``logonet_plan_and_preprocess`` that made these plans (nnU-Net records it), else a
+    placeholder naming the plans."""
+    from nnunet_logonet.planning.planners import PLANNERS
+
+    used = plans_manager.plans.get("experiment_planner_used")
+    return used if used in PLANNERS else f"<planner of {plans_manager.plans_name}>"
+
+
 def check_plans_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                         expected: type, configuration: str = "") -> None:
     """Stop early, with the command to run, when plans were made for another network."""
@@ -66,7 +82,7 @@ def check_plans_network(plans_manager: PlansManager, configuration_manager: Conf
     raise PlansMismatchError(
         f"Plans '{plans_manager.plans_name}' ({configuration}) of {dataset} describe {found}, not "
         f"{expected.__name__}. Plan for {expected.__name__} first:\n"
-        f"    logonet_plan_and_preprocess -d {dataset} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
+        f"    logonet_plan_and_preprocess -d {dataset_id_of(plans_manager)} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
         f"then train with the plans it prints (e.g. -p {expected.__name__}Plans; planners: "
         f"{PLANNER_FOR[expected.__name__]}).")
 
@@ -119,7 +135,7 @@ def check_plans_configuration(plans_manager: PlansManager, configuration: str, t
     if configuration in three_d:
         return
     dataset, plans_name = plans_manager.dataset_name, plans_manager.plans_name
-    dataset_id = dataset[len("Dataset"):].split("_")[0] if dataset.startswith("Dataset") else dataset
+    dataset_id = dataset_id_of(plans_manager)
     two_d = configuration in available
     if configuration == "2d" or two_d:
         fix = (f"LoGoNet is a 3D network; for a 2D model use nnU-Net's own trainer and plans "
@@ -130,7 +146,7 @@ def check_plans_configuration(plans_manager: PlansManager, configuration: str, t
                "full-resolution patch covers too little of the median image); these plans have none.")
     what = f"'{configuration}' is a 2D configuration" if two_d else f"no configuration '{configuration}'"
     use = (f"Train LoGoNet with: nnUNetv2_train {dataset_id} {three_d[0]} FOLD -tr {trainer} -p {plans_name}"
-           if three_d else f"Plan for LoGoNet first: logonet_plan_and_preprocess -d {dataset} -pl LoGoNetPlanner")
+           if three_d else f"Plan for LoGoNet first: logonet_plan_and_preprocess -d {dataset_id} -pl LoGoNetPlanner")
     raise PlansMismatchError(f"Plans '{plans_name}' of {dataset}: {what} (available: "
                              f"{', '.join(available) or 'none'}). {fix}\n{use}")
 
@@ -197,11 +213,11 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                                         self.configuration_name)
         if problem:
             plans = self.plans_manager.plans_name
-            dataset = self.plans_manager.dataset_name
+            dataset = dataset_id_of(self.plans_manager)
             raise PlansMismatchError(
                 f"{problem}. Training would use it at the wrong spacing. Give these plans their own data: for "
                 f"plans of logonet_plan_and_preprocess, run it again (logonet_plan_and_preprocess -d {dataset} -pl "
-                f"<planner of {plans}>; it gives LoGoNet plans their own folder where nnUNetPlans preprocess "
+                f"{planner_of(self.plans_manager)}; it gives LoGoNet plans their own folder where nnUNetPlans preprocess "
                 f"differently); for plans moved from another dataset, move them under a name of their own "
                 f"(nnUNetv2_move_plans_between_datasets -s SOURCE -t {dataset} -sp {plans} -tp {plans}_fromSOURCE) "
                 f"and run nnUNetv2_preprocess -d {dataset} -plans_name {plans}_fromSOURCE -c {self.configuration_name}.")
@@ -231,17 +247,17 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                     f"{len(previous)} of the {len(cases)} cases of fold {self.fold} have no {stage} segmentation in "
                     f"{self.folder_with_segs_from_previous_stage}: {listed}. The cascade's second stage reads the "
                     f"first stage's predictions of every training case, which its validation writes fold by fold: train "
-                    f"{stage} on all five folds first (nnUNetv2_train {self.plans_manager.dataset_name} {stage} FOLD "
+                    f"{stage} on all five folds first (nnUNetv2_train {dataset_id_of(self.plans_manager)} {stage} FOLD "
                     f"-tr {type(self).__name__} -p {self.plans_manager.plans_name}, FOLD 0..4; for fold all, its fold all).")
         if not missing:
             return
-        plans, dataset = self.plans_manager.plans_name, self.plans_manager.dataset_name
+        plans, dataset = self.plans_manager.plans_name, dataset_id_of(self.plans_manager)
         listed = ", ".join(f"{case} (no {name})" for case, name in list(missing.items())[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise MissingPreprocessedDataError(
             f"{len(missing)} of the {len(cases)} cases of fold {self.fold} ({splits_file}) are not whole in "
             f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again (logonet_plan_and_preprocess -d "
-            f"{dataset} -pl <planner of {plans}>, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} -c "
+            f"{dataset} -pl {planner_of(self.plans_manager)}, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} -c "
             f"{self.configuration_name}); if those cases left the dataset on purpose, delete {splits_file} so that "
             f"nnU-Net makes new splits.")
 
@@ -291,7 +307,7 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         train_cases, val_cases = self.do_split()
         found = undeclared_label_values(self.preprocessed_dataset_folder, sorted({*train_cases, *val_cases}),
                                         declared, progress=self.local_rank == 0)
-        dataset, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
+        dataset = self.plans_manager.dataset_name
         raw_labels = Path(os.environ.get("nnUNet_raw") or "$nnUNet_raw") / dataset / "labelsTr"
         ending = self.dataset_json.get("file_ending", "")
         if found:
@@ -307,7 +323,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             f"{dataset}: {where}. Its dataset.json declares {names}, so the network has {match.group(2)} outputs and "
             f"nnU-Net's loss stopped ({match.group(0)}). Correct those label files (or declare the label in "
             f"{Path(os.environ.get('nnUNet_raw') or '$nnUNet_raw') / dataset / 'dataset.json'}), then preprocess "
-            f"again with nnU-Net's check on: logonet_plan_and_preprocess -d {dataset} -pl <planner of {plans}> "
+            f"again with nnU-Net's check on: logonet_plan_and_preprocess -d {dataset_id_of(self.plans_manager)} -pl "
+            f"{planner_of(self.plans_manager)} "
             f"--clean --verify_dataset_integrity.")
 
     def configure_optimizers(self):
