@@ -747,6 +747,19 @@ def test_channels_last_input_gives_same_output(cls):
     torch.testing.assert_close(contiguous_model, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls", MODELS)
+def test_torch_jit_trace_records_a_network_that_gives_eagers_output(cls):
+    """Deployment by torch.jit.trace (and torch.onnx's tracing exporter): the fast paths' oneDNN ops could not be
+    recorded ("unsupported input list type: Scalar?") and their reused output buffers would be constants of the
+    graph; the tracer records the reference kernels, and the traced network answers a new input as eager does."""
+    model = small(cls).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 1, 32, 32, 32), check_trace=False)
+        x = torch.randn(1, 1, 32, 32, 32)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(traced(2 * x), model(2 * x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("norm, expected", [("batch", nn.SyncBatchNorm), ("instance", nn.InstanceNorm3d)])
 def test_norms_convert_to_sync_batchnorm(norm, expected):
     model = small(LoGoNet, norm=norm)

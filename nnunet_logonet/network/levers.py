@@ -11,6 +11,8 @@ import contextlib
 import threading
 from typing import Iterator
 
+import torch
+
 __all__ = ["LEVERS", "LeverState", "fast_paths_enabled", "lever_enabled", "lever_state", "reference_kernels",
            "using_lever_state"]
 
@@ -60,8 +62,10 @@ LeverState = tuple[bool, frozenset]
 
 
 def fast_paths_enabled() -> bool:
-    """Whether LoGoNet's fast kernels are on (they are, unless inside ``reference_kernels()``)."""
-    return getattr(_state, "enabled", True)
+    """Whether LoGoNet's fast kernels are on: they are, unless inside ``reference_kernels()`` or while
+    ``torch.jit.trace`` (or ``torch.onnx.export``, which traces) records the network. The tracer cannot record
+    oneDNN's fused ops, and it would keep the reused output buffers as constants of the traced graph."""
+    return getattr(_state, "enabled", True) and not torch.jit.is_tracing()
 
 
 def lever_enabled(name: str) -> bool:
