@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_logonet.network import LoGoNet
+from nnunet_logonet.network import LoGoNet, ULKANet
 from nnunet_logonet.ssl.clusterers import SliceClusterBank
 from nnunet_logonet.ssl.features import PreClassifierFeatures, unwrap_network
 from nnunet_logonet.ssl.transfer import (
@@ -123,6 +123,28 @@ def test_compare_pretrained_accepts_own_weights_and_lists_every_difference(tmp_p
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(PretrainedMismatchError, match="unreadable"):
         compare_pretrained(net, tmp_path / "junk.pth")
+    assert "Pretrain with the same plans" in str(error.value)  # no plans in the file: same network assumed
+
+
+@pytest.mark.parametrize("source, target, pretrain", [
+    ("dynamic_network_architectures.architectures.unet.PlainConvUNet", "LoGoNet", True),
+    ("nnunet_logonet.network.ulkanet.ULKANet", "LoGoNet", True),
+    ("nnunet_logonet.network.logonet.LoGoNet", "ULKANet", False),
+])
+def test_weights_of_another_network_are_named_as_such_with_a_fix_that_can_work(tmp_path, source, target, pretrain):
+    """nnU-Net's own network's checkpoint (or the other of ours) into LoGoNet: no plans can make it fit, so the
+    fix is not "pretrain with the same plans" but LoGoNet weights (pre-training exists for LoGoNet only)."""
+    net = tiny_logonet(num_classes=3) if target == "LoGoNet" else ULKANet.from_preset("tiny", 1, 3, (32, 32, 32))
+    weights = {"conv.weight": torch.zeros(4, 1, 3, 3, 3)}
+    init = {"configuration": "3d_fullres", "plans": {"plans_name": "P", "configurations": {
+        "3d_fullres": {"architecture": {"network_class_name": source}}}}}
+    torch.save({"network_weights": weights, "init_args": init, "trainer_name": "T"}, tmp_path / "other.pth")
+    with pytest.raises(PretrainedMismatchError) as error:
+        check_pretrained(net, tmp_path / "other.pth")
+    message = str(error.value)
+    assert f"These are weights of a {source.rsplit('.', 1)[-1]}, not of a {target}" in message
+    assert ("-tr LoGoNetSSLTrainer" in message) == pretrain and "train without -pretrained_weights" in message
+    assert "Pretrain with the same plans" not in message
 
 
 def test_compare_pretrained_names_checkpoint_keys_the_network_would_drop(tmp_path):

@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoGoNet planner (default LoGoNetPlanner = preset S, plans LoGoNetPlans; "
                              "LoGoNetTinyPlanner for CPU runs)")
     parser.add_argument("-c", nargs="+", default=["3d_fullres", "3d_lowres"],
-                        help="configurations to preprocess (default: 3d_fullres 3d_lowres; 2d does not exist "
-                             "for LoGoNet). Configurations the plans do not have are skipped")
+                        help="configurations to preprocess (default: 3d_fullres 3d_lowres). 2d is refused (LoGoNet "
+                             "is 3D only); 3d_lowres where the plans have none (nnU-Net plans it only for large "
+                             "images) is skipped, or an error when asked for alone")
     parser.add_argument("-np", type=int, nargs="+", default=None,
                         help="processes for preprocessing, one number or one per configuration (default 4)")
     parser.add_argument("-npfp", type=int, default=4, help="processes for fingerprint extraction (default 4)")

@@ -70,6 +70,15 @@ def describe_checkpoint(checkpoint: dict) -> str:
     return ", ".join(parts) + (f" ({', '.join(details)})" if details else "")
 
 
+def checkpoint_network_class(checkpoint: dict) -> str | None:
+    """The class name of the network a checkpoint's plans describe (``PlainConvUNet``, ``LoGoNet``), when nnU-Net
+    stored its init args."""
+    init = checkpoint.get("init_args") or {}
+    config = ((init.get("plans") or {}).get("configurations") or {}).get(init.get("configuration")) or {}
+    name = (config.get("architecture") or {}).get("network_class_name")
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) and name else None
+
+
 def compare_pretrained(network: nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> list[str]:
     """Every reason nnU-Net's ``load_pretrained_weights`` would refuse ``checkpoint`` for ``network``.
 
@@ -109,14 +118,21 @@ def check_pretrained(network: nn.Module, checkpoint: str | os.PathLike, *, max_l
     shown = "\n    ".join(differences[:max_lines])
     more = f"\n    ... and {len(differences) - max_lines} more" if len(differences) > max_lines else ""
     target = f" ({network_description})" if network_description else ""
+    source, own = checkpoint_network_class(loaded), type(unwrap_network(network)).__name__
+    if source is not None and source != own:  # no plans can make these fit
+        start = ("pre-train one on your scans (-tr LoGoNetSSLTrainer, docs/ssl.md)" if own == "LoGoNet" else
+                 f"give a checkpoint of a {own} training")
+        fix = (f"These are weights of a {source}, not of a {own}: a {own} starts only from {own} weights; "
+               f"{start}, or train without -pretrained_weights.")
+    else:
+        fix = (f"Pretrain with the same plans (same preset, patch size and input channels) as the fine-tuning, "
+               f"e.g. move the fine-tuning plans to the pretraining dataset with nnUNetv2_move_plans_between_datasets "
+               f"(docs/ssl.md).")
     raise PretrainedMismatchError(
         f"pretrained weights {name} do not fit this network{target}: {missing} key(s) missing, {unused} not in "
         f"the network, {len(differences) - missing - unused} shape mismatch(es). The file comes from "
         f"{describe_checkpoint(loaded)}.\n"
-        f"    {shown}{more}\n"
-        f"Pretrain with the same plans (same preset, patch size and input channels) as the fine-tuning, "
-        f"e.g. move the fine-tuning plans to the pretraining dataset with nnUNetv2_move_plans_between_datasets "
-        f"(docs/ssl.md).")
+        f"    {shown}{more}\n{fix}")
 
 
 def pretrained_weights_from_argv(argv: Sequence[str]) -> str | None:
