@@ -167,7 +167,8 @@ def test_a_folder_named_like_a_case_is_named_as_a_folder_not_missing(spleen, cap
     assert report.missing == [] and [r.case for r in report.invalid] == ["spleen_3.nii.gz"]
     assert main(["--task", str(task), str(pred), "-o", str(out / "s.zip")]) == 1
     printed = capsys.readouterr().out
-    assert f"INVALID spleen_3.nii.gz: {pred.resolve() / 'spleen_3.nii.gz'} is a folder, not a prediction file" in printed
+    folder = pred.resolve() / "spleen_3.nii.gz"
+    assert f"INVALID spleen_3.nii.gz: {folder} is a folder, not a prediction file" in printed
     assert_nothing_written(out)
 
 

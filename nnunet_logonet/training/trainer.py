@@ -78,11 +78,11 @@ def check_plans_network(plans_manager: PlansManager, configuration_manager: Conf
     found = configuration_manager.network_arch_class_name
     if found == class_path(expected):
         return
-    dataset = plans_manager.dataset_name
+    dataset, planner = plans_manager.dataset_name, PLANNER_FOR[expected.__name__].split(" ")[0]
     raise PlansMismatchError(
         f"Plans '{plans_manager.plans_name}' ({configuration}) of {dataset} describe {found}, not "
         f"{expected.__name__}. Plan for {expected.__name__} first:\n"
-        f"    logonet_plan_and_preprocess -d {dataset_id_of(plans_manager)} -pl {PLANNER_FOR[expected.__name__].split(' ')[0]}\n"
+        f"    logonet_plan_and_preprocess -d {dataset_id_of(plans_manager)} -pl {planner}\n"
         f"then train with the plans it prints (e.g. -p {expected.__name__}Plans; planners: "
         f"{PLANNER_FOR[expected.__name__]}).")
 
@@ -212,12 +212,12 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         problem = data_spacing_mismatch(self.preprocessed_dataset_folder, self.plans_manager.plans,
                                         self.configuration_name)
         if problem:
-            plans = self.plans_manager.plans_name
+            plans, planner = self.plans_manager.plans_name, planner_of(self.plans_manager)
             dataset = dataset_id_of(self.plans_manager)
             raise PlansMismatchError(
                 f"{problem}. Training would use it at the wrong spacing. Give these plans their own data: for "
                 f"plans of logonet_plan_and_preprocess, run it again (logonet_plan_and_preprocess -d {dataset} -pl "
-                f"{planner_of(self.plans_manager)}; it gives LoGoNet plans their own folder where nnUNetPlans preprocess "
+                f"{planner}; it gives LoGoNet plans their own folder where nnUNetPlans preprocess "
                 f"differently); for plans moved from another dataset, move them under a name of their own "
                 f"(nnUNetv2_move_plans_between_datasets -s SOURCE -t {dataset} -sp {plans} -tp {plans}_fromSOURCE) "
                 f"and run nnUNetv2_preprocess -d {dataset} -plans_name {plans}_fromSOURCE -c {self.configuration_name}.")
@@ -247,8 +247,9 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                     f"{len(previous)} of the {len(cases)} cases of fold {self.fold} have no {stage} segmentation in "
                     f"{self.folder_with_segs_from_previous_stage}: {listed}. The cascade's second stage reads the "
                     f"first stage's predictions of every training case, which its validation writes fold by fold: train "
-                    f"{stage} on all five folds first (nnUNetv2_train {dataset_id_of(self.plans_manager)} {stage} FOLD "
-                    f"-tr {type(self).__name__} -p {self.plans_manager.plans_name}, FOLD 0..4; for fold all, its fold all).")
+                    f"{stage} on all five folds first (nnUNetv2_train {dataset_id_of(self.plans_manager)} {stage} "
+                    f"FOLD -tr {type(self).__name__} -p {self.plans_manager.plans_name}, FOLD 0..4; for fold all, "
+                    f"its fold all).")
         if not missing:
             return
         plans, dataset = self.plans_manager.plans_name, dataset_id_of(self.plans_manager)
@@ -257,8 +258,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         raise MissingPreprocessedDataError(
             f"{len(missing)} of the {len(cases)} cases of fold {self.fold} ({splits_file}) are not whole in "
             f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again (logonet_plan_and_preprocess -d "
-            f"{dataset} -pl {planner_of(self.plans_manager)}, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} -c "
-            f"{self.configuration_name}); if those cases left the dataset on purpose, delete {splits_file} so that "
+            f"{dataset} -pl {planner_of(self.plans_manager)}, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} "
+            f"-c {self.configuration_name}); if those cases left the dataset on purpose, delete {splits_file} so that "
             f"nnU-Net makes new splits.")
 
     def check_pretrained_weights(self, argv) -> None:
