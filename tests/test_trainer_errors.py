@@ -435,10 +435,24 @@ def test_a_label_value_dataset_json_lacks_is_named_with_its_file_when_the_loss_s
         assert "index 9 is out of bounds" in message
         assert isinstance(error.value.__cause__, RuntimeError)
 
+    def device_assert(self, batch):  # CUDA's words for the same stop: no value, no size
+        raise RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously ...")
+
+    monkeypatch.setattr(nnUNetTrainer, "train_step", device_assert)
+    with pytest.raises(UndeclaredLabelError) as error:
+        trainer.train_step({})
+    assert f"{raw_label} (values [9, 255])" in str(error.value) and "has 2 outputs" in str(error.value)
+
     def out_of_memory(self, batch):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
     monkeypatch.setattr(nnUNetTrainer, "train_step", out_of_memory)
     with pytest.raises(RuntimeError, match="not enough memory") as error:
+        trainer.train_step({})
+    assert type(error.value) is RuntimeError
+    (data / "case_001.npz").unlink()  # every label declared: a device-side assert of something else passes unchanged
+    (data / "case_001.pkl").unlink()
+    monkeypatch.setattr(nnUNetTrainer, "train_step", device_assert)
+    with pytest.raises(RuntimeError, match="device-side assert") as error:
         trainer.train_step({})
     assert type(error.value) is RuntimeError

@@ -293,11 +293,13 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
 
     def explain_label_error(self, error: RuntimeError) -> UndeclaredLabelError | None:
         """nnU-Net's loss stops on a label value dataset.json lacks with PyTorch's "index 9 is out of bounds for
-        dimension 1 with size 7", naming no file (nnU-Net checks the values only with
-        --verify_dataset_integrity). Read the fold's segmentations for the cases and values, and name the raw
-        files and the fix; None for any other error."""
+        dimension 1 with size 7" on a CPU, with "CUDA error: device-side assert triggered" on a GPU, naming no
+        file (nnU-Net checks the values only with --verify_dataset_integrity). Read the fold's segmentations (on
+        the CPU) for the cases and values, and name the raw files and the fix; None for any other error, and for
+        a device-side assert where every label is declared."""
         match = _ONE_HOT_OUT_OF_BOUNDS.search(str(error))
-        if match is None:
+        device_assert = "device-side assert triggered" in str(error)
+        if match is None and not device_assert:
             return None
         from nnunet_logonet.planning.data_check import undeclared_label_values
 
@@ -316,13 +318,17 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                                for case, values in list(found.items())[:5])
             more = f" and {len(found) - 5} more" if len(found) > 5 else ""
             where = f"{len(found)} label file(s) hold values dataset.json does not declare: {listed}{more}"
-        else:
+        elif match is not None:
             where = (f"a label value {match.group(1)} that dataset.json does not declare, in the data of fold "
                      f"{self.fold}")
+        else:  # a device-side assert of something else
+            return None
         names = ", ".join(f"{name}={value}" for name, value in self.dataset_json.get("labels", {}).items())
+        outputs = match.group(2) if match else label_manager.num_segmentation_heads
+        stop = match.group(0) if match else "CUDA error: device-side assert triggered"
         return UndeclaredLabelError(
-            f"{dataset}: {where}. Its dataset.json declares {names}, so the network has {match.group(2)} outputs and "
-            f"nnU-Net's loss stopped ({match.group(0)}). Correct those label files (or declare the label in "
+            f"{dataset}: {where}. Its dataset.json declares {names}, so the network has {outputs} outputs and "
+            f"nnU-Net's loss stopped ({stop}). Correct those label files (or declare the label in "
             f"{Path(os.environ.get('nnUNet_raw') or '$nnUNet_raw') / dataset / 'dataset.json'}), then preprocess "
             f"again with nnU-Net's check on: logonet_plan_and_preprocess -d {dataset_id_of(self.plans_manager)} -pl "
             f"{planner_of(self.plans_manager)} "
