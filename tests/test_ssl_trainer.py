@@ -649,8 +649,13 @@ def test_corrupt_cluster_cache_is_detected_and_rebuilt(workspace, monkeypatch, d
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("setting, value, match", [
-    ("cluster_k_range", (64, 16), "k_range"), ("cluster_num", 0, "num_clusterers"),
-    ("mask_phi1", 1.5, "phi1"), ("cluster_fit_patches", 0, "cluster_fit_patches"),
+    # the clusterers' and the masking's messages name the trainer's attribute, not their own parameter
+    ("cluster_k_range", (64, 16), r"LoGoNetSSLTrainerBad.cluster_k_range must be two ints"),
+    ("cluster_num", 0, r"LoGoNetSSLTrainerBad.cluster_num must be an int >= 1, got 0"),
+    ("cluster_backend", "scipy", r"LoGoNetSSLTrainerBad.cluster_backend must be one of"),
+    ("mask_phi1", 1.5, r"LoGoNetSSLTrainerBad.mask_phi1 must"),
+    ("mask_chain_length", 0, r"LoGoNetSSLTrainerBad.mask_chain_length \(M\) must"),
+    ("cluster_fit_patches", 0, "cluster_fit_patches"),
     # these were read first after the clusterers had been fitted, or clamped without a word
     ("ssl_tau", 0, r"LoGoNetSSLTrainerBad.ssl_tau must be a finite number > 0.0, got 0"),
     ("ssl_tau", float("inf"), "ssl_tau"), ("head_grid", 0, "head_grid"), ("head_hidden", 0, "head_hidden"),
@@ -670,12 +675,17 @@ def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, v
     bad = type("LoGoNetSSLTrainerBad", (LoGoNetSSLTrainerCPU,), {setting: value})
     with pytest.raises(ValueError, match=match):
         bad({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+    # checked before nnU-Net makes the output folder and its log
+    results = Path(workspace["env"]["nnUNet_results"]) / f"Dataset{PRETRAIN}_SSLPretrain"
+    assert not list(results.glob("LoGoNetSSLTrainerBad__*"))
 
 
 @pytest.mark.e2e
-def test_resume_with_other_bank_settings_is_refused_naming_both(workspace, monkeypatch):
+@pytest.mark.parametrize("attribute, setting", [("cluster_pool", "pool"), ("cluster_seed", "seed")])
+def test_resume_with_other_bank_settings_is_refused_naming_both(workspace, monkeypatch, attribute, setting):
     """Only ks used to be compared: a --c with another pool (same ks) refitted the clusterers on other
-    features and restarted the head, against docs/ssl.md's promise of a refusal."""
+    features and restarted the head, against docs/ssl.md's promise of a refusal. Another seed draws other
+    ks: the refusal names the seed, not only the ks."""
     import json
 
     from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainerCPU
@@ -686,11 +696,11 @@ def test_resume_with_other_bank_settings_is_refused_naming_both(workspace, monke
     plans = json.loads((pre / f"{PLANS}.json").read_text())
     dataset_json = json.loads((pre / "dataset.json").read_text())
     checkpoint = workspace["fold"] / "checkpoint_final.pth"
-    saved_pool = torch.load(checkpoint, map_location="cpu", weights_only=False)["ssl"]["bank_config"]["pool"]
-    other = type("LoGoNetSSLTrainerOtherPool", (LoGoNetSSLTrainerCPU,), {"cluster_pool": saved_pool + 1})
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["ssl"]["bank_config"][setting]
+    other = type("LoGoNetSSLTrainerOther", (LoGoNetSSLTrainerCPU,), {attribute: saved + 1})
     trainer = other({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match=rf"other pseudo-label bank settings.*pool {saved_pool} -> "
-                                           rf"{saved_pool + 1}.*Resume with the trainer that wrote it \({TRAINER}\)"):
+    with pytest.raises(RuntimeError, match=rf"other pseudo-label bank settings.*{setting} {saved} -> "
+                                           rf"{saved + 1}.*Resume with the trainer that wrote it \({TRAINER}\)"):
         trainer.load_checkpoint(str(checkpoint))
 
 

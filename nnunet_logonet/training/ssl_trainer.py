@@ -62,6 +62,11 @@ SSL_LOG_KEYS = ("ssl_train_accuracy", "ssl_label_seconds")
 PAPER_BANK = {"num_clusterers": 80, "k_range": (80, 500), "pool": 1}
 #: patches drawn at most, per planned one, to replace padding slices in the fitting set
 PADDING_DRAW_FACTOR = 4
+#: the clusterers' and the masking's parameters -> the trainer attributes that set them (for their messages)
+SETTING_OF = {"num_clusterers": "cluster_num", "k_range": "cluster_k_range", "sample_fraction": "cluster_sample_fraction",
+              "seed": "cluster_seed", "backend": "cluster_backend", "max_iter": "cluster_max_iter", "pool": "cluster_pool",
+              "slice_axis": "ssl_slice_axis", "phi1": "mask_phi1", "chain_length": "mask_chain_length",
+              "patch_sizes": "mask_patch_sizes", "phi2": "mask_phi2"}
 
 
 def _epoch_figure(value: float, part: str) -> str:
@@ -131,16 +136,12 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self._check_pretext_settings()  # before nnU-Net writes its output folder and log
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.ssl_initial_lr
         self.weight_decay = self.ssl_weight_decay
         self.enable_deep_supervision = False  # one full-resolution feature map feeds the head
-        self.masker = SliceSequenceMasker(phi1=self.mask_phi1, chain_length=self.mask_chain_length,
-                                          patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2,
-                                          slice_axis=self.ssl_slice_axis)
-        self._new_bank()  # validates the clusterer settings now, not after the data loaders started
-        self._check_pretext_settings()
-        self.fit_patch_count  # noqa: B018 -- validates cluster_fit_patches
+        self.masker = self._new_masker()
         self.bank: SliceClusterBank | None = None
         self.ssl_head: SlicePseudoLabelHead | None = None
         self._head_call: nn.Module | None = None
@@ -154,9 +155,22 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
 
     # ------------------------------------------------------------------------------- set-up
     def _check_pretext_settings(self) -> None:
-        """The head's, the loss's and the optimiser's settings, checked now: they were read first after the
-        clusterers had been fitted (minutes at the paper's 80), or clamped without a word."""
+        """Every pretext setting, checked when the trainer is made: the clusterers' and the masking's (their
+        classes' messages, the parameter renamed to this trainer's attribute), the head's, the loss's and the
+        optimiser's (read first after the clusterers had been fitted, minutes at the paper's 80, or clamped
+        without a word)."""
         name = type(self).__name__
+        try:
+            self._new_bank()
+            self._new_masker()
+        except ValueError as error:
+            text = str(error)
+            parameter = next((p for p in SETTING_OF if text.startswith(p + " ")), None)
+            if parameter is None:
+                raise ValueError(f"{name}: {text}") from None
+            raise ValueError(f"{name}.{SETTING_OF[parameter]}{text[len(parameter):]}") from None
+        if self.cluster_fit_patches is not None:
+            positive_int(self.cluster_fit_patches, f"{name}.cluster_fit_patches (or None)")
         positive_int(self.cluster_samples_per_cluster, f"{name}.cluster_samples_per_cluster")
         positive_int(self.head_grid, f"{name}.head_grid")
         positive_int(self.head_hidden, f"{name}.head_hidden")
@@ -174,6 +188,10 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
     def _new_bank(self) -> SliceClusterBank:
         return SliceClusterBank(**self._bank_config())
 
+    def _new_masker(self) -> SliceSequenceMasker:
+        return SliceSequenceMasker(phi1=self.mask_phi1, chain_length=self.mask_chain_length,
+                                   patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2, slice_axis=self.ssl_slice_axis)
+
     def _ensure_log_keys(self) -> None:
         for key in SSL_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
@@ -182,9 +200,6 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
     def fit_patch_count(self) -> int:
         """Patches cropped from the training cases to fit the clusterers on."""
         if self.cluster_fit_patches is not None:
-            if isinstance(self.cluster_fit_patches, bool) or not isinstance(self.cluster_fit_patches, int) \
-                    or self.cluster_fit_patches < 1:
-                raise ValueError(f"cluster_fit_patches must be None or an int >= 1, got {self.cluster_fit_patches!r}.")
             return self.cluster_fit_patches
         wanted_slices = self.cluster_samples_per_cluster * self.cluster_k_range[1] / self.cluster_sample_fraction
         return max(1, math.ceil(wanted_slices / self._slices_per_patch()))
@@ -586,12 +601,6 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         if missing or result.unexpected_keys:
             raise RuntimeError(f"{name} does not fit this network: missing {missing[:5]}, unexpected "
                                f"{result.unexpected_keys[:5]}; was it made with other plans?")
-        ks = tuple(checkpoint["ssl"]["ks"])
-        if ks != self.ssl_head.ks:
-            raise RuntimeError(
-                f"{name} was pre-trained with {len(ks)} clusterers (k {min(ks)}..{max(ks)}), this trainer builds "
-                f"{len(self.ssl_head.ks)} (k {min(self.ssl_head.ks)}..{max(self.ssl_head.ks)}): resume with the "
-                f"trainer that wrote it ({checkpoint.get('trainer_name')}).")
         saved = checkpoint["ssl"].get("bank_config")
         if saved is not None:  # any bank setting, not only ks: pool or sample size change the pseudo-labels too
             own = json.loads(json.dumps(self._new_bank().config))
@@ -604,6 +613,12 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
                     f"({'; '.join(changed)}; checkpoint -> {self.__class__.__name__}): resuming would refit the "
                     f"clusterers and restart the head. Resume with the trainer that wrote it "
                     f"({checkpoint.get('trainer_name')}), or start a new pre-training without --c.")
+        ks = tuple(checkpoint["ssl"]["ks"])  # settings the same (or not recorded): the drawn k must be too
+        if ks != self.ssl_head.ks:
+            raise RuntimeError(
+                f"{name} was pre-trained with {len(ks)} clusterers (k {min(ks)}..{max(ks)}), this trainer builds "
+                f"{len(self.ssl_head.ks)} (k {min(self.ssl_head.ks)}..{max(self.ssl_head.ks)}): resume with the "
+                f"trainer that wrote it ({checkpoint.get('trainer_name')}).")
         self.ssl_head.load_state_dict(checkpoint["ssl_head_weights"])
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
