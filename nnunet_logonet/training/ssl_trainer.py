@@ -63,9 +63,9 @@ PAPER_BANK = {"num_clusterers": 80, "k_range": (80, 500), "pool": 1}
 #: patches drawn at most, per planned one, to replace padding slices in the fitting set
 PADDING_DRAW_FACTOR = 4
 #: the clusterers' and the masking's parameters -> the trainer attributes that set them (for their messages)
-SETTING_OF = {"num_clusterers": "cluster_num", "k_range": "cluster_k_range", "sample_fraction": "cluster_sample_fraction",
-              "seed": "cluster_seed", "backend": "cluster_backend", "max_iter": "cluster_max_iter", "pool": "cluster_pool",
-              "slice_axis": "ssl_slice_axis", "phi1": "mask_phi1", "chain_length": "mask_chain_length",
+SETTING_OF = {"num_clusterers": "cluster_num", "k_range": "cluster_k_range",
+              "sample_fraction": "cluster_sample_fraction", "seed": "cluster_seed", "backend": "cluster_backend",
+              "max_iter": "cluster_max_iter", "pool": "cluster_pool", "slice_axis": "ssl_slice_axis", "phi1": "mask_phi1", "chain_length": "mask_chain_length",
               "patch_sizes": "mask_patch_sizes", "phi2": "mask_phi2"}
 
 
@@ -190,7 +190,8 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
 
     def _new_masker(self) -> SliceSequenceMasker:
         return SliceSequenceMasker(phi1=self.mask_phi1, chain_length=self.mask_chain_length,
-                                   patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2, slice_axis=self.ssl_slice_axis)
+                                   patch_sizes=self.mask_patch_sizes, phi2=self.mask_phi2,
+                                   slice_axis=self.ssl_slice_axis)
 
     def _ensure_log_keys(self) -> None:
         for key in SSL_LOG_KEYS:
