@@ -96,9 +96,14 @@ def run(env: dict[str, str]) -> dict:
 def test_first_run_does_every_step_and_a_rerun_skips_them(tmp_path, fake_nnunet):
     """The stub behaves as nnU-Net does: one call does all steps, the next finds them done."""
     env = make_source(tmp_path)
-    first = run(env)
+    said: list[str] = []
+    first = prepare_pretraining_dataset(SOURCE, TARGET, PLANS, env=env, log=said.append)
     assert first["ran"] == ["prepare_unlabeled", "extract_fingerprint", "move_plans", "copy_dataset_json",
                             "preprocess"]
+    # every step's line, the commands run included, carries its number; commands by name, as a user types them
+    assert [line.split(" ")[:2] for line in said if line.startswith("[")] == [
+        ["[1/5]", "logonet_prepare_unlabeled"], ["[2/5]", "nnUNetv2_extract_fingerprint"],
+        ["[3/5]", "nnUNetv2_move_plans_between_datasets"], ["[4/5]", "cp"], ["[5/5]", "nnUNetv2_preprocess"]]
     assert first["num_cases"] == 2 and first["dataset"] == "Dataset911_Pretraining"
     second = run(env)
     assert second["ran"] == [] and len(second["skipped"]) == 5
@@ -127,6 +132,18 @@ def test_a_rerun_with_other_image_folders_makes_the_dataset_again(tmp_path, fake
     assert any("2 no longer given (c, d)" in s for s in said)
     assert sorted(p.name for p in images.iterdir()) == ["a_0000.nii.gz", "b_0000.nii.gz"]
     assert "prepare_unlabeled" in run(env)["skipped"]
+
+
+def test_the_sources_own_folder_given_with_i_is_read_once(tmp_path, fake_nnunet):
+    """-i $nnUNet_raw/DatasetS/imagesTr beside the source's images, which the pipeline adds itself: every case
+    was a "duplicate case name" with the advice to rename one; now read once, with a note."""
+    env = make_source(tmp_path)
+    said: list[str] = []
+    given = tmp_path / "raw" / "Dataset910_X" / "." / "imagesTr"  # another spelling of the same folder
+    result = prepare_pretraining_dataset(SOURCE, TARGET, PLANS, extra_image_folders=[given], env=env,
+                                         log=said.append)
+    assert result["num_cases"] == 2
+    assert any(s.startswith(f"note: {given} is already among the image folders") for s in said)
 
 
 def test_changed_source_plans_are_moved_and_preprocessed_again(tmp_path, fake_nnunet):

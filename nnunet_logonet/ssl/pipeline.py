@@ -150,8 +150,9 @@ class _Logger:
         its progress bars, is shown as it comes instead of being collected."""
         return self.path is None and self.call is print
 
-    def run(self, argv: list[str], env: Mapping[str, str]) -> None:
-        self(" ".join(argv))
+    def run(self, argv: list[str], env: Mapping[str, str], step: str = "") -> None:
+        """Run ``argv``, its command line shown after ``step`` (``[2/5]``) as the steps' own lines are."""
+        self(" ".join([step, Path(argv[0]).name, *argv[1:]] if step else argv))
         if self.on_screen:
             output, returncode = _run_showing_output(argv, env)
         else:
@@ -246,7 +247,12 @@ def prepare_pretraining_dataset(
     unlabeled = source_raw / "imagesUnlabeled"
     if include_source_unlabeled and unlabeled.is_dir() and any(unlabeled.glob("*.nii*")):
         folders.append(unlabeled)
-    folders += [Path(f) for f in extra_image_folders]
+    for folder in map(Path, extra_image_folders):  # a folder given twice would be every case twice
+        if any(folder.resolve() == earlier.resolve() for earlier in folders):
+            say(f"note: {folder} is already among the image folders (the source's own are added unless "
+                f"--no-source-images / --no-source-unlabeled): read once")
+        else:
+            folders.append(folder)
     if not folders:
         raise ValueError("no image folder: pass extra_image_folders or include the source's images.")
 
@@ -295,7 +301,7 @@ def prepare_pretraining_dataset(
         elif fingerprint_file.exists():
             say(f"[2/5] {fingerprint_file} is not valid JSON (cut short by an interrupted run?): extracting it again")
         say.run([_command("nnUNetv2_extract_fingerprint", env), "-d", tid, "-np", n]
-                + (["--clean"] if fingerprint_file.exists() else []), env)
+                + (["--clean"] if fingerprint_file.exists() else []), env, "[2/5]")
         ran.append("extract_fingerprint")
 
     # 3. the source's plans: architecture and normalisation of the fine-tuning
@@ -309,7 +315,7 @@ def prepare_pretraining_dataset(
         skipped.append("move_plans")
     else:
         say.run([_command("nnUNetv2_move_plans_between_datasets", env), "-s", str(source_dataset_id), "-t", tid,
-                 "-sp", plans, "-tp", plans], env)
+                 "-sp", plans, "-tp", plans], env, "[3/5]")
         ran.append("move_plans")
         moved = True
 
@@ -340,7 +346,7 @@ def prepare_pretraining_dataset(
             say(f"[5/5] {data_folder} holds cases of an earlier {target_raw.name} (other cases, or preprocessed "
                 f"before the raw dataset was last written): preprocessing again")
         say.run([_command("nnUNetv2_preprocess", env), "-d", tid, "-plans_name", plans, "-c", configuration,
-                 "-np", n], env)
+                 "-np", n], env, "[5/5]")
         ran.append("preprocess")
     return {"dataset": target_raw.name, "preprocessed_folder": str(data_folder), "num_cases": len(cases),
             "ran": ran, "skipped": skipped}
