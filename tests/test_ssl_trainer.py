@@ -314,7 +314,7 @@ def test_training_log_reports_the_pretext_and_its_cost(workspace):
     assert start, log[:2000]
     assert [int(g) for g in start.groups()[:4]] == [len(ks), min(ks), max(ks), sum(ks)]
     assert float(start.group(5)) == pytest.approx(chance, abs=1e-4)
-    assert "INFO: reduced pseudo-label bank for this budget: 12 clusterers, k in 16..64, pool 2 (paper: 80, " \
+    assert "INFO: reduced pseudo-label bank for this budget: 12 clusterers, k drawn from 16..64, pool 2 (paper: 80, " \
            "80..500, raw slices)" in log
     epochs = re.findall(r"pseudo-label accuracy: train ([\d.]+|n/a \([^)]*\)), val ([\d.]+|n/a \([^)]*\)) "
                         r"\(chance ([\d.]+)\)", log)

@@ -244,8 +244,9 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         ks = self.ssl_head.ks
         self.print_to_log_file(
             f"SSL pre-training: {len(ks)} clusterers, k {min(ks)}..{max(ks)} (sum {sum(ks)}, chance accuracy "
-            f"{np.mean([1 / k for k in ks]):.4f}), slices pooled x{self.cluster_pool}, fitted on "
-            f"{self.fit_patch_count} patches x {self._slices_per_patch()} slices; {self.masker}; head "
+            f"{np.mean([1 / k for k in ks]):.4f}), slices pooled x{self.cluster_pool}, fitted on the slices of "
+            f"{self.fit_patch_count} patches of {self._slices_per_patch()} (or read from the cache a resume "
+            f"reuses); {self.masker}; head "
             f"{sum(p.numel() for p in self.ssl_head.parameters()) / 1e6:.2f} M params on {self._tap.channels} "
             f"feature channels; AdamW lr {self.initial_lr} wd {self.weight_decay}, tau {self.ssl_tau}. "
             f"Labels of the dataset are not used.")
@@ -253,7 +254,7 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         if (self.cluster_num, tuple(self.cluster_k_range), self.cluster_pool) != \
                 (paper["num_clusterers"], paper["k_range"], paper["pool"]):
             self.print_to_log_file(
-                f"INFO: reduced pseudo-label bank for this budget: {self.cluster_num} clusterers, k in "
+                f"INFO: reduced pseudo-label bank for this budget: {self.cluster_num} clusterers, k drawn from "
                 f"{self.cluster_k_range[0]}..{self.cluster_k_range[1]}, pool {self.cluster_pool} (paper: "
                 f"{paper['num_clusterers']}, {paper['k_range'][0]}..{paper['k_range'][1]}, raw slices).")
 
@@ -318,9 +319,9 @@ class LoGoNetSSLTrainer(LoGoNetTrainer):
         give the same slices and so the same bank."""
         start = perf_counter()
         # minutes at the paper's bank before epoch 0 (docs/ssl.md): say so, and show progress on rank 0
-        self.print_to_log_file(f"Fitting {self.cluster_num} clusterers (k in {self.cluster_k_range[0]}.."
+        self.print_to_log_file(f"Fitting {self.cluster_num} clusterers (k drawn from {self.cluster_k_range[0]}.."
                                f"{self.cluster_k_range[1]}) on the slices of {self.fit_patch_count} patches; "
-                               f"epoch 0 starts after it.")
+                               f"epoch {self.current_epoch} starts after it.")
         slices = self._collect_fit_slices()
         collected = perf_counter() - start
         bank = self._new_bank()
