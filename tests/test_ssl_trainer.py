@@ -681,6 +681,24 @@ def test_bad_settings_fail_in_the_constructor(workspace, monkeypatch, setting, v
 
 
 @pytest.mark.e2e
+def test_the_cpu_pretraining_checkpoints_every_epoch(workspace, monkeypatch):
+    """nnU-Net writes checkpoint_latest every 50 epochs; on a CPU, where an epoch takes minutes, a run stopped
+    before epoch 50 had nothing for --c ("no checkpoint ... Starting a new training")."""
+    import json
+
+    from nnunet_logonet.training.ssl_trainer import LoGoNetSSLTrainer, LoGoNetSSLTrainerCPU
+
+    for name, env_value in workspace["env"].items():
+        monkeypatch.setenv(name, env_value)
+    pre = workspace["base"] / "pre" / f"Dataset{PRETRAIN}_SSLPretrain"
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    cpu, gpu = (trainer({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+                for trainer in (LoGoNetSSLTrainerCPU, LoGoNetSSLTrainer))
+    assert (cpu.save_every, gpu.save_every) == (1, 50)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("attribute, setting", [("cluster_pool", "pool"), ("cluster_seed", "seed")])
 def test_resume_with_other_bank_settings_is_refused_naming_both(workspace, monkeypatch, attribute, setting):
     """Only ks used to be compared: a --c with another pool (same ks) refitted the clusterers on other

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an MSD task folder (TaskXX_Name/ with dataset.json and imagesTs) and "
                              "the folder of predictions for its imagesTs; repeat for more tasks")
     parser.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
-                        help="archive to write, ending .zip or .tar.gz")
+                        help="archive to write, ending .zip or .tar.gz (the MSD's; .tgz and .tar are written too)")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="write the valid cases even if some are missing or invalid")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing archive")

@@ -647,6 +647,11 @@ class LoGoNetSSLTrainerCPU(LoGoNetSSLTrainer):
     cluster_pool = 2
     ssl_initial_lr = 1e-3
 
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1  # nnU-Net's 50: a CPU epoch takes minutes, and --c resumes from the last checkpoint
+
 
 LoGoNetSSLTrainer_10epochs = with_budget(LoGoNetSSLTrainer, "LoGoNetSSLTrainer_10epochs", 10, module=__name__)
 LoGoNetSSLTrainer_100epochs = with_budget(LoGoNetSSLTrainer, "LoGoNetSSLTrainer_100epochs", 100, module=__name__)
