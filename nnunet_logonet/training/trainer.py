@@ -59,8 +59,12 @@ _ONE_HOT_OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimensi
 def dataset_id_of(plans_manager: PlansManager) -> str:
     """The ID that every command of nnU-Net and ours takes for ``-d`` (611 of Dataset611_Phantom); the plans name
     the dataset by its folder, which ``nnUNetv2_preprocess -d`` and ``logonet_plan_and_preprocess -d`` refuse."""
-    match = re.match(r"Dataset(\d{3})_", plans_manager.dataset_name)
-    return str(int(match.group(1))) if match else plans_manager.dataset_name
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    try:
+        return str(convert_dataset_name_to_id(plans_manager.dataset_name))
+    except (AssertionError, ValueError):  # not nnU-Net's DatasetNNN_Name
+        return plans_manager.dataset_name
 
 
 def planner_of(plans_manager: PlansManager) -> str:
@@ -311,7 +315,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         found = undeclared_label_values(self.preprocessed_dataset_folder, sorted({*train_cases, *val_cases}),
                                         declared, progress=self.local_rank == 0)
         dataset = self.plans_manager.dataset_name
-        raw_labels = Path(os.environ.get("nnUNet_raw") or "$nnUNet_raw") / dataset / "labelsTr"
+        raw_dataset = Path(os.environ.get("nnUNet_raw") or "$nnUNet_raw") / dataset
+        raw_labels = raw_dataset / "labelsTr"
         ending = self.dataset_json.get("file_ending", "")
         if found:
             listed = ", ".join(f"{raw_labels / (case + ending)} (values {values})"
@@ -329,7 +334,7 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         return UndeclaredLabelError(
             f"{dataset}: {where}. Its dataset.json declares {names}, so the network has {outputs} outputs and "
             f"nnU-Net's loss stopped ({stop}). Correct those label files (or declare the label in "
-            f"{Path(os.environ.get('nnUNet_raw') or '$nnUNet_raw') / dataset / 'dataset.json'}), then preprocess "
+            f"{raw_dataset / 'dataset.json'}), then preprocess "
             f"again with nnU-Net's check on: logonet_plan_and_preprocess -d {dataset_id_of(self.plans_manager)} -pl "
             f"{planner_of(self.plans_manager)} "
             f"--clean --verify_dataset_integrity.")
