@@ -53,30 +53,33 @@ def _load(checkpoint: str | os.PathLike | dict) -> tuple[dict, str]:
     return loaded, str(path)
 
 
+def _checkpoint_configuration(checkpoint: dict) -> dict:
+    """The plans' entry for the configuration the checkpoint was trained with ({} when not stored)."""
+    init = checkpoint.get("init_args") or {}
+    return ((init.get("plans") or {}).get("configurations") or {}).get(init.get("configuration")) or {}
+
+
+def checkpoint_network_class(checkpoint: dict) -> str | None:
+    """The class name of the network a checkpoint's plans describe (``PlainConvUNet``, ``LoGoNet``), when nnU-Net
+    stored its init args."""
+    name = (_checkpoint_configuration(checkpoint).get("architecture") or {}).get("network_class_name")
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) and name else None
+
+
 def describe_checkpoint(checkpoint: dict) -> str:
     """'trainer T, plans P (configuration C, preset X)' from the checkpoint's init args, when present."""
     init = checkpoint.get("init_args") or {}
     plans = init.get("plans") or {}
     configuration = init.get("configuration")
     parts = [f"trainer {checkpoint.get('trainer_name', '?')}", f"plans {plans.get('plans_name', '?')}"]
-    config = (plans.get("configurations") or {}).get(configuration) or {}
-    preset = (config.get("logonet") or {}).get("preset")
-    arch = (config.get("architecture") or {}).get("network_class_name", "")
+    preset = (_checkpoint_configuration(checkpoint).get("logonet") or {}).get("preset")
+    network = checkpoint_network_class(checkpoint)
     details = [f"configuration {configuration}"] if configuration else []
-    if arch:
-        details.append(arch.rsplit(".", 1)[-1] + (f"-{preset}" if preset else ""))
+    if network:
+        details.append(network + (f"-{preset}" if preset else ""))
     if plans.get("dataset_name"):
         details.append(plans["dataset_name"])
     return ", ".join(parts) + (f" ({', '.join(details)})" if details else "")
-
-
-def checkpoint_network_class(checkpoint: dict) -> str | None:
-    """The class name of the network a checkpoint's plans describe (``PlainConvUNet``, ``LoGoNet``), when nnU-Net
-    stored its init args."""
-    init = checkpoint.get("init_args") or {}
-    config = ((init.get("plans") or {}).get("configurations") or {}).get(init.get("configuration")) or {}
-    name = (config.get("architecture") or {}).get("network_class_name")
-    return name.rsplit(".", 1)[-1] if isinstance(name, str) and name else None
 
 
 def compare_pretrained(network: nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> list[str]:
