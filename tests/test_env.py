@@ -175,10 +175,35 @@ def test_every_advertised_trainer_is_found_by_nnunet_with_the_epochs_its_name_gi
     assert issubclass(recursive_find_trainer_class_by_name("LoGoNetSSLTrainer_100epochs"), LoGoNetSSLTrainer)
 
 
-def test_readme_demo_command_sets_up_and_hands_its_arguments_to_logonet_demo():
+def _path_with_a_disk_of(tmp_path: Path, free_kib: int) -> str:
+    """PATH whose ``df`` reports ``free_kib`` KiB available on every file system."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    df = bin_dir / "df"
+    df.write_text("#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
+                  f"echo '/dev/vdz 262144000 1000 {free_kib} 1% /'\n")
+    df.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_a_first_install_on_a_disk_too_full_for_pytorch_is_refused_before_anything_is_written(tmp_path):
+    """pip stops half-way with "No space left on device" when the disk cannot hold PyTorch's CUDA build (a
+    fresh clone's CI hit it): the set-up says so first, naming the folder, the free space and the fix."""
+    venv = tmp_path / "a disk" / "venv"
+    env = {**os.environ, "LOGONET_VENV": str(venv), "PATH": _path_with_a_disk_of(tmp_path, 3 * 1024 * 1024)}
+    refused = subprocess.run(["bash", str(REPO / "scripts" / "test.sh"), "--co"], capture_output=True, text=True,
+                             env=env, cwd="/", timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"install into {venv}: its file system ({tmp_path}) has 3.0 GiB free" in refused.stderr
+    assert "7 GiB are needed" in refused.stderr and "LOGONET_VENV=" in refused.stderr
+    assert not (tmp_path / "a disk").exists() and "[setup] creating" not in refused.stdout
+
+
+def test_readme_demo_command_sets_up_and_hands_its_arguments_to_logonet_demo(tmp_path):
     """``bash scripts/demo.sh`` (README's main-job command): the set-up finds the installed environment and
-    execs ``logonet_demo`` with the arguments given. Run against this test run's own environment, only where
-    that environment was made by the set-up (its stamp matches): elsewhere the script would reinstall it."""
+    execs ``logonet_demo`` with the arguments given, on a nearly full disk too (only a first install needs room).
+    Run against this test run's own environment, only where that environment was made by the set-up (its stamp
+    matches): elsewhere the script would reinstall it."""
     import hashlib
 
     import pytest
@@ -188,7 +213,7 @@ def test_readme_demo_command_sets_up_and_hands_its_arguments_to_logonet_demo():
     stamp = venv / ".logonet-install-stamp"
     if not stamp.is_file() or stamp.read_text().strip() != want:
         pytest.skip(f"{venv} was not set up by scripts/setup_env.sh for this setup.cfg (no matching {stamp.name})")
-    env = {**os.environ, "LOGONET_VENV": str(venv)}
+    env = {**os.environ, "LOGONET_VENV": str(venv), "PATH": _path_with_a_disk_of(tmp_path, 1024)}
     shown = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--help"], capture_output=True, text=True,
                            env=env, cwd="/", timeout=120)
     assert shown.returncode == 0, shown.stderr
