@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -260,6 +261,7 @@ def test_overwrite_of_a_planned_dataset_says_to_plan_again_with_clean(tmp_path, 
     """nnU-Net reuses an existing fingerprint unless --clean: planned as the next command said, the new data
     got the old data's plans."""
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     args = ["-d", "904", "--num-train", "1", "--num-test", "0", "--num-unlabeled", "0", "--size", "32",
             "-o", str(tmp_path / "raw"), "-q"]
     main(args)
@@ -271,6 +273,32 @@ def test_overwrite_of_a_planned_dataset_says_to_plan_again_with_clean(tmp_path, 
     error = capsys.readouterr().err
     assert "plan again with --clean" in error and "-pl LoGoNetTinyPlanner --verify_dataset_integrity --clean" in error
     assert error.rstrip().endswith("nnUNetv2_plan_and_preprocess -d 904 -c 3d_fullres --clean")
+
+
+def test_next_step_of_a_dataset_outside_nnunet_raw_puts_it_where_nnunet_finds_it_when_pasted(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """nnU-Net finds a dataset ID only under $nnUNet_raw: with -o elsewhere, the plan command the hint gave failed
+    ("Could not find a dataset with the ID"). Paths with spaces are quoted, so the hint works pasted."""
+    raw = tmp_path / "nnUNet raw"
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    common = ["--num-train", "5", "--num-test", "0", "--num-unlabeled", "0", "--size", "32", "-q"]
+    main(["-d", "906", "-o", str(tmp_path / "other place"), *common])
+    hint = capsys.readouterr().err.split("next: ", 1)[1]
+    move, plan = hint.split(" (nnU-Net finds datasets only under $nnUNet_raw", 1)
+    subprocess.run(["bash", "-c", move], env={**os.environ, "nnUNet_raw": str(raw)}, check=True)
+    assert (raw / "Dataset906_Phantom" / "dataset.json").is_file() and not list((tmp_path / "other place").iterdir())
+    assert "then logonet_plan_and_preprocess -d 906 -pl LoGoNetTinyPlanner" in plan
+
+    monkeypatch.delenv("nnUNet_raw")
+    main(["-d", "907", "-o", str(tmp_path / "other place"), *common])
+    hint = capsys.readouterr().err.split("next: ", 1)[1]
+    assert hint.startswith(f"export nnUNet_raw={shlex.quote(str(tmp_path / 'other place'))} (")
+    main(["-d", "8", "--format", "msd", "-o", str(tmp_path / "msd data"), *common])
+    task = shlex.quote(str(tmp_path / "msd data" / "Task08_Phantom"))
+    assert capsys.readouterr().err.rstrip().endswith(f"next: nnUNetv2_convert_MSD_dataset -i {task}")
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    main(["-d", "908", "-o", str(raw), *common])  # in $nnUNet_raw itself: the plan command alone
+    assert "next: logonet_plan_and_preprocess -d 908" in capsys.readouterr().err
 
 
 def test_cli_says_when_there_are_too_few_cases_for_nnunets_five_folds(tmp_path, capsys):

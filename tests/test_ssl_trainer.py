@@ -959,14 +959,16 @@ def test_pseudo_labels_come_from_the_unmasked_batch_and_the_network_sees_the_mas
 @pytest.mark.e2e
 def test_pipeline_command_takes_msd_named_scans_from_another_folder(workspace, tmp_path):
     """docs/msd.md step 3: `python -m nnunet_logonet.ssl.pipeline -s 9 -t 509 -p LoGoNetPlans -i
-    $MSD/Task09_Spleen/imagesTs`: MSD test images carry no _0000 and end in a case number that is no channel."""
+    $MSD/Task09_Spleen/imagesTs`: MSD test images carry no _0000 and end in a case number that is no channel.
+    The steps it prints are the commands it runs, quoted so that they work pasted (a folder with a space here)."""
     import json
+    import shlex
     import shutil
 
     base, env = workspace["base"], workspace["env"]
     unlabeled = sorted((base / "raw" / f"Dataset{LABELED}_SSLPhantom" / "imagesUnlabeled").glob("*.nii.gz"))
-    scans = tmp_path / "imagesTs"
-    scans.mkdir()
+    scans = tmp_path / "MSD scans" / "imagesTs"
+    scans.mkdir(parents=True)
     for scan, name in zip(unlabeled, ("spleen_1.nii.gz", "spleen_12.nii.gz")):
         shutil.copyfile(scan, scans / name)
     proc = subprocess.run([sys.executable, "-m", "nnunet_logonet.ssl.pipeline", "-s", str(LABELED), "-t", "912",
@@ -975,6 +977,7 @@ def test_pipeline_command_takes_msd_named_scans_from_another_folder(workspace, t
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Dataset912_SpleenUnlabeled (2 cases)" in proc.stdout
+    assert f"[1/5] logonet_prepare_unlabeled -i {shlex.quote(str(scans))} -d 912 --name SpleenUnlabeled" in proc.stdout
     assert f"nnUNetv2_train 912 3d_fullres all -tr LoGoNetSSLTrainer -p {PLANS}" in proc.stdout
     images = base / "raw" / "Dataset912_SpleenUnlabeled" / "imagesTr"
     assert sorted(p.name for p in images.iterdir()) == ["spleen_12_0000.nii.gz", "spleen_1_0000.nii.gz"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,8 +90,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"note: {preprocessed} was made from the dataset just replaced; plan again with --clean "
                   f"(its fingerprint would be reused otherwise)", file=sys.stderr)
             hint = hint.replace(" --verify_dataset_integrity", " --verify_dataset_integrity --clean") + " --clean"
+        raw_root = os.environ.get("nnUNet_raw")
+        if not raw_root or Path(output).resolve() != Path(raw_root).resolve():
+            # nnU-Net finds a dataset ID only under $nnUNet_raw: the commands below would not find this one
+            place = (f"mkdir -p \"$nnUNet_raw\" && mv {shlex.quote(str(folder))} \"$nnUNet_raw\"/ (nnU-Net finds datasets only under "
+                     f"$nnUNet_raw={raw_root})" if raw_root else
+                     f"export nnUNet_raw={shlex.quote(str(Path(output).resolve()))} (nnU-Net finds datasets only "
+                     f"under $nnUNet_raw, which is not set; eval \"$(logonet_env)\" sets the other folders)")
+            hint = f"{place}, then {hint}"
     else:
-        hint = f"nnUNetv2_convert_MSD_dataset -i {folder}"
+        hint = shlex.join(["nnUNetv2_convert_MSD_dataset", "-i", str(folder)])
     if args.num_train < 5:  # nnU-Net's 5-fold split stops with sklearn's "Cannot have number of splits"
         print(f"note: {args.num_train} training case(s): nnU-Net's folds 0-4 need 5 or more (its 5-fold split "
               f"fails on fewer); train fold all (nnUNetv2_train ... all), or write --num-train 5 or more",

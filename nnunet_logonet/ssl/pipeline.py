@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,7 @@ class _Logger:
 
     def run(self, argv: list[str], env: Mapping[str, str], step: str = "") -> None:
         """Run ``argv``, its command line shown after ``step`` (``[2/5]``) as the steps' own lines are."""
-        self(" ".join([step, Path(argv[0]).name, *argv[1:]] if step else argv))
+        self(f"{step} {shlex.join([Path(argv[0]).name, *argv[1:]])}" if step else shlex.join(argv))
         if self.on_screen:
             output, returncode = _run_showing_output(argv, env)
         else:
@@ -271,8 +272,9 @@ def prepare_pretraining_dataset(
         if rebuild:
             say(f"[1/5] {target_raw} {rebuild}: made again")
         channel_names = _source_channel_names(source_raw)
-        say(f"[1/5] logonet_prepare_unlabeled {' '.join(f'-i {f}' for f in folders)} -d {target_dataset_id} "
-            f"--name {name} {' '.join(f'--channel-name {c}' for c in channel_names)}")
+        say("[1/5] " + shlex.join(["logonet_prepare_unlabeled", *(a for f in folders for a in ("-i", str(f))),
+                                   "-d", str(target_dataset_id), "--name", name,
+                                   *(a for c in channel_names for a in ("--channel-name", c))]))
         try:
             target_raw = prepare_unlabeled(folders, target_dataset_id, name=name, channel_names=channel_names,
                                            raw_root=raw, progress=say.on_screen, overwrite=bool(rebuild))
@@ -325,7 +327,7 @@ def prepare_pretraining_dataset(
         say("[4/5] dataset.json in place: skipped")
         skipped.append("copy_dataset_json")
     else:
-        say(f"[4/5] cp {target_raw / 'dataset.json'} {dataset_json}")
+        say(f"[4/5] {shlex.join(['cp', str(target_raw / 'dataset.json'), str(dataset_json)])}")
         copy_file_whole(target_raw / "dataset.json", dataset_json)
         ran.append("copy_dataset_json")
 
