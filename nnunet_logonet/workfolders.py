@@ -10,6 +10,7 @@ target, renamed over it, so a kill leaves the old file or the new one, never hal
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,40 @@ from typing import Any, Callable
 __all__ = ["process_running", "new_work_folder", "new_work_file", "remove_stale_work_folders",
            "remove_stale_work_files", "remove_stale_pid_temporaries", "write_whole", "write_text_whole",
            "write_json_whole", "copy_file_whole", "swap_into_place", "delete_folder", "last_written",
-           "read_json_if_whole", "exit_cleanly_on_sigterm"]
+           "read_json_if_whole", "exit_cleanly_on_sigterm", "LockHeldError", "exclusive_lock"]
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock; ``holder`` is what it wrote into the lock file (``pid N``)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold ``path`` (an advisory ``flock``, its file holding ``pid N``) for the block, or raise
+    :class:`LockHeldError` at once when another process holds it. The kernel releases it when the process
+    ends, however it ends, so a killed run leaves no stale lock. No lock where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockHeldError(path, handle.read().strip() or "a process") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def process_running(pid: int) -> bool:

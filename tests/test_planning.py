@@ -381,15 +381,22 @@ def test_shared_data_is_reused_only_while_the_raw_cases_are_unchanged(nnunet_dir
     os.utime(raw / "labelsTr" / "case2.nii.gz", (later - 10, later - 10))
     assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
 
+    arrays = (pre / "nnUNetPlans_3d_fullres" / "case3.npz").read_bytes()
+    (pre / "nnUNetPlans_3d_fullres" / "case3.npz").unlink()  # a case's arrays deleted, its .pkl left
+    assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+    (pre / "nnUNetPlans_3d_fullres" / "case3.npz").write_bytes(arrays)
+    assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
+
     for name in ("imagesTr/case4_0000.nii.gz", "labelsTr/case4.nii.gz"):  # a case added
         (raw / name).write_bytes((raw / name.replace("4", "3")).read_bytes())
     assert not shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
 
 
-def _shared_folder(raw, pre, stored_shape=None):
+def _shared_folder(raw, pre, stored_shape=(4, 4, 4)):
     """nnUNetPlans' 3d_fullres data (1 mm) for every raw case of a ``_fake_dataset``, preprocessed after the raw
     files were written, with the label copies in gt_segmentations; returns plans of the same preprocessing.
-    With ``stored_shape`` each case also has nnU-Net's numpy data, of that shape (its raw images are 4x4x4)."""
+    Each case has nnU-Net's numpy data of ``stored_shape`` (its raw images are 4x4x4, so 4x4x4 at these plans'
+    1 mm)."""
     import os
     import pickle
 
@@ -402,9 +409,6 @@ def _shared_folder(raw, pre, stored_shape=None):
     for label in (raw / "labelsTr").iterdir():
         case = label.name[: -len(".nii.gz")]
         (gt / label.name).write_bytes(b"")
-        if stored_shape is None:
-            (data / f"{case}.pkl").write_bytes(b"")
-            continue
         np.savez_compressed(data / f"{case}.npz", data=np.zeros((1, *stored_shape), np.float32),
                             seg=np.zeros((1, *stored_shape), np.int8))
         with open(data / f"{case}.pkl", "wb") as f:
@@ -437,7 +441,7 @@ def test_shared_data_preprocessed_at_another_spacing_is_not_reused(nnunet_dirs):
     from nnunet_logonet.planning.cli import raw_case_files, shared_data_is_ready
 
     raw, pre = _fake_dataset(nnunet_dirs, 817, (1.0, 1.0, 1.0), (40, 40, 40))
-    plans = _shared_folder(raw, pre, stored_shape=(4, 4, 4))  # 1 mm: what these plans give
+    plans = _shared_folder(raw, pre)  # 1 mm: what these plans give
     assert shared_data_is_ready(pre, plans, "3d_fullres", raw_case_files(raw))
     for f in (pre / "gt_segmentations", pre / "nnUNetPlans_3d_fullres", pre / "nnUNetPlans.json"):
         shutil.rmtree(f) if f.is_dir() else f.unlink()
@@ -496,6 +500,55 @@ def test_force_pp_preprocesses_data_that_could_be_reused(nnunet_dirs, monkeypatc
     assert preprocess_calls == [] and "3d_fullres: reusing the data" in capsys.readouterr().out
     assert cli.main([*argv, "--force_pp"]) == 0
     assert preprocess_calls == [(820, "LoGoNetTinyPlans", ["3d_fullres"], [1])]
+
+
+def test_a_second_run_on_the_same_dataset_is_refused_while_the_first_holds_it(nnunet_dirs, capsys, preprocess_calls):
+    """Two planners started at once on one dataset (LoGoNetTinyPlanner and ULKANetPlanner) each rebuilt the data
+    folder they share under the other, and both failed half-way ("Error while creating the NDArray"), leaving 6 of
+    10 cases. The second is refused, naming the first; the lock goes with the process that holds it."""
+    import fcntl
+
+    from nnunet_logonet.planning import cli
+
+    _, pre = _fake_dataset(nnunet_dirs, 821, (1.0, 1.0, 1.0), (40, 40, 40))
+    argv = ["-d", "821", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]
+    lock = nnunet_dirs / "preprocessed" / ".Dataset821_Fake.logonet_plan_and_preprocess.lock"
+    with open(lock, "a+") as held:  # the first run's lock (another open file: flock conflicts in-process too)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (f"another logonet_plan_and_preprocess (pid 4242) is planning or preprocessing Dataset821_Fake ({lock})"
+            in err and "Wait for it to finish, then run this command again" in err)
+    assert not (pre / "LoGoNetTinyPlans.json").exists() and preprocess_calls == []
+    assert cli.main(argv) == 0  # released
+    assert preprocess_calls == [(821, "LoGoNetTinyPlans", ["3d_fullres"], [1])]
+
+
+def test_a_preprocessing_that_fails_names_a_concurrent_one_as_a_cause(nnunet_dirs, monkeypatch, capsys):
+    """nnU-Net's own nnUNetv2_plan_and_preprocess, run beside ours, deletes and rebuilds the shared data folder (our
+    lock cannot stop it): ours then failed with "Error while creating the NDArray" and a hint blaming the raw data.
+    --no_pp names the command that preprocesses before training."""
+    from nnunetv2.experiment_planning import plan_and_preprocess_api
+
+    from nnunet_logonet.planning import cli
+
+    _fake_dataset(nnunet_dirs, 822, (1.0, 1.0, 1.0), (40, 40, 40))
+
+    def rebuilt_underneath(*args):
+        raise RuntimeError("Error while creating the NDArray")
+
+    monkeypatch.setattr(plan_and_preprocess_api, "preprocess_dataset", rebuilt_underneath)
+    argv = ["-d", "822", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "preprocessing of Dataset822_Fake failed: RuntimeError: Error while creating the NDArray" in err
+    assert "Or another preprocessing of Dataset822_Fake ran at the same time (nnU-Net's" in err
+    assert cli.main([*argv, "--no_pp"]) == 0
+    assert ("Planned LoGoNetTinyPlans; not preprocessed (--no_pp). Before training, preprocess: nnUNetv2_preprocess "
+            "-d 822 -plans_name LoGoNetTinyPlans -c 3d_fullres (or this command without --no_pp)."
+            in capsys.readouterr().out)
 
 
 def test_no_requested_configuration_in_the_plans_is_an_error(nnunet_dirs, capsys, preprocess_calls):
@@ -654,7 +707,7 @@ def test_an_unreadable_image_is_one_message_pointing_to_the_integrity_check(nnun
     broken.write_bytes(b"not a NIfTI image")
     assert main(["-d", "814", "-pl", "LoGoNetTinyPlanner", "-c", "3d_fullres", "-npfp", "1", "-np", "1"]) == 2
     err = capsys.readouterr().err
-    assert "fingerprint extraction of Dataset814_Phantom failed" in err
+    assert "fingerprint extraction of Dataset814_Phantom failed" in err and "at the same time" not in err
     assert f"Check the raw dataset in {raw}" in err and "--verify_dataset_integrity" in err
     assert str(broken) in err.splitlines()[-2]  # the message itself names the file (nnU-Net's reader error)
     assert not (nnunet_dirs / "preprocessed" / raw.name / "dataset_fingerprint.json").exists()

@@ -276,7 +276,10 @@ def test_cases_of_the_fold_without_whole_preprocessed_data_are_named_before_trai
     splits = [{"train": ["case_000", "case_001"], "val": ["case_002"]}, {"train": ["case_002"], "val": ["case_003"]},
               {"train": ["case_000", "case_003"], "val": []}]
     (tmp_path / "pre" / DATASET / "splits_final.json").write_text(json.dumps(splits))
-    dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}}
+    dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    (tmp_path / "pre" / DATASET / "gt_segmentations").mkdir()
+    for case in ("case_000", "case_001", "case_002", "case_003"):  # the label copies validation reads
+        (tmp_path / "pre" / DATASET / "gt_segmentations" / f"{case}.nii.gz").write_bytes(b"")
 
     def trainer(fold):
         return LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
@@ -296,8 +299,89 @@ def test_cases_of_the_fold_without_whole_preprocessed_data_are_named_before_trai
     with pytest.raises(MissingPreprocessedDataError, match="1 of the 2 cases of fold 1"):
         getattr(trainer(1), check)()
     getattr(trainer(2), check)()  # its cases are whole
-    getattr(trainer("all"), check)()  # nnU-Net takes the cases the folder holds
+    trainer("all").check_fold_cases_are_preprocessed()  # no split: check_every_case_is_preprocessed's part
     getattr(trainer(3), check)()  # no such fold in the file: nnU-Net makes one from the folder
+    (tmp_path / "pre" / DATASET / "gt_segmentations" / "case_003.nii.gz").unlink()  # fold 1's validation case
+    with pytest.raises(MissingPreprocessedDataError, match="2 of the 2 cases of fold 1 .* case_003 \\(no .*"
+                                                            "gt_segmentations/case_003.nii.gz\\)"):
+        getattr(trainer(1), check)()
+
+
+def test_a_preprocessing_cut_short_is_refused_before_nnunet_splits_the_cases_that_are_there(tmp_path, monkeypatch):
+    """Two preprocessings of one dataset at the same time left 6 of 10 cases; nnU-Net then split those 6 into its
+    folds and kept that split in splits_final.json, the other 4 in no fold even after preprocessing again. Plans
+    planned with --no_pp gave a bare FileNotFoundError. Both refused first, naming the cases and the fix."""
+    import json
+    import shutil
+
+    from nnunet_logonet.training.trainer import MissingPreprocessedDataError
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    raw = tmp_path / "raw" / DATASET
+    dataset_json = {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                    "numTraining": 4}
+    for sub_folder in ("imagesTr", "labelsTr"):
+        (raw / sub_folder).mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    cases = [f"case_{i:03d}" for i in range(4)]
+    for case in cases:
+        (raw / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"")
+        (raw / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    plans = {**_plans(**{"3d_fullres": [12, 32, 32]}), "transpose_forward": [0, 1, 2]}
+    plans["configurations"]["3d_fullres"].update(data_identifier="nnUNetPlans_3d_fullres", spacing=[1.0, 1.0, 1.0])
+    pre = tmp_path / "pre" / DATASET
+    data, gt, splits_file = pre / "nnUNetPlans_3d_fullres", pre / "gt_segmentations", pre / "splits_final.json"
+
+    def trainer(fold):
+        return LoGoNetTrainer({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
+                              torch.device("cpu"))
+
+    pre.mkdir(parents=True)
+    with pytest.raises(MissingPreprocessedDataError) as error:  # planned with --no_pp
+        trainer(0).check_preprocessed_data()
+    assert str(error.value).startswith(f"{data} does not exist: plans LoGoNetTinyPlans were planned but never "
+                                       f"preprocessed for 3d_fullres")
+    assert "nnUNetv2_preprocess -d 910 -plans_name LoGoNetTinyPlans -c 3d_fullres" in str(error.value)
+
+    _preprocessed_case(data, (20, 30, 30))
+    shutil.copyfile(data / "case_000.npz", data / "case_001.npz")
+    shutil.copyfile(data / "case_000.pkl", data / "case_001.pkl")
+    with pytest.raises(MissingPreprocessedDataError) as error:  # 2 of 4 cases, no label copies yet
+        trainer(0).check_preprocessed_data()
+    message = str(error.value)
+    assert message.startswith(f"4 of the 4 cases of {raw} are not whole in the preprocessed data: case_000 (no "
+                              f"{gt / 'case_000.nii.gz'}), case_001 (no {gt / 'case_001.nii.gz'}), case_002 (no "
+                              f"{data / 'case_002.npz'}), case_003 (no {data / 'case_003.npz'})")
+    assert f"keep that split in {splits_file}, leaving the others out of every fold for good" in message
+    assert "logonet_plan_and_preprocess -d 910" in message and not splits_file.exists()
+    with pytest.raises(MissingPreprocessedDataError, match="fold all would train on the cases that are there alone"):
+        trainer("all").check_preprocessed_data()
+
+    for case in cases[2:]:
+        shutil.copyfile(data / "case_000.npz", data / f"{case}.npz")
+        shutil.copyfile(data / "case_000.pkl", data / f"{case}.pkl")
+    gt.mkdir()
+    for case in cases:
+        (gt / f"{case}.nii.gz").write_bytes(b"")
+    trainer(0).check_preprocessed_data()  # every case whole, every label copied
+    trainer("all").check_preprocessed_data()
+
+    monkeypatch.delenv("nnUNet_raw")  # only the preprocessed data: its label copies count
+    (data / "case_003.npz").unlink()
+    with pytest.raises(MissingPreprocessedDataError, match=f"1 of the 4 cases of {gt} are not whole"):
+        trainer(0).check_preprocessed_data()
+    shutil.copyfile(data / "case_000.npz", data / "case_003.npz")
+
+    splits_file.write_text(json.dumps([{"train": ["case_000"], "val": ["case_001"]}] * 5))  # a split of 2 cases
+    logged = []
+    with_split = trainer(0)
+    monkeypatch.setattr(with_split, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(args)))
+    with_split.check_preprocessed_data()  # a split may leave cases out on purpose: logged, not refused
+    assert logged == [f"WARNING: {splits_file} puts 2 of the 4 cases in {data} in no fold: case_002, case_003. If "
+                      f"that split was made while the data were incomplete (a preprocessing cut short), delete it "
+                      f"before training any fold, so that nnU-Net splits every case."]
 
 
 def test_a_cascade_stage_without_the_first_stages_segmentations_names_the_folds_to_train(tmp_path, monkeypatch):
@@ -325,8 +409,11 @@ def test_a_cascade_stage_without_the_first_stages_segmentations_names_the_folds_
                 / "3d_cascade_fullres")
     previous.mkdir(parents=True)
     (previous / "case_001.npz").write_bytes(b"")  # fold 0's validation predicted its own case only
+    (tmp_path / "pre" / DATASET / "gt_segmentations").mkdir()
+    (tmp_path / "pre" / DATASET / "gt_segmentations" / "case_001.nii.gz").write_bytes(b"")
     trainer = LoGoNetTrainer({**plans, "continue_training": False}, "3d_cascade_fullres", 0,
-                             {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}}, torch.device("cpu"))
+                             {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"},
+                              "file_ending": ".nii.gz"}, torch.device("cpu"))
     with pytest.raises(MissingPreprocessedDataError) as error:
         trainer.check_preprocessed_data()
     message = str(error.value)

@@ -260,3 +260,31 @@ def test_a_missing_source_counts_as_written_just_now(tmp_path):
     (tmp_path / "made").write_text("x")
     assert workfolders.last_written(tmp_path / "missing") == float("inf")
     assert workfolders.last_written(tmp_path / "missing") > workfolders.last_written(tmp_path / "made")
+
+
+def test_a_lock_names_its_holder_and_goes_with_a_killed_process(tmp_path):
+    """``exclusive_lock`` (logonet_plan_and_preprocess per dataset, logonet_demo per base): a second holder is
+    refused at once, told the first one's pid; a SIGKILL, which runs no cleanup, leaves no stale lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from nnunet_logonet.workfolders import LockHeldError, exclusive_lock
+
+    lock = tmp_path / "folder" / ".dataset.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from nnunet_logonet.workfolders import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}):\n"
+                               "    print('held', flush=True)\n"
+                               "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeldError) as error:
+            with exclusive_lock(lock):
+                pass
+        assert error.value.holder == f"pid {holder.pid}" and error.value.path == lock
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive_lock(lock):
+        assert lock.read_text() == f"pid {os.getpid()}\n"

@@ -35,7 +35,8 @@ from nnunet_logonet.demo.stages import PREDICTIONS, DemoContext, Stage, build_st
 from nnunet_logonet.demo.state import MARKER, STATE_FILE, DemoState, is_marked, mark
 from nnunet_logonet.env import NNUNET_FOLDERS
 from nnunet_logonet.machine import cpu_description
-from nnunet_logonet.workfolders import delete_folder, exit_cleanly_on_sigterm, remove_stale_work_folders
+from nnunet_logonet.workfolders import (LockHeldError, delete_folder, exclusive_lock, exit_cleanly_on_sigterm,
+                                       remove_stale_work_folders)
 
 __all__ = ["build_parser", "demo_environment", "check_dataset_ids", "check_own_folders", "demo_folders", "demo_locks",
            "main", "remove_previous", "run_demo"]
@@ -275,33 +276,15 @@ def demo_locks(base: Path, settings: DemoSettings, env: dict[str, str]):
     """Hold ``<base>/.logonet_demo.lock`` and ``$nnUNet_raw/.<dataset>.logonet_demo.lock`` while the demo
     runs: two demos in one --base, or on one dataset id of shared nnU-Net folders, would write the same
     files (DemoError naming the other run; released when its process ends, however it ends)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    handles = []
-    try:
+    with contextlib.ExitStack() as held:
         for path in (base / ".logonet_demo.lock", Path(env["nnUNet_raw"]) / f".{settings.dataset}.logonet_demo.lock"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")
-            handles.append(handle)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "a process"
-                raise DemoError(f"another logonet_demo ({holder}) is running with the same "
+                held.enter_context(exclusive_lock(path))
+            except LockHeldError as error:
+                raise DemoError(f"another logonet_demo ({error.holder}) is running with the same "
                                 f"{'--base' if path.parent == base else 'dataset id in nnUNet_raw'} ({path}); wait "
                                 f"for it to finish, or use another --base and --dataset-id.") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}\n")
-            handle.flush()
         yield
-    finally:
-        for handle in handles:
-            handle.close()
 
 
 def _run_demo_alone(settings: DemoSettings, *, base: Path, out: Path, env: dict[str, str], fresh: bool, command: str,

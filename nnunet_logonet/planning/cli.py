@@ -13,10 +13,11 @@ import re
 import sys
 from pathlib import Path
 
-from nnunet_logonet.planning.data_check import data_spacing_mismatch, repair_label_copies
+from nnunet_logonet.planning.data_check import (data_spacing_mismatch, missing_case_files, raw_case_files,
+                                                repair_label_copies)
 from nnunet_logonet.planning.planners import (DEFAULT_DATA_IDENTIFIER_PLANS, PLANNERS, PlanningError,
                                               preprocessing_differences)
-from nnunet_logonet.workfolders import last_written, read_json_if_whole
+from nnunet_logonet.workfolders import LockHeldError, exclusive_lock, last_written, read_json_if_whole
 
 
 
@@ -26,14 +27,6 @@ KNOWN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 class DatasetError(RuntimeError):
     """The raw dataset cannot be planned; the message names the file, the value and the fix."""
-
-
-def raw_case_files(raw_dataset: Path) -> dict[str, list[Path]]:
-    """Each training case's raw files (images and label), as nnU-Net's preprocessing reads them."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    cases = get_filenames_of_train_images_and_targets(str(raw_dataset))
-    return {case: [Path(f) for f in files["images"]] + [Path(files["label"])] for case, files in cases.items()}
 
 
 def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration: str,
@@ -67,6 +60,8 @@ def shared_data_is_ready(preprocessed_dataset: Path, plans: dict, configuration:
     n_gt = sum(1 for p in gt_folder.iterdir() if p.is_file() and (
         p.name.endswith(ending) if ending else not (p.name.startswith(".") or re.search(r"\.tmp\d+$", p.name))))
     if not cases or len(cases) != n_gt:
+        return False
+    if missing_case_files(data_folder, cases):  # a .pkl without its arrays: a run cut short, a file deleted
         return False
     if data_spacing_mismatch(data_folder, plans, configuration):  # written by other plans of the same folder name
         return False
@@ -209,24 +204,45 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespace, dataset_id: int,
                          planner_class: type) -> int:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints, plan_experiment_dataset, preprocess_dataset)
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    """One dataset, under a lock: two runs at once (two planners, say) would each rebuild the data folder they
+    share while the other reads or writes it, and both fail half-way."""
+    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset_id)
     except RuntimeError as e:
         parser.error(f"-d {dataset_id}: {e}")
+    lock = Path(str(nnUNet_preprocessed)) / f".{dataset_name}.logonet_plan_and_preprocess.lock"
+    try:
+        with exclusive_lock(lock):
+            return _plan_and_preprocess_alone(args, dataset_id, dataset_name, planner_class)
+    except LockHeldError as error:
+        print(f"logonet_plan_and_preprocess: error: another logonet_plan_and_preprocess ({error.holder}) is planning "
+              f"or preprocessing {dataset_name} ({lock}); two at once rebuild the same data folder under each other. "
+              f"Wait for it to finish, then run this command again.", file=sys.stderr)
+        return 2
+
+
+def _plan_and_preprocess_alone(args: argparse.Namespace, dataset_id: int, dataset_name: str,
+                               planner_class: type) -> int:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints, plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+
     raw = Path(str(nnUNet_raw)) / dataset_name
 
     def failed(step: str, e: BaseException) -> int:
         check = ("the message above is nnU-Net's check: fix what it names (dataset.json or the file) and run "
                  "again" if args.verify_dataset_integrity else
                  "run again with --verify_dataset_integrity, whose checks name the faulty file and value")
+        concurrent = ("" if step != "preprocessing" else
+                      f" Or another preprocessing of {dataset_name} ran at the same time (nnU-Net's "
+                      f"nnUNetv2_plan_and_preprocess or nnUNetv2_preprocess rebuild the data folder this run shares "
+                      f"with nnUNetPlans): then run this command again once it has finished.")
         print(f"logonet_plan_and_preprocess: error: {step} of {dataset_name} failed: {type(e).__name__}: {e}\n"
-              f"Check the raw dataset in {raw}: {check}.", file=sys.stderr)
+              f"Check the raw dataset in {raw}: {check}.{concurrent}", file=sys.stderr)
         return 2
 
     try:
@@ -256,6 +272,9 @@ def _plan_and_preprocess(parser: argparse.ArgumentParser, args: argparse.Namespa
         print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
         return 2
     if args.no_pp:
+        print(f"Planned {plans_identifier}; not preprocessed (--no_pp). Before training, preprocess: "
+              f"nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_identifier} -c {' '.join(args.c)} (or this "
+              f"command without --no_pp).")
         return 0
     preprocessed = Path(str(nnUNet_preprocessed)) / dataset_name
     plans = load_json(str(preprocessed / f"{plans_identifier}.json"))

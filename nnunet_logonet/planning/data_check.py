@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["data_spacing_mismatch", "missing_case_files", "repair_label_copies", "undeclared_label_values"]
+__all__ = ["data_spacing_mismatch", "missing_case_files", "raw_case_files", "repair_label_copies",
+           "undeclared_label_values"]
+
+
+def raw_case_files(raw_dataset: Path, dataset_json: dict | None = None) -> dict[str, list[Path]]:
+    """Each training case's raw files (images and label), as nnU-Net's preprocessing reads them."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    cases = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json)
+    return {case: [Path(f) for f in files["images"]] + [Path(files["label"])] for case, files in cases.items()}
 
 
 def data_spacing_mismatch(data_folder: str | Path, plans: dict, configuration: str) -> str | None:

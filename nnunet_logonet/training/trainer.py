@@ -225,7 +225,87 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                 f"differently); for plans moved from another dataset, move them under a name of their own "
                 f"(nnUNetv2_move_plans_between_datasets -s SOURCE -t {dataset} -sp {plans} -tp {plans}_fromSOURCE) "
                 f"and run nnUNetv2_preprocess -d {dataset} -plans_name {plans}_fromSOURCE -c {self.configuration_name}.")
+        self.check_every_case_is_preprocessed()
         self.check_fold_cases_are_preprocessed()
+
+    def _preprocess_again(self) -> str:
+        """The commands that preprocess these plans' configuration again."""
+        dataset = dataset_id_of(self.plans_manager)
+        return (f"logonet_plan_and_preprocess -d {dataset} -pl {planner_of(self.plans_manager)}, or nnUNetv2_preprocess "
+                f"-d {dataset} -plans_name {self.plans_manager.plans_name} -c {self.configuration_name}")
+
+    def _missing_label_copies(self, cases: list[str]) -> dict[str, str]:
+        """Case -> its label copy, for the cases of ``cases`` whose label ``gt_segmentations/`` lacks: nnU-Net's
+        validation, at the end of training, reads each validation case's label there and stops on a missing one."""
+        from pathlib import Path
+
+        gt_folder = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
+        copies = {case: gt_folder / f"{case}{self.dataset_json.get('file_ending', '')}" for case in cases}
+        return {case: str(copy) for case, copy in copies.items() if not copy.is_file()}
+
+    def check_every_case_is_preprocessed(self) -> None:
+        """Refuse plans never preprocessed, and a preprocessing cut short (interrupted, or its folder rebuilt by
+        another preprocessing of the dataset at the same time) where nnU-Net is about to split the cases: with no
+        ``splits_final.json`` yet, it splits the cases the data folder holds and keeps that split, the others in
+        no fold for good (fold ``all`` trains on them alone). Every case of the raw dataset (or, without it, of
+        ``gt_segmentations``) must be whole there, with its label copy. Where a split exists, cases the folder
+        holds that it leaves out are only logged: a split may leave cases out on purpose."""
+        from pathlib import Path
+
+        from nnunetv2.paths import nnUNet_raw
+
+        from nnunet_logonet.planning.data_check import missing_case_files, raw_case_files
+        from nnunet_logonet.workfolders import read_json_if_whole
+
+        folder = Path(self.preprocessed_dataset_folder)
+        plans, dataset = self.plans_manager.plans_name, dataset_id_of(self.plans_manager)
+        if not folder.is_dir():
+            raise MissingPreprocessedDataError(
+                f"{folder} does not exist: plans {plans} were planned but never preprocessed for "
+                f"{self.configuration_name} (logonet_plan_and_preprocess --no_pp, or nnU-Net's "
+                f"nnUNetv2_plan_experiment, stop before preprocessing). Preprocess them: nnUNetv2_preprocess -d "
+                f"{dataset} -plans_name {plans} -c {self.configuration_name} (or logonet_plan_and_preprocess -d "
+                f"{dataset} -pl {planner_of(self.plans_manager)} without --no_pp).")
+        base = Path(self.preprocessed_dataset_folder_base)
+        splits_file = base / "splits_final.json"
+        if isinstance(self.fold, int) and isinstance(splits := read_json_if_whole(splits_file), list):
+            in_splits = {case for split in splits if isinstance(split, dict)
+                         for case in (*split.get("train", []), *split.get("val", []))}
+            held = {p.name[: -len(".pkl")] for p in folder.glob("*.pkl")}
+            left_out = sorted(held - in_splits)
+            if in_splits and left_out:
+                listed = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+                self.print_to_log_file(
+                    f"WARNING: {splits_file} puts {len(left_out)} of the {len(held)} cases in {folder} in no fold: "
+                    f"{listed}. If that split was made while the data were incomplete (a preprocessing cut short), "
+                    f"delete it before training any fold, so that nnU-Net splits every case.")
+            return
+        raw = Path(nnUNet_raw) / self.plans_manager.dataset_name if nnUNet_raw else None
+        try:
+            expected = sorted(raw_case_files(raw)) if raw is not None and (raw / "dataset.json").is_file() else None
+        except Exception:  # a raw folder nnU-Net cannot read: its own checks say why where it matters
+            expected = None
+        source = raw
+        if expected is None:
+            ending, source = self.dataset_json.get("file_ending", ""), base / "gt_segmentations"
+            labels = [p.name for p in source.glob(f"*{ending}")] if ending and source.is_dir() else []
+            expected = sorted(name[: -len(ending)] for name in labels) or None
+        if expected is None:
+            return
+        missing = {case: str(folder / name) for case, name in missing_case_files(folder, expected).items()}
+        missing = {**self._missing_label_copies(expected), **missing}
+        if not missing:
+            return
+        problems = [f"{case} (no {name})" for case, name in sorted(missing.items())]
+        listed = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        refusal = (f"nnU-Net would split the cases that are there into its folds and keep that split in {splits_file}, "
+                   f"leaving the others out of every fold for good" if isinstance(self.fold, int) else
+                   f"fold {self.fold} would train on the cases that are there alone")
+        raise MissingPreprocessedDataError(
+            f"{len(problems)} of the {len(expected)} cases of {source} are not whole in the preprocessed data: "
+            f"{listed}. Preprocessing did not finish (interrupted, or another preprocessing of this dataset ran at "
+            f"the same time and rebuilt the folder); {refusal}. Preprocess again ({self._preprocess_again()}), "
+            f"one preprocessing of the dataset at a time.")
 
     def check_fold_cases_are_preprocessed(self) -> None:
         """Refuse a fold whose cases (nnU-Net's ``splits_final.json``) are not whole in the data folder: nnU-Net's
@@ -242,6 +322,7 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             return  # nnU-Net makes or remakes the splits from the folder's cases
         cases = sorted({*splits[self.fold].get("train", []), *splits[self.fold].get("val", [])})
         missing = missing_case_files(self.preprocessed_dataset_folder, cases)
+        missing = {**self._missing_label_copies(sorted(splits[self.fold].get("val", []))), **missing}
         if not missing and self.is_cascaded:  # the previous stage's segmentations of every case, from its validation
             previous = missing_case_files(self.folder_with_segs_from_previous_stage, cases, segmentations_only=True)
             if previous:
@@ -256,15 +337,12 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
                     f"its fold all).")
         if not missing:
             return
-        plans, dataset = self.plans_manager.plans_name, dataset_id_of(self.plans_manager)
         listed = ", ".join(f"{case} (no {name})" for case, name in list(missing.items())[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise MissingPreprocessedDataError(
             f"{len(missing)} of the {len(cases)} cases of fold {self.fold} ({splits_file}) are not whole in "
-            f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again (logonet_plan_and_preprocess -d "
-            f"{dataset} -pl {planner_of(self.plans_manager)}, or nnUNetv2_preprocess -d {dataset} -plans_name {plans} "
-            f"-c {self.configuration_name}); if those cases left the dataset on purpose, delete {splits_file} so that "
-            f"nnU-Net makes new splits.")
+            f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again ({self._preprocess_again()}); if "
+            f"those cases left the dataset on purpose, delete {splits_file} so that nnU-Net makes new splits.")
 
     def check_pretrained_weights(self, argv) -> None:
         """Before nnU-Net loads ``-pretrained_weights`` (right after ``initialize``), list every key
