@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from pathlib import Path
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.base.strip():
         parser.error("--base is empty; give a folder, e.g. --base nnUNet_data")
     variables = environment(args.base)
+    for name in NNUNET_FOLDERS:  # nnU-Net reads a relative folder from wherever each command runs
+        if not Path(variables[name]).is_absolute():
+            absolute = str(Path(variables[name]).expanduser().absolute())
+            print(f"logonet_env: {name}={variables[name]} is relative, so each command would look for it in the "
+                  f"folder it runs in; exported as {absolute}", file=sys.stderr)
+            variables[name] = absolute
     for name in NNUNET_FOLDERS:  # set ones are the user's; the base's are checked before any export is printed
         problem = _folder_problem(Path(variables[name]))
         if problem:

@@ -23,6 +23,21 @@ def test_defaults_go_under_base_and_set_values_are_kept(tmp_path):
     assert env["nnUNet_results"] == "/somewhere/results"
 
 
+def test_a_relative_folder_already_set_is_exported_absolute(tmp_path, monkeypatch, capsys):
+    """nnU-Net reads a relative nnUNet_raw from wherever each command runs: exported as the folder it names here."""
+    from nnunet_logonet.env import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("nnUNet_raw", "my raw")
+    monkeypatch.setenv("nnUNet_results", "/somewhere/results")
+    main(["--base", "data"])
+    shown = capsys.readouterr()
+    assert f"export nnUNet_raw={shlex.quote(str(tmp_path / 'my raw'))}" in shown.out.splitlines()
+    assert "export nnUNet_results=/somewhere/results" in shown.out.splitlines()
+    assert shown.err == (f"logonet_env: nnUNet_raw=my raw is relative, so each command would look for it in the "
+                         f"folder it runs in; exported as {tmp_path / 'my raw'}\n")
+
+
 def test_ext_trainer_points_at_thin_trainer_modules_and_keeps_other_folders():
     env = environment(environ={"nnUNet_extTrainer": "/my/trainers"})
     folders = env["nnUNet_extTrainer"].split(os.pathsep)
