@@ -549,6 +549,8 @@ def test_a_preprocessing_that_fails_names_a_concurrent_one_as_a_cause(nnunet_dir
     assert ("Planned LoGoNetTinyPlans; not preprocessed (--no_pp). Before training, preprocess: nnUNetv2_preprocess "
             "-d 822 -plans_name LoGoNetTinyPlans -c 3d_fullres (or this command without --no_pp)."
             in capsys.readouterr().out)
+    assert cli.main(["-d", "822", "-pl", "LoGoNetTinyPlanner", "-npfp", "1", "--no_pp"]) == 0  # -c's default
+    assert "nnUNetv2_preprocess -d 822 -plans_name LoGoNetTinyPlans -c 3d_fullres (or" in capsys.readouterr().out
 
 
 def test_no_requested_configuration_in_the_plans_is_an_error(nnunet_dirs, capsys, preprocess_calls):

@@ -271,13 +271,14 @@ def _plan_and_preprocess_alone(args: argparse.Namespace, dataset_id: int, datase
     except PlanningError as e:
         print(f"logonet_plan_and_preprocess: error: {e}", file=sys.stderr)
         return 2
-    if args.no_pp:
-        print(f"Planned {plans_identifier}; not preprocessed (--no_pp). Before training, preprocess: "
-              f"nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_identifier} -c {' '.join(args.c)} (or this "
-              f"command without --no_pp).")
-        return 0
     preprocessed = Path(str(nnUNet_preprocessed)) / dataset_name
     plans = load_json(str(preprocessed / f"{plans_identifier}.json"))
+    if args.no_pp:
+        planned = [c for c in args.c if c in plans["configurations"]] or list(plans["configurations"])
+        print(f"Planned {plans_identifier}; not preprocessed (--no_pp). Before training, preprocess: "
+              f"nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_identifier} -c {' '.join(planned)} (or this "
+              f"command without --no_pp).")
+        return 0
     missing = [c for c in args.c if c != "2d" and c not in plans["configurations"]]
     for c in missing:
         print(f"{c}: not in {plans_identifier} (nnU-Net plans 3d_lowres and 3d_cascade_fullres only where the "
