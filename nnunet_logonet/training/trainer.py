@@ -67,6 +67,11 @@ def dataset_id_of(plans_manager: PlansManager) -> str:
         return plans_manager.dataset_name
 
 
+def first_five(items: list[str]) -> str:
+    """``items`` for a message: the first five, then how many more."""
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
 def planner_of(plans_manager: PlansManager) -> str:
     """The ``-pl`` of ``logonet_plan_and_preprocess`` that made these plans (nnU-Net records it), else a
     placeholder naming the plans."""
@@ -274,10 +279,9 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             held = {p.name[: -len(".pkl")] for p in folder.glob("*.pkl")}
             left_out = sorted(held - in_splits)
             if in_splits and left_out:
-                listed = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
                 self.print_to_log_file(
                     f"WARNING: {splits_file} puts {len(left_out)} of the {len(held)} cases in {folder} in no fold: "
-                    f"{listed}. If that split was made while the data were incomplete (a preprocessing cut short), "
+                    f"{first_five(left_out)}. If that split was made while the data were incomplete (a preprocessing cut short), "
                     f"delete it before training any fold, so that nnU-Net splits every case.")
             return
         raw = Path(nnUNet_raw) / self.plans_manager.dataset_name if nnUNet_raw else None
@@ -297,13 +301,12 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         if not missing:
             return
         problems = [f"{case} (no {name})" for case, name in sorted(missing.items())]
-        listed = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
         refusal = (f"nnU-Net would split the cases that are there into its folds and keep that split in {splits_file}, "
                    f"leaving the others out of every fold for good" if isinstance(self.fold, int) else
                    f"fold {self.fold} would train on the cases that are there alone")
         raise MissingPreprocessedDataError(
             f"{len(problems)} of the {len(expected)} cases of {source} are not whole in the preprocessed data: "
-            f"{listed}. Preprocessing did not finish (interrupted, or another preprocessing of this dataset ran at "
+            f"{first_five(problems)}. Preprocessing did not finish (interrupted, or another preprocessing of this dataset ran at "
             f"the same time and rebuilt the folder); {refusal}. Preprocess again ({self._preprocess_again()}), "
             f"one preprocessing of the dataset at a time.")
 
@@ -327,21 +330,19 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
             previous = missing_case_files(self.folder_with_segs_from_previous_stage, cases, segmentations_only=True)
             if previous:
                 stage = self.configuration_manager.previous_stage_name
-                listed = ", ".join(list(previous)[:5]) + (f" and {len(previous) - 5} more" if len(previous) > 5 else "")
                 raise MissingPreprocessedDataError(
                     f"{len(previous)} of the {len(cases)} cases of fold {self.fold} have no {stage} segmentation in "
-                    f"{self.folder_with_segs_from_previous_stage}: {listed}. The cascade's second stage reads the "
+                    f"{self.folder_with_segs_from_previous_stage}: {first_five(list(previous))}. The cascade's second stage reads the "
                     f"first stage's predictions of every training case, which its validation writes fold by fold: train "
                     f"{stage} on all five folds first (nnUNetv2_train {dataset_id_of(self.plans_manager)} {stage} "
                     f"FOLD -tr {type(self).__name__} -p {self.plans_manager.plans_name}, FOLD 0..4; for fold all, "
                     f"its fold all).")
         if not missing:
             return
-        listed = ", ".join(f"{case} (no {name})" for case, name in list(missing.items())[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        listed = first_five([f"{case} (no {name})" for case, name in missing.items()])
         raise MissingPreprocessedDataError(
             f"{len(missing)} of the {len(cases)} cases of fold {self.fold} ({splits_file}) are not whole in "
-            f"{self.preprocessed_dataset_folder}: {listed}{more}. Preprocess again ({self._preprocess_again()}); if "
+            f"{self.preprocessed_dataset_folder}: {listed}. Preprocess again ({self._preprocess_again()}); if "
             f"those cases left the dataset on purpose, delete {splits_file} so that nnU-Net makes new splits.")
 
     def check_pretrained_weights(self, argv) -> None:
@@ -397,10 +398,8 @@ class LoGoNetTrainer(AtomicCheckpoints, nnUNetTrainer):
         raw_labels = raw_dataset / "labelsTr"
         ending = self.dataset_json.get("file_ending", "")
         if found:
-            listed = ", ".join(f"{raw_labels / (case + ending)} (values {values})"
-                               for case, values in list(found.items())[:5])
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            where = f"{len(found)} label file(s) hold values dataset.json does not declare: {listed}{more}"
+            listed = first_five([f"{raw_labels / (case + ending)} (values {values})" for case, values in found.items()])
+            where = f"{len(found)} label file(s) hold values dataset.json does not declare: {listed}"
         elif match is not None:
             where = (f"a label value {match.group(1)} that dataset.json does not declare, in the data of fold "
                      f"{self.fold}")
