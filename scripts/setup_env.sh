@@ -9,7 +9,7 @@ stamp="$venv/.logonet-install-stamp"
 want="$(cat "$repo/setup.cfg" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 # The first install needs room: nnunetv2's torchvision pulls in PyTorch's CUDA build, which with its libraries
-# takes about 6.4 GiB; on a full disk pip stops half-way with "No space left on device". Checked before anything
+# takes about 6.3 GiB; on a full disk pip stops half-way with "No space left on device". Checked before anything
 # is written, and only while the environment has no PyTorch (an upgrade of an installed one needs little).
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c \
     "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null; then
@@ -19,7 +19,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c \
   if [[ "$free_kib" =~ ^[0-9]+$ ]] && [ "$free_kib" -lt $((7 * 1024 * 1024)) ]; then
     free_gib="$(awk -v k="$free_kib" 'BEGIN {printf "%.1f", k / 1048576}')"
     echo "[setup] not enough disk space to install into $venv: its file system ($existing) has $free_gib GiB free," \
-      "and nnU-Net with PyTorch (the CUDA build that nnunetv2's torchvision pulls in) takes about 6.4 GiB;" \
+      "and nnU-Net with PyTorch (the CUDA build that nnunetv2's torchvision pulls in) takes about 6.3 GiB;" \
       "7 GiB are needed. Free some space there, or set LOGONET_VENV to a folder on a larger disk" \
       "(LOGONET_VENV=/big/disk/venv bash scripts/test.sh), and run the command again." >&2
     return 1 2>/dev/null || exit 1
